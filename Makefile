@@ -1,0 +1,30 @@
+# make demo: set up .venv and run the embedded demo; make test: set up .venv and run the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU machines take the CPU build of torch; on a CUDA machine: make setup TORCH_SPEC=torch
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= dev,plots
+
+.PHONY: setup demo test test-all lint bench
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/breakhis-ft experiment=demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-all: setup
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -1,0 +1,77 @@
+"""The single entrypoint, `breakhis-ft` (also `python -m breakhis_ft`).
+
+Composes the Hydra config, validates it, then hands over to `experiment.run_experiment`. Heavy
+imports (torch, transformers) happen inside the run, so `--help` and `--cfg job` answer fast.
+
+Past runs: `breakhis-ft rerun=<run folder>` composes that run's saved config into a new folder;
+`breakhis-ft resume=<run folder>` continues it in its own folder from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from breakhis_ft.config import ConfigError, register_configs, validate_config
+
+RUN_DIR_ENV = "BREAKHIS_FT_RUN_DIR"  # fixes the run folder, e.g. for all ranks of a multi-process run
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def _run(cfg: DictConfig) -> float | None:
+    try:
+        validate_config(cfg)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        sys.exit(2)
+    from breakhis_ft.experiment import run_experiment  # heavy: torch, transformers
+
+    return run_experiment(cfg)
+
+
+def _past_run_argv(argv: list[str]) -> list[str]:
+    """Rewrite `rerun=DIR` / `resume=DIR` into Hydra flags that compose that run's saved config."""
+    past = [a for a in argv if a.startswith(("rerun=", "resume="))]
+    if not past:
+        return argv
+    key, _, value = past[-1].partition("=")
+    run_dir = Path(value).expanduser().resolve()
+    saved = run_dir / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        raise SystemExit(f"{key}={value}: no saved config at {saved}; give a run folder written by "
+                         "breakhis-ft (it holds .hydra/config.yaml)")
+    rest = [a for a in argv if not a.startswith(("rerun=", "resume="))]
+    rest += ["--config-path", str(saved.parent), "--config-name", "config"]
+    if key == "resume":
+        return rest + [f"hydra.run.dir={run_dir}", f"resume={run_dir}"]
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
+    return rest + [f"hydra.run.dir={run_dir.parent}/{run_dir.name}-rerun-{stamp}", "resume=null"]
+
+
+def _fixed_run_dir_argv(argv: list[str]) -> list[str]:
+    """Give every rank of a multi-process launch the same run folder (each would resolve ${now})."""
+    if any(a.startswith("hydra.run.dir=") for a in argv):
+        return argv
+    if os.environ.get(RUN_DIR_ENV):
+        return argv + [f"hydra.run.dir={os.environ[RUN_DIR_ENV]}"]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "-m" not in argv and "--multirun" not in argv:
+        raise SystemExit(f"a {os.environ['WORLD_SIZE']}-process launch needs one run folder for all "
+                         f"ranks: pass hydra.run.dir=outputs/runs/<name> or set {RUN_DIR_ENV}")
+    return argv
+
+
+def main() -> None:
+    """Console-script entry: prepare argv, register the schema, run Hydra."""
+    register_configs()
+    argv = _fixed_run_dir_argv(_past_run_argv(sys.argv[1:]))
+    sys.argv = [sys.argv[0], *argv]
+    _run()
+
+
+if __name__ == "__main__":
+    main()

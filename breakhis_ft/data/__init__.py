@@ -1,0 +1,1 @@
+"""Data stage: scan BreakHis, build the synthetic replica, split by patient, build datasets."""

@@ -1,0 +1,1 @@
+"""Engine stage: the accelerate training loop, checkpoints, evaluation metrics."""

@@ -1,0 +1,1 @@
+"""Model stage: Classifiers (MedGemma + LoRA, SigLIP encoder + head) behind one interface."""

@@ -1,0 +1,66 @@
+"""The one interface between models and the engine: a Classifier."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+Batch = dict[str, Any]
+
+
+class Classifier(nn.Module):
+    """A model that classifies images into `class_names`.
+
+    Examples reaching `collate` are dicts with `image` (PIL RGB), `label` (class index) and `index`
+    (position of the record in its split). Every batch it returns carries `class_label` and `index`
+    (LongTensors) beside the model's own inputs, so the engine can gather predictions per record.
+    """
+
+    class_names: tuple[str, ...]
+
+    def collate(self, examples: list[dict[str, Any]], train: bool) -> Batch:
+        """Turn dataset examples into a batch of tensors (train: with training targets)."""
+        raise NotImplementedError
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        """The scalar training loss of a batch."""
+        raise NotImplementedError
+
+    def predict_proba(self, batch: Batch) -> torch.Tensor:
+        """Class probabilities, shape (batch, n_classes), rows summing to 1."""
+        raise NotImplementedError
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Trade compute for activation memory in the trainable part."""
+
+    def save_trained(self, directory: str | Path) -> None:
+        """Save what training changed (adapter or head) so `load_trained` restores it."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(self.trainable_state_dict(), str(directory / "trainable.safetensors"))
+
+    def load_trained(self, directory: str | Path) -> None:
+        """Restore what `save_trained` wrote."""
+        self.load_trainable_state_dict(load_file(str(Path(directory) / "trainable.safetensors")))
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only the parameters that train (adapter, head): small checkpoints for a 4B model."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v.detach().contiguous() for k, v in self.state_dict().items() if k in names}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a `trainable_state_dict`; every key must exist in the model."""
+        missing = set(state) - set(self.state_dict())
+        if missing:
+            raise KeyError(f"checkpoint keys not in the model: {sorted(missing)[:5]}")
+        self.load_state_dict(state, strict=False)
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts."""
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, total

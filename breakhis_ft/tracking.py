@@ -1,0 +1,144 @@
+"""Tracking: W&B (online / offline / disabled) beside the local files every run writes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# keys whose values never leave the process: tokens, API keys, passwords
+_SECRET_KEY = re.compile(r"(token|api_?key|secret|password)", re.IGNORECASE)
+
+
+def strip_secrets(value: Any) -> Any:
+    """A copy of a nested config dict without any key that looks like a secret."""
+    if isinstance(value, dict):
+        return {k: strip_secrets(v) for k, v in value.items() if not _SECRET_KEY.search(str(k))}
+    if isinstance(value, list):
+        return [strip_secrets(v) for v in value]
+    return value
+
+
+def _json_safe(value: Any) -> Any:
+    """Replace NaN / inf by None so the JSON stays standard."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+class RunTracker:
+    """Writes metrics.jsonl / metrics.json in the run folder and mirrors them to W&B.
+
+    A W&B failure (no network, bad key, missing package) warns once and the run goes on with its
+    local files. Only the main process tracks; the others get a tracker with `active=False`.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        config: dict[str, Any],
+        logger_cfg: Any,
+        run_name: str,
+        group: str,
+        active: bool = True,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.active = active
+        self._wandb_run = None
+        self._metrics_file = self.run_dir / "metrics.jsonl"
+        if active and logger_cfg.kind == "wandb" and logger_cfg.mode != "disabled":
+            self._start_wandb(strip_secrets(config), logger_cfg, run_name, group)
+
+    def _start_wandb(self, config: dict, logger_cfg: Any, run_name: str, group: str) -> None:
+        try:
+            import wandb
+
+            self._wandb_run = wandb.init(
+                project=logger_cfg.project,
+                entity=logger_cfg.entity,
+                group=logger_cfg.group or group,
+                job_type=logger_cfg.job_type,
+                tags=list(logger_cfg.tags),
+                name=run_name,
+                config=config,
+                mode=logger_cfg.mode,
+                dir=str(self.run_dir),
+                reinit="create_new",
+            )
+            # best-value summaries, so the dashboard compares runs by their best epoch
+            self._wandb_run.define_metric("train/*", step_metric="trainer/step")
+            self._wandb_run.define_metric("val/loss", summary="min", step_metric="trainer/step")
+            self._wandb_run.define_metric("val/*", summary="max", step_metric="trainer/step")
+        except Exception as err:  # noqa: BLE001 - any W&B failure must not stop training
+            log.warning("W&B is off for this run (%s: %s); local files are still written",
+                        type(err).__name__, err)
+            self._wandb_run = None
+
+    @property
+    def wandb_run(self) -> Any:
+        """The live W&B run, or None."""
+        return self._wandb_run
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """Append one line to metrics.jsonl and send the values to W&B."""
+        if not self.active:
+            return
+        with self._metrics_file.open("a") as f:
+            f.write(json.dumps(_json_safe({"step": step, **metrics})) + "\n")
+        self._safe_wandb(lambda run: run.log({**metrics, "trainer/step": step}))
+
+    def log_final(self, metrics: dict[str, dict], predictions: dict[str, tuple[list, list]]) -> None:
+        """Write metrics.json; send summaries, a confusion matrix and a per-class table to W&B.
+
+        `predictions` maps a split to (true labels, predicted labels), as class indices.
+        """
+        if not self.active:
+            return
+        (self.run_dir / "metrics.json").write_text(json.dumps(_json_safe(metrics), indent=2))
+        if self._wandb_run is None:
+            return
+        for split, split_metrics in metrics.items():
+            scalars = {f"{split}/{k}": v for k, v in split_metrics.items()
+                       if isinstance(v, int | float) and not isinstance(v, bool)}
+            self._safe_wandb(lambda run, s=scalars: run.summary.update(_json_safe(s)))
+            if split in predictions:
+                self._log_split_tables(split, split_metrics, *predictions[split])
+
+    def _log_split_tables(self, split: str, metrics: dict, y_true: list, y_pred: list) -> None:
+        import wandb
+
+        classes = list(metrics["classes"])
+        rows = [[name, pc["precision"], pc["recall"], pc["f1"], pc["support"]]
+                for name, pc in metrics["per_class"].items()]
+        table = wandb.Table(columns=["class", "precision", "recall", "f1", "support"], data=rows)
+        chart = wandb.plot.confusion_matrix(y_true=list(y_true), preds=list(y_pred),
+                                            class_names=classes, title=f"{split} confusion matrix")
+        self._safe_wandb(lambda run: run.log({f"{split}/per_class": table,
+                                              f"{split}/confusion_matrix": chart}))
+
+    def _safe_wandb(self, action: Any) -> None:
+        if self._wandb_run is None:
+            return
+        try:
+            action(self._wandb_run)
+        except Exception as err:  # noqa: BLE001
+            log.warning("W&B logging failed (%s); turning W&B off for this run", err)
+            self._wandb_run = None
+
+    def finish(self, failed: bool = False) -> None:
+        """Close the W&B run (marked failed when the run raised)."""
+        if self._wandb_run is not None:
+            try:
+                self._wandb_run.finish(exit_code=1 if failed else 0)
+            except Exception as err:  # noqa: BLE001
+                log.warning("W&B finish failed: %s", err)
+            self._wandb_run = None
