@@ -26,8 +26,8 @@ class Classifier(nn.Module):
         """Turn dataset examples into a batch of tensors (train: with training targets)."""
         raise NotImplementedError
 
-    def loss(self, batch: Batch) -> torch.Tensor:
-        """The scalar training loss of a batch."""
+    def loss(self, batch: Batch, class_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The scalar training loss of a batch; `class_weights` (n_classes,) reweights examples."""
         raise NotImplementedError
 
     def predict_proba(self, batch: Batch) -> torch.Tensor:
