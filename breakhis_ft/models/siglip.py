@@ -1,0 +1,281 @@
+"""A SigLIP image encoder (MedSigLIP) + a linear head: linear probe, LoRA or full fine-tuning.
+
+Modes, from the config:
+- `model.freeze_encoder=true`, `peft.method=none`: a linear probe. Only the head trains, on
+  pooled embeddings computed once per image and cached on disk (`embedding_cache.py`): call
+  `prepare_embeddings(paths, data_root)` before training; `collate` then looks them up by path.
+- `peft.method=lora`: LoRA adapters (peft) on the encoder's attention and MLP layers + the head.
+- `peft.method=none`, `freeze_encoder=false`: every weight trains.
+A full `SiglipModel` checkpoint (as MedSigLIP ships) contributes its vision tower; a vision-only one
+(`SiglipVisionModel`) loads as is. Zero-shot classification lives in `siglip_zero_shot.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from breakhis_ft.config import ConfigError
+from breakhis_ft.models.base import Batch, Classifier
+from breakhis_ft.models.embedding_cache import EmbeddingCache, EmbeddingTable
+from breakhis_ft.models.siglip_loading import (
+    DTYPES,
+    SiglipPreprocessor,
+    checkpoint_identity,
+    labels_and_indices,
+    load_config,
+    load_preprocessor,
+    load_vision_encoder,
+    pooled_embedding,
+    resolve_checkpoint,
+)
+
+log = logging.getLogger(__name__)
+
+# LoRA targets on a SigLIP encoder: attention and MLP projections of the transformer layers. The
+# pooling head's nn.MultiheadAttention reads its out_proj weight directly: LoRA there is inert.
+ENCODER_LORA_REGEX = (
+    r".*encoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.fc\d)"
+)
+
+
+def lora_targets(target_modules: Any, encoder: nn.Module) -> Any:
+    """peft `target_modules` for a SigLIP encoder from `peft.target_modules`."""
+    if target_modules in ("language_model", "encoder"):
+        # "language_model" is the LoRA preset's default (MedGemma's LM); on an encoder it means the
+        # encoder layers' attention and MLP, so `model=medsiglip_448 peft=lora` works unchanged.
+        return ENCODER_LORA_REGEX
+    if target_modules == "all-linear":
+        # Every nn.Linear except those inside nn.MultiheadAttention (the pooling head), whose
+        # weights it reads directly: peft's own "all-linear" would put an inert adapter there.
+        inside_mha = {
+            f"{name}.{child}" if name else child
+            for name, module in encoder.named_modules()
+            if isinstance(module, nn.MultiheadAttention)
+            for child, _ in module.named_children()
+        }
+        return [
+            name
+            for name, module in encoder.named_modules()
+            if isinstance(module, nn.Linear) and name not in inside_mha
+        ]
+    return list(target_modules)
+
+
+class SiglipClassifier(Classifier):
+    """SigLIP vision encoder -> pooled embedding -> linear head; softmax over the classes."""
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        preprocessor: SiglipPreprocessor,
+        class_names: Sequence[str],
+        mode: str,
+        identity: dict[str, Any],
+        embedding_cache_dir: str | Path | None = None,
+    ) -> None:
+        super().__init__()
+        if mode not in ("probe", "lora", "full"):
+            raise ValueError(f"mode must be probe, lora or full, got {mode!r}")
+        self.class_names = tuple(class_names)
+        self.encoder = encoder
+        self.preprocessor = preprocessor
+        self.mode = mode
+        hidden = encoder.config.hidden_size
+        self.head = nn.Linear(hidden, len(self.class_names))  # fp32 whatever the encoder's dtype
+        self.embedding_cache = EmbeddingCache(
+            embedding_cache_dir,
+            {
+                "checkpoint": identity,
+                "preprocessing": preprocessor.identity(),
+                "dtype": str(next(encoder.parameters()).dtype),
+                "pooling": "pooler_output",
+            },
+        )
+        self.embeddings = EmbeddingTable.empty(hidden)
+        if mode == "probe":
+            encoder.requires_grad_(False)
+            encoder.eval()
+
+    def train(self, mode: bool = True) -> SiglipClassifier:
+        """Set training mode; a probe's frozen encoder stays in eval mode (no dropout)."""
+        super().train(mode)
+        if self.mode == "probe":
+            self.encoder.eval()
+        return self
+
+    @torch.no_grad()
+    def embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Pooled embeddings (N, D) of PIL images, float32 on the CPU, without autograd."""
+        device = next(self.encoder.parameters()).device
+        pixel_values = self.preprocessor(images).to(device)
+        return pooled_embedding(self.encoder, pixel_values).cpu()
+
+    def prepare_embeddings(
+        self, paths: Sequence[str], data_root: str | Path, batch_size: int = 32
+    ) -> int:
+        """Probe: load cached embeddings of `paths` (relative to `data_root`), computing the missing
+        ones with the encoder on its current device. Returns how many were computed."""
+        table, computed = self.embedding_cache.get_or_compute(
+            paths, data_root, self.embed_images, batch_size=batch_size
+        )
+        self.embeddings = self.embeddings.merged(table)
+        return computed
+
+    def collate(self, examples: list[dict[str, Any]], train: bool) -> Batch:
+        """Probe: cached embeddings looked up by `path`; otherwise pixel values from `image`."""
+        batch = labels_and_indices(examples)
+        if self.mode == "probe":
+            batch["embeddings"] = self.embeddings.lookup([e["path"] for e in examples])
+        else:
+            if any(e.get("image") is None for e in examples):
+                raise ValueError(
+                    f"SigLIP {self.mode} fine-tuning needs the images: build the dataset with "
+                    "with_images=True (only the linear probe trains from cached embeddings)"
+                )
+            batch["pixel_values"] = self.preprocessor([e["image"] for e in examples])
+        return batch
+
+    def logits(self, batch: Batch) -> torch.Tensor:
+        """Class logits (B, C), float32."""
+        if "embeddings" in batch:
+            features = batch["embeddings"].float()
+        else:
+            features = pooled_embedding(self.encoder, batch["pixel_values"])
+        return self.head(features.to(self.head.weight)).float()
+
+    def loss(self, batch: Batch, class_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Cross-entropy of the head's logits (optionally class-weighted)."""
+        logits = self.logits(batch)
+        weight = None if class_weights is None else class_weights.to(logits)
+        return F.cross_entropy(logits, batch["class_label"].to(logits.device), weight=weight)
+
+    @torch.no_grad()
+    def predict_proba(self, batch: Batch) -> torch.Tensor:
+        """Softmax over the classes, (B, C)."""
+        return self.logits(batch).softmax(-1)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute encoder activations in the backward pass (LoRA and full fine-tuning)."""
+        if self.mode != "probe":
+            self.encoder.activation_checkpointing_enable({"use_reentrant": False})
+
+    def save_trained(self, directory: str | Path) -> None:
+        """head.safetensors, + adapter/ (peft save_pretrained) or encoder.safetensors (full)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {k: v.contiguous() for k, v in self.head.state_dict().items()},
+            str(directory / "head.safetensors"),
+        )
+        if self.mode == "lora":
+            self.encoder.save_pretrained(str(directory / "adapter"))
+        elif self.mode == "full":
+            state = {k: v.contiguous() for k, v in self.encoder.state_dict().items()}
+            save_file(state, str(directory / "encoder.safetensors"))
+        meta = {"mode": self.mode, "class_names": list(self.class_names)}
+        (directory / "siglip_classifier.json").write_text(json.dumps(meta, indent=1))
+
+    def load_trained(self, directory: str | Path) -> None:
+        """Restore what `save_trained` wrote; refuses a checkpoint of another mode or class list."""
+        from peft import set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        directory = Path(directory)
+        meta = json.loads((directory / "siglip_classifier.json").read_text())
+        if meta["mode"] != self.mode or tuple(meta["class_names"]) != self.class_names:
+            raise ValueError(
+                f"{directory} holds a {meta['mode']} checkpoint for classes {meta['class_names']}; "
+                f"this classifier is {self.mode} for {list(self.class_names)}"
+            )
+        self.head.load_state_dict(load_file(str(directory / "head.safetensors")))
+        if self.mode == "lora":
+            weights = load_peft_weights(str(directory / "adapter"))
+            result = set_peft_model_state_dict(self.encoder, weights)
+            if result.unexpected_keys:
+                raise KeyError(f"adapter keys not in the model: {result.unexpected_keys[:5]}")
+        elif self.mode == "full":
+            self.encoder.load_state_dict(load_file(str(directory / "encoder.safetensors")))
+
+
+def classifier_mode(model_cfg: Any, peft_cfg: Any) -> str:
+    """probe, lora or full from `peft.method` and `model.freeze_encoder`."""
+    method, frozen = peft_cfg.method, bool(model_cfg.freeze_encoder)
+    if method == "qlora":
+        raise ConfigError(
+            "config error: peft.method: qlora is for model=medgemma_4b_it; "
+            "use peft=lora or peft=none with model.kind=siglip"
+        )
+    if method == "lora":
+        if frozen:
+            raise ConfigError(
+                "config error: model.freeze_encoder: true freezes the encoder for a "
+                "linear probe (use peft=none); with peft=lora set it to false"
+            )
+        return "lora"
+    if method == "none":
+        return "probe" if frozen else "full"
+    raise ConfigError(f"config error: peft.method: got {method!r}, allowed: lora, none")
+
+
+def build_siglip_classifier(
+    model_cfg: Any,
+    peft_cfg: Any,
+    precision_cfg: Any,
+    class_names: Sequence[str],
+    embedding_cache_dir: str | Path | None = None,
+) -> Classifier:
+    """A SigLIP classifier from the config groups (model, peft, precision).
+
+    `model.zero_shot=true` returns the zero-shot classifier instead. The encoder's weights are in
+    the precision's dtype when frozen (probe) or adapted (LoRA); a full fine-tune keeps float32
+    master weights (accelerate's autocast computes in bf16/fp16). The head is float32.
+    `embedding_cache_dir`: where a probe's embeddings persist (None: memory only).
+    """
+    if getattr(model_cfg, "zero_shot", False):
+        from breakhis_ft.models.siglip_zero_shot import build_zero_shot_classifier
+
+        return build_zero_shot_classifier(model_cfg, precision_cfg, class_names)
+    mode = classifier_mode(model_cfg, peft_cfg)
+    name = resolve_checkpoint(model_cfg)
+    config = load_config(name)
+    dtype = torch.float32 if mode == "full" else DTYPES[precision_cfg.name]
+    encoder: nn.Module = load_vision_encoder(name, dtype)
+    preprocessor = load_preprocessor(name, model_cfg.resize)
+    identity = checkpoint_identity(name, config)
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=peft_cfg.r,
+            lora_alpha=peft_cfg.alpha,
+            lora_dropout=peft_cfg.dropout,
+            target_modules=lora_targets(peft_cfg.target_modules, encoder),
+            modules_to_save=list(peft_cfg.modules_to_save) or None,
+            bias="none",
+        )
+        encoder = get_peft_model(
+            encoder, lora
+        )  # adapters in float32 (peft's autocast_adapter_dtype)
+    classifier = SiglipClassifier(
+        encoder, preprocessor, class_names, mode, identity, embedding_cache_dir
+    )
+    trainable, total = classifier.parameter_counts()
+    log.info(
+        "siglip %s from %s: %s trainable of %s parameters (%.2f%%)",
+        mode,
+        name,
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / max(total, 1),
+    )
+    return classifier

@@ -1,0 +1,163 @@
+"""Loading SigLIP checkpoints (MedSigLIP or the tiny one): config, vision tower, preprocessing.
+
+A full `SiglipModel` checkpoint (as MedSigLIP ships) contributes its vision tower; a vision-only one
+(`SiglipVisionModel`) loads as is. Errors name `model.name_or_path` and how to get access.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import AutoConfig, AutoImageProcessor, SiglipVisionModel
+from transformers.utils import logging as hf_logging
+
+from breakhis_ft.config import ConfigError
+from breakhis_ft.models.tiny_siglip import ensure_tiny_siglip
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SIGLIP_MODEL_TYPES = ("siglip", "siglip_vision_model")
+
+
+class ModelLoadError(OSError):
+    """A checkpoint that could not be loaded; the message says how to get access or a local copy."""
+
+
+def load_error(name: str, err: Exception) -> ModelLoadError:
+    """The error for a gated, missing or unreadable checkpoint: names the key and the fixes."""
+    return ModelLoadError(
+        f"could not load model.name_or_path={name!r}: {type(err).__name__}: {err}\n"
+        "If it is a gated hub model (google/medsiglip-448 is), accept its licence on "
+        f"https://huggingface.co/{name} and set HF_TOKEN (or run `hf auth login`); offline, point "
+        "model.name_or_path at a local copy (a folder with config.json, model.safetensors and the "
+        "processor files); for tests use model=tiny_siglip."
+    )
+
+
+def resolve_checkpoint(model_cfg: Any) -> str:
+    """The checkpoint to load: builds the tiny model first when `model.build_tiny` asks for it."""
+    name = str(model_cfg.name_or_path)
+    if getattr(model_cfg, "build_tiny", False):
+        return str(ensure_tiny_siglip(name))
+    return name
+
+
+def load_config(name: str) -> Any:
+    """The checkpoint's config; refuses non-SigLIP architectures by name."""
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise load_error(name, err) from err
+    if config.model_type not in SIGLIP_MODEL_TYPES:
+        raise ConfigError(
+            f"config error: model.name_or_path: {name!r} is a {config.model_type!r} checkpoint; "
+            f"model.kind=siglip needs one of {SIGLIP_MODEL_TYPES}"
+        )
+    return config
+
+
+def checkpoint_identity(name: str, config: Any) -> dict[str, Any]:
+    """What identifies the weights: name, hub commit, config hash, local files' size/mtime."""
+    identity: dict[str, Any] = {
+        "name_or_path": name,
+        "commit": getattr(config, "_commit_hash", None),
+        "config_sha": hashlib.sha256(config.to_json_string().encode()).hexdigest()[:16],
+    }
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        identity["name_or_path"] = str(folder.resolve())
+        identity["weights"] = [
+            [f.name, f.stat().st_size, f.stat().st_mtime_ns]
+            for f in sorted(folder.glob("*.safetensors"))
+        ]
+    return identity
+
+
+class SiglipPreprocessor:
+    """Images -> pixel values by the checkpoint's processor; non-square: padded or stretched."""
+
+    def __init__(self, image_processor: Any, resize: str) -> None:
+        if resize not in ("pad", "stretch"):
+            raise ConfigError(f"config error: model.resize: got {resize!r}, allowed: pad, stretch")
+        self.image_processor = image_processor
+        self.resize = resize
+        # Pad with the processor's mean colour: after normalisation it is 0, a neutral input.
+        mean = getattr(image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
+        self.fill = tuple(int(round(255 * m)) for m in mean)
+
+    def square(self, image: Image.Image) -> Image.Image:
+        """Pad an image to a centred square (pad mode); stretch mode leaves it to the processor."""
+        image = image.convert("RGB")
+        width, height = image.size
+        if self.resize == "stretch" or width == height:
+            return image
+        side = max(width, height)
+        canvas = Image.new("RGB", (side, side), self.fill)
+        canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+        return canvas
+
+    def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Pixel values (N, 3, H, W), float32, as the checkpoint's processor makes them."""
+        out = self.image_processor(images=[self.square(i) for i in images], return_tensors="pt")
+        return out["pixel_values"].float()
+
+    def identity(self) -> dict[str, Any]:
+        """Everything that changes the pixels: the processor's settings, resize mode, pad colour."""
+        settings = json.loads(
+            json.dumps(self.image_processor.to_dict(), sort_keys=True, default=str)
+        )
+        return {"resize": self.resize, "fill": list(self.fill), "processor": settings}
+
+
+def load_preprocessor(name: str, resize: str) -> SiglipPreprocessor:
+    """The checkpoint's image processor, wrapped with the resize mode."""
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise load_error(name, err) from err
+    return SiglipPreprocessor(image_processor, resize)
+
+
+def load_vision_encoder(name: str, dtype: torch.dtype) -> SiglipVisionModel:
+    """The vision tower of a full SiglipModel checkpoint, or a vision-only checkpoint."""
+    verbosity = hf_logging.get_verbosity()
+    # SiglipVisionModel reads the vision part of a full checkpoint (same weight names); transformers
+    # would print every skipped text-tower weight: its report is silenced and checked here instead.
+    hf_logging.set_verbosity_error()
+    try:
+        encoder, info = SiglipVisionModel.from_pretrained(
+            name, dtype=dtype, output_loading_info=True
+        )
+    except (OSError, ValueError) as err:
+        raise load_error(name, err) from err
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if info["missing_keys"] or info["mismatched_keys"]:
+        missing, mismatched = list(info["missing_keys"])[:5], list(info["mismatched_keys"])[:5]
+        raise ModelLoadError(
+            f"model.name_or_path={name!r}: the vision weights do not match the architecture "
+            f"(missing {missing}, mismatched {mismatched})"
+        )
+    return encoder
+
+
+def pooled_embedding(encoder: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The pooled image embedding (the attention-pooling head, else the patches' mean), fp32."""
+    weight = next(encoder.parameters())
+    out = encoder(pixel_values=pixel_values.to(device=weight.device, dtype=weight.dtype))
+    pooled = out.pooler_output if out.pooler_output is not None else out.last_hidden_state.mean(1)
+    return pooled.float()
+
+
+def labels_and_indices(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """The `class_label` and `index` tensors every batch carries (see base.Classifier)."""
+    return {
+        "class_label": torch.tensor([int(e["label"]) for e in examples], dtype=torch.long),
+        "index": torch.tensor([int(e["index"]) for e in examples], dtype=torch.long),
+    }
