@@ -1,0 +1,262 @@
+"""PNG plots of runs: confusion matrices, per-class F1, training curves, and a sweep plot.
+
+matplotlib is the optional `plots` extra; it is imported only when a plot is drawn, with the Agg
+backend (no display needed on a server or in a container).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from breakhis_ft.report import Run, metric_value
+
+# settings a sweep varies, in the order they are tried as the x axis
+SWEEP_AXES = ("peft.r", "trainer.lr", "magnification")
+_LOG_AXES = {"peft.r": 2, "trainer.lr": 10}
+
+
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, or a clear error naming the extra to install."""
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise ImportError(
+            "plots need matplotlib: pip install -e '.[plots]' (or pip install matplotlib)"
+        ) from err
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _label(name: str) -> str:
+    """A class name for an axis: 'ductal_carcinoma' -> 'ductal carcinoma'."""
+    return name.replace("_", " ")
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
+def plot_confusion_matrix(split_metrics: dict[str, Any], path: str | Path, title: str) -> Path:
+    """Counts and row-normalised confusion matrix side by side, class names on both axes."""
+    plt = _pyplot()
+    import numpy as np
+
+    classes = [_label(c) for c in split_metrics["classes"]]
+    counts = np.asarray(split_metrics["confusion_matrix"], dtype=float)
+    if counts.shape != (len(classes), len(classes)):
+        raise ValueError(f"confusion_matrix is {counts.shape} for {len(classes)} classes")
+    totals = counts.sum(axis=1, keepdims=True)
+    normalised = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+    n = len(classes)
+    side = max(4.0, 0.75 * n + 2.5)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * side + 1, side))
+    panels = ((axes[0], counts, "counts", "d"), (axes[1], normalised, "row-normalised", ".2f"))
+    for ax, values, name, fmt in panels:
+        # shares on a fixed 0-1 scale, so colours compare across runs
+        vmax = 1.0 if fmt != "d" else max(float(values.max()), 1.0)
+        image = ax.imshow(values, cmap="Blues", vmin=0, vmax=vmax)
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+        for i in range(n):
+            for j in range(n):
+                text = format(int(values[i, j]), "d") if fmt == "d" else format(values[i, j], fmt)
+                colour = "white" if values[i, j] > 0.6 * vmax else "black"
+                ax.text(j, i, text, ha="center", va="center", color=colour, fontsize=9)
+        ax.set_xticks(range(n), classes, rotation=40, ha="right", rotation_mode="anchor")
+        ax.set_yticks(range(n), classes)
+        ax.set_xlabel("predicted class")
+        ax.set_ylabel("true class")
+        ax.set_title(name)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
+def plot_per_class_f1(split_metrics: dict[str, Any], path: str | Path, title: str) -> Path:
+    """Horizontal F1 bars per class, with the class support; undefined F1 shown as n/a."""
+    plt = _pyplot()
+    per_class = split_metrics["per_class"]
+    names = list(per_class)
+    f1 = [per_class[c].get("f1") for c in names]
+    labels = [f"{_label(c)} (n={per_class[c].get('support', '?')})" for c in names]
+    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(names) + 1.5))
+    ax.barh(range(len(names)), [v or 0.0 for v in f1], color="#4c72b0")
+    for i, value in enumerate(f1):
+        ax.text(
+            (value or 0.0) + 0.01,
+            i,
+            "n/a" if value is None else f"{value:.2f}",
+            va="center",
+            fontsize=9,
+        )
+    ax.set_yticks(range(len(names)), labels)
+    ax.invert_yaxis()  # first class on top, as in the confusion matrix
+    ax.set_xlim(0, 1.1)
+    ax.set_xlabel("F1")
+    macro = split_metrics.get("f1_macro")
+    if macro is not None:
+        ax.axvline(macro, color="grey", linestyle="--", linewidth=1, label=f"macro F1 {macro:.2f}")
+        ax.legend(loc="lower right")
+    ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
+def _series(history: Sequence[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    steps, values = [], []
+    for row in history:
+        value = row.get(key)
+        if isinstance(value, int | float) and math.isfinite(value) and "step" in row:
+            steps.append(row["step"])
+            values.append(float(value))
+    return steps, values
+
+
+def plot_curves(history: Sequence[dict[str, Any]], path: str | Path, title: str) -> Path | None:
+    """Loss (train and val), validation metrics and learning rate against the step."""
+    panels = [
+        ("loss", ["train/loss", "val/loss"]),
+        (
+            "validation",
+            ["val/balanced_accuracy", "val/f1_macro", "val/auroc_macro", "val/patient_accuracy"],
+        ),
+        ("learning rate", ["train/lr"]),
+    ]
+    panels = [(name, [k for k in keys if _series(history, k)[0]]) for name, keys in panels]
+    panels = [(name, keys) for name, keys in panels if keys]
+    if not panels:
+        return None
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    for ax, (name, keys) in zip(axes[0], panels, strict=True):
+        for key in keys:
+            steps, values = _series(history, key)
+            ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=key)
+        ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        if name == "validation":
+            ax.set_ylim(-0.02, 1.02)
+        if name == "learning rate":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
+def plot_run(run: Run, split: str = "test") -> list[Path]:
+    """Confusion matrix, per-class F1 (of `split`) and curves, written into the run folder."""
+    written = []
+    name = run.path.name
+    split_metrics = run.metrics.get(split)
+    if isinstance(split_metrics, dict) and split_metrics.get("confusion_matrix"):
+        written.append(
+            plot_confusion_matrix(
+                split_metrics,
+                run.path / f"confusion_matrix_{split}.png",
+                f"{split} confusion matrix: {name} (n={split_metrics.get('n', '?')})",
+            )
+        )
+    if isinstance(split_metrics, dict) and split_metrics.get("per_class"):
+        written.append(
+            plot_per_class_f1(
+                split_metrics,
+                run.path / f"per_class_f1_{split}.png",
+                f"{split} F1 per class: {name}",
+            )
+        )
+    curves = plot_curves(run.history, run.path / "curves.png", f"training: {name}")
+    if curves is not None:
+        written.append(curves)
+    return written
+
+
+def _magnification(run: Run) -> str | None:
+    factors = run.config.get("magnification.factors")
+    if run.config.get("magnification.name"):
+        return str(run.config["magnification.name"])
+    if "magnification" in run.choices:
+        return run.choices["magnification"]
+    return None if factors is None else ",".join(map(str, factors))
+
+
+def _axis_value(run: Run, axis: str) -> Any:
+    return _magnification(run) if axis == "magnification" else run.config.get(axis)
+
+
+def _order(value: Any) -> tuple[int, float, str]:
+    """Numbers in numeric order, then '40x' < '100x' < ..., then other text."""
+    if isinstance(value, int | float):
+        return (0, float(value), "")
+    digits = str(value).rstrip("xX")
+    return (1, float(digits), "") if digits.isdigit() else (2, 0.0, str(value))
+
+
+def sweep_axes(runs: Sequence[Run]) -> list[str]:
+    """The sweep settings (LoRA rank, learning rate, magnification) that vary between runs."""
+    return [a for a in SWEEP_AXES if len({str(_axis_value(r, a)) for r in runs}) > 1]
+
+
+def plot_sweep(runs: Sequence[Run], metric: str, path: str | Path) -> Path | None:
+    """The metric against the first varying sweep setting, one line per value of the second."""
+    axes = sweep_axes(runs)
+    if not axes:
+        return None
+    x_axis, hue = axes[0], (axes[1] if len(axes) > 1 else None)
+    points: dict[Any, list[tuple[Any, float]]] = {}
+    missing = 0
+    for run in runs:
+        value = metric_value(run, metric)
+        if value is None:
+            missing += 1  # failed or running: counted in the title, not plotted as zero
+            continue
+        points.setdefault(_axis_value(run, hue) if hue else None, []).append(
+            (_axis_value(run, x_axis), value)
+        )
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    xs = sorted({x for pts in points.values() for x, _ in pts}, key=_order)
+    numeric = all(isinstance(x, int | float) for x in xs)
+    for key in sorted(points, key=_order):
+        pts = sorted(points[key], key=lambda p: _order(p[0]))
+        pos = [p[0] if numeric else xs.index(p[0]) for p in pts]
+        label = f"{hue}={key}" if hue else None
+        ax.plot(pos, [p[1] for p in pts], marker="o", label=label)
+    if x_axis in _LOG_AXES and numeric:
+        # ranks double (4, 8, 16), learning rates step by decades: evenly spaced on a log axis
+        ax.set_xscale("log", base=_LOG_AXES[x_axis])
+    if numeric:
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        ax.minorticks_off()
+    else:
+        ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+    ax.set_xlabel(x_axis)
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    if hue:
+        ax.legend(fontsize=8)
+    note = f", {missing} without a value (failed/running) left out" if missing else ""
+    ax.set_title(f"{metric} vs {x_axis}\n{len(runs) - missing} of {len(runs)} runs{note}")
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
+def log_plots_to_wandb(run: Any, paths: Sequence[str | Path]) -> None:
+    """Log PNG files to a live W&B run as images keyed `plots/<file stem>`."""
+    import wandb
+
+    images = {f"plots/{Path(p).stem}": wandb.Image(str(p)) for p in paths}
+    if images:
+        run.log(images)
