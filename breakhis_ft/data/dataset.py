@@ -1,0 +1,205 @@
+"""The image cache (decoded, resized images in a `datasets` Arrow file) and the torch Dataset.
+
+Decoding a 700x460 PNG and resizing it costs far more than reading raw pixels from a memory-mapped
+Arrow file, and every epoch of every run would repeat it. The cache stores each image resized so its
+longest side is `image_size` (aspect kept), as raw RGB bytes. Its folder name is a hash of the
+preprocessing (size, resampling, version) and the file list (paths, sizes, modification times): a
+change in any of them selects a new cache, and an existing one is reused as is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from datasets.arrow_writer import ArrowWriter
+from PIL import Image
+from tqdm.auto import tqdm
+
+from breakhis_ft.config import AugmentConfig
+from breakhis_ft.data.augment import Augmenter, is_identity
+from breakhis_ft.data.breakhis import load_image
+from breakhis_ft.data.records import ImageRecord, label_of
+
+CACHE_VERSION = 1  # bump when the stored format or the resizing changes
+RESAMPLE = Image.Resampling.BICUBIC
+FEATURES = datasets.Features(
+    {
+        "path": datasets.Value("string"),
+        "height": datasets.Value("int32"),
+        "width": datasets.Value("int32"),
+        "pixels": datasets.Value("binary"),  # raw RGB bytes, height x width x 3
+    }
+)
+DONE = "cache.json"
+
+
+def resize_longest(image: Image.Image, size: int | None) -> Image.Image:
+    """Resize so that the longest side is `size`, keeping the aspect ratio (None: unchanged)."""
+    if size is None or max(image.size) == size:
+        return image
+    scale = size / max(image.size)
+    new = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(new, RESAMPLE)
+
+
+def cache_key(records: Sequence[ImageRecord], root: str | Path, image_size: int) -> str:
+    """Hash of the preprocessing and of the files (path, size, mtime) that a cache holds."""
+    root = Path(root)
+    files = []
+    for r in records:
+        st = os.stat(root / r.path)
+        files.append((r.path, st.st_size, st.st_mtime_ns))
+    spec = {
+        "version": CACHE_VERSION,
+        "image_size": image_size,
+        "resample": RESAMPLE.name,
+        "root": str(root.resolve()),
+        "files": files,
+    }
+    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:20]
+
+
+def _decode(root: Path, record: ImageRecord, image_size: int) -> dict:
+    img = resize_longest(load_image(root / record.path), image_size)
+    return {
+        "path": record.path,
+        "height": img.height,
+        "width": img.width,
+        "pixels": np.asarray(img, dtype=np.uint8).tobytes(),
+    }
+
+
+def build_image_cache(
+    records: Sequence[ImageRecord],
+    root: str | Path,
+    image_size: int,
+    cache_dir: str | Path,
+    workers: int | None = None,
+    progress: bool = True,
+) -> datasets.Dataset:
+    """The Arrow cache of these records' resized images: built once (atomically), then reused.
+
+    Pass all the records of a scan to have one cache serve every split and magnification.
+    """
+    if not records:
+        raise ValueError("build_image_cache: no records")
+    if image_size < 1:
+        raise ValueError(f"data.image_size={image_size}: must be a positive number of pixels")
+    root = Path(root)
+    final = Path(cache_dir).expanduser() / "images" / cache_key(records, root, image_size)
+    if (final / DONE).is_file():
+        return datasets.Dataset.from_file(str(final / "data.arrow"))
+    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        writer = ArrowWriter(features=FEATURES, path=str(tmp / "data.arrow"))
+        workers = workers or min(4, os.cpu_count() or 1)  # PIL decodes and resizes without the GIL
+        bar = tqdm(
+            total=len(records), desc=f"caching images at {image_size}px", disable=not progress
+        )
+        with ThreadPoolExecutor(workers) as pool:
+            for start in range(0, len(records), 256):  # bounded memory: 256 images per batch
+                rows = list(
+                    pool.map(lambda r: _decode(root, r, image_size), records[start : start + 256])
+                )
+                writer.write_batch({k: [row[k] for row in rows] for k in FEATURES})
+                bar.update(len(rows))
+        bar.close()
+        writer.finalize()
+        (tmp / DONE).write_text(
+            json.dumps({"images": len(records), "image_size": image_size, "root": str(root)})
+        )
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / DONE).is_file():  # not a lost race with another process
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return datasets.Dataset.from_file(str(final / "data.arrow"))
+
+
+def labels_for(records: Sequence[ImageRecord], task: str) -> list[int]:
+    """The class index of every record under a task (records outside the task are an error)."""
+    labels = [label_of(r, task) for r in records]
+    if None in labels:
+        bad = records[labels.index(None)]
+        raise ValueError(f"{bad.path}: subtype {bad.subtype} is not a class of task={task}")
+    return labels  # type: ignore[return-value]
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Items {"image": PIL RGB, "label", "index", "path"}; training augmentation per epoch.
+
+    `image_source` is the Arrow cache of `build_image_cache` (fast) or the data root (decode each
+    PNG on the fly, resized to `image_size` when given). Augmentation is seeded by (seed, epoch,
+    index): call `set_epoch` before each epoch; with DataLoader workers keep
+    `persistent_workers=False` so that workers see the new epoch.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        labels: Sequence[int],
+        image_source: datasets.Dataset | str | Path,
+        augment: AugmentConfig | None = None,
+        with_images: bool = True,
+        image_size: int | None = None,
+    ) -> None:
+        if len(labels) != len(records):
+            raise ValueError(f"{len(records)} records but {len(labels)} labels")
+        self.records = list(records)
+        self.labels = [int(x) for x in labels]
+        self.with_images = with_images
+        self.image_size = image_size
+        self.augmenter = None if is_identity(augment) else Augmenter(augment)
+        self.epoch = 0
+        self.cache: datasets.Dataset | None = None
+        self.root: Path | None = None
+        if isinstance(image_source, datasets.Dataset):
+            self.cache = image_source
+            row_of = {p: i for i, p in enumerate(image_source["path"])}
+            missing = [r.path for r in self.records if r.path not in row_of]
+            if missing:
+                raise ValueError(
+                    f"{len(missing)} image(s) are not in the image cache, e.g. {missing[0]}; "
+                    "build the cache over these records (build_image_cache)"
+                )
+            self.rows = [row_of[r.path] for r in self.records]
+        else:
+            self.root = Path(image_source)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation draws of this epoch."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load(self, index: int) -> Image.Image:
+        """The preprocessed (not augmented) image of an item."""
+        if self.cache is not None:
+            row = self.cache[self.rows[index]]
+            pixels = np.frombuffer(row["pixels"], np.uint8).reshape(row["height"], row["width"], 3)
+            return Image.fromarray(pixels)
+        return resize_longest(load_image(self.root / self.records[index].path), self.image_size)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        item = {"label": self.labels[index], "index": index, "path": record.path}
+        if self.with_images:
+            image = self.load(index)
+            if self.augmenter is not None:
+                image = self.augmenter(image, self.epoch, index)
+            item["image"] = image
+        return item

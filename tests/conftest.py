@@ -1,0 +1,38 @@
+"""Shared fixtures: synthetic BreakHis replicas, built once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from breakhis_ft.data.breakhis import BreakhisScan, scan_breakhis
+from breakhis_ft.data.synthetic import build_replica
+
+REPLICA_FRACTION = 0.05  # ~480 images, every patient folder at every magnification
+REPLICA_SIZE = (48, 32)
+FULL_REPLICA_SIZE = (16, 10)
+
+
+@pytest.fixture(scope="session")
+def replica_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small replica (fraction 0.05 at 48x32) in the official layout with a Folds.csv."""
+    return build_replica(tmp_path_factory.mktemp("replica"), REPLICA_FRACTION, REPLICA_SIZE, 0)
+
+
+@pytest.fixture(scope="session")
+def replica_scan(replica_root: Path) -> BreakhisScan:
+    """The scan of `replica_root` (13412's lobular copy dropped)."""
+    return scan_breakhis(replica_root)
+
+
+@pytest.fixture(scope="session")
+def full_replica_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """All 7,909 images of the real counts, at a tiny 16x10 (for the count tests)."""
+    return build_replica(tmp_path_factory.mktemp("full_replica"), 1.0, FULL_REPLICA_SIZE, 0)
+
+
+@pytest.fixture(scope="session")
+def full_replica_scan(full_replica_root: Path) -> BreakhisScan:
+    """The scan of `full_replica_root`."""
+    return scan_breakhis(full_replica_root)
