@@ -1,8 +1,8 @@
 """Typed schema of the Hydra config: every group's keys, types and allowed values.
 
-The dataclasses are registered in Hydra's ConfigStore as the base of `train.yaml`, so a wrong type or an
-unknown key fails at compose time. Allowed values and cross-group combinations are checked by
-`validate_config`, called by the entrypoint before any data or model is loaded.
+The dataclasses are registered in Hydra's ConfigStore as the base of `train.yaml`, so a wrong
+type or an unknown key fails at compose time. Allowed values and cross-group combinations are
+checked by `validate_config`, called by the entrypoint before any data or model is loaded.
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ class ModelConfig:
         default_factory=lambda: ["H&E histopathology image of breast {}"]
     )
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    max_new_tokens: int = 40  # medgemma generation path (greedy, answer parsed); the blog used 40
 
 
 @dataclass
@@ -205,36 +206,64 @@ def validate_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         _check(value in allowed, key, f"got {value!r}, allowed: {', '.join(map(str, allowed))}")
     for factor in cfg.magnification.factors:
-        _check(factor in MAGNIFICATIONS, "magnification.factors", f"{factor} is not one of "
-               f"{MAGNIFICATIONS} (choose magnification=all|40x|100x|200x|400x)")
+        _check(
+            factor in MAGNIFICATIONS,
+            "magnification.factors",
+            f"{factor} is not one of "
+            f"{MAGNIFICATIONS} (choose magnification=all|40x|100x|200x|400x)",
+        )
     _check(cfg.peft.r > 0, "peft.r", f"must be a positive integer, got {cfg.peft.r}")
     _check(cfg.peft.alpha > 0, "peft.alpha", f"must be positive, got {cfg.peft.alpha}")
     _check(0.0 <= cfg.peft.dropout < 1.0, "peft.dropout", "must be in [0, 1)")
     ratios = list(cfg.split.ratios)
-    _check(len(ratios) == 3 and all(r >= 0 for r in ratios) and abs(sum(ratios) - 1) < 1e-6,
-           "split.ratios", f"needs three non-negative shares (train, val, test) summing to 1, got {ratios}")
+    _check(
+        len(ratios) == 3 and all(r >= 0 for r in ratios) and abs(sum(ratios) - 1) < 1e-6,
+        "split.ratios",
+        f"needs three non-negative shares (train, val, test) summing to 1, got {ratios}",
+    )
     _check(cfg.trainer.lr > 0, "trainer.lr", "must be positive")
-    _check(cfg.trainer.batch_size > 0 and cfg.trainer.grad_accum > 0, "trainer.batch_size",
-           "batch_size and grad_accum must be positive")
-    _check(cfg.data.source == "synthetic" or cfg.data.root is not None, "data.root",
-           "data=breakhis needs data.root=/path/to/BreaKHis_v1 (see scripts/download_breakhis.py)")
+    _check(
+        cfg.trainer.batch_size > 0 and cfg.trainer.grad_accum > 0,
+        "trainer.batch_size",
+        "batch_size and grad_accum must be positive",
+    )
+    _check(
+        cfg.data.source == "synthetic" or cfg.data.root is not None,
+        "data.root",
+        "data=breakhis needs data.root=/path/to/BreaKHis_v1 (see scripts/download_breakhis.py)",
+    )
     if cfg.split.kind == "eva":
-        _check(cfg.task.name == "eva4", "task.name",
-               "split=eva is defined for task=eva4 (TA, MC, F, DC); set task=eva4")
-        _check(list(cfg.magnification.factors) == [40], "magnification",
-               "split=eva is defined at 40X only; set magnification=40x")
+        _check(
+            cfg.task.name == "eva4",
+            "task.name",
+            "split=eva is defined for task=eva4 (TA, MC, F, DC); set task=eva4",
+        )
+        _check(
+            list(cfg.magnification.factors) == [40],
+            "magnification",
+            "split=eva is defined at 40X only; set magnification=40x",
+        )
     if cfg.split.kind == "official_fold":
         _check(1 <= cfg.split.fold <= 5, "split.fold", "Folds.csv has folds 1-5")
     if cfg.split.n_folds > 1:
-        _check(1 <= cfg.split.fold <= cfg.split.n_folds, "split.fold",
-               f"must be in 1..{cfg.split.n_folds} for k-fold cross-validation")
+        _check(
+            1 <= cfg.split.fold <= cfg.split.n_folds,
+            "split.fold",
+            f"must be in 1..{cfg.split.n_folds} for k-fold cross-validation",
+        )
     if cfg.precision.name == "fp16" and cfg.model.kind == "medgemma":
-        _check(cfg.precision.allow_fp16, "precision",
-               "fp16 overflows to NaN on Gemma 3 (activations exceed 65,504); use precision=bf16, "
-               "or set precision.allow_fp16=true to try anyway")
+        _check(
+            cfg.precision.allow_fp16,
+            "precision",
+            "fp16 overflows to NaN on Gemma 3 (activations exceed 65,504); use precision=bf16, "
+            "or set precision.allow_fp16=true to try anyway",
+        )
     if cfg.peft.method == "qlora":
-        _check(cfg.precision.name != "fp32", "peft.method",
-               "qlora computes in 16-bit; use precision=bf16 (and a CUDA GPU with bitsandbytes)")
+        _check(
+            cfg.precision.name != "fp32",
+            "peft.method",
+            "qlora computes in 16-bit; use precision=bf16 (and a CUDA GPU with bitsandbytes)",
+        )
         _check(not cfg.trainer.cpu, "peft.method", "qlora needs a CUDA GPU (bitsandbytes 4-bit)")
     if cfg.model.kind == "siglip":
         _check(cfg.peft.method != "qlora", "peft.method", "qlora is for model=medgemma_4b_it")
