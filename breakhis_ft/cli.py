@@ -19,10 +19,15 @@ from omegaconf import DictConfig
 
 from breakhis_ft.config import ConfigError, register_configs, validate_config
 
-RUN_DIR_ENV = "BREAKHIS_FT_RUN_DIR"  # fixes the run folder, e.g. for all ranks of a multi-process run
+CONF_DIR = str(
+    Path(__file__).resolve().parent.parent / "conf"
+)  # the repo's conf/ (editable install)
+RUN_DIR_ENV = (
+    "BREAKHIS_FT_RUN_DIR"  # fixes the run folder, e.g. for all ranks of a multi-process run
+)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def _run(cfg: DictConfig) -> float | None:
     try:
         validate_config(cfg)
@@ -43,10 +48,20 @@ def _past_run_argv(argv: list[str]) -> list[str]:
     run_dir = Path(value).expanduser().resolve()
     saved = run_dir / ".hydra" / "config.yaml"
     if not saved.is_file():
-        raise SystemExit(f"{key}={value}: no saved config at {saved}; give a run folder written by "
-                         "breakhis-ft (it holds .hydra/config.yaml)")
-    rest = [a for a in argv if not a.startswith(("rerun=", "resume="))]
-    rest += ["--config-path", str(saved.parent), "--config-name", "config"]
+        raise SystemExit(
+            f"{key}={value}: no saved config at {saved}; give a run folder written by "
+            "breakhis-ft (it holds .hydra/config.yaml)"
+        )
+    groups = {p.name for p in Path(CONF_DIR).iterdir() if p.is_dir()}
+    choices = [a for a in argv if a.partition("=")[0].lstrip("+~") in groups]
+    if choices:
+        raise SystemExit(
+            f"{key}=...: the saved config has no groups to choose from; override its keys "
+            f"instead of {', '.join(choices)} (e.g. logger.mode=disabled)"
+        )
+    # flags first: argparse takes the overrides as one positional run that flags may not split
+    rest = ["--config-path", str(saved.parent), "--config-name", "config"]
+    rest += [a for a in argv if not a.startswith(("rerun=", "resume="))]
     if key == "resume":
         return rest + [f"hydra.run.dir={run_dir}", f"resume={run_dir}"]
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
@@ -60,8 +75,10 @@ def _fixed_run_dir_argv(argv: list[str]) -> list[str]:
     if os.environ.get(RUN_DIR_ENV):
         return argv + [f"hydra.run.dir={os.environ[RUN_DIR_ENV]}"]
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "-m" not in argv and "--multirun" not in argv:
-        raise SystemExit(f"a {os.environ['WORLD_SIZE']}-process launch needs one run folder for all "
-                         f"ranks: pass hydra.run.dir=outputs/runs/<name> or set {RUN_DIR_ENV}")
+        raise SystemExit(
+            f"a {os.environ['WORLD_SIZE']}-process launch needs one run folder for all "
+            f"ranks: pass hydra.run.dir=outputs/runs/<name> or set {RUN_DIR_ENV}"
+        )
     return argv
 
 

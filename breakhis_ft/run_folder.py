@@ -14,10 +14,19 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from breakhis_ft.data.records import ImageRecord
-
-_PACKAGES = ("breakhis-ft", "torch", "transformers", "peft", "accelerate", "datasets",
-             "torchmetrics", "hydra-core", "omegaconf", "wandb", "pillow")
+_PACKAGES = (
+    "breakhis-ft",
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "datasets",
+    "torchmetrics",
+    "hydra-core",
+    "omegaconf",
+    "wandb",
+    "pillow",
+)
 SPLITS_COLUMNS = ("path", "split", "label", "subtype", "patient", "stem", "magnification")
 
 
@@ -27,8 +36,13 @@ def _git_state() -> dict[str, Any]:
 
     def git(*args: str) -> str | None:
         try:
-            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True,
-                                  text=True, timeout=10, check=True)
+            done = subprocess.run(
+                ["git", "-C", str(root), *args],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            )
             return done.stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return None
@@ -76,17 +90,13 @@ def write_run_info(run_dir: Path, status: str, **extra: Any) -> dict[str, Any]:
     return info
 
 
-def write_splits_csv(path: Path, splits: dict[str, list[ImageRecord]], labels: dict[str, list[int]],
-                     class_names: tuple[str, ...]) -> None:
-    """One row per image used: where it is, which split, its label and its patient group."""
+def write_splits_csv(path: Path, rows: list[dict], class_names: tuple[str, ...]) -> None:
+    """One row per image used (from `splits.split_rows`), with the label as a class name."""
     with Path(path).open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=SPLITS_COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=SPLITS_COLUMNS, extrasaction="ignore")
         writer.writeheader()
-        for split, records in splits.items():
-            for record, label in zip(records, labels[split], strict=True):
-                writer.writerow({"path": record.path, "split": split, "label": class_names[label],
-                                 "subtype": record.subtype, "patient": record.patient,
-                                 "stem": record.stem, "magnification": record.magnification})
+        for row in rows:
+            writer.writerow({**row, "label": class_names[row["label"]]})
 
 
 def write_json(path: Path, payload: Any) -> None:

@@ -79,8 +79,11 @@ class RunTracker:
             self._wandb_run.define_metric("val/loss", summary="min", step_metric="trainer/step")
             self._wandb_run.define_metric("val/*", summary="max", step_metric="trainer/step")
         except Exception as err:  # noqa: BLE001 - any W&B failure must not stop training
-            log.warning("W&B is off for this run (%s: %s); local files are still written",
-                        type(err).__name__, err)
+            log.warning(
+                "W&B is off for this run (%s: %s); local files are still written",
+                type(err).__name__,
+                err,
+            )
             self._wandb_run = None
 
     @property
@@ -96,7 +99,9 @@ class RunTracker:
             f.write(json.dumps(_json_safe({"step": step, **metrics})) + "\n")
         self._safe_wandb(lambda run: run.log({**metrics, "trainer/step": step}))
 
-    def log_final(self, metrics: dict[str, dict], predictions: dict[str, tuple[list, list]]) -> None:
+    def log_final(
+        self, metrics: dict[str, dict], predictions: dict[str, tuple[list, list]]
+    ) -> None:
         """Write metrics.json; send summaries, a confusion matrix and a per-class table to W&B.
 
         `predictions` maps a split to (true labels, predicted labels), as class indices.
@@ -107,8 +112,11 @@ class RunTracker:
         if self._wandb_run is None:
             return
         for split, split_metrics in metrics.items():
-            scalars = {f"{split}/{k}": v for k, v in split_metrics.items()
-                       if isinstance(v, int | float) and not isinstance(v, bool)}
+            scalars = {
+                f"{split}/{k}": v
+                for k, v in split_metrics.items()
+                if isinstance(v, int | float) and not isinstance(v, bool)
+            }
             self._safe_wandb(lambda run, s=scalars: run.summary.update(_json_safe(s)))
             if split in predictions:
                 self._log_split_tables(split, split_metrics, *predictions[split])
@@ -117,13 +125,20 @@ class RunTracker:
         import wandb
 
         classes = list(metrics["classes"])
-        rows = [[name, pc["precision"], pc["recall"], pc["f1"], pc["support"]]
-                for name, pc in metrics["per_class"].items()]
+        rows = [
+            [name, pc["precision"], pc["recall"], pc["f1"], pc["support"]]
+            for name, pc in metrics["per_class"].items()
+        ]
         table = wandb.Table(columns=["class", "precision", "recall", "f1", "support"], data=rows)
-        chart = wandb.plot.confusion_matrix(y_true=list(y_true), preds=list(y_pred),
-                                            class_names=classes, title=f"{split} confusion matrix")
-        self._safe_wandb(lambda run: run.log({f"{split}/per_class": table,
-                                              f"{split}/confusion_matrix": chart}))
+        chart = wandb.plot.confusion_matrix(
+            y_true=list(y_true),
+            preds=list(y_pred),
+            class_names=classes,
+            title=f"{split} confusion matrix",
+        )
+        self._safe_wandb(
+            lambda run: run.log({f"{split}/per_class": table, f"{split}/confusion_matrix": chart})
+        )
 
     def _safe_wandb(self, action: Any) -> None:
         if self._wandb_run is None:

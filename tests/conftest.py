@@ -36,3 +36,11 @@ def full_replica_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def full_replica_scan(full_replica_root: Path) -> BreakhisScan:
     """The scan of `full_replica_root`."""
     return scan_breakhis(full_replica_root)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine more threads only contend (5 s vs 40+ s)."""
+    import torch
+
+    torch.set_num_threads(1)

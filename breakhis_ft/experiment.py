@@ -1,0 +1,78 @@
+"""One run, start to end: data -> split -> dataset -> model -> engine -> evaluate -> track.
+
+The entrypoint (cli.py) composes and validates the config, then calls `run_experiment`. Everything
+the run produces goes into its own folder (Hydra's run dir).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from breakhis_ft.data.breakhis import BreakhisScan, data_stats, scan_from_config, write_bad_files
+from breakhis_ft.data.records import class_names
+from breakhis_ft.data.splits import assign_splits, split_rows, split_summary
+from breakhis_ft.run_folder import write_json, write_run_info, write_splits_csv
+
+log = logging.getLogger(__name__)
+
+
+def prepare_data(cfg: DictConfig, run_dir: Path) -> tuple[BreakhisScan, dict[str, list]]:
+    """Scan (or build) the data; write data_stats.json and splits.csv; return scan and splits."""
+    scan = scan_from_config(cfg.data)
+    if write_bad_files(scan, run_dir):
+        log.warning("skipped %d bad files (listed in bad_files.csv)", len(scan.bad_files))
+    write_json(run_dir / "data_stats.json", data_stats(scan))
+    splits = assign_splits(
+        scan.records, cfg.split, cfg.task.name, list(cfg.magnification.factors), folds=scan.folds
+    )
+    write_splits_csv(
+        run_dir / "splits.csv", split_rows(splits, cfg.task.name), class_names(cfg.task.name)
+    )
+    for split, summary in split_summary(splits, cfg.task.name).items():
+        log.info("%s: %d images, %d patients", split, summary["images"], summary["patients"])
+    return scan, splits
+
+
+def _job_identity(cfg: DictConfig) -> tuple[str, str]:
+    """(W&B group, readable run name) from the experiment, the sweep and the overrides."""
+    hydra_cfg = HydraConfig.get()
+    overrides = [o for o in hydra_cfg.overrides.task if not o.startswith(("experiment=", "hydra"))]
+    name = ",".join(overrides) or cfg.experiment_name
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        group = f"{cfg.experiment_name}/{Path(hydra_cfg.sweep.dir).name}"
+    else:
+        group = cfg.experiment_name
+    return group, name[:128]
+
+
+def run_experiment(cfg: DictConfig) -> float | None:
+    """Run one configured experiment in Hydra's run folder; return `optimized_metric`'s value."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    write_run_info(run_dir, "running")
+    try:
+        value = _run(cfg, run_dir)
+    except KeyboardInterrupt:
+        write_run_info(run_dir, "interrupted")
+        raise
+    except BaseException:
+        write_run_info(run_dir, "failed")
+        raise
+    write_run_info(run_dir, "completed", optimized_metric=cfg.optimized_metric, value=value)
+    return value
+
+
+def _run(cfg: DictConfig, run_dir: Path) -> float | None:
+    scan, splits = prepare_data(cfg, run_dir)
+    if not cfg.train and not cfg.test:
+        log.info("train=false test=false: data prepared in %s", run_dir)
+        return None
+    from breakhis_ft.training_run import train_and_evaluate  # heavy: torch, transformers
+
+    group, name = _job_identity(cfg)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    return train_and_evaluate(cfg, config, run_dir, scan, splits, group, name)

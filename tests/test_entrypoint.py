@@ -1,0 +1,258 @@
+"""The single entrypoint: composition, validation errors, run folders, W&B offline, reproduction."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+
+from breakhis_ft.config import ConfigError, register_configs, validate_config
+
+REPO = Path(__file__).resolve().parent.parent
+CONF = REPO / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+SWEEPS = sorted(p.stem for p in (CONF / "hparams_search").glob("*.yaml"))
+# a small, fast run: a few images per patient at a tiny size, a handful of steps
+FAST = [
+    "data.synthetic_fraction=0.03",
+    "data.synthetic_size=[48,32]",
+    "data.image_size=32",
+    "trainer.max_steps=4",
+    "trainer.batch_size=8",
+    "trainer.eval_batch_size=32",
+    "precision=fp32",
+]
+
+
+def compose_train(overrides: list[str]):
+    """Compose conf/train.yaml with overrides, as the entrypoint does."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=overrides, return_hydra_config=False)
+
+
+def run_cli(args: list[str], cache: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `python -m breakhis_ft` with a private cache folder."""
+    env = {
+        **os.environ,
+        "BREAKHIS_FT_CACHE": str(cache),
+        "WANDB_SILENT": "true",
+        "HYDRA_FULL_ERROR": "1",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "breakhis_ft", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_validates(experiment: str) -> None:
+    cfg = compose_train([f"experiment={experiment}", "data.root=/data/BreaKHis_v1"])
+    validate_config(cfg)
+    assert cfg.experiment_name == experiment
+
+
+@pytest.mark.parametrize("sweep", SWEEPS)
+def test_every_sweep_preset_composes(sweep: str) -> None:
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"hparams_search={sweep}"], return_hydra_config=True)
+    assert cfg.hydra.mode.name == "MULTIRUN"
+    assert cfg.hydra.sweeper.params, "a sweep preset must name the parameters it sweeps"
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        (["peft.r=-1"], "peft.r"),
+        (["precision=fp16"], "precision"),
+        (["split=eva"], "task.name"),
+        (["split=eva", "task=eva4"], "magnification"),
+        (["logger.mode=loud"], "logger.mode"),
+        (["peft=qlora", "precision=fp32"], "peft.method"),
+        (["data=breakhis"], "data.root"),
+    ],
+)
+def test_bad_values_and_combinations_name_the_key(override: list[str], key: str) -> None:
+    cfg = compose_train(override)
+    with pytest.raises(ConfigError, match=rf"config error: {key}"):
+        validate_config(cfg)
+
+
+def test_fp16_is_allowed_when_asked() -> None:
+    validate_config(compose_train(["precision=fp16", "precision.allow_fp16=true"]))
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["precision=fp8"], "Could not find 'precision/fp8'"),
+        (["magnification=50x"], "Could not find 'magnification/50x'"),
+        (["trainer.lrr=1"], "Could not override 'trainer.lrr'"),
+        (["peft.r=-1"], "config error: peft.r: must be a positive integer"),
+    ],
+)
+def test_cli_rejects_bad_overrides_before_loading(args, expected, tmp_path: Path) -> None:
+    done = run_cli([*args, f"output_dir={tmp_path}"], tmp_path / "cache", timeout=120)
+    assert done.returncode != 0
+    assert expected in done.stderr
+    assert not (tmp_path / "cache").exists(), "nothing may be built before the config is valid"
+
+
+def _single_run_dir(parent: Path) -> Path:
+    runs = [p.parent.parent for p in parent.rglob(".hydra/config.yaml")]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def _metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+RUN_FILES = (
+    "run_info.json",
+    "splits.csv",
+    "data_stats.json",
+    "metrics.jsonl",
+    "metrics.json",
+    "predictions_val.csv",
+    "predictions_test.csv",
+    ".hydra/config.yaml",
+    ".hydra/overrides.yaml",
+)
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory) -> tuple[Path, Path]:
+    """One tiny MedGemma run with W&B offline: (run folder, cache folder)."""
+    base = tmp_path_factory.mktemp("entry")
+    done = run_cli(
+        ["model=tiny_gemma3", "logger.mode=offline", *FAST, f"output_dir={base / 'a'}"],
+        base / "cache",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return _single_run_dir(base / "a"), base / "cache"
+
+
+def test_run_folder_is_complete(first_run) -> None:
+    run_dir, _ = first_run
+    for name in RUN_FILES:
+        assert (run_dir / name).is_file(), f"missing {name}"
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert info["status"] == "completed" and info["end_time"] and info["git"]["commit"]
+    header = (run_dir / "splits.csv").read_text().splitlines()[0]
+    assert header == "path,split,label,subtype,patient,stem,magnification"
+    test = _metrics(run_dir)["test"]
+    assert {
+        "accuracy",
+        "balanced_accuracy",
+        "f1_macro",
+        "f1_weighted",
+        "auroc_macro",
+        "patient_accuracy",
+        "per_class",
+        "confusion_matrix",
+        "classes",
+        "binary",
+    } <= set(test)
+
+
+def test_wandb_offline_run_holds_the_config(first_run) -> None:
+    run_dir, _ = first_run
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1
+    # offline runs keep the config in the run's record log (protobuf with JSON values)
+    log = next(offline[0].glob("run-*.wandb")).read_bytes()
+    assert b'"name_or_path":"' in log and b"tiny_gemma3" in log
+    assert b"experiment_name" in log and b"optimized_metric" in log
+    assert b"HF_TOKEN" not in log and b"WANDB_API_KEY" not in log
+
+
+def test_same_command_twice_gives_identical_metrics(first_run, tmp_path: Path) -> None:
+    run_dir, cache = first_run
+    done = run_cli(["model=tiny_gemma3", "logger=none", *FAST, f"output_dir={tmp_path}"], cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+    second = _single_run_dir(tmp_path)
+    assert second != run_dir
+    assert _metrics(second) == _metrics(run_dir)
+
+
+def test_rerun_from_folder_gives_identical_metrics_in_a_new_folder(first_run) -> None:
+    run_dir, cache = first_run
+    done = run_cli([f"rerun={run_dir}", "logger.mode=disabled"], cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+    refused = run_cli([f"rerun={run_dir}", "logger=none"], cache, timeout=60)
+    assert refused.returncode != 0 and "override its keys instead of logger=none" in refused.stderr
+    reruns = sorted(run_dir.parent.glob(f"{run_dir.name}-rerun-*"))
+    assert len(reruns) == 1
+    assert _metrics(reruns[0]) == _metrics(run_dir)
+    assert (run_dir / "metrics.json").stat().st_mtime < (reruns[0] / "metrics.json").stat().st_mtime
+
+
+def test_multirun_writes_one_complete_folder_per_job(first_run, tmp_path: Path) -> None:
+    _, cache = first_run
+    done = run_cli(
+        [
+            "-m",
+            "model=tiny_siglip",
+            "peft=none",
+            "logger=none",
+            *FAST,
+            "trainer.lr=1e-3,1e-2",
+            f"output_dir={tmp_path}",
+        ],
+        cache,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    jobs = sorted(p.parent.parent for p in tmp_path.rglob(".hydra/config.yaml"))
+    assert [j.name for j in jobs] == ["job0", "job1"]
+    lrs = set()
+    for job in jobs:
+        for name in RUN_FILES:
+            assert (job / name).is_file(), f"{job.name}: missing {name}"
+        lrs.add(yaml.safe_load((job / ".hydra/config.yaml").read_text())["trainer"]["lr"])
+    assert lrs == {1e-3, 1e-2}
+
+
+def test_resume_after_sigkill_ends_with_the_uninterrupted_metrics(first_run, tmp_path) -> None:
+    run_dir, cache = first_run
+    env = {**os.environ, "BREAKHIS_FT_CACHE": str(cache), "WANDB_SILENT": "true"}
+    args = [
+        "model=tiny_gemma3",
+        "logger=none",
+        *FAST,
+        "trainer.checkpoint_every_steps=1",
+        f"output_dir={tmp_path}",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "breakhis_ft", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.rglob("checkpoints/step_000002/trainer_state.json")):
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = _single_run_dir(tmp_path)
+    assert not (killed / "metrics.json").exists(), "killed too late: the run had finished"
+    done = run_cli([f"resume={killed}"], cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _single_run_dir(tmp_path) == killed, "resume continues in the run's own folder"
+    assert _metrics(killed) == _metrics(run_dir)
