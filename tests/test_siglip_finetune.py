@@ -144,7 +144,7 @@ def test_missing_or_gated_model_error_says_how_to_get_it(tmp_path, monkeypatch):
     cfg = model_cfg("google/medsiglip-448")
     with pytest.raises(ModelLoadError, match="HF_TOKEN") as info:
         build_siglip_classifier(cfg, PROBE, FP32, ["a", "b"])
-    assert "accept its licence" in str(info.value) and "GatedRepoError" in str(info.value)
+    assert "accept the licence" in str(info.value) and "GatedRepoError" in str(info.value)
 
 
 def test_medsiglip_448_architecture_counts_on_the_meta_device():

@@ -12,6 +12,25 @@ from torch import nn
 Batch = dict[str, Any]
 
 
+class ModelLoadError(OSError):
+    """A checkpoint that could not be loaded; the message says how to get access or a local copy."""
+
+
+def load_error(name: str, err: Exception, tiny_option: str) -> ModelLoadError:
+    """The error for a gated, missing or unreadable checkpoint: names the key and the fixes."""
+    gated = "gated" in type(err).__name__.lower() or "gated" in str(err).lower()
+    first_line = str(err).splitlines()[0] if str(err) else ""
+    return ModelLoadError(
+        f"could not load model.name_or_path={name!r} "
+        f"({type(err).__name__}{', gated model: access not granted' if gated else ''}: "
+        f"{first_line}). "
+        "Fix: for a gated hub model (google/medgemma-4b-it and google/medsiglip-448 are), accept "
+        f"the licence on https://huggingface.co/{name} and set HF_TOKEN (or run `hf auth login`); "
+        "or point model.name_or_path at a local copy of the checkpoint (config.json, "
+        f"*.safetensors and the processor files); {tiny_option} builds a tiny local one for tests"
+    )
+
+
 class Classifier(nn.Module):
     """A model that classifies images into `class_names`.
 

@@ -22,6 +22,7 @@ from transformers import (
 )
 
 from breakhis_ft.config import ConfigError
+from breakhis_ft.models.base import ModelLoadError, load_error
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +36,6 @@ FP16_MESSAGE = (
     "use precision=bf16, or set precision.allow_fp16=true to try anyway"
 )
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-
-
-class ModelLoadError(RuntimeError):
-    """A model or processor could not be loaded; the message says how to fix it."""
 
 
 def resolve_dtype(precision_cfg: Any, device_supports_bf16: bool | None = None) -> torch.dtype:
@@ -99,15 +96,7 @@ def load_model_and_processor(
         processor = AutoProcessor.from_pretrained(name_or_path)
         model = AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs)
     except (GatedRepoError, RepositoryNotFoundError, OSError) as error:
-        gated = isinstance(error, GatedRepoError) or "gated" in str(error).lower()
-        raise ModelLoadError(
-            f"could not load model.name_or_path={name_or_path!r} "
-            f"({'gated model: access not granted' if gated else type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''}). Fix: for a gated hub model such "
-            "as google/medgemma-4b-it, accept the licence on its hub page and set HF_TOKEN (or run "
-            "`hf auth login`); or point model.name_or_path at a local copy of the checkpoint "
-            "(model=tiny_gemma3 builds a tiny local one for tests)"
-        ) from error
+        raise load_error(name_or_path, error, "model=tiny_gemma3") from error
     if not isinstance(model, Gemma3ForConditionalGeneration):
         raise ModelLoadError(
             f"model.name_or_path={name_or_path!r} is a {type(model).__name__}; model.kind=medgemma "

@@ -19,25 +19,17 @@ from transformers import AutoConfig, AutoImageProcessor, SiglipVisionModel
 from transformers.utils import logging as hf_logging
 
 from breakhis_ft.config import ConfigError
+from breakhis_ft.models.base import ModelLoadError
+from breakhis_ft.models.base import load_error as base_load_error
 from breakhis_ft.models.tiny_siglip import ensure_tiny_siglip
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SIGLIP_MODEL_TYPES = ("siglip", "siglip_vision_model")
 
 
-class ModelLoadError(OSError):
-    """A checkpoint that could not be loaded; the message says how to get access or a local copy."""
-
-
 def load_error(name: str, err: Exception) -> ModelLoadError:
-    """The error for a gated, missing or unreadable checkpoint: names the key and the fixes."""
-    return ModelLoadError(
-        f"could not load model.name_or_path={name!r}: {type(err).__name__}: {err}\n"
-        "If it is a gated hub model (google/medsiglip-448 is), accept its licence on "
-        f"https://huggingface.co/{name} and set HF_TOKEN (or run `hf auth login`); offline, point "
-        "model.name_or_path at a local copy (a folder with config.json, model.safetensors and the "
-        "processor files); for tests use model=tiny_siglip."
-    )
+    """The load error of a SigLIP checkpoint (see models.base.load_error)."""
+    return base_load_error(name, err, "model=tiny_siglip")
 
 
 def resolve_checkpoint(model_cfg: Any) -> str:
