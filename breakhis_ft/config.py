@@ -265,5 +265,16 @@ def validate_config(cfg: DictConfig) -> None:
             "qlora computes in 16-bit; use precision=bf16 (and a CUDA GPU with bitsandbytes)",
         )
         _check(not cfg.trainer.cpu, "peft.method", "qlora needs a CUDA GPU (bitsandbytes 4-bit)")
+    if cfg.model.zero_shot:
+        _check(
+            cfg.model.kind == "siglip",
+            "model.zero_shot",
+            "zero-shot needs a SigLIP checkpoint with its text tower (model=medsiglip_448)",
+        )
+        _check(
+            not cfg.train,
+            "model.zero_shot",
+            "a zero-shot run has nothing to train; set train=false",
+        )
     if cfg.model.kind == "siglip":
         _check(cfg.peft.method != "qlora", "peft.method", "qlora is for model=medgemma_4b_it")

@@ -83,6 +83,7 @@ def test_every_sweep_preset_composes(sweep: str) -> None:
         (["logger.mode=loud"], "logger.mode"),
         (["peft=qlora", "precision=fp32"], "peft.method"),
         (["data=breakhis"], "data.root"),
+        (["model=tiny_siglip", "model.zero_shot=true"], "model.zero_shot"),
     ],
 )
 def test_bad_values_and_combinations_name_the_key(override: list[str], key: str) -> None:
