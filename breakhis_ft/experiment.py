@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from breakhis_ft.data.breakhis import BreakhisScan, data_stats, scan_from_config, write_bad_files
 from breakhis_ft.data.records import class_names
 from breakhis_ft.data.splits import assign_splits, split_rows, split_summary
-from breakhis_ft.run_folder import write_json, write_run_info, write_splits_csv
+from breakhis_ft.run_folder import is_main_process, write_json, write_run_info, write_splits_csv
 
 log = logging.getLogger(__name__)
 
@@ -24,15 +24,16 @@ log = logging.getLogger(__name__)
 def prepare_data(cfg: DictConfig, run_dir: Path) -> tuple[BreakhisScan, dict[str, list]]:
     """Scan (or build) the data; write data_stats.json and splits.csv; return scan and splits."""
     scan = scan_from_config(cfg.data)
-    if write_bad_files(scan, run_dir):
-        log.warning("skipped %d bad files (listed in bad_files.csv)", len(scan.bad_files))
-    write_json(run_dir / "data_stats.json", data_stats(scan))
     splits = assign_splits(
         scan.records, cfg.split, cfg.task.name, list(cfg.magnification.factors), folds=scan.folds
     )
-    write_splits_csv(
-        run_dir / "splits.csv", split_rows(splits, cfg.task.name), class_names(cfg.task.name)
-    )
+    if is_main_process():
+        if write_bad_files(scan, run_dir):
+            log.warning("skipped %d bad files (listed in bad_files.csv)", len(scan.bad_files))
+        write_json(run_dir / "data_stats.json", data_stats(scan))
+        write_splits_csv(
+            run_dir / "splits.csv", split_rows(splits, cfg.task.name), class_names(cfg.task.name)
+        )
     for split, summary in split_summary(splits, cfg.task.name).items():
         log.info("%s: %d images, %d patients", split, summary["images"], summary["patients"])
     return scan, splits
@@ -50,19 +51,24 @@ def _job_identity(cfg: DictConfig) -> tuple[str, str]:
     return group, name[:128]
 
 
+def _set_status(run_dir: Path, status: str, **extra: object) -> None:
+    if is_main_process():  # one writer of run_info.json in a multi-process launch
+        write_run_info(run_dir, status, **extra)
+
+
 def run_experiment(cfg: DictConfig) -> float | None:
     """Run one configured experiment in Hydra's run folder; return `optimized_metric`'s value."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    write_run_info(run_dir, "running")
+    _set_status(run_dir, "running")
     try:
         value = _run(cfg, run_dir)
     except KeyboardInterrupt:
-        write_run_info(run_dir, "interrupted")
+        _set_status(run_dir, "interrupted")
         raise
     except BaseException:
-        write_run_info(run_dir, "failed")
+        _set_status(run_dir, "failed")
         raise
-    write_run_info(run_dir, "completed", optimized_metric=cfg.optimized_metric, value=value)
+    _set_status(run_dir, "completed", optimized_metric=cfg.optimized_metric, value=value)
     return value
 
 

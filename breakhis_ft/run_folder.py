@@ -62,6 +62,15 @@ def _versions() -> dict[str, str | None]:
     return found
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a multi-process launch (torchrun / accelerate set RANK), or a single process.
+
+    Decided from the environment because the run folder's files are written before the
+    Accelerator exists; only this process writes them.
+    """
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def now_iso() -> str:
     """The current UTC time in ISO 8601."""
     return datetime.now(UTC).isoformat(timespec="seconds")

@@ -257,3 +257,40 @@ def test_resume_after_sigkill_ends_with_the_uninterrupted_metrics(first_run, tmp
     assert done.returncode == 0, done.stderr[-3000:]
     assert _single_run_dir(tmp_path) == killed, "resume continues in the run's own folder"
     assert _metrics(killed) == _metrics(run_dir)
+
+
+def test_two_processes_write_one_run_folder(first_run, tmp_path) -> None:
+    """DDP over gloo on the CPU: one folder, main-process files only, every image predicted once."""
+    _, cache = first_run
+    run_dir = tmp_path / "ddp_run"
+    env = {**os.environ, "BREAKHIS_FT_CACHE": str(cache), "WANDB_SILENT": "true"}
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+    ]
+    args = [
+        "-m",
+        "breakhis_ft.cli",
+        "model=tiny_gemma3",
+        "logger=none",
+        *FAST,
+        "trainer.cpu=true",
+        f"hydra.run.dir={run_dir}",
+    ]
+    done = subprocess.run(
+        [*torchrun, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["ddp_run"]
+    for name in RUN_FILES:
+        assert (run_dir / name).is_file(), f"missing {name}"
+    for split in ("val", "test"):
+        rows = (run_dir / f"predictions_{split}.csv").read_text().splitlines()[1:]
+        paths = [row.split(",")[0] for row in rows]
+        split_rows = (run_dir / "splits.csv").read_text().splitlines()[1:]
+        expected = sum(1 for row in split_rows if row.split(",")[1] == split)
+        assert len(paths) == len(set(paths)) == expected == _metrics(run_dir)[split]["n"]
