@@ -79,7 +79,8 @@ class ModelConfig:
     build_tiny: bool = False  # build a tiny random checkpoint at name_or_path when missing
     attn_implementation: str = "sdpa"  # sdpa | eager
     loss_on: str = "answer"  # answer (answer + end of turn) | all_text (the blog's masking)
-    cache_vision_features: str = "auto"  # auto | true | false
+    # auto (where valid) | true | false; Any keeps a YAML `true` a bool instead of the string "True"
+    cache_vision_features: Any = "auto"
     freeze_vision: bool = True  # keep vision tower + projector frozen (unless LoRA targets them)
     freeze_encoder: bool = False  # siglip: frozen encoder + linear head (linear probe)
     resize: str = "pad"  # siglip: pad (to square) | stretch
@@ -176,7 +177,7 @@ ALLOWED: dict[str, tuple[Any, ...]] = {
     "model.kind": ("medgemma", "siglip"),
     "model.attn_implementation": ("sdpa", "eager"),
     "model.loss_on": ("answer", "all_text"),
-    "model.cache_vision_features": ("auto", "true", "false", True, False),
+    "model.cache_vision_features": ("auto", True, False),
     "model.resize": ("pad", "stretch"),
     "model.prompt.style": ("numbered", "letters"),
     "peft.method": ("lora", "qlora", "none"),

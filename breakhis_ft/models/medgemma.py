@@ -9,6 +9,7 @@ frozen vision tower and projector run without autograd, whatever gradient checkp
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 from peft.utils import load_peft_weights, set_peft_model_state_dict
+from PIL import Image
 from transformers import Gemma3ForConditionalGeneration, PreTrainedModel, ProcessorMixin
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -28,7 +30,9 @@ from breakhis_ft.models.gemma_loading import (
     resolve_dtype,
 )
 from breakhis_ft.models.prompts import ClassPrompt, make_prompt
+from breakhis_ft.models.siglip_loading import checkpoint_identity
 from breakhis_ft.models.tiny import ensure_tiny_gemma3
+from breakhis_ft.models.vision_cache import VisionFeatureStore, feature_identity
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +85,8 @@ class MedGemmaClassifier(Classifier):
             self.answer_ids.append(tail[: tail.index(self.end_of_turn_id) + 1])
         first = [ids[0] for ids in self.answer_ids]
         self.first_tokens_distinct = len(set(first)) == len(first)
+        self.feature_store: VisionFeatureStore | None = None
+        self._token_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ---- the model underneath -------------------------------------------------------------------
 
@@ -123,22 +129,59 @@ class MedGemmaClassifier(Classifier):
         """Processor batch (right padded, token_type_ids kept) with labels when training."""
         classes = [int(ex["label"]) for ex in examples]
         texts = [self.train_texts[c] if train else self.prompt_text for c in classes]
-        images = [[ex["image"].convert("RGB")] for ex in examples]  # one list per prompt
-        batch = dict(
-            self.processor(
-                text=texts,
-                images=images,
-                return_tensors="pt",
-                padding=True,
-                padding_side="right",
-                add_special_tokens=False,  # the chat template already starts with <bos>
+        if self.feature_store is not None:
+            batch = self._cached_tokens(texts)
+            batch["image_features"] = self.feature_store.lookup([ex["path"] for ex in examples])
+        else:
+            if any(ex.get("image") is None for ex in examples):
+                raise ValueError(
+                    "MedGemma batches need the images (dataset with_images=True) unless vision "
+                    "features are cached (classifier.use_feature_cache)"
+                )
+            images = [[ex["image"].convert("RGB")] for ex in examples]  # one list per prompt
+            batch = dict(
+                self.processor(
+                    text=texts,
+                    images=images,
+                    return_tensors="pt",
+                    padding=True,
+                    padding_side="right",
+                    add_special_tokens=False,  # the chat template already starts with <bos>
+                )
             )
-        )
         if train:
             batch["labels"] = self._labels(batch, classes)
         batch["class_label"] = torch.tensor(classes, dtype=torch.long)
         batch["index"] = torch.tensor([int(ex["index"]) for ex in examples], dtype=torch.long)
         return batch
+
+    def _cached_tokens(self, texts: list[str]) -> Batch:
+        """input_ids / attention_mask / token_type_ids as the processor gives them, without images.
+
+        Every prompt is one of a few fixed texts, so each is tokenized once (with a blank image,
+        for the processor to expand the image placeholder) and batches are right padded from them.
+        """
+        rows = []
+        for text in texts:
+            if text not in self._token_rows:
+                out = self.processor(
+                    text=[text],
+                    images=[[Image.new("RGB", (32, 32))]],
+                    return_tensors="pt",
+                    add_special_tokens=False,
+                )
+                self._token_rows[text] = (out["input_ids"][0], out["token_type_ids"][0])
+            rows.append(self._token_rows[text])
+        width = max(len(ids) for ids, _ in rows)
+        pad = self.processor.tokenizer.pad_token_id
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        types = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, (row_ids, row_types) in enumerate(rows):
+            ids[row, : len(row_ids)] = row_ids
+            mask[row, : len(row_ids)] = 1
+            types[row, : len(row_ids)] = row_types
+        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
 
     def _labels(self, batch: Batch, classes: list[int]) -> torch.Tensor:
         ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -175,10 +218,16 @@ class MedGemmaClassifier(Classifier):
         with torch.no_grad():
             return self.core.model.get_image_features(pixel_values).pooler_output
 
+    def _batch_features(self, batch: Batch) -> torch.Tensor:
+        """The batch's cached image features, or the vision tower's on its pixel values."""
+        if "image_features" in batch:
+            return batch["image_features"]
+        return self.image_features(batch["pixel_values"])
+
     def hidden_states(self, batch: Batch, features: torch.Tensor | None = None) -> torch.Tensor:
         """Last hidden states of the language model, image tokens filled with the image features."""
         if features is None:
-            features = self.image_features(batch["pixel_values"])
+            features = self._batch_features(batch)
         out = self.core.model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
@@ -239,7 +288,7 @@ class MedGemmaClassifier(Classifier):
 
     def _sequence_scores(self, batch: Batch) -> torch.Tensor:
         """Sum of log-probabilities of each class's full answer + end of turn, (batch, classes)."""
-        features = self.image_features(batch["pixel_values"])  # once for all classes
+        features = self._batch_features(batch)  # once for all classes
         ids, mask, types = batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
         lengths = mask.long().sum(dim=1)
         pad = self.processor.tokenizer.pad_token_id
@@ -273,6 +322,11 @@ class MedGemmaClassifier(Classifier):
     @torch.no_grad()
     def generate_answers(self, batch: Batch, max_new_tokens: int | None = None) -> list[str]:
         """Greedy answers to a prompt-only batch (re-padded on the left, as generation needs)."""
+        if "pixel_values" not in batch:
+            raise ValueError(
+                "generate_answers needs pixel values: collate without the vision feature cache "
+                "(classifier.feature_store = None, dataset with_images=True)"
+            )
         batch = self._to_device(batch)
         ids, mask, types = batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]
         # Move each row's padding to the left: roll it right by its number of pad tokens.
@@ -297,6 +351,57 @@ class MedGemmaClassifier(Classifier):
     def parse_answers(self, answers: list[str]) -> torch.Tensor:
         """Class index of each generated answer; -1 where it names no class (counted as wrong)."""
         return torch.tensor([self.prompt.parse(a) for a in answers], dtype=torch.long)
+
+    # ---- cached vision features -----------------------------------------------------------------
+
+    def feature_identity(self, name_or_path: str, image_size: int | None) -> dict[str, Any]:
+        """What the cached features depend on: checkpoint, processor, preprocessing, dtype."""
+        return feature_identity(
+            checkpoint_identity(name_or_path, self.core.config),
+            self.processor.image_processor,
+            image_size,
+            self.core.dtype,
+        )
+
+    def use_feature_cache(
+        self, cache_dir: str | Path, name_or_path: str, image_size: int | None
+    ) -> VisionFeatureStore:
+        """Collate cached soft tokens (looked up by `path`) instead of pixel values from now on."""
+        if self.vision_trainable:
+            raise ValueError(
+                "vision features cannot be cached while the vision tower or projector trains "
+                "(peft.target_modules=all-linear or peft=none without model.freeze_vision)"
+            )
+        self.feature_store = VisionFeatureStore(
+            cache_dir, self.feature_identity(name_or_path, image_size)
+        )
+        return self.feature_store
+
+    @torch.no_grad()
+    def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Soft tokens (N, tokens, hidden) of preprocessed PIL images, in the model's dtype."""
+        pixel_values = self.processor.image_processor(
+            [image.convert("RGB") for image in images], return_tensors="pt"
+        )["pixel_values"]
+        return self.image_features(pixel_values.to(self.device))
+
+    def prepare_vision_features(self, datasets: Sequence[Any], data_root: str | Path) -> int:
+        """Compute the missing features of every image of `datasets` (ImageDataset: `records`,
+        `load(i)`); returns how many were computed. Run on the main process first."""
+        if self.feature_store is None:
+            raise ValueError("call use_feature_cache(...) before prepare_vision_features")
+        computed = 0
+        was_training = self.training
+        self.eval()
+        try:
+            for dataset in datasets:
+                paths = [r.path for r in dataset.records]
+                computed += self.feature_store.fill(
+                    paths, data_root, dataset.load, self.encode_images
+                )
+        finally:
+            self.train(was_training)
+        return computed
 
     # ---- checkpoints ----------------------------------------------------------------------------
 

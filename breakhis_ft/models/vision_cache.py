@@ -1,0 +1,293 @@
+"""Frozen MedGemma vision features (projected image soft tokens) computed once and kept on disk.
+
+With the SigLIP tower and the projector frozen and no augmentation changing pixels, each image's
+soft tokens are the same in every epoch and every run of a sweep. `decide_feature_cache` says
+whether a config allows caching them (and why not); `VisionFeatureStore` keeps them.
+
+Layout: `<data.cache_dir>/vision_features/<key>/` where `key` hashes the checkpoint identity (name,
+hub commit, config hash, local weight files' size and mtime), the image processor's settings, the
+dataset preprocessing (`data.image_size`, resampling), the dtype and a format version;
+`identity.json` there says what the key stands for. Inside, append-only shards
+`shard-*.safetensors`, each a `features` (N, tokens, hidden) tensor in the model's dtype whose
+header metadata lists the N image keys `<path>|<file size>|<mtime ns>`: an edited image gets a
+new key and is recomputed. Shards are written under a temporary name and renamed (atomic), so a
+concurrent run never reads half a file. Lookups read rows from the memory-mapped shards, not the
+whole store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from breakhis_ft.config import ConfigError
+from breakhis_ft.data.augment import is_identity
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1  # bump when what a shard holds or how features are computed changes
+SHARD_GLOB = "shard-*.safetensors"
+# a str schema field turns a command line `true` into "True": accept any case
+CHOICES: dict[str, Any] = {"auto": "auto", "true": True, "false": False}
+OPTIONS = (
+    "choose one: cached sweeps without pixel augmentation (data.augment.flips=false "
+    "data.augment.rot90=false data.augment.stain_jitter=0, LoRA on the language model only: "
+    "peft.target_modules=language_model), or augmentation / vision training without the cache "
+    "(model.cache_vision_features=false)"
+)
+
+
+def _augment_reason(augment: Any) -> str | None:
+    if is_identity(augment):
+        return None
+    changed = [
+        name
+        for name, on in (
+            ("flips", augment.flips),
+            ("rot90", augment.rot90),
+            (f"stain_jitter={augment.stain_jitter}", augment.stain_jitter > 0),
+        )
+        if on
+    ]
+    return (
+        f"data.augment changes pixels every epoch ({', '.join(changed)}), so an image's vision "
+        "features are not fixed"
+    )
+
+
+def _vision_reason(peft_cfg: Any, vision_trainable: bool) -> str | None:
+    if not vision_trainable:
+        return None
+    if str(peft_cfg.method) == "none":
+        return (
+            "peft=none with model.freeze_vision=false fine-tunes the vision tower and projector, "
+            "so their features change every step"
+        )
+    return (
+        f"peft.target_modules={peft_cfg.target_modules} puts LoRA adapters on the vision tower "
+        "(all-linear adapts it too), so its features change every step"
+    )
+
+
+def decide_feature_cache(
+    setting: Any, peft_cfg: Any, augment: Any, vision_trainable: bool
+) -> tuple[bool, str | None]:
+    """(use the cache, why not) for `model.cache_vision_features`; `true` where invalid raises.
+
+    Valid when nothing in the vision tower or projector trains and no augmentation changes pixels.
+    """
+    setting = str(setting).lower()
+    if setting not in CHOICES:
+        raise ConfigError(
+            f"config error: model.cache_vision_features: got {setting!r}, "
+            "allowed: auto, true, false"
+        )
+    choice = CHOICES[setting]
+    if choice is False:
+        return False, "model.cache_vision_features=false"
+    reasons = [
+        r for r in (_vision_reason(peft_cfg, vision_trainable), _augment_reason(augment)) if r
+    ]
+    if not reasons:
+        return True, None
+    why = "; ".join(reasons)
+    if choice is True:
+        raise ConfigError(
+            f"config error: model.cache_vision_features=true needs a frozen vision tower and no "
+            f"pixel augmentation, but {why}. {OPTIONS}"
+        )
+    return False, why
+
+
+def image_key(path: str, data_root: str | Path) -> str:
+    """`path|size|mtime_ns` of an image file: changes whenever the file does."""
+    try:
+        stat = (Path(data_root) / path).stat()
+    except OSError as err:
+        raise FileNotFoundError(f"image {path!r} not found under data root {data_root}") from err
+    return f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def feature_identity(
+    checkpoint: dict[str, Any], image_processor: Any, image_size: int | None, dtype: torch.dtype
+) -> dict[str, Any]:
+    """What determines an image's features apart from the image file itself."""
+    settings = image_processor.to_dict() if hasattr(image_processor, "to_dict") else {}
+    return {
+        "version": FORMAT_VERSION,
+        "checkpoint": checkpoint,
+        "image_processor": {k: v for k, v in settings.items() if not k.startswith("_")},
+        "data_image_size": image_size,
+        "dataset_resample": "BICUBIC",  # breakhis_ft.data.dataset.RESAMPLE (resize_longest)
+        "dtype": str(dtype),
+        "features": "get_image_features(pixel_values).pooler_output",
+    }
+
+
+class VisionFeatureStore:
+    """Image soft tokens by image key, in safetensors shards under `<cache_dir>/<key>/`."""
+
+    def __init__(self, cache_dir: str | Path, identity: dict[str, Any]) -> None:
+        blob = json.dumps(identity, sort_keys=True, default=str)
+        self.key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        self.identity = identity
+        self.directory = Path(cache_dir).expanduser() / self.key
+        self.index: dict[str, tuple[str, int]] = {}  # image key -> (shard name, row)
+        self.paths: dict[str, str] = {}  # image path -> its current key (set by `fill`)
+        self._handles: dict[str, Any] = {}
+        self.refresh()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # open shard handles do not pickle (DataLoader workers): they reopen lazily
+        return {**self.__dict__, "_handles": {}}
+
+    def refresh(self) -> None:
+        """Index every shard on disk (those written by other runs too)."""
+        if not self.directory.is_dir():
+            return
+        for shard in sorted(self.directory.glob(SHARD_GLOB)):
+            if shard.name in self._handles:
+                continue
+            try:
+                with safe_open(str(shard), framework="pt") as f:
+                    keys = json.loads(f.metadata()["keys"])
+            except FileNotFoundError:
+                continue
+            for row, key in enumerate(keys):
+                self.index.setdefault(key, (shard.name, row))
+            self._handles[shard.name] = None
+
+    def _write_shard(self, keys: list[str], values: list[torch.Tensor]) -> None:
+        """One shard, atomically (temporary name, then rename), then indexed."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        ident = self.directory / "identity.json"
+        if not ident.exists():
+            ident.write_text(json.dumps(self.identity, indent=1, sort_keys=True, default=str))
+        name = f"shard-{uuid.uuid4().hex}.safetensors"
+        tmp = self.directory / f".tmp-{name}"
+        save_file(
+            {"features": torch.stack(values).contiguous()},
+            str(tmp),
+            metadata={"keys": json.dumps(keys)},
+        )
+        os.replace(tmp, self.directory / name)
+        for row, key in enumerate(keys):
+            self.index[key] = (name, row)
+        self._handles[name] = None
+
+    def missing(self, paths: Sequence[str], data_root: str | Path) -> list[int]:
+        """Positions in `paths` whose current file has no stored features (records the keys)."""
+        out = []
+        for i, path in enumerate(paths):
+            key = self.paths[path] = image_key(path, data_root)
+            if key not in self.index:
+                out.append(i)
+        return out
+
+    def fill(
+        self,
+        paths: Sequence[str],
+        data_root: str | Path,
+        load: Callable[[int], Image.Image],
+        encode: Callable[[list[Image.Image]], torch.Tensor],
+        batch_size: int = 8,
+        shard_size: int = 256,
+    ) -> int:
+        """Compute and store the features of the `paths` not stored yet; returns how many.
+
+        `load(i)` gives the preprocessed image of `paths[i]`; `encode` maps images to features
+        (N, tokens, hidden). A shard is written every `shard_size` images, so an interrupted run
+        keeps its work.
+        """
+        todo = self.missing(paths, data_root)
+        if todo:
+            log.info(
+                "vision feature cache %s: computing %d of %d images",
+                self.key,
+                len(todo),
+                len(paths),
+            )
+        keys: list[str] = []
+        values: list[torch.Tensor] = []
+        for start in tqdm(range(0, len(todo), batch_size), desc="vision features", disable=None):
+            chunk = todo[start : start + batch_size]
+            features = encode([load(i) for i in chunk]).detach().cpu()
+            for i, value in zip(chunk, features, strict=True):
+                keys.append(self.paths[paths[i]])
+                values.append(value.clone())
+            if len(keys) >= shard_size:
+                self._write_shard(keys, values)
+                keys, values = [], []
+        if keys:
+            self._write_shard(keys, values)
+        return len(todo)
+
+    def lookup(self, paths: Sequence[str]) -> torch.Tensor:
+        """Features (B, tokens, hidden) of `paths`, read from the shards' memory maps."""
+        rows = []
+        for path in paths:
+            key = self.paths.get(path)
+            if key is None or key not in self.index:
+                raise KeyError(
+                    f"no cached vision features for image {path!r}: with "
+                    "model.cache_vision_features the features are prepared before training; call "
+                    "classifier.prepare_vision_features(datasets, data_root) first (or set "
+                    "model.cache_vision_features=false)"
+                )
+            shard, row = self.index[key]
+            handle = self._handles.get(shard)
+            if handle is None:
+                handle = self._handles[shard] = safe_open(
+                    str(self.directory / shard), framework="pt"
+                )
+            rows.append(handle.get_slice("features")[row : row + 1])
+        return torch.cat(rows)
+
+
+def vision_trains_by_config(model_cfg: Any, peft_cfg: Any) -> bool | None:
+    """Whether the config trains the vision tower, where it says so without building the model
+    (None for a custom list of target modules: known once the adapter is applied)."""
+    if str(peft_cfg.method) == "none":
+        return not bool(getattr(model_cfg, "freeze_vision", True))
+    targets = peft_cfg.target_modules
+    if isinstance(targets, str) and targets in ("language_model", "all-linear"):
+        return targets == "all-linear"
+    return None
+
+
+def check_feature_cache(cfg: Any) -> None:
+    """Before loading: raise the clear error of `model.cache_vision_features=true` where the
+    config alone shows the cache is invalid (pixel augmentation, all-linear LoRA, full tuning)."""
+    trains = vision_trains_by_config(cfg.model, cfg.peft)
+    decide_feature_cache(cfg.model.cache_vision_features, cfg.peft, cfg.data.augment, bool(trains))
+
+
+def configure_feature_cache(classifier: Any, cfg: Any) -> bool:
+    """Give a MedGemma classifier its feature store where `model.cache_vision_features` and the
+    config allow it (`<data.cache_dir>/vision_features/<key>`); log why not under `auto`."""
+    setting = cfg.model.cache_vision_features
+    use, why = decide_feature_cache(
+        setting, cfg.peft, cfg.data.augment, classifier.vision_trainable
+    )
+    if use:
+        store = classifier.use_feature_cache(
+            Path(cfg.data.cache_dir) / "vision_features",
+            str(cfg.model.name_or_path),
+            cfg.data.image_size,
+        )
+        log.info("vision features cached under %s", store.directory)
+    elif str(setting).lower() == "auto":
+        log.info("vision features not cached (model.cache_vision_features=auto): %s", why)
+    return use
