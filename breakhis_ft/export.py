@@ -1,0 +1,242 @@
+"""Export a trained run: the LoRA adapter merged into the base weights, or the adapter alone.
+
+Merged (default): a standard transformers checkpoint (safetensors + processor). MedGemma:
+`AutoModelForImageTextToText.from_pretrained(dir)` + `AutoProcessor.from_pretrained(dir)`, no
+peft needed. SigLIP: the (merged) vision encoder, `SiglipVisionModel.from_pretrained(dir)` +
+`AutoImageProcessor`, beside the linear head (`head.safetensors`). The merge runs in float32 (the
+base upcast exactly, W + BA added once) and the result is cast to the run's precision.
+Adapter only: the run's `best/` folder as it is (MedGemma: `PeftModel.from_pretrained(base, dir)`).
+Either way `export_info.json` records what classification needs besides the weights: class names,
+the prompt, the preprocessing, the source run and its resolved config; `predict.py --model DIR`
+classifies with it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from peft import PeftModel
+
+from breakhis_ft.config import TrainRunConfig
+from breakhis_ft.data.records import class_names
+from breakhis_ft.models.base import Classifier
+from breakhis_ft.predict import (
+    EXPORT_INFO,
+    PredictError,
+    classifier_from_run,
+    load_run_config,
+    preprocess_size,
+)
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+FULL_WEIGHT_FILES = ("trainable.safetensors", "encoder.safetensors")  # full fine-tunes' best/
+
+
+class ExportError(ValueError):
+    """A run that cannot be exported as asked; the message says why and what to do instead."""
+
+
+def _export_config(run_dir: Path, overrides: Sequence[str]) -> DictConfig:
+    """The run's config for merging: float32 weights, and a QLoRA run's adapter on a 16-bit base."""
+    cfg = load_run_config(run_dir, overrides)
+    if cfg.model.kind == "siglip" and cfg.model.zero_shot:
+        raise ExportError(f"{run_dir}: a zero-shot run trained nothing; there is nothing to export")
+    if cfg.peft.method == "qlora":
+        # Merging into 4-bit weights would round the adapter away: the same adapter goes onto the
+        # unquantised base (the usual way to merge a QLoRA adapter).
+        cfg.peft.method = "lora"
+    return cfg
+
+
+def _prepare_out(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ExportError(f"{out_dir} is not empty; choose another folder or --overwrite")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def export_info(
+    cfg: DictConfig, run_dir: Path, fmt: str, precision: str, image_size: int | None
+) -> dict[str, Any]:
+    """What `export_info.json` holds: format, classes, prompt, preprocessing, source run, config."""
+    best = Path(run_dir) / "best" / "best.json"
+    best_info = json.loads(best.read_text()) if best.is_file() else {}
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["precision"]["name"] = precision
+    return {
+        "format": fmt,  # merged | adapter
+        "model_kind": str(cfg.model.kind),
+        "task": str(cfg.task.name),
+        "class_names": list(class_names(cfg.task.name)),
+        "prompt": OmegaConf.to_container(cfg.model.prompt, resolve=True),
+        "image_size": image_size,  # longest side before the processor; null: not resized
+        "precision": precision,
+        "base_model": str(cfg.model.name_or_path),
+        "peft": OmegaConf.to_container(cfg.peft, resolve=True),
+        "source_run": str(Path(run_dir).resolve()),
+        "best": {k: best_info.get(k) for k in ("step", "monitor", "value")},
+        "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "config": config,
+    }
+
+
+def _write_info(out_dir: Path, info: dict[str, Any]) -> None:
+    (out_dir / EXPORT_INFO).write_text(json.dumps(info, indent=2, default=str))
+
+
+def export_adapter(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Copy the run's adapter (and SigLIP head) with `export_info.json`: a small artefact."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    cfg = _export_config(run_dir, ())
+    best = run_dir / "best"
+    if not best.is_dir():
+        raise ExportError(f"{run_dir}: no best/ folder; the run has no trained weights to export")
+    full = [f for f in FULL_WEIGHT_FILES if (best / f).is_file()]
+    if full:
+        raise ExportError(
+            f"{run_dir}: the run trained every weight (peft=none, {full[0]}): there is no adapter; "
+            "export it merged (without --adapter-only)"
+        )
+    _prepare_out(out_dir, overwrite)
+    shutil.copytree(best, out_dir, dirs_exist_ok=True)
+    probe = cfg.model.kind == "siglip" and cfg.model.freeze_encoder and cfg.peft.method == "none"
+    size = None if probe else int(cfg.data.image_size)
+    _write_info(out_dir, export_info(cfg, run_dir, "adapter", str(cfg.precision.name), size))
+    log.info("adapter of %s exported to %s", run_dir, out_dir)
+    return out_dir
+
+
+def merged_module(classifier: Classifier) -> torch.nn.Module:
+    """The classifier's model with any LoRA adapter merged in (MedGemma model, SigLIP encoder)."""
+    # SigLIP classifiers hold `encoder` (+ a head saved beside it), MedGemma ones `model`.
+    model = classifier.encoder if hasattr(classifier, "encoder") else classifier.model
+    if isinstance(model, PeftModel):
+        return model.merge_and_unload()
+    return model
+
+
+def export_merged(
+    run_dir: str | Path,
+    out_dir: str | Path,
+    precision: str | None = None,
+    overwrite: bool = False,
+    overrides: Sequence[str] = (),
+) -> Path:
+    """Merge the run's adapter into its base and save a from_pretrained checkpoint + export_info.
+
+    `precision` (bf16 | fp32 | fp16): the saved weights' dtype; default the run's precision.
+    """
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    cfg = _export_config(run_dir, overrides)
+    precision = precision or str(cfg.precision.name)
+    if precision not in DTYPES:
+        raise ExportError(f"precision: got {precision!r}, allowed: {', '.join(DTYPES)}")
+    cfg.precision.name = "fp32"  # merge in float32: one rounding, at the final cast
+    classifier = classifier_from_run(cfg, run_dir)
+    size = preprocess_size(cfg, classifier)
+    _prepare_out(out_dir, overwrite)
+    model = merged_module(classifier).to(DTYPES[precision])
+    model.save_pretrained(str(out_dir))  # safetensors
+    if cfg.model.kind == "medgemma":
+        classifier.processor.save_pretrained(str(out_dir))  # type: ignore[attr-defined]
+    else:
+        classifier.preprocessor.image_processor.save_pretrained(str(out_dir))  # type: ignore[attr-defined]
+        # The head as a probe's best/ holds it, so the exported folder loads like a trained probe.
+        from safetensors.torch import save_file
+
+        head = {k: v.contiguous() for k, v in classifier.head.state_dict().items()}  # type: ignore[attr-defined]
+        save_file(head, str(out_dir / "head.safetensors"))
+        meta = {"mode": "probe", "class_names": list(classifier.class_names)}
+        (out_dir / "siglip_classifier.json").write_text(json.dumps(meta, indent=1))
+    _write_info(out_dir, export_info(cfg, run_dir, "merged", precision, size))
+    log.info("merged model of %s exported to %s (%s)", run_dir, out_dir, precision)
+    return out_dir
+
+
+def load_exported_classifier(
+    model_dir: Path, info: dict[str, Any], overrides: Sequence[str] = ()
+) -> tuple[Classifier, DictConfig]:
+    """The classifier of an exported folder (merged or adapter) and the config it was built from."""
+    from breakhis_ft.training_run import build_classifier
+
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainRunConfig), info["config"])
+    if overrides:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    names = tuple(info["class_names"])
+    if tuple(class_names(cfg.task.name)) != names:
+        raise PredictError(f"{model_dir}: export_info.json class names disagree with its task")
+    if info["format"] == "adapter":
+        classifier = build_classifier(cfg, names)
+        classifier.load_trained(model_dir)
+        return classifier, cfg
+    if info["format"] != "merged":
+        raise PredictError(f"{model_dir}: unknown export format {info['format']!r}")
+    # A merged folder is a plain checkpoint: no adapter, nothing built, the head (SigLIP) beside it.
+    cfg.model.name_or_path = str(model_dir)
+    cfg.model.build_tiny = False
+    cfg.peft.method = "none"
+    if cfg.model.kind == "siglip":
+        cfg.model.freeze_encoder = True  # encoder + head: the probe path computes embeddings
+        classifier = build_classifier(cfg, names)
+        classifier.load_trained(model_dir)
+    else:
+        classifier = build_classifier(cfg, names)
+        classifier.requires_grad_(False)
+    return classifier, cfg
+
+
+def artifact_name(info: dict[str, Any]) -> str:
+    """A W&B artifact name from the experiment and the model: letters, digits, - _ . only."""
+    experiment = info["config"].get("experiment_name", "run")
+    name = f"{experiment}-{info['model_kind']}-{info['task']}-adapter"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
+
+
+def upload_adapter_artifact(
+    run_dir: str | Path,
+    name: str | None = None,
+    project: str | None = None,
+    entity: str | None = None,
+    mode: str | None = None,
+) -> str:
+    """Log the run's adapter (adapter-only export) as a W&B `model` artifact; return its name.
+
+    `mode`: online | offline; default the run's `logger.mode` (or WANDB_MODE when it was disabled).
+    The API key comes from the environment (WANDB_API_KEY) or `wandb login`, never from a file here.
+    """
+    import wandb
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = export_adapter(run_dir, Path(tmp) / "adapter")
+        info = json.loads((folder / EXPORT_INFO).read_text())
+        logger = info["config"]["logger"]
+        if mode is None and logger.get("mode") in ("online", "offline"):
+            mode = logger["mode"]
+        run = wandb.init(
+            project=project or logger.get("project") or "breakhis-ft",
+            entity=entity or logger.get("entity"),
+            job_type="export",
+            mode=mode,
+            config={"source_run": info["source_run"]},
+        )
+        try:
+            meta = {k: info[k] for k in ("model_kind", "task", "class_names", "base_model", "best")}
+            artifact = wandb.Artifact(name or artifact_name(info), type="model", metadata=meta)
+            artifact.add_dir(str(folder))
+            run.log_artifact(artifact)
+            if mode != "offline":
+                artifact.wait()  # uploaded before the temporary folder goes
+        finally:
+            run.finish()
+    return artifact.name

@@ -1,0 +1,297 @@
+"""Classify new images with a trained run or an exported model: a CSV of classes and probabilities.
+
+The classifier is rebuilt from the run's saved config (`.hydra/config.yaml`) and its best weights
+(`best/`), or from a folder written by `export.py` (its `export_info.json`). Images get the
+training's preprocessing: decoded as RGB, resized so the longest side is `data.image_size` (as the
+image cache does), then the model's own processor. A SigLIP linear probe trained on embeddings of
+the original files, so its images are not resized first, and its embeddings of new images are
+computed with the encoder here. Unreadable images become rows with an `error` and no prediction.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from breakhis_ft.config import TrainRunConfig
+from breakhis_ft.data.breakhis import BadDataError, load_image
+from breakhis_ft.data.dataset import resize_longest
+from breakhis_ft.models.base import Classifier
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+EXPORT_INFO = "export_info.json"
+
+
+class PredictError(ValueError):
+    """A run folder, exported model or input that cannot be used; the message says why and how."""
+
+
+@dataclass
+class Predictor:
+    """A classifier ready for new images and the preprocessing its training used."""
+
+    classifier: Classifier
+    image_size: int | None  # longest side before the model's processor; None: images as they are
+    source: str  # the run folder or exported model it came from
+    precision: str = "fp32"  # bf16 | fp16 | fp32: accelerate's mixed precision while predicting
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """The classes, in the order of the probability columns."""
+        return tuple(self.classifier.class_names)
+
+    @property
+    def embeds_images(self) -> bool:
+        """A SigLIP probe: its batches are embeddings computed here with the frozen encoder."""
+        return getattr(self.classifier, "mode", None) == "probe"
+
+
+# ---- loading ------------------------------------------------------------------------------------
+
+
+def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
+    """A run's saved config on the current schema, with `key=value` overrides applied."""
+    saved = Path(run_dir) / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        raise PredictError(
+            f"{run_dir}: no saved config at {saved}; give a run folder written by breakhis-ft "
+            "(outputs/runs/<experiment>/<time>) or an exported model with --model"
+        )
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainRunConfig), OmegaConf.load(saved))
+    if overrides:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    return cfg  # type: ignore[return-value]
+
+
+def classifier_from_run(cfg: DictConfig, run_dir: str | Path) -> Classifier:
+    """The run's classifier with its best weights (`best/`) loaded, on the CPU."""
+    from breakhis_ft.data.records import class_names
+    from breakhis_ft.training_run import build_classifier
+
+    classifier = build_classifier(cfg, class_names(cfg.task.name))
+    best = Path(run_dir) / "best"
+    if best.is_dir():
+        classifier.load_trained(best)
+    elif not (cfg.model.kind == "siglip" and cfg.model.zero_shot):
+        raise PredictError(
+            f"{run_dir}: no best/ folder (trained weights); the run did not train or has not "
+            "finished its first evaluation. Train it (breakhis-ft resume=<run folder>) or pick "
+            "another run"
+        )
+    return classifier
+
+
+def load_predictor(
+    run_dir: str | Path | None = None,
+    model_dir: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    precision: str | None = None,
+) -> Predictor:
+    """A Predictor from a run folder, or from an exported model folder (`export.py`).
+
+    `overrides` (`key=value`) change the run's saved config, e.g. `model.name_or_path=/local/copy`;
+    `precision` (bf16 | fp32 | fp16) replaces the run's precision.
+    """
+    if (run_dir is None) == (model_dir is None):
+        raise PredictError("give either a run folder or an exported model folder (--model)")
+    overrides = [*overrides, *([f"precision.name={precision}"] if precision else [])]
+    if model_dir is not None:
+        from breakhis_ft.export import load_exported_classifier
+
+        info = read_export_info(Path(model_dir))
+        classifier, cfg = load_exported_classifier(Path(model_dir), info, overrides)
+        size = info.get("image_size")
+        return Predictor(
+            classifier, None if size is None else int(size), str(model_dir), cfg.precision.name
+        )
+    cfg = load_run_config(run_dir, overrides)
+    classifier = classifier_from_run(cfg, run_dir)
+    return Predictor(
+        classifier, preprocess_size(cfg, classifier), str(run_dir), str(cfg.precision.name)
+    )
+
+
+def preprocess_size(cfg: DictConfig, classifier: Classifier) -> int | None:
+    """The longest side images had in training: data.image_size, or None for a SigLIP probe.
+
+    A probe's embeddings were computed from the original files (embedding_cache.py), not resized.
+    """
+    return None if getattr(classifier, "mode", None) == "probe" else int(cfg.data.image_size)
+
+
+def read_export_info(model_dir: Path) -> dict[str, Any]:
+    """The `export_info.json` of an exported model folder."""
+    path = model_dir / EXPORT_INFO
+    if not path.is_file():
+        raise PredictError(
+            f"{model_dir}: no {EXPORT_INFO}; export the run with scripts/export_model.py (it "
+            "records the class names and the prompt that classification needs)"
+        )
+    return json.loads(path.read_text())
+
+
+# ---- inputs -------------------------------------------------------------------------------------
+
+
+def find_images(inputs: Sequence[str | Path], list_files: Sequence[str | Path] = ()) -> list[Path]:
+    """Image files: folders searched recursively (png/jpg/tif), files and list-file lines as given.
+
+    A file named explicitly is kept whatever it holds, so an unreadable one is reported, not lost.
+    """
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found += sorted(
+                p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            )
+        else:
+            found.append(path)
+    for list_file in list_files:
+        lines = Path(list_file).read_text().splitlines()
+        found += [Path(line.strip()) for line in lines if line.strip()]
+    if not found:
+        raise PredictError(
+            f"no images found in {[str(i) for i in inputs] + [str(f) for f in list_files]} "
+            f"(folders are searched recursively for {', '.join(IMAGE_SUFFIXES)})"
+        )
+    return list(dict.fromkeys(found))
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Items {"path", "index", "image" (PIL RGB, resized) or None, "error" (str or None)}."""
+
+    def __init__(self, paths: Sequence[Path], image_size: int | None) -> None:
+        self.paths = list(paths)
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        path = self.paths[index]
+        item: dict[str, Any] = {"path": str(path), "index": index, "image": None, "error": None}
+        if not path.is_file():
+            item["error"] = f"{path}: file not found"
+            return item
+        try:
+            item["image"] = resize_longest(load_image(path), self.image_size)
+        except BadDataError as err:
+            item["error"] = str(err)
+        return item
+
+
+# ---- prediction ---------------------------------------------------------------------------------
+
+
+def _batch(predictor: Predictor, items: list[dict[str, Any]]) -> dict[str, Any]:
+    examples = [{**it, "label": 0} for it in items]  # no labels for new images
+    if predictor.embeds_images:
+        clf: Any = predictor.classifier
+        return {"embeddings": clf.embed_images([it["image"] for it in items])}
+    return predictor.classifier.collate(examples, train=False)
+
+
+@torch.no_grad()
+def predict_files(
+    predictor: Predictor,
+    paths: Sequence[Path],
+    batch_size: int = 16,
+    cpu: bool = False,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> Iterator[dict[str, Any]]:
+    """Yield one row per image, in order: path, pred, prob_<class> ... (or error)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from breakhis_ft.engine.trainer import MIXED_PRECISION
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by accelerate launch / torchrun
+        raise PredictError(
+            "predict runs in one process (each rank would write the whole CSV): start it with "
+            "python scripts/predict.py, not accelerate launch"
+        )
+    accelerator = Accelerator(cpu=cpu, mixed_precision=MIXED_PRECISION[predictor.precision])
+    classifier = predictor.classifier
+    classifier.to(accelerator.device)
+    classifier.eval()
+    loader = torch.utils.data.DataLoader(
+        ImageFiles(paths, predictor.image_size),
+        batch_size=batch_size,
+        collate_fn=list,
+        num_workers=num_workers,
+    )
+    names = predictor.class_names
+    try:
+        with tqdm(total=len(paths), desc="predict", unit="img", disable=not progress) as bar:
+            for items in loader:
+                good = [it for it in items if it["error"] is None]
+                probs: dict[int, list[float]] = {}
+                if good:
+                    with accelerator.autocast():
+                        out = classifier.predict_proba(_batch(predictor, good))
+                    rows = out.float().cpu().tolist()
+                    probs = {it["index"]: row for it, row in zip(good, rows, strict=True)}
+                for it in items:
+                    row: dict[str, Any] = {"path": it["path"], "pred": "", "error": it["error"]}
+                    if it["index"] in probs:
+                        p = probs[it["index"]]
+                        row["pred"] = names[max(range(len(p)), key=p.__getitem__)]
+                        row.update({f"prob_{n}": v for n, v in zip(names, p, strict=True)})
+                    yield row
+                bar.update(len(items))
+    finally:
+        if accelerator.num_processes == 1:  # a later Accelerator in this process starts afresh
+            AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def csv_columns(class_names: Sequence[str]) -> list[str]:
+    """The output columns: path, pred, prob_<class> for each class, error."""
+    return ["path", "pred", *[f"prob_{n}" for n in class_names], "error"]
+
+
+def write_predictions_csv(
+    rows: Iterator[dict[str, Any]], class_names: Sequence[str], out: str | Path
+) -> tuple[int, int]:
+    """Write rows as they come (a long job keeps what it did); return (predicted, failed)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = failed = 0
+    with out.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=csv_columns(class_names), restval="")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "error": row.get("error") or ""})
+            failed += bool(row.get("error"))
+            done += not row.get("error")
+    return done, failed
+
+
+def predict_to_csv(
+    predictor: Predictor,
+    paths: Sequence[Path],
+    out: str | Path,
+    batch_size: int = 16,
+    cpu: bool = False,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> tuple[int, int]:
+    """Classify `paths` and write the CSV at `out`; return (predicted, unreadable) counts."""
+    rows = predict_files(predictor, paths, batch_size, cpu, num_workers, progress)
+    done, failed = write_predictions_csv(rows, predictor.class_names, out)
+    if failed:
+        log.warning("%d of %d images could not be read (see the error column)", failed, len(paths))
+    return done, failed

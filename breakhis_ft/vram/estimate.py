@@ -1,0 +1,272 @@
+"""The estimate: static memory, activations and the working set, as a VramEstimate table."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from breakhis_ft.config import ConfigError
+from breakhis_ft.data.records import class_names
+from breakhis_ft.vram.activations import (
+    Flavor,
+    gemma_layer_bytes_per_token,
+    lora_layer_constant,
+    siglip_layer_bytes_per_token,
+)
+from breakhis_ft.vram.meta import ParamBytes, build_meta_gemma, build_meta_siglip, lora_sites
+from breakhis_ft.vram.tokens import count_tokens
+
+GIB = 1024**3
+
+
+@dataclass
+class VramEstimate:
+    """The estimate: byte figures per component, parameter counts and the settings behind them."""
+
+    components: dict[str, int]  # name -> bytes, in table order; their sum is the total
+    notes: dict[str, str]
+    params: dict[str, int]
+    settings: dict[str, Any]
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        """The estimated peak of allocated GPU memory."""
+        return sum(self.components.values())
+
+    @property
+    def static_bytes(self) -> int:
+        """Weights + trainable weights + gradients + optimizer states."""
+        keys = ("weights", "trainable weights", "gradients", "optimizer states")
+        return sum(self.components[k] for k in keys)
+
+    def table(self) -> str:
+        """A plain-text table: component, GiB, what it counts; then the total and the settings."""
+        width = max(len(k) for k in self.components) + 2
+        lines = [f"{'component':<{width}}{'GiB':>9}  what", "-" * (width + 60)]
+        for name, value in self.components.items():
+            lines.append(f"{name:<{width}}{value / GIB:>9.3f}  {self.notes.get(name, '')}")
+        lines.append("-" * (width + 60))
+        lines.append(f"{'total':<{width}}{self.total_bytes / GIB:>9.3f}  estimated peak allocated")
+        lines.append("")
+        lines.append(", ".join(f"{k}={v:,}" for k, v in self.params.items()))
+        lines.append(", ".join(f"{k}={v}" for k, v in self.settings.items()))
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Everything as plain JSON-ready values (bytes, counts, settings)."""
+        return {
+            "components_bytes": dict(self.components),
+            "notes": dict(self.notes),
+            "total_bytes": self.total_bytes,
+            "static_bytes": self.static_bytes,
+            "total_gib": round(self.total_bytes / GIB, 4),
+            "params": dict(self.params),
+            "settings": dict(self.settings),
+            **self.extra,
+        }
+
+
+OPTIMIZERS = ("adamw", "adamw_8bit")
+
+
+def optimizer_bytes(model: nn.Module, optimizer: str = "adamw") -> int:
+    """Optimizer state bytes: torch AdamW 2 states in the parameter's dtype + a 4-byte step each."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer: got {optimizer!r}, allowed: {', '.join(OPTIMIZERS)}")
+    total = 0
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if optimizer == "adamw" or p.numel() < 4096:  # bitsandbytes keeps small tensors 32-bit
+            size = p.element_size() if optimizer == "adamw" else 4
+            total += 2 * p.numel() * size + 4
+        else:  # 8-bit blockwise states: 1 byte each + an fp32 absmax per 256 values
+            total += 2 * (p.numel() + 4 * math.ceil(p.numel() / 256)) + 4
+    return total
+
+
+def _layers(per_token: list[float], const: list[int], tokens: int, act_h: int, gc: bool) -> float:
+    """Saved bytes of a stack of layers: all of them, or (checkpointing) inputs + one recomputed."""
+    sizes = [tokens * k + c for k, c in zip(per_token, const, strict=True)]
+    if not gc:
+        return float(sum(sizes))
+    return float(len(sizes) * tokens * act_h + max(sizes, default=0))
+
+
+def _static(model: nn.Module, pb: ParamBytes, optimizer: str) -> dict[str, int]:
+    return {
+        "weights": pb.frozen_bytes,
+        "trainable weights": pb.trainable_bytes,
+        "gradients": pb.trainable_bytes,
+        "optimizer states": optimizer_bytes(model, optimizer),
+    }
+
+
+def estimate_vram(cfg: Any, device: str = "cuda", optimizer: str = "adamw") -> VramEstimate:
+    """Estimate the peak GPU memory of training with the composed run config `cfg`.
+
+    `device`: cuda (the target) or cpu (how CPU autocast saves LayerNorm inputs and dropout masks);
+    `optimizer`: adamw (the trainer's torch AdamW) or adamw_8bit (bitsandbytes, for comparison).
+    """
+    kind = str(cfg.model.kind)
+    if kind == "medgemma":
+        return _estimate_gemma(cfg, device, optimizer)
+    if kind == "siglip":
+        return _estimate_siglip(cfg, device, optimizer)
+    raise ConfigError(f"config error: model.kind: got {kind!r}, allowed: medgemma, siglip")
+
+
+def _estimate_gemma(cfg: Any, device: str, optimizer: str) -> VramEstimate:
+    model, pb, config, folder = build_meta_gemma(cfg)
+    text, vision = config.text_config, config.vision_config
+    qlora = cfg.peft.method == "qlora"
+    flavor = Flavor.of("bf16" if qlora else str(cfg.precision.name), device)
+    a, b, gc = flavor.act, int(cfg.trainer.batch_size), bool(cfg.trainer.gradient_checkpointing)
+    tok = count_tokens(cfg, config, folder)
+    seq, rows, dropout = tok.seq, tok.labelled, float(cfg.peft.dropout)
+    t_lm = b * seq
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm_full = any(p.requires_grad for p in core.model.language_model.layers.parameters()) and (
+        cfg.peft.method == "none"
+    )
+    vis_modules = (core.model.vision_tower, core.model.multi_modal_projector)
+    vision_trains = any(p.requires_grad for m in vis_modules for p in m.parameters())
+
+    h, hd, n_layers = text.hidden_size, text.head_dim, text.num_hidden_layers
+    attn = str(cfg.model.attn_implementation)
+    sites = lora_sites(model, "language_model")
+    per_token = [
+        gemma_layer_bytes_per_token(text, flavor, sites.get(i, []), dropout, seq, attn, lm_full)
+        for i in range(n_layers)
+    ]
+    const = [
+        lora_layer_constant(sites.get(i, []), flavor) + 16 * h + 8 * hd for i in range(n_layers)
+    ]
+    outside = t_lm * (4 * h + 4) + 2 * b * seq * seq * a  # final norm; sliding + global masks
+    lm = {g: _layers(per_token, const, t_lm, a, g) + outside for g in (False, True)}
+
+    patches = (vision.image_size // vision.patch_size) ** 2
+    t_v, hv, iv = b * patches, vision.hidden_size, vision.intermediate_size
+    features = b * config.mm_tokens_per_image * h * a  # projected soft tokens fed to the LM
+    vis = {False: float(features), True: float(features)}
+    vision_transient = 0.0
+    if vision_trains:
+        vsites = lora_sites(model, "vision_tower")
+        vfull = cfg.peft.method == "none"
+        vper = [
+            siglip_layer_bytes_per_token(vision, flavor, vsites.get(i, []), dropout, vfull)
+            for i in range(vision.num_hidden_layers)
+        ]
+        vconst = [lora_layer_constant(vsites.get(i, []), flavor) for i in range(len(vper))]
+        vout = t_v * (flavor.ln * hv + 2 * flavor.ln) + b * config.mm_tokens_per_image * 4 * hv
+        # checkpointing covers the tower only when it trains (medgemma.py)
+        vis = {g: features + _layers(vper, vconst, t_v, a, g) + vout for g in (False, True)}
+    else:  # frozen: run under no_grad, one layer's tensors at a time
+        vision_transient = t_v * (a * hv + flavor.ln * hv + 3 * a * hv + 2 * a * iv)
+
+    vocab = text.vocab_size
+    logits = b * rows * vocab * 12
+    backward = t_lm * a * (2 * h + 2 * text.intermediate_size)
+    work = {"loss logits": logits, "backward": backward, "frozen vision forward": vision_transient}
+    work_name = max(work, key=work.get)
+    components = _static(model, pb, optimizer)
+    components["activations: language model"] = int(lm[gc])
+    components["activations: vision tower"] = int(vis[gc])
+    components["working set"] = int(work[work_name])
+    quant = f", {pb.quantized:,} in NF4" if qlora else ""
+    notes = {
+        "weights": f"frozen base, {'bf16 + NF4' if qlora else cfg.precision.name}{quant}",
+        "trainable weights": f"{pb.trainable:,} params ({cfg.peft.method}, adapters fp32)",
+        "gradients": "one per trainable param, its dtype",
+        "optimizer states": f"{optimizer}: exp_avg + exp_avg_sq (+ step)",
+        "activations: language model": (
+            f"{n_layers} layers x {b} x {seq} tokens, "
+            f"{'checkpointed' if gc else f'k={per_token[-1] / h:.1f} h bytes/token/layer'}"
+        ),
+        "activations: vision tower": (
+            f"{'trains' if vision_trains else 'frozen (no_grad)'}: {patches} patches x {b}"
+            f" + {config.mm_tokens_per_image} soft tokens"
+        ),
+        "working set": f"largest transient: {work_name} (loss: {b} x {rows} positions x {vocab:,})",
+    }
+    params = {
+        "base_params": pb.base,
+        "total_params": pb.total,
+        "trainable_params": pb.trainable,
+    }
+    settings = {
+        "model": str(cfg.model.name_or_path),
+        "peft": str(cfg.peft.method),
+        "r": int(cfg.peft.r),
+        "precision": "bf16+nf4" if qlora else str(cfg.precision.name),
+        "batch_size": b,
+        "seq": f"{tok.prompt}+{tok.image}+{tok.answer}={seq}{'' if tok.exact else ' (approx.)'}",
+        "gradient_checkpointing": gc,
+        "attn": attn,
+        "device": device,
+    }
+    extra = {
+        "activations_no_gc_bytes": lm[False] + vis[False],
+        "activations_gc_bytes": lm[True] + vis[True],
+        "lm_layer_bytes_per_token": per_token[-1],
+        "lm_layer_k_times_hidden": per_token[-1] / h,
+        "full_sequence_logits_bytes": b * seq * vocab * 12,
+        "seq_tokens": seq,
+    }
+    return VramEstimate(components, notes, params, settings, extra)
+
+
+def _estimate_siglip(cfg: Any, device: str, optimizer: str) -> VramEstimate:
+    n_classes = len(class_names(str(cfg.task.name)))
+    model, pb, vision, mode = build_meta_siglip(cfg, n_classes)
+    flavor = Flavor.of(str(cfg.precision.name), device)
+    a, b, gc = flavor.act, int(cfg.trainer.batch_size), bool(cfg.trainer.gradient_checkpointing)
+    patches = (vision.image_size // vision.patch_size) ** 2
+    t_v, h = b * patches, vision.hidden_size
+    acts = {False: 4.0 * b * h, True: 4.0 * b * h}  # probe: the head reads cached embeddings
+    backward = 0.0
+    if mode != "probe":
+        sites = lora_sites(model, "encoder")
+        per = [
+            siglip_layer_bytes_per_token(
+                vision, flavor, sites.get(i, []), float(cfg.peft.dropout), mode == "full"
+            )
+            for i in range(vision.num_hidden_layers)
+        ]
+        const = [lora_layer_constant(sites.get(i, []), flavor) for i in range(len(per))]
+        # autocast keeps a 16-bit copy of every fp32 weight a full fine-tune uses in the forward
+        casts = 2 * pb.trainable if mode == "full" and flavor.mixed else 0
+        outside = t_v * (flavor.ln * h + 2 * flavor.ln) + (
+            t_v * 2.5 * a * h if vision.vision_use_head else 0
+        )
+        acts = {g: _layers(per, const, t_v, a, g) + outside + casts for g in (False, True)}
+        backward = t_v * a * (2 * h + 2 * vision.intermediate_size)
+    components = _static(model, pb, optimizer)
+    components["activations: vision encoder"] = int(acts[gc])
+    components["working set"] = int(backward)
+    notes = {
+        "weights": f"frozen encoder, {cfg.precision.name}",
+        "trainable weights": f"{pb.trainable:,} params ({mode}; head fp32)",
+        "gradients": "one per trainable param, its dtype",
+        "optimizer states": f"{optimizer}: exp_avg + exp_avg_sq (+ step)",
+        "activations: vision encoder": (
+            f"{vision.num_hidden_layers} layers x {b} x {patches} patches{', checkpointed' * gc}"
+        ),
+        "working set": "backward gradients of one layer",
+    }
+    params = {"base_params": pb.base, "total_params": pb.total, "trainable_params": pb.trainable}
+    settings = {
+        "model": str(cfg.model.name_or_path),
+        "mode": mode,
+        "precision": str(cfg.precision.name),
+        "batch_size": b,
+        "image_size": vision.image_size,
+        "gradient_checkpointing": gc,
+        "device": device,
+    }
+    extra = {"activations_no_gc_bytes": acts[False], "activations_gc_bytes": acts[True]}
+    return VramEstimate(components, notes, params, settings, extra)

@@ -1,0 +1,70 @@
+"""Export a trained run: the adapter merged into a standard transformers checkpoint, or alone.
+
+python scripts/export_model.py outputs/runs/demo/2025-01-01_10-00-00-000000 exports/demo_merged
+python scripts/export_model.py RUN exports/demo_adapter --adapter-only
+python scripts/export_model.py RUN exports/demo_merged --precision bf16 --wandb-artifact
+
+Merged (MedGemma): loads with AutoModelForImageTextToText.from_pretrained(DIR) and
+AutoProcessor.from_pretrained(DIR). Both kinds hold export_info.json (class names, prompt,
+preprocessing, source run); classify with `scripts/predict.py --model DIR images/`.
+--wandb-artifact logs the adapter as a W&B `model` artifact (WANDB_API_KEY from the environment;
+WANDB_MODE=offline or --wandb-mode offline to keep it local).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from breakhis_ft.export import ExportError, export_adapter, export_merged, upload_adapter_artifact
+from breakhis_ft.predict import PredictError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line options."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("run", help="a run folder (outputs/runs/<experiment>/<time>)")
+    parser.add_argument("out", help="the folder to write (must be empty unless --overwrite)")
+    parser.add_argument("--adapter-only", action="store_true", help="copy the adapter, no merge")
+    parser.add_argument(
+        "--precision", choices=("bf16", "fp32", "fp16"), help="merged weights' dtype (the run's)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
+    parser.add_argument("--wandb-artifact", action="store_true", help="log the adapter to W&B")
+    parser.add_argument("--artifact-name", help="default: <experiment>-<model>-<task>-adapter")
+    parser.add_argument("--wandb-project", help="default: the run's logger.project")
+    parser.add_argument("--wandb-entity", help="default: the run's logger.entity")
+    parser.add_argument("--wandb-mode", choices=("online", "offline"), help="default: the run's")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override the run's config"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Export the run (and log the artifact when asked); 0 on success."""
+    args = build_parser().parse_args(argv)
+    if args.adapter_only:
+        out = export_adapter(args.run, args.out, overwrite=args.overwrite)
+    else:
+        out = export_merged(
+            args.run, args.out, args.precision, overwrite=args.overwrite, overrides=args.set
+        )
+    print(f"exported to {out}", file=sys.stderr)
+    if args.wandb_artifact:
+        name = upload_adapter_artifact(
+            args.run, args.artifact_name, args.wandb_project, args.wandb_entity, args.wandb_mode
+        )
+        print(f"logged W&B artifact {name}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        sys.exit(main())
+    except (ExportError, PredictError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")

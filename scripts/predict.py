@@ -1,0 +1,79 @@
+"""Classify new images with a trained run (or an exported model); write a CSV of probabilities.
+
+python scripts/predict.py outputs/runs/demo/<time> /path/to/images --out preds.csv
+python scripts/predict.py RUN a.png b.tif --list more_files.txt --cpu
+python scripts/predict.py --model exports/medgemma_merged /path/to/images --out preds.csv
+python scripts/predict.py RUN images/ --set model.name_or_path=/models/medgemma-4b-it
+
+Folders are searched recursively for png/jpg/tif. The CSV has `path`, `pred`, `prob_<class>` per
+image and an `error` column: an unreadable image gets its error there and no prediction. Runs on
+the GPU when there is one (accelerate); --cpu forces the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from breakhis_ft.predict import PredictError, find_images, load_predictor, predict_to_csv
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line options."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "source", nargs="?", help="a run folder (outputs/runs/<experiment>/<time>); or use --model"
+    )
+    parser.add_argument("inputs", nargs="*", help="image files and folders (searched recursively)")
+    parser.add_argument("--model", help="an exported model folder (scripts/export_model.py)")
+    parser.add_argument("--list", action="append", default=[], help="a text file, one path a line")
+    parser.add_argument("--out", default="predictions.csv", help="the CSV to write")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=2, help="image-decoding processes")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even with a GPU")
+    parser.add_argument("--precision", choices=("bf16", "fp32", "fp16"), help="default: the run's")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override the run's config, e.g. model.name_or_path=/local/medgemma-4b-it",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Classify the images and write the CSV; 0 on success (unreadable images are in the CSV)."""
+    args = build_parser().parse_args(argv)
+    inputs = list(args.inputs)
+    run_dir = args.source
+    if args.model and run_dir is not None:  # with --model, the first positional is an input
+        inputs, run_dir = [run_dir, *inputs], None
+    if run_dir is None and not args.model:
+        raise PredictError("give a run folder, or an exported model with --model")
+    predictor = load_predictor(run_dir, args.model, args.set, args.precision)
+    paths = find_images(inputs, args.list)
+    done, failed = predict_to_csv(
+        predictor,
+        paths,
+        args.out,
+        batch_size=args.batch_size,
+        cpu=args.cpu,
+        num_workers=args.workers,
+        progress=not args.no_progress,
+    )
+    print(f"{done} predicted, {failed} unreadable -> {Path(args.out)}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        sys.exit(main())
+    except (PredictError, ValueError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")

@@ -1,0 +1,298 @@
+"""Predict on new images from a run folder, merged and adapter-only export, the W&B artifact.
+
+One tiny MedGemma run (LoRA on every linear layer, a learning rate high enough that the adapter
+changes the predictions) and one SigLIP linear-probe run are trained once for the module, in
+parallel subprocesses, through the real entrypoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from breakhis_ft.config import PromptConfig
+from breakhis_ft.data.breakhis import scan_from_config
+from breakhis_ft.export import ExportError, export_adapter, export_merged, upload_adapter_artifact
+from breakhis_ft.predict import (
+    ImageFiles,
+    PredictError,
+    find_images,
+    load_predictor,
+    load_run_config,
+    predict_to_csv,
+    read_export_info,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+COMMON = [
+    "logger=none",
+    "data.synthetic_fraction=0.03",
+    "data.synthetic_size=[48,32]",
+    "data.image_size=32",
+    "trainer.max_steps=4",
+    "precision=fp32",
+]
+RUNS = {
+    "medgemma": [
+        "model=tiny_gemma3",
+        "peft.target_modules=all-linear",  # the vision tower's adapters are merged too
+        "trainer.lr=0.05",
+        "trainer.warmup_ratio=0",
+    ],
+    "probe": ["model=tiny_siglip", "peft=none", "model.freeze_encoder=true"],
+}
+N_COPIED = 8  # test-split images copied from each run into the folder to predict
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory):
+    """BREAKHIS_FT_CACHE for the module: the runs' configs resolve their model paths through it."""
+    path = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BREAKHIS_FT_CACHE", str(path))
+        yield path
+
+
+@pytest.fixture(scope="module")
+def runs(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The run folder of each tiny run, trained once by the entrypoint."""
+    out = tmp_path_factory.mktemp("outputs")
+    env = {**os.environ, "BREAKHIS_FT_CACHE": str(cache), "WANDB_MODE": "disabled"}
+    # The replica is built once before the two runs start, so they do not race to build it.
+    scan_from_config(load_run_config_like(COMMON).data)
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "breakhis_ft", *COMMON, *args, f"output_dir={out / name}"],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for name, args in RUNS.items()
+    }
+    found = {}
+    for name, proc in procs.items():
+        log, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"{name} run failed:\n{log[-3000:]}"
+        (found[name],) = (out / name / "runs" / "default").iterdir()
+    return found
+
+
+def load_run_config_like(overrides: list[str]):
+    """The data config these overrides compose (the schema's defaults + the overrides)."""
+    from omegaconf import OmegaConf
+
+    from breakhis_ft.config import TrainRunConfig
+
+    return OmegaConf.merge(
+        OmegaConf.structured(TrainRunConfig),
+        OmegaConf.from_dotlist([o for o in overrides if o.startswith("data.")]),
+    )
+
+
+def run_predictions(run_dir: Path) -> dict[str, dict[str, str]]:
+    """The run's own test predictions by file name."""
+    with (run_dir / "predictions_test.csv").open() as f:
+        return {Path(r["path"]).name: r for r in csv.DictReader(f)}
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    """The rows of a predictions CSV."""
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def images(runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A nested folder: test images of the runs, one corrupt PNG, one larger TIFF, a text file."""
+    folder = tmp_path_factory.mktemp("new_images")
+    root = scan_from_config(load_run_config(runs["medgemma"]).data).root
+    (folder / "a" / "b").mkdir(parents=True)
+    rows = list(run_predictions(runs["medgemma"]).items())[:N_COPIED]
+    for i, (name, row) in enumerate(rows):
+        shutil.copy(root / row["path"], folder / ("a/b" if i % 2 else "a") / name)
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 4)
+    big = Image.open(folder / "a" / rows[0][0]).resize((120, 80))  # another size than training's
+    big.save(folder / "a" / "big.tif")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def probs_of(row: dict[str, str], names: tuple[str, ...]) -> torch.Tensor:
+    """The probability columns of a CSV row as a tensor."""
+    return torch.tensor([float(row[f"prob_{n}"]) for n in names])
+
+
+def batch_of(classifier, folder: Path, image_size: int | None) -> dict:
+    """A prompt-only batch of the readable images in `folder`."""
+    paths = [p for p in find_images([folder]) if p.name != "corrupt.png"]
+    files = ImageFiles(paths, image_size)
+    return classifier.collate([{**files[i], "label": 0} for i in range(len(files))], train=False)
+
+
+# ---- predict ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["medgemma", "probe"])
+def test_predict_folder_matches_run_and_lists_corrupt_image(
+    kind: str, runs: dict[str, Path], images: Path, tmp_path: Path
+) -> None:
+    predictor = load_predictor(run_dir=runs[kind])
+    # A probe's embeddings came from the original files: no resizing before its processor.
+    assert predictor.image_size == (None if kind == "probe" else 32)
+    paths = find_images([images])
+    assert {p.suffix for p in paths} == {".png", ".tif"}  # notes.txt is not an image
+    out = tmp_path / "pred.csv"
+    done, failed = predict_to_csv(predictor, paths, out, batch_size=3, cpu=True, progress=False)
+    assert (done, failed) == (N_COPIED + 1, 1)
+    rows = read_csv(out)
+    names = predictor.class_names
+    assert list(rows[0]) == ["path", "pred", *[f"prob_{n}" for n in names], "error"]
+    assert [r["path"] for r in rows] == [str(p) for p in paths]  # every image, in order
+    bad = next(r for r in rows if r["path"].endswith("corrupt.png"))
+    assert "corrupt.png" in bad["error"] and bad["pred"] == "" and bad["prob_" + names[0]] == ""
+    expected = run_predictions(runs[kind])
+    compared = 0
+    for row in rows:
+        if row["error"]:
+            continue
+        p = probs_of(row, names)
+        assert abs(float(p.sum()) - 1) < TOL and row["pred"] == names[int(p.argmax())]
+        name = Path(row["path"]).name
+        if name in expected:  # the same image: the same probabilities as the run's evaluation
+            assert torch.allclose(p, probs_of(expected[name], names), atol=TOL), name
+            assert row["pred"] == expected[name]["pred"]
+            compared += 1
+    assert compared == N_COPIED
+
+
+def test_other_sizes_get_the_training_resize(tmp_path: Path) -> None:
+    for size in [(700, 460), (30, 90)]:
+        Image.new("RGB", size, (200, 100, 150)).save(tmp_path / f"{size[0]}.png")
+    files = ImageFiles(find_images([tmp_path]), 64)
+    assert sorted(files[i]["image"].size for i in range(2)) == [(21, 64), (64, 42)]
+    missing = ImageFiles([tmp_path / "gone.png"], 64)[0]
+    assert missing["image"] is None and "not found" in missing["error"]
+
+
+def test_predict_cli_and_clear_errors(runs: dict[str, Path], images: Path, tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("predict_cli", REPO / "scripts" / "predict.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    out = tmp_path / "cli.csv"
+    argv = [str(runs["probe"]), str(images / "a"), str(images / "corrupt.png"), "--out", str(out)]
+    assert cli.main([*argv, "--cpu", "--workers", "0", "--no-progress"]) == 0
+    rows = read_csv(out)
+    assert len(rows) == N_COPIED + 2 and sum(bool(r["error"]) for r in rows) == 1
+    with pytest.raises(PredictError, match="no saved config"):
+        load_predictor(run_dir=tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PredictError, match="no images found"):
+        find_images([tmp_path / "empty"])
+
+
+# ---- export -------------------------------------------------------------------------------------
+
+
+def test_merged_export_loads_with_from_pretrained_and_predicts_like_the_adapter(
+    runs: dict[str, Path], images: Path, tmp_path: Path
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from breakhis_ft.models.medgemma import MedGemmaClassifier
+    from breakhis_ft.models.prompts import make_prompt
+
+    adapter = load_predictor(run_dir=runs["medgemma"]).classifier.eval()
+    out = export_merged(runs["medgemma"], tmp_path / "merged")
+    assert (out / "model.safetensors").is_file() and (out / "processor_config.json").is_file()
+    info = read_export_info(out)
+    assert info["format"] == "merged" and info["class_names"] == list(adapter.class_names)
+    # Only transformers: no peft, no project code to rebuild the weights.
+    model = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(out)
+    assert not isinstance(model, PeftModel)
+    assert not [k for k in model.state_dict() if "lora" in k]
+    merged = MedGemmaClassifier(
+        model, processor, make_prompt(PromptConfig(**info["prompt"]), info["class_names"])
+    ).eval()
+    batch = batch_of(adapter, images, info["image_size"])
+    with torch.no_grad():
+        p_adapter = adapter.predict_proba(batch)
+        with adapter.model.disable_adapter():
+            p_base = adapter.predict_proba(batch)
+        p_merged = merged.predict_proba(batch)
+    assert (p_adapter - p_base).abs().max() > 1e-2  # the adapter matters: the check below bites
+    assert torch.allclose(p_merged, p_adapter, atol=TOL)
+    # predict.py --model DIR: the same numbers through export_info.json
+    exported = load_predictor(model_dir=out)
+    predict_to_csv(exported, find_images([images]), tmp_path / "m.csv", cpu=True, progress=False)
+    readable = [r for r in read_csv(tmp_path / "m.csv") if not r["error"]]
+    got = torch.stack([probs_of(r, adapter.class_names) for r in readable])
+    assert torch.allclose(got, p_adapter, atol=TOL)
+    with pytest.raises(ExportError, match="not empty"):
+        export_merged(runs["medgemma"], out)
+
+
+def test_adapter_only_export_reloads_with_peft(
+    runs: dict[str, Path], images: Path, tmp_path: Path
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    out = export_adapter(runs["medgemma"], tmp_path / "adapter")
+    assert (out / "adapter_model.safetensors").is_file() and not (
+        out / "model.safetensors"
+    ).exists()
+    info = read_export_info(out)
+    assert info["format"] == "adapter" and info["source_run"] == str(runs["medgemma"].resolve())
+    base = AutoModelForImageTextToText.from_pretrained(info["base_model"], dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, out)
+    reference = load_predictor(run_dir=runs["medgemma"]).classifier.eval()
+    from breakhis_ft.models.medgemma import MedGemmaClassifier
+
+    reloaded = MedGemmaClassifier(peft_model, reference.processor, reference.prompt).eval()
+    batch = batch_of(reference, images, info["image_size"])
+    with torch.no_grad():
+        assert torch.allclose(
+            reloaded.predict_proba(batch), reference.predict_proba(batch), atol=TOL
+        )
+
+
+def test_siglip_probe_merged_export_predicts_like_the_run(
+    runs: dict[str, Path], images: Path, tmp_path: Path
+) -> None:
+    out = export_merged(runs["probe"], tmp_path / "siglip")
+    assert (out / "head.safetensors").is_file() and (out / "preprocessor_config.json").is_file()
+    paths = find_images([images])
+    predict_to_csv(load_predictor(run_dir=runs["probe"]), paths, tmp_path / "r.csv", cpu=True)
+    predict_to_csv(load_predictor(model_dir=out), paths, tmp_path / "e.csv", cpu=True)
+    names = load_predictor(model_dir=out).class_names
+    for a, b in zip(read_csv(tmp_path / "r.csv"), read_csv(tmp_path / "e.csv"), strict=True):
+        assert a["error"] == b["error"]
+        if not a["error"]:
+            assert torch.allclose(probs_of(a, names), probs_of(b, names), atol=TOL)
+
+
+def test_adapter_logged_as_wandb_artifact_offline(
+    runs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    name = upload_adapter_artifact(runs["medgemma"], name="tiny-adapter", mode="offline")
+    assert name.startswith("tiny-adapter")
+    (log,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    content = log.read_bytes()
+    for expected in (b"tiny-adapter", b"adapter_model.safetensors", b"export_info.json"):
+        assert expected in content
