@@ -44,3 +44,13 @@ def _one_torch_thread():
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_state():
+    """Each test builds its own Accelerator: accelerate's state is a process-wide singleton that
+    refuses a second configuration (e.g. bf16 then fp32), which a separate process never meets."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
