@@ -43,6 +43,15 @@ FEATURES = datasets.Features(
 DONE = "cache.json"
 
 
+def image_key(path: str, data_root: str | Path) -> str:
+    """`path|size|mtime_ns` of an image file: changes whenever the file does."""
+    try:
+        stat = (Path(data_root) / path).stat()
+    except OSError as err:
+        raise FileNotFoundError(f"image {path!r} not found under data root {data_root}") from err
+    return f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
 def resize_longest(image: Image.Image, size: int | None) -> Image.Image:
     """Resize so that the longest side is `size`, keeping the aspect ratio (None: unchanged)."""
     if size is None or max(image.size) == size:

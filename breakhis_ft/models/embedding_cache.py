@@ -27,6 +27,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from breakhis_ft.data.breakhis import load_image
+from breakhis_ft.data.dataset import image_key
+
 log = logging.getLogger(__name__)
 
 SHARD_GLOB = "shard-*.safetensors"
@@ -70,24 +73,6 @@ class EmbeddingTable:
                 "training"
             )
         return self.values[[self.rows[p] for p in paths]]
-
-
-def image_key(path: str, data_root: str | Path) -> str:
-    """`path|size|mtime_ns` of an image file: changes whenever the file does."""
-    try:
-        stat = (Path(data_root) / path).stat()
-    except OSError as err:
-        raise FileNotFoundError(f"image {path!r} not found under data root {data_root}") from err
-    return f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
-
-
-def load_rgb(file: Path) -> Image.Image:
-    """Decode an image file as RGB; an unreadable file is an error naming it."""
-    try:
-        with Image.open(file) as image:
-            return image.convert("RGB")
-    except OSError as err:
-        raise ValueError(f"cannot decode image {file}: {err}") from err
 
 
 class EmbeddingCache:
@@ -164,7 +149,7 @@ class EmbeddingCache:
         pending: dict[str, torch.Tensor] = {}
         for start in tqdm(range(0, len(missing), batch_size), desc="embeddings", disable=None):
             chunk = missing[start : start + batch_size]
-            values = encode([load_rgb(Path(data_root) / p) for p in chunk]).float().cpu()
+            values = encode([load_image(Path(data_root) / p) for p in chunk]).float().cpu()
             for path, value in zip(chunk, values, strict=True):
                 store[keys[path]] = pending[keys[path]] = value.clone()
             if self.directory is not None and len(pending) >= shard_size:

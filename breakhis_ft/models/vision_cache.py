@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from breakhis_ft.config import ConfigError
 from breakhis_ft.data.augment import is_identity
+from breakhis_ft.data.dataset import image_key
 
 log = logging.getLogger(__name__)
 
@@ -109,15 +110,6 @@ def decide_feature_cache(
             f"pixel augmentation, but {why}. {OPTIONS}"
         )
     return False, why
-
-
-def image_key(path: str, data_root: str | Path) -> str:
-    """`path|size|mtime_ns` of an image file: changes whenever the file does."""
-    try:
-        stat = (Path(data_root) / path).stat()
-    except OSError as err:
-        raise FileNotFoundError(f"image {path!r} not found under data root {data_root}") from err
-    return f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
 
 
 def feature_identity(
