@@ -121,6 +121,21 @@ class RunTracker:
             if split in predictions:
                 self._log_split_tables(split, split_metrics, *predictions[split])
 
+    def log_plots(self) -> None:
+        """With W&B on: plot the finished run (confusion matrix, per-class F1, curves) into its
+        folder and log the PNGs; matplotlib is the optional `plots` extra."""
+        if self._wandb_run is None:
+            return
+        try:
+            from breakhis_ft.plots import log_plots_to_wandb, plot_run
+            from breakhis_ft.report import load_run
+
+            paths = plot_run(load_run(self.run_dir))
+        except ImportError as err:
+            log.warning("no plots for W&B (%s); pip install -e '.[plots]'", err)
+            return
+        self._safe_wandb(lambda run: log_plots_to_wandb(run, paths))
+
     def _log_split_tables(self, split: str, metrics: dict, y_true: list, y_pred: list) -> None:
         import wandb
 

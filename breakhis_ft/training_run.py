@@ -189,6 +189,7 @@ def train_and_evaluate(
                 classifier, data, accelerator, cfg.trainer.eval_batch_size, run_dir
             )
             tracker.log_final(metrics, predictions)
+            tracker.log_plots()
             value = _metric_value(metrics, cfg.optimized_metric)
         failed = False
         return value
