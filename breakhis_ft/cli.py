@@ -82,10 +82,24 @@ def _fixed_run_dir_argv(argv: list[str]) -> list[str]:
     return argv
 
 
+def _refuse_used_run_dir(argv: list[str]) -> None:
+    """A fixed hydra.run.dir that already holds a run is continued only by resume=, never reused:
+    Hydra would overwrite that run's .hydra/ before any of our code runs."""
+    fixed = [a.partition("=")[2] for a in argv if a.startswith("hydra.run.dir=")]
+    resuming = any(a.startswith("resume=") and a != "resume=null" for a in argv)
+    if fixed and not resuming and int(os.environ.get("RANK", "0")) == 0:
+        if (Path(fixed[-1]) / "run_info.json").exists():
+            raise SystemExit(
+                f"hydra.run.dir={fixed[-1]} already holds a run: continue it with "
+                f"resume={fixed[-1]}, or choose a new folder"
+            )
+
+
 def main() -> None:
     """Console-script entry: prepare argv, register the schema, run Hydra."""
     register_configs()
     argv = _fixed_run_dir_argv(_past_run_argv(sys.argv[1:]))
+    _refuse_used_run_dir(argv)
     sys.argv = [sys.argv[0], *argv]
     _run()
 

@@ -294,3 +294,12 @@ def test_two_processes_write_one_run_folder(first_run, tmp_path) -> None:
         split_rows = (run_dir / "splits.csv").read_text().splitlines()[1:]
         expected = sum(1 for row in split_rows if row.split(",")[1] == split)
         assert len(paths) == len(set(paths)) == expected == _metrics(run_dir)[split]["n"]
+
+
+def test_a_run_folder_is_never_reused(first_run) -> None:
+    run_dir, cache = first_run
+    saved = (run_dir / ".hydra" / "config.yaml").read_text()
+    done = run_cli([f"hydra.run.dir={run_dir}", "logger=none"], cache, timeout=60)
+    assert done.returncode != 0
+    assert f"hydra.run.dir={run_dir} already holds a run" in done.stderr
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == saved
