@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +17,6 @@ from breakhis_ft.models.tiny import ensure_tiny_gemma3
 EVA4 = ("tubular_adenoma", "mucinous_carcinoma", "fibroadenoma", "ductal_carcinoma")
 # One H&E-like tint per class, plus a class-dependent stripe direction.
 TINTS = np.array([[0.8, 0.4, 0.6], [0.5, 0.3, 0.7], [0.9, 0.6, 0.7], [0.6, 0.5, 0.8]])
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run with `n` intra-op threads (on a shared, busy CPU one is ~8x faster for tiny ops)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -6,17 +6,11 @@ import dataclasses
 
 import pytest
 import torch
-from medgemma_toy import EVA4, classifier, examples, tiny_path, torch_threads
+from medgemma_toy import EVA4, classifier, examples, tiny_path
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from breakhis_ft.config import ModelConfig, PeftConfig, PrecisionConfig
 from breakhis_ft.models.medgemma import MedGemmaClassifier, build_medgemma_classifier
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")

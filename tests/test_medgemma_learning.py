@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from medgemma_toy import classifier, examples, tiny_path, torch_threads
+from medgemma_toy import classifier, examples, tiny_path
 from peft import PeftModel
 from torchmetrics.functional.classification import multiclass_accuracy
 from transformers import AutoModelForImageTextToText
@@ -17,12 +17,6 @@ from breakhis_ft.data.splits import assign_splits
 from breakhis_ft.models.medgemma import MedGemmaClassifier
 
 MAGS = [40, 100, 200, 400]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
 
 
 def predictions(clf: MedGemmaClassifier, data, batch_size: int = 16) -> torch.Tensor:

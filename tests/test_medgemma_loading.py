@@ -9,7 +9,7 @@ import httpx
 import pytest
 import torch
 from huggingface_hub.errors import GatedRepoError
-from medgemma_toy import classifier, tiny_path, torch_threads
+from medgemma_toy import classifier, tiny_path
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from breakhis_ft.config import ConfigError, ModelConfig, PeftConfig, PrecisionConfig
@@ -24,12 +24,6 @@ from breakhis_ft.models.gemma_loading import (
 )
 from breakhis_ft.models.medgemma import build_medgemma_classifier
 from breakhis_ft.models.tiny import RECIPE_FILE, ensure_tiny_gemma3
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")

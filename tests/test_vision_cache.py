@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from medgemma_toy import class_image, classifier, tiny_path, torch_threads
+from medgemma_toy import class_image, classifier, tiny_path
 from omegaconf import OmegaConf
 
 from breakhis_ft.config import AugmentConfig, ConfigError, PeftConfig, TrainRunConfig
@@ -21,12 +21,6 @@ from breakhis_ft.models.vision_cache import (
 
 N_IMAGES = 6
 NO_AUGMENT = {"flips": False, "rot90": False, "stain_jitter": 0.0}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")

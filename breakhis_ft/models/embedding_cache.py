@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,11 +22,11 @@ from typing import Any
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from breakhis_ft.data.breakhis import load_image
 from breakhis_ft.data.dataset import image_key
+from breakhis_ft.models.shards import write_shard
 
 log = logging.getLogger(__name__)
 
@@ -89,20 +87,14 @@ class EmbeddingCache:
         return sorted(self.directory.glob(SHARD_GLOB)) if self.directory else []
 
     def _write_shard(self, entries: dict[str, torch.Tensor]) -> None:
-        """One shard, atomically (temporary name, then rename)."""
         assert self.directory is not None
-        self.directory.mkdir(parents=True, exist_ok=True)
-        ident = self.directory / "identity.json"
-        if not ident.exists():
-            ident.write_text(json.dumps(self.identity, indent=1, sort_keys=True, default=str))
-        name = f"shard-{uuid.uuid4().hex}.safetensors"
-        tmp = self.directory / f".tmp-{name}"
-        save_file(
-            {"embeddings": torch.stack(list(entries.values())).contiguous()},
-            str(tmp),
-            metadata={"keys": json.dumps(list(entries))},
+        write_shard(
+            self.directory,
+            self.identity,
+            "embeddings",
+            list(entries),
+            torch.stack(list(entries.values())),
         )
-        os.replace(tmp, self.directory / name)
 
     def load(self) -> dict[str, torch.Tensor]:
         """Every stored embedding by image key (merging the shards when there are many)."""

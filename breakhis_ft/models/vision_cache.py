@@ -20,8 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,12 +27,12 @@ from typing import Any
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from breakhis_ft.config import ConfigError
 from breakhis_ft.data.augment import is_identity
 from breakhis_ft.data.dataset import image_key
+from breakhis_ft.models.shards import write_shard
 
 log = logging.getLogger(__name__)
 
@@ -162,19 +160,8 @@ class VisionFeatureStore:
             self._handles[shard.name] = None
 
     def _write_shard(self, keys: list[str], values: list[torch.Tensor]) -> None:
-        """One shard, atomically (temporary name, then rename), then indexed."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        ident = self.directory / "identity.json"
-        if not ident.exists():
-            ident.write_text(json.dumps(self.identity, indent=1, sort_keys=True, default=str))
-        name = f"shard-{uuid.uuid4().hex}.safetensors"
-        tmp = self.directory / f".tmp-{name}"
-        save_file(
-            {"features": torch.stack(values).contiguous()},
-            str(tmp),
-            metadata={"keys": json.dumps(keys)},
-        )
-        os.replace(tmp, self.directory / name)
+        """One shard, atomically, then indexed."""
+        name = write_shard(self.directory, self.identity, "features", keys, torch.stack(values))
         for row, key in enumerate(keys):
             self.index[key] = (name, row)
         self._handles[name] = None
