@@ -303,3 +303,30 @@ def test_a_run_folder_is_never_reused(first_run) -> None:
     assert done.returncode != 0
     assert f"hydra.run.dir={run_dir} already holds a run" in done.stderr
     assert (run_dir / ".hydra" / "config.yaml").read_text() == saved
+
+
+def test_a_failing_sweep_job_is_reported_and_its_wandb_run_closed(first_run, tmp_path) -> None:
+    _, cache = first_run
+    tiny = cache / "models" / "tiny_gemma3"
+    done = run_cli(
+        [
+            "-m",
+            "model=tiny_gemma3",
+            "model.build_tiny=false",
+            f"model.name_or_path={tmp_path / 'missing'},{tiny}",
+            "logger.mode=offline",
+            *FAST,
+            f"output_dir={tmp_path}",
+        ],
+        cache,
+    )
+    assert done.returncode != 0 and "no such folder" in done.stderr
+    job0, job1 = sorted(tmp_path.rglob("job[01]"))
+    status = [json.loads((j / "run_info.json").read_text())["status"] for j in (job0, job1)]
+    assert status == ["failed", "completed"]
+    # job0's W&B run was finished (exit code 1) before job1's began, not left open until exit
+    log0 = (job0 / "wandb" / "debug.log").read_text().splitlines()
+    finished = next(line for line in log0 if "finishing run" in line)[:23]
+    assert any("got exitcode: 1" in line for line in log0)
+    started = (job1 / "wandb" / "debug.log").read_text().splitlines()[0][:23]
+    assert finished < started

@@ -18,16 +18,23 @@ class ModelLoadError(OSError):
 
 def load_error(name: str, err: Exception, tiny_option: str) -> ModelLoadError:
     """The error for a gated, missing or unreadable checkpoint: names the key and the fixes."""
+    local_copy = (
+        "point model.name_or_path at a local copy of the checkpoint (config.json, *.safetensors "
+        f"and the processor files); {tiny_option} builds a tiny local one for tests"
+    )
+    if name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists():
+        return ModelLoadError(
+            f"model.name_or_path={name!r}: no such folder. Fix: {local_copy}; or give a hub id "
+            "(gated ones, such as google/medgemma-4b-it, need their licence accepted and HF_TOKEN)"
+        )
     gated = "gated" in type(err).__name__.lower() or "gated" in str(err).lower()
     first_line = str(err).splitlines()[0] if str(err) else ""
     return ModelLoadError(
         f"could not load model.name_or_path={name!r} "
         f"({type(err).__name__}{', gated model: access not granted' if gated else ''}: "
-        f"{first_line}). "
-        "Fix: for a gated hub model (google/medgemma-4b-it and google/medsiglip-448 are), accept "
-        f"the licence on https://huggingface.co/{name} and set HF_TOKEN (or run `hf auth login`); "
-        "or point model.name_or_path at a local copy of the checkpoint (config.json, "
-        f"*.safetensors and the processor files); {tiny_option} builds a tiny local one for tests"
+        f"{first_line}). Fix: for a gated hub model (google/medgemma-4b-it and "
+        f"google/medsiglip-448 are), accept the licence on https://huggingface.co/{name} and set "
+        f"HF_TOKEN (or run `hf auth login`); or {local_copy}"
     )
 
 
