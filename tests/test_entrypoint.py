@@ -330,3 +330,23 @@ def test_a_failing_sweep_job_is_reported_and_its_wandb_run_closed(first_run, tmp
     assert any("got exitcode: 1" in line for line in log0)
     started = (job1 / "wandb" / "debug.log").read_text().splitlines()[0][:23]
     assert finished < started
+
+
+def test_the_demo_learns_eight_classes_on_held_out_patients(first_run, tmp_path) -> None:
+    """The demo at a tenth of the replica: untrained it scores 0.17 / 0.14 balanced accuracy on
+    val / test (chance 0.125); trained, 0.45 / 0.34 here on two seeds."""
+    _, cache = first_run
+    done = run_cli(
+        [
+            "experiment=demo",
+            "logger=none",
+            "data.synthetic_fraction=0.1",
+            "trainer.epochs=3",
+            f"output_dir={tmp_path}",
+        ],
+        cache,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = _metrics(_single_run_dir(tmp_path))
+    assert metrics["val"]["balanced_accuracy"] > 0.3
+    assert metrics["test"]["balanced_accuracy"] > 0.25
