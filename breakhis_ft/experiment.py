@@ -42,7 +42,9 @@ def prepare_data(cfg: DictConfig, run_dir: Path) -> tuple[BreakhisScan, dict[str
 def _job_identity(cfg: DictConfig) -> tuple[str, str]:
     """(W&B group, readable run name) from the experiment, the sweep and the overrides."""
     hydra_cfg = HydraConfig.get()
-    overrides = [o for o in hydra_cfg.overrides.task if not o.startswith(("experiment=", "hydra"))]
+    # paths and logging settings say nothing about the experiment: they stay out of the name
+    unnamed = ("experiment=", "hydra", "output_dir=", "data.root=", "data.cache_dir=", "logger.")
+    overrides = [o for o in hydra_cfg.overrides.task if not o.startswith(unnamed)]
     name = ",".join(overrides) or cfg.experiment_name
     if hydra_cfg.mode == RunMode.MULTIRUN:
         group = f"{cfg.experiment_name}/{Path(hydra_cfg.sweep.dir).name}"
