@@ -8,14 +8,10 @@ Gemma special tokens, ASCII characters and the words of every task's prompts.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import re
-import shutil
 import string
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +29,14 @@ from transformers import (
 from breakhis_ft.config import PromptConfig
 from breakhis_ft.data.records import TASK_CLASSES
 from breakhis_ft.models.prompts import STYLES, make_prompt
+from breakhis_ft.models.tiny_checkpoint import (
+    RECIPE_FILE,
+    ensure_checkpoint,
+    recipe_digest,
+)
 
 log = logging.getLogger(__name__)
 
-RECIPE_FILE = "tiny_recipe.json"
 # Gemma's fixed low ids (pad 0, eos 1, bos 2, unk 3, mask 4), then the chat and image markers.
 BASE_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")
 CHAT_SPECIALS = (
@@ -200,8 +200,7 @@ def _recipe() -> dict[str, Any]:
 
 def recipe_hash() -> str:
     """Hash of the tiny checkpoint's recipe."""
-    blob = json.dumps(_recipe(), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return recipe_digest(_recipe())
 
 
 def build_tiny_gemma3(path: str | Path) -> Path:
@@ -218,13 +217,14 @@ def build_tiny_gemma3(path: str | Path) -> Path:
         image_seq_length=SIZES["mm_tokens_per_image"],
     )
     config = tiny_gemma3_config(tokenizer)
-    torch.manual_seed(SIZES["seed"])
-    model = Gemma3ForConditionalGeneration(config)
-    # A fresh projector is all zeros, so the language model would never see the image; give it a
-    # scaled normal init so image features reach the text embedding space at unit scale.
-    projector = model.model.multi_modal_projector.mm_input_projection_weight
-    with torch.no_grad():
-        projector.normal_(0.0, SIZES["vision_hidden_size"] ** -0.5)
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG state stays untouched
+        torch.manual_seed(SIZES["seed"])
+        model = Gemma3ForConditionalGeneration(config)
+        # A fresh projector is all zeros, so the language model would never see the image; give
+        # it a scaled normal init so image features reach the text embedding space at unit scale.
+        projector = model.model.multi_modal_projector.mm_input_projection_weight
+        with torch.no_grad():
+            projector.normal_(0.0, SIZES["vision_hidden_size"] ** -0.5)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=config.text_config.eos_token_id,
@@ -240,21 +240,4 @@ def build_tiny_gemma3(path: str | Path) -> Path:
 
 def ensure_tiny_gemma3(path: str | Path) -> Path:
     """Return `path` holding the tiny Gemma 3 checkpoint, building it when missing or outdated."""
-    path = Path(path)
-    marker = path / RECIPE_FILE
-    if marker.is_file():
-        try:
-            if json.loads(marker.read_text()).get("hash") == recipe_hash():
-                return path
-        except json.JSONDecodeError:
-            pass
-    # Build beside the target and swap it in, so a reader never sees a half-written checkpoint.
-    tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex[:8]}"
-    try:
-        build_tiny_gemma3(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        os.rename(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return ensure_checkpoint(path, recipe_hash(), build_tiny_gemma3)

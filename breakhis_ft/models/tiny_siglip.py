@@ -8,12 +8,8 @@ class-name words and the words of the default zero-shot templates.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +24,15 @@ from transformers import (
 )
 
 from breakhis_ft.data.records import TASK_CLASSES
+from breakhis_ft.models.tiny_checkpoint import (
+    RECIPE_FILE,
+    ensure_checkpoint,
+    recipe_digest,
+    stored_digest,
+)
 
 log = logging.getLogger(__name__)
 
-RECIPE_FILE = "tiny_recipe.json"
 SPECIALS = (
     "<pad>",
     "<unk>",
@@ -134,8 +135,7 @@ def _recipe() -> dict[str, Any]:
 
 def recipe_hash() -> str:
     """Hash of the tiny checkpoint's recipe."""
-    blob = json.dumps(_recipe(), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return recipe_digest(_recipe())
 
 
 def build_tiny_siglip(path: str | Path) -> Path:
@@ -158,29 +158,8 @@ def build_tiny_siglip(path: str | Path) -> Path:
     return path
 
 
-def _stored_hash(path: Path) -> str | None:
-    try:
-        return json.loads((path / RECIPE_FILE).read_text()).get("hash")
-    except (OSError, ValueError):
-        return None
-
-
 def ensure_tiny_siglip(path: str | Path) -> Path:
     """Return `path` holding the tiny SigLIP; build it when missing or from an older recipe."""
-    path = Path(path).expanduser()
-    if _stored_hash(path) == recipe_hash():
-        return path
-    log.info("building the tiny SigLIP checkpoint at %s", path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target, then rename: a reader never sees a half-written checkpoint.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-    try:
-        build_tiny_siglip(tmp)
-        if _stored_hash(path) == recipe_hash():  # another process finished first
-            return path
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    if stored_digest(Path(path).expanduser()) != recipe_hash():
+        log.info("building the tiny SigLIP checkpoint at %s", path)
+    return ensure_checkpoint(path, recipe_hash(), build_tiny_siglip)
