@@ -9,6 +9,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from breakhis_ft.run_folder import write_json
+
 log = logging.getLogger(__name__)
 
 # keys whose values never leave the process: tokens, API keys, passwords
@@ -108,7 +110,7 @@ class RunTracker:
         """
         if not self.active:
             return
-        (self.run_dir / "metrics.json").write_text(json.dumps(_json_safe(metrics), indent=2))
+        write_json(self.run_dir / "metrics.json", _json_safe(metrics))  # atomic
         if self._wandb_run is None:
             return
         for split, split_metrics in metrics.items():
