@@ -3,7 +3,7 @@
 #   docker build -t breakhis-ft .
 #   docker run --gpus all -v /data/BreaKHis_v1:/data:ro -v $PWD/outputs:/outputs \
 #     -v breakhis-cache:/cache -e HF_TOKEN -e WANDB_API_KEY \
-#     breakhis-ft experiment=medgemma_lora_100x data.root=/data output_dir=/outputs
+#     breakhis-ft experiment=medgemma_lora_100x data.root=/data paths.output_dir=/outputs
 #
 # Without arguments it runs the CMD below: the tiny demo on the synthetic replica (no download, no
 # secrets), a smoke test of the image. Secrets (HF_TOKEN, WANDB_API_KEY) come from the
@@ -36,17 +36,18 @@ RUN python3 -m venv /opt/venv && pip install --upgrade pip
 # torch in its own layer: the largest download, and it changes least often.
 RUN pip install "torch==${TORCH_VERSION}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 
-# The repository copy, installed editable: the entrypoint reads conf/ from beside the package.
+# A regular (non-editable) install: conf/ is packaged as breakhis_ft.conf, so the image needs no
+# source tree at run time.
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY breakhis_ft ./breakhis_ft
 COPY conf ./conf
 COPY scripts ./scripts
-RUN pip install -e ".[${EXTRAS}]" && breakhis-ft --help > /dev/null
+RUN pip install ".[${EXTRAS}]" && cd / && breakhis-ft experiment=demo --cfg job > /dev/null
 
 # /data: the BreakHis tree (read-only); /outputs: run folders (and offline W&B files);
 # /cache: image and embedding caches, hub downloads (keep it between jobs to skip them).
 VOLUME ["/outputs", "/cache"]
 
 ENTRYPOINT ["breakhis-ft"]
-CMD ["experiment=demo", "logger=none", "output_dir=/outputs"]
+CMD ["experiment=demo", "logger=none", "paths.output_dir=/outputs"]

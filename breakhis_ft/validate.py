@@ -1,0 +1,202 @@
+"""Compose-time checks of the combinations a typed schema cannot express.
+
+`validate_config` runs in the entrypoint before any data or model loads; each failure is one line,
+`config error: <key>: <what is wrong and the fix>`. Types, unknown keys and the values of Enum keys
+are already checked by the schema (`config.py`) when Hydra composes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from breakhis_ft.config import MAGNIFICATIONS
+from breakhis_ft.errors import ConfigError
+
+# The scalar keys of a split's metrics (evaluate.metrics.compute_metrics; a test keeps them equal)
+SCALAR_METRICS = (
+    "accuracy",
+    "balanced_accuracy",
+    "f1_macro",
+    "f1_weighted",
+    "auroc_macro",
+    "patient_accuracy",
+)
+BINARY_METRICS = ("accuracy", "f1", "auroc")
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+    "cosine_with_min_lr",
+    "warmup_stable_decay",
+)
+# model_type of a checkpoint's config.json for each model.kind
+CHECKPOINT_TYPES = {"medgemma": ("gemma3",), "siglip": ("siglip", "siglip_vision_model")}
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config error: {key}: {message}")
+
+
+def monitorable(cfg: DictConfig) -> list[str]:
+    """The validation metrics a run of this config logs, by the names `trainer.monitor` takes."""
+    names = [f"val/{key}" for key in SCALAR_METRICS]
+    names += [f"val/binary/{key}" for key in BINARY_METRICS]
+    names += [f"val/per_class/{c}/{m}" for c in cfg.task.classes for m in ("f1", "recall")]
+    return names
+
+
+def _check_data(cfg: DictConfig) -> None:
+    _check(cfg.data.image_size >= 1, "data.image_size", f"must be >= 1, got {cfg.data.image_size}")
+    _check(
+        cfg.data.source == "synthetic" or cfg.data.root is not None,
+        "data.root",
+        "data=breakhis needs data.root=/path/to/BreaKHis_v1 (see scripts/download_breakhis.py)",
+    )
+    for factor in cfg.magnification.factors:
+        _check(
+            factor in MAGNIFICATIONS,
+            "magnification.factors",
+            f"{factor} is not one of {MAGNIFICATIONS} (magnification=all|40x|100x|200x|400x)",
+        )
+
+
+def _check_split(cfg: DictConfig) -> None:
+    ratios = list(cfg.split.ratios)
+    _check(
+        len(ratios) == 3 and all(r >= 0 for r in ratios) and abs(sum(ratios) - 1) < 1e-6,
+        "split.ratios",
+        f"needs three non-negative shares (train, val, test) summing to 1, got {ratios}",
+    )
+    if cfg.split.kind == "eva":
+        _check(
+            cfg.task.name == "eva4",
+            "task",
+            "split=eva is defined for task=eva4 (TA, MC, F, DC); set task=eva4",
+        )
+        _check(
+            list(cfg.magnification.factors) == [40],
+            "magnification",
+            "split=eva is defined at 40X only; set magnification=40x",
+        )
+    if cfg.split.kind == "official_fold":
+        _check(1 <= cfg.split.fold <= 5, "split.fold", "Folds.csv has folds 1-5")
+    if cfg.split.n_folds > 1:
+        _check(
+            1 <= cfg.split.fold <= cfg.split.n_folds,
+            "split.fold",
+            f"must be in 1..{cfg.split.n_folds} for k-fold cross-validation",
+        )
+
+
+def _check_trainer(cfg: DictConfig) -> None:
+    t = cfg.trainer
+    _check(t.lr > 0, "trainer.lr", f"must be positive, got {t.lr}")
+    _check(
+        t.batch_size > 0 and t.grad_accum > 0 and t.eval_batch_size > 0,
+        "trainer.batch_size",
+        "batch_size, eval_batch_size and grad_accum must be positive",
+    )
+    _check(
+        t.scheduler in SCHEDULERS,
+        "trainer.scheduler",
+        f"{t.scheduler!r} is not a transformers scheduler; one of {', '.join(SCHEDULERS)}",
+    )
+    if cfg.train:
+        _check(
+            t.max_steps > 0 or (t.max_steps < 0 and t.epochs > 0),
+            "trainer.epochs",
+            f"epochs={t.epochs}, max_steps={t.max_steps} train nothing; set trainer.epochs>0 "
+            "(or trainer.max_steps>0), or train=false to only evaluate",
+        )
+    allowed = monitorable(cfg)
+    _check(
+        t.monitor in allowed,
+        "trainer.monitor",
+        f"{t.monitor!r} is not a validation metric this run logs; e.g. {', '.join(allowed[:7])}",
+    )
+
+
+def _check_model(cfg: DictConfig) -> None:
+    kind = str(cfg.model.kind)
+    target = str(cfg.model.builder.get("_target_", ""))
+    _check(
+        f".{kind}." in f".{target}",
+        "model.kind",
+        f"model.kind={kind} but the model group builds with {target}: choose the model group "
+        "(model=medgemma_4b_it | medsiglip_448 | tiny_gemma3 | tiny_siglip) instead of model.kind",
+    )
+    config_file = Path(str(cfg.model.name_or_path)).expanduser() / "config.json"
+    if config_file.is_file():  # a local checkpoint says what it is: check it before loading
+        model_type = json.loads(config_file.read_text()).get("model_type")
+        _check(
+            model_type in CHECKPOINT_TYPES[kind],
+            "model.kind",
+            f"{config_file} is a {model_type!r} checkpoint, not a {kind} one; choose the model "
+            "group that matches it",
+        )
+    if cfg.precision.name == "fp16" and kind == "medgemma":
+        _check(
+            cfg.precision.allow_fp16,
+            "precision",
+            "fp16 overflows to NaN on Gemma 3 (activations exceed 65,504); use precision=bf16, "
+            "or set precision.allow_fp16=true to try anyway",
+        )
+    if kind == "siglip" and cfg.model.freeze_encoder:
+        _check(
+            cfg.peft.method == "none",
+            "model.freeze_encoder",
+            "true freezes the encoder for a linear probe (use peft=none); with peft=lora set "
+            "model.freeze_encoder=false",
+        )
+    if cfg.model.zero_shot:
+        _check(
+            kind == "siglip",
+            "model.zero_shot",
+            "zero-shot needs a SigLIP checkpoint with its text tower (model=medsiglip_448)",
+        )
+        _check(not cfg.train, "model.zero_shot", "a zero-shot run trains nothing; set train=false")
+
+
+def _check_peft(cfg: DictConfig) -> None:
+    p = cfg.peft
+    _check(p.r > 0, "peft.r", f"must be a positive integer, got {p.r}")
+    _check(p.alpha > 0, "peft.alpha", f"must be positive, got {p.alpha}")
+    _check(0.0 <= p.dropout < 1.0, "peft.dropout", f"must be in [0, 1), got {p.dropout}")
+    if p.method == "qlora":
+        _check(cfg.model.kind == "medgemma", "peft", "qlora is for MedGemma (model=medgemma_4b_it)")
+        _check(
+            cfg.precision.name == "bf16",
+            "precision",
+            "qlora computes in bfloat16 (bnb_4bit_compute_dtype); use precision=bf16",
+        )
+        _check(
+            importlib.util.find_spec("bitsandbytes") is not None,
+            "peft",
+            "peft=qlora needs bitsandbytes: pip install 'breakhis-ft[quant]' (or use peft=lora)",
+        )
+
+
+CHECKS: tuple[Callable[[DictConfig], None], ...] = (
+    _check_data,
+    _check_split,
+    _check_trainer,
+    _check_model,
+    _check_peft,
+)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Check cross-key combinations; raise ConfigError naming the key and the fix."""
+    for check in CHECKS:
+        check(cfg)
