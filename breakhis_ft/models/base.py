@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -9,11 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from breakhis_ft.errors import ModelLoadError
+
 Batch = dict[str, Any]
-
-
-class ModelLoadError(OSError):
-    """A checkpoint that could not be loaded; the message says how to get access or a local copy."""
 
 
 def load_error(name: str, err: Exception, tiny_option: str) -> ModelLoadError:
@@ -59,6 +58,17 @@ class Classifier(nn.Module):
     def predict_proba(self, batch: Batch) -> torch.Tensor:
         """Class probabilities, shape (batch, n_classes), rows summing to 1."""
         raise NotImplementedError
+
+    @property
+    def needs_images(self) -> bool:
+        """Whether batches need decoded images (False: they look up cached features)."""
+        return True
+
+    def prepare_cached_inputs(self, datasets: Sequence[Any], data_root: str | Path) -> int:
+        """Compute once what batches look up instead of images; returns how many were computed.
+
+        Datasets are ImageDatasets (`records`, `load(i)`); run it on the main process first."""
+        return 0
 
     def enable_gradient_checkpointing(self) -> None:
         """Trade compute for activation memory in the trainable part."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+from dataclasses import replace
 from importlib.resources import files
 from typing import Any
 
@@ -21,8 +22,8 @@ from transformers import (
     ProcessorMixin,
 )
 
-from breakhis_ft.config import ConfigError
-from breakhis_ft.models.base import ModelLoadError, load_error
+from breakhis_ft.errors import ConfigError, ModelLoadError
+from breakhis_ft.models.base import load_error
 
 log = logging.getLogger(__name__)
 
@@ -31,31 +32,6 @@ log = logging.getLogger(__name__)
 LANGUAGE_MODEL_TARGETS = (
     r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 )
-FP16_MESSAGE = (
-    "config error: precision: fp16 overflows to NaN on Gemma 3 (activations exceed 65,504); "
-    "use precision=bf16, or set precision.allow_fp16=true to try anyway"
-)
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-
-
-def resolve_dtype(precision_cfg: Any, device_supports_bf16: bool | None = None) -> torch.dtype:
-    """The weights' dtype for `precision`; refuses fp16 on Gemma 3 and bf16 where unsupported."""
-    name = str(precision_cfg.name)
-    if name not in DTYPES:
-        raise ConfigError(f"config error: precision.name: got {name!r}, allowed: bf16, fp32, fp16")
-    if name == "fp16" and not precision_cfg.allow_fp16:
-        raise ConfigError(FP16_MESSAGE)
-    if name == "bf16":
-        if device_supports_bf16 is None:
-            from accelerate.utils import is_bf16_available
-
-            device_supports_bf16 = is_bf16_available()
-        if not device_supports_bf16:
-            raise ConfigError(
-                "config error: precision: this device does not support bfloat16 (bf16); use "
-                "precision=fp32 (fp16 overflows on Gemma 3), or a GPU with bf16 (Ampere or newer)"
-            )
-    return DTYPES[name]
 
 
 def qlora_quantization(dtype: torch.dtype) -> BitsAndBytesConfig:
@@ -122,25 +98,20 @@ def _vision_modules(model: Gemma3ForConditionalGeneration) -> list[torch.nn.Modu
 
 
 def apply_peft(
-    model: Gemma3ForConditionalGeneration, peft_cfg: Any, freeze_vision: bool = True
+    model: Gemma3ForConditionalGeneration,
+    lora: LoraConfig | None,
+    target_modules: Any = "language_model",
+    freeze_vision: bool = True,
 ) -> PreTrainedModel | PeftModel:
-    """Wrap the model for training: LoRA/QLoRA adapters, or full fine-tuning for method none."""
-    method = str(peft_cfg.method)
-    if method == "none":
+    """Wrap the model for training: LoRA/QLoRA adapters, or (lora None) full fine-tuning."""
+    if lora is None:
         model.requires_grad_(True)
         if freeze_vision:
             for module in _vision_modules(model):
                 module.requires_grad_(False)
         return model
-    if method not in ("lora", "qlora"):
-        raise ConfigError(f"config error: peft.method: got {method!r}, allowed: lora, qlora, none")
-    lora = LoraConfig(
-        r=int(peft_cfg.r),
-        lora_alpha=int(peft_cfg.alpha),
-        lora_dropout=float(peft_cfg.dropout),
-        target_modules=resolve_target_modules(peft_cfg.target_modules),
-        modules_to_save=[str(m) for m in peft_cfg.modules_to_save] or None,
-        task_type="CAUSAL_LM",
+    lora = replace(
+        lora, target_modules=resolve_target_modules(target_modules), task_type="CAUSAL_LM"
     )
     return get_peft_model(model, lora)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peft import PeftModel
+from peft import LoraConfig, PeftModel
 from peft.utils import load_peft_weights, set_peft_model_state_dict
 from PIL import Image
 from transformers import Gemma3ForConditionalGeneration, PreTrainedModel, ProcessorMixin
@@ -27,11 +27,10 @@ from breakhis_ft.models.gemma_loading import (
     count_parameters,
     load_model_and_processor,
     qlora_quantization,
-    resolve_dtype,
 )
+from breakhis_ft.models.precision import Precision
 from breakhis_ft.models.prompts import ClassPrompt, make_prompt
 from breakhis_ft.models.siglip_loading import checkpoint_identity
-from breakhis_ft.models.tiny import ensure_tiny_gemma3
 from breakhis_ft.models.vision_cache import VisionFeatureStore, feature_identity
 
 log = logging.getLogger(__name__)
@@ -385,6 +384,17 @@ class MedGemmaClassifier(Classifier):
         )["pixel_values"]
         return self.image_features(pixel_values.to(self.device))
 
+    @property
+    def needs_images(self) -> bool:
+        """With the vision feature cache, batches carry soft tokens instead of images."""
+        return self.feature_store is None
+
+    def prepare_cached_inputs(self, datasets: Sequence[Any], data_root: str | Path) -> int:
+        """Compute the missing cached vision features (none without the cache)."""
+        if self.feature_store is None:
+            return 0
+        return self.prepare_vision_features(datasets, data_root)
+
     def prepare_vision_features(self, datasets: Sequence[Any], data_root: str | Path) -> int:
         """Compute the missing features of every image of `datasets` (ImageDataset: `records`,
         `load(i)`); returns how many were computed. Run on the main process first."""
@@ -425,37 +435,35 @@ class MedGemmaClassifier(Classifier):
 
 def build_medgemma_classifier(
     model_cfg: Any,
-    peft_cfg: Any,
-    precision_cfg: Any,
+    checkpoint: str,
+    peft_method: str,
+    lora: LoraConfig | None,
+    target_modules: Any,
+    precision: Precision,
     class_names: tuple[str, ...] | list[str],
-    device_supports_bf16: bool | None = None,
+    cache_dirs: Any = None,
 ) -> MedGemmaClassifier:
-    """Load MedGemma (or the tiny Gemma 3) with adapter, prompt and precision from the config."""
-    dtype = resolve_dtype(precision_cfg, device_supports_bf16)
-    path = str(model_cfg.name_or_path)
-    if getattr(model_cfg, "build_tiny", False):
-        path = str(ensure_tiny_gemma3(path))
-    quantization = qlora_quantization(dtype) if peft_cfg.method == "qlora" else None
+    """Load MedGemma (or the tiny Gemma 3) at `checkpoint` with its adapter, prompt and dtype."""
+    quantization = qlora_quantization(precision.dtype) if peft_method == "qlora" else None
     model, processor = load_model_and_processor(
-        path, dtype, str(model_cfg.attn_implementation), quantization
+        checkpoint, precision.dtype, str(model_cfg.attn_implementation), quantization
     )
-    freeze_vision = bool(getattr(model_cfg, "freeze_vision", True))
-    model = apply_peft(model, peft_cfg, freeze_vision=freeze_vision)
+    model = apply_peft(model, lora, target_modules, freeze_vision=bool(model_cfg.freeze_vision))
     classifier = MedGemmaClassifier(
         model,
         processor,
         make_prompt(model_cfg.prompt, class_names),
         loss_on=str(model_cfg.loss_on),
-        max_new_tokens=int(getattr(model_cfg, "max_new_tokens", 40)),
+        max_new_tokens=int(model_cfg.max_new_tokens),
     )
     trainable, total = classifier.parameter_counts()
     log.info(
         "%s: trainable parameters %s of %s (%.3f%%), peft=%s, dtype=%s",
-        path,
+        checkpoint,
         f"{trainable:,}",
         f"{total:,}",
         100.0 * trainable / max(total, 1),
-        peft_cfg.method,
-        str(dtype).removeprefix("torch."),
+        peft_method,
+        precision.name,
     )
     return classifier

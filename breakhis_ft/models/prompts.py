@@ -14,7 +14,8 @@ import string
 from dataclasses import dataclass
 from typing import Any
 
-from breakhis_ft.config import ConfigError, PromptConfig
+from breakhis_ft.config import PromptConfig
+from breakhis_ft.errors import ConfigError
 
 STYLES = ("numbered", "letters")
 

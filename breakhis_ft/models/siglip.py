@@ -15,20 +15,21 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from peft import LoraConfig
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from breakhis_ft.config import ConfigError
 from breakhis_ft.models.base import Batch, Classifier
 from breakhis_ft.models.embedding_cache import EmbeddingCache, EmbeddingTable
+from breakhis_ft.models.precision import Precision
 from breakhis_ft.models.siglip_loading import (
-    DTYPES,
     SiglipPreprocessor,
     checkpoint_identity,
     labels_and_indices,
@@ -36,7 +37,6 @@ from breakhis_ft.models.siglip_loading import (
     load_preprocessor,
     load_vision_encoder,
     pooled_embedding,
-    resolve_checkpoint,
 )
 
 log = logging.getLogger(__name__)
@@ -131,6 +131,17 @@ class SiglipClassifier(Classifier):
         self.embeddings = self.embeddings.merged(table)
         return computed
 
+    @property
+    def needs_images(self) -> bool:
+        """A probe's batches hold cached embeddings; LoRA and full fine-tuning need images."""
+        return self.mode != "probe"
+
+    def prepare_cached_inputs(self, datasets: Sequence[Any], data_root: str | Path) -> int:
+        """Probe: embed every image of `datasets` once (disk-cached); others compute nothing."""
+        if self.mode != "probe":
+            return 0
+        return self.prepare_embeddings([r.path for d in datasets for r in d.records], data_root)
+
     def collate(self, examples: list[dict[str, Any]], train: bool) -> Batch:
         """Probe: cached embeddings looked up by `path`; otherwise pixel values from `image`."""
         batch = labels_and_indices(examples)
@@ -207,73 +218,52 @@ class SiglipClassifier(Classifier):
             self.encoder.load_state_dict(load_file(str(directory / "encoder.safetensors")))
 
 
-def classifier_mode(model_cfg: Any, peft_cfg: Any) -> str:
-    """probe, lora or full from `peft.method` and `model.freeze_encoder`."""
-    method, frozen = peft_cfg.method, bool(model_cfg.freeze_encoder)
-    if method == "qlora":
-        raise ConfigError(
-            "config error: peft.method: qlora is for model=medgemma_4b_it; "
-            "use peft=lora or peft=none with model.kind=siglip"
-        )
-    if method == "lora":
-        if frozen:
-            raise ConfigError(
-                "config error: model.freeze_encoder: true freezes the encoder for a "
-                "linear probe (use peft=none); with peft=lora set it to false"
-            )
+def classifier_mode(peft_method: str, freeze_encoder: bool) -> str:
+    """probe, lora or full from `peft.method` and `model.freeze_encoder` (validated at compose)."""
+    if peft_method == "lora":
         return "lora"
-    if method == "none":
-        return "probe" if frozen else "full"
-    raise ConfigError(f"config error: peft.method: got {method!r}, allowed: lora, none")
+    return "probe" if freeze_encoder else "full"
 
 
 def build_siglip_classifier(
     model_cfg: Any,
-    peft_cfg: Any,
-    precision_cfg: Any,
+    checkpoint: str,
+    peft_method: str,
+    lora: LoraConfig | None,
+    target_modules: Any,
+    precision: Precision,
     class_names: Sequence[str],
-    embedding_cache_dir: str | Path | None = None,
+    cache_dirs: Any = None,
 ) -> Classifier:
-    """A SigLIP classifier from the config groups (model, peft, precision).
+    """A SigLIP classifier at `checkpoint`: linear probe, LoRA or full fine-tune (or zero-shot).
 
     `model.zero_shot=true` returns the zero-shot classifier instead. The encoder's weights are in
     the precision's dtype when frozen (probe) or adapted (LoRA); a full fine-tune keeps float32
-    master weights (accelerate's autocast computes in bf16/fp16). The head is float32.
-    `embedding_cache_dir`: where a probe's embeddings persist (None: memory only).
+    master weights (accelerate's autocast computes in bf16/fp16). The head is float32. A probe's
+    embeddings persist under `cache_dirs.embeddings` (None: memory only).
     """
-    if getattr(model_cfg, "zero_shot", False):
+    if model_cfg.zero_shot:
         from breakhis_ft.models.siglip_zero_shot import build_zero_shot_classifier
 
-        return build_zero_shot_classifier(model_cfg, precision_cfg, class_names)
-    mode = classifier_mode(model_cfg, peft_cfg)
-    name = resolve_checkpoint(model_cfg)
-    config = load_config(name)
-    dtype = torch.float32 if mode == "full" else DTYPES[precision_cfg.name]
-    encoder: nn.Module = load_vision_encoder(name, dtype)
-    preprocessor = load_preprocessor(name, model_cfg.resize)
-    identity = checkpoint_identity(name, config)
+        return build_zero_shot_classifier(model_cfg, checkpoint, precision.dtype, class_names)
+    mode = classifier_mode(peft_method, bool(model_cfg.freeze_encoder))
+    config = load_config(checkpoint)
+    dtype = torch.float32 if mode == "full" else precision.dtype
+    encoder: nn.Module = load_vision_encoder(checkpoint, dtype)
+    preprocessor = load_preprocessor(checkpoint, model_cfg.resize)
+    identity = checkpoint_identity(checkpoint, config)
     if mode == "lora":
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        lora = LoraConfig(
-            r=peft_cfg.r,
-            lora_alpha=peft_cfg.alpha,
-            lora_dropout=peft_cfg.dropout,
-            target_modules=lora_targets(peft_cfg.target_modules, encoder),
-            modules_to_save=list(peft_cfg.modules_to_save) or None,
-            bias="none",
-        )
-        encoder = get_peft_model(
-            encoder, lora
-        )  # adapters in float32 (peft's autocast_adapter_dtype)
-    classifier = SiglipClassifier(
-        encoder, preprocessor, class_names, mode, identity, embedding_cache_dir
-    )
+        lora = replace(lora, target_modules=lora_targets(target_modules, encoder))
+        encoder = get_peft_model(encoder, lora)  # adapters in float32 (autocast_adapter_dtype)
+    embeddings = None if cache_dirs is None else cache_dirs.embeddings
+    classifier = SiglipClassifier(encoder, preprocessor, class_names, mode, identity, embeddings)
     trainable, total = classifier.parameter_counts()
     log.info(
         "siglip %s from %s: %s trainable of %s parameters (%.2f%%)",
         mode,
-        name,
+        checkpoint,
         f"{trainable:,}",
         f"{total:,}",
         100 * trainable / max(total, 1),

@@ -18,26 +18,15 @@ from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, SiglipVisionModel
 from transformers.utils import logging as hf_logging
 
-from breakhis_ft.config import ConfigError
-from breakhis_ft.models.base import ModelLoadError
+from breakhis_ft.errors import ConfigError, ModelLoadError
 from breakhis_ft.models.base import load_error as base_load_error
-from breakhis_ft.models.tiny_siglip import ensure_tiny_siglip
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SIGLIP_MODEL_TYPES = ("siglip", "siglip_vision_model")
 
 
 def load_error(name: str, err: Exception) -> ModelLoadError:
     """The load error of a SigLIP checkpoint (see models.base.load_error)."""
     return base_load_error(name, err, "model=tiny_siglip")
-
-
-def resolve_checkpoint(model_cfg: Any) -> str:
-    """The checkpoint to load: builds the tiny model first when `model.build_tiny` asks for it."""
-    name = str(model_cfg.name_or_path)
-    if getattr(model_cfg, "build_tiny", False):
-        return str(ensure_tiny_siglip(name))
-    return name
 
 
 def load_config(name: str) -> Any:

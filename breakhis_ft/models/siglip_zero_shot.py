@@ -20,17 +20,15 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoTokenizer, SiglipModel
 
-from breakhis_ft.config import ConfigError
+from breakhis_ft.errors import ConfigError
 from breakhis_ft.models.base import Batch, Classifier
 from breakhis_ft.models.siglip_loading import (
-    DTYPES,
     SiglipPreprocessor,
     labels_and_indices,
     load_config,
     load_error,
     load_preprocessor,
     pooled_embedding,
-    resolve_checkpoint,
 )
 
 log = logging.getLogger(__name__)
@@ -120,10 +118,9 @@ class ZeroShotClassifier(Classifier):
 
 
 def build_zero_shot_classifier(
-    model_cfg: Any, precision_cfg: Any, class_names: Sequence[str]
+    model_cfg: Any, name: str, dtype: torch.dtype, class_names: Sequence[str]
 ) -> ZeroShotClassifier:
-    """The zero-shot classifier of a full SigLIP checkpoint (vision and text towers)."""
-    name = resolve_checkpoint(model_cfg)
+    """The zero-shot classifier of a full SigLIP checkpoint `name` (vision and text towers)."""
     config = load_config(name)
     if config.model_type != "siglip":
         raise ConfigError(
@@ -132,7 +129,7 @@ def build_zero_shot_classifier(
             "such as google/medsiglip-448)"
         )
     try:
-        model = SiglipModel.from_pretrained(name, dtype=DTYPES[precision_cfg.name])
+        model = SiglipModel.from_pretrained(name, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(name)
     except ImportError as err:  # e.g. a sentencepiece-only tokenizer without sentencepiece
         raise ImportError(f"loading the tokenizer of {name!r} needs: {err}") from err

@@ -27,7 +27,7 @@ from transformers import (
 )
 
 from breakhis_ft.config import PromptConfig
-from breakhis_ft.data.records import TASK_CLASSES
+from breakhis_ft.data.records import SUBTYPES, TUMOR_CLASSES
 from breakhis_ft.models.prompts import STYLES, make_prompt
 from breakhis_ft.models.tiny_checkpoint import (
     RECIPE_FILE,
@@ -101,7 +101,7 @@ SIZES: dict[str, int] = {
 def _corpus_words() -> list[str]:
     """Every word the prompts of every task and style can contain, plus the chat roles."""
     text = ["user model system assistant image images tissue class classes answer"]
-    for names in TASK_CLASSES.values():
+    for names in (tuple(SUBTYPES), TUMOR_CLASSES):
         for style in STYLES:
             text.append(make_prompt(PromptConfig(style=style), names).corpus())
     words = re.findall(r"[A-Za-z]+", "\n".join(text))
@@ -238,6 +238,6 @@ def build_tiny_gemma3(path: str | Path) -> Path:
     return path
 
 
-def ensure_tiny_gemma3(path: str | Path) -> Path:
+def ensure_tiny_gemma3(path: str | Path, cache_root: str | Path) -> Path:
     """Return `path` holding the tiny Gemma 3 checkpoint, building it when missing or outdated."""
-    return ensure_checkpoint(path, recipe_hash(), build_tiny_gemma3)
+    return ensure_checkpoint(path, recipe_hash(), build_tiny_gemma3, cache_root)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -10,6 +11,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from breakhis_ft.errors import ModelLoadError
 
 RECIPE_FILE = "tiny_recipe.json"
 
@@ -27,24 +30,48 @@ def stored_digest(path: Path) -> str | None:
         return None
 
 
-def ensure_checkpoint(path: str | Path, digest: str, build: Callable[[Path], Any]) -> Path:
+def _check_ours(path: Path, cache_root: Path) -> None:
+    """Refuse to build anywhere but a folder of ours under the project's model cache."""
+    root = cache_root.expanduser().resolve()
+    if not path.resolve().is_relative_to(root):
+        raise ModelLoadError(
+            f"model.build_tiny: {path} is outside the project's model cache {root}; a tiny "
+            "checkpoint is only built there. To load your own checkpoint, choose its model group: "
+            f"model=medgemma_4b_it model.name_or_path={path} (or model=medsiglip_448 ...)"
+        )
+    if path.exists() and not (path / RECIPE_FILE).is_file():
+        raise ModelLoadError(
+            f"model.build_tiny: {path} exists and was not built by breakhis-ft (no {RECIPE_FILE}); "
+            "it is left untouched. Point model.name_or_path at a new folder under "
+            f"{root}, or load it as a checkpoint: model=medgemma_4b_it model.name_or_path={path}"
+        )
+
+
+def ensure_checkpoint(
+    path: str | Path, digest: str, build: Callable[[Path], Any], cache_root: str | Path
+) -> Path:
     """Return `path`, first building it with `build(folder)` when missing or of another recipe.
 
-    `build` must write RECIPE_FILE with `digest`. It builds beside the target, which is then
-    swapped in: a reader never sees a half-written checkpoint, and concurrent builders agree.
+    Only a folder under `cache_root` that is missing, or that a build stamped with RECIPE_FILE, is
+    ever written. `build` must write RECIPE_FILE with `digest`; it builds beside the target, which
+    is then swapped in under a lock: a reader never sees a half-written checkpoint, and concurrent
+    first builds wait for one another instead of racing.
     """
     path = Path(path).expanduser()
     if stored_digest(path) == digest:
         return path
+    _check_ours(path, Path(cache_root))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
-    try:
-        build(tmp)
-        if stored_digest(path) == digest:  # another process finished first
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if stored_digest(path) == digest:  # another process built it while we waited
             return path
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+        try:
+            build(tmp)
+            if path.exists():
+                shutil.rmtree(path)  # an older recipe of ours (checked above)
+            os.replace(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return path

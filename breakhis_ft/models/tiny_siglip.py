@@ -23,7 +23,7 @@ from transformers import (
     SiglipProcessor,
 )
 
-from breakhis_ft.data.records import TASK_CLASSES
+from breakhis_ft.data.records import SUBTYPES, TUMOR_CLASSES
 from breakhis_ft.models.tiny_checkpoint import (
     RECIPE_FILE,
     ensure_checkpoint,
@@ -59,7 +59,7 @@ SIZES: dict[str, int] = {
 def _vocabulary() -> list[str]:
     """Specials, then every word of the prompts and of every task's class names, lower case."""
     words = set(PROMPT_WORDS.split())
-    for names in TASK_CLASSES.values():
+    for names in (tuple(SUBTYPES), TUMOR_CLASSES):
         for name in names:
             words.update(name.lower().split("_"))
     return [*SPECIALS, *sorted(words)]
@@ -158,8 +158,8 @@ def build_tiny_siglip(path: str | Path) -> Path:
     return path
 
 
-def ensure_tiny_siglip(path: str | Path) -> Path:
+def ensure_tiny_siglip(path: str | Path, cache_root: str | Path) -> Path:
     """Return `path` holding the tiny SigLIP; build it when missing or from an older recipe."""
     if stored_digest(Path(path).expanduser()) != recipe_hash():
         log.info("building the tiny SigLIP checkpoint at %s", path)
-    return ensure_checkpoint(path, recipe_hash(), build_tiny_siglip)
+    return ensure_checkpoint(path, recipe_hash(), build_tiny_siglip, cache_root)

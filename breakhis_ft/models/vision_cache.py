@@ -4,7 +4,7 @@ With the SigLIP tower and the projector frozen and no augmentation changing pixe
 soft tokens are the same in every epoch and every run of a sweep. `decide_feature_cache` says
 whether a config allows caching them (and why not); `VisionFeatureStore` keeps them.
 
-Layout: `<data.cache_dir>/vision_features/<key>/` where `key` hashes the checkpoint identity (name,
+Layout: `<paths.vision_features>/<key>/` where `key` hashes the checkpoint identity (name,
 hub commit, config hash, local weight files' size and mtime), the image processor's settings, the
 dataset preprocessing (`data.image_size`, resampling), the dtype and a format version;
 `identity.json` there says what the key stands for. Inside, append-only shards
@@ -29,9 +29,9 @@ from PIL import Image
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from breakhis_ft.config import ConfigError
 from breakhis_ft.data.augment import is_identity
 from breakhis_ft.data.dataset import image_key
+from breakhis_ft.errors import ConfigError
 from breakhis_ft.models.shards import write_shard
 
 log = logging.getLogger(__name__)
@@ -255,14 +255,14 @@ def check_feature_cache(cfg: Any) -> None:
 
 def configure_feature_cache(classifier: Any, cfg: Any) -> bool:
     """Give a MedGemma classifier its feature store where `model.cache_vision_features` and the
-    config allow it (`<data.cache_dir>/vision_features/<key>`); log why not under `auto`."""
+    config allow it (`<paths.vision_features>/<key>`); log why not under `auto`."""
     setting = cfg.model.cache_vision_features
     use, why = decide_feature_cache(
         setting, cfg.peft, cfg.data.augment, classifier.vision_trainable
     )
     if use:
         store = classifier.use_feature_cache(
-            Path(cfg.data.cache_dir) / "vision_features",
+            cfg.paths.vision_features,
             str(cfg.model.name_or_path),
             cfg.data.image_size,
         )
