@@ -19,16 +19,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine_toy import ToyClassifier, ToyDataset, trainer_config  # noqa: E402
+from engine_toy import (  # noqa: E402
+    ToyClassifier,
+    ToyDataset,
+    fit,
+    make_accelerator,
+    trainer_config,
+)
 from safetensors.torch import save_file  # noqa: E402
 
-from breakhis_ft.config import PrecisionConfig  # noqa: E402
-from breakhis_ft.engine.evaluate import (  # noqa: E402
+from breakhis_ft.engine.predict import predict  # noqa: E402
+from breakhis_ft.evaluate.metrics import (  # noqa: E402
     compute_metrics,
     malignant_flags,
     write_predictions,
 )
-from breakhis_ft.engine.trainer import fit, make_accelerator, predict  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = trainer_config(
         epochs=args.epochs, grad_accum=args.grad_accum, checkpoint_every_steps=args.checkpoint_every
     )
-    acc = make_accelerator(cfg, PrecisionConfig(name="fp32"), cfg.grad_accum)
+    acc = make_accelerator(cfg, "fp32")
     run_dir = args.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
 

@@ -20,9 +20,13 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
-from breakhis_ft.config import PrecisionConfig, TrainerConfig
-from breakhis_ft.engine.trainer import make_accelerator
+from breakhis_ft.config import TrainerConfig
+from breakhis_ft.engine.optim import adamw
+from breakhis_ft.engine.predict import predict
+from breakhis_ft.engine.recipe import FitResult, TrainingRecipe
+from breakhis_ft.evaluate.metrics import compute_metrics, malignant_flags
 from breakhis_ft.models.base import Classifier
+from breakhis_ft.models.precision import Precision
 
 CLASSES = ("tubular_adenoma", "mucinous_carcinoma", "fibroadenoma", "ductal_carcinoma")
 
@@ -139,4 +143,41 @@ def fresh_accelerator(cfg: TrainerConfig, precision: str = "fp32") -> Accelerato
     """A new Accelerator; accelerate keeps process-wide singletons that must be reset in between."""
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    return make_accelerator(cfg, PrecisionConfig(name=precision), cfg.grad_accum)
+    return make_accelerator(cfg, precision)
+
+
+def make_accelerator(cfg: TrainerConfig, precision: str = "fp32") -> Accelerator:
+    """The Accelerator a run's setup builds for this trainer config and precision."""
+    mixed = Precision.of(precision).mixed_precision
+    return Accelerator(
+        mixed_precision=mixed, gradient_accumulation_steps=cfg.grad_accum, cpu=cfg.cpu
+    )
+
+
+def toy_metrics(probs, labels, indices, dataset) -> dict[str, Any]:
+    """The metrics of a toy split (records are dicts with patient and magnification)."""
+    rows = [dataset.records[i] for i in indices.tolist()]
+    names = list(CLASSES)
+    return compute_metrics(
+        probs,
+        labels,
+        names,
+        [r["patient"] for r in rows],
+        [r["magnification"] for r in rows],
+        malignant_flags(names),
+    )
+
+
+def fit(
+    classifier, train_ds, val_ds, cfg, run_dir, acc, log_fn=None, resume=False, seed=42
+) -> FitResult:
+    """Train with the recipe as a run does (AdamW, the toy metrics)."""
+    recipe = TrainingRecipe(
+        classifier, train_ds, val_ds, cfg, run_dir, acc, adamw, toy_metrics, log_fn, seed
+    )
+    return recipe.fit(resume=resume)
+
+
+def evaluate_dataset(classifier, dataset, acc, batch_size: int) -> dict[str, Any]:
+    """Predict a toy split and compute its metrics."""
+    return toy_metrics(*predict(classifier, dataset, acc, batch_size), dataset)

@@ -7,20 +7,27 @@ import json
 
 import pytest
 import torch
-from engine_toy import ToyClassifier, ToyDataset, fresh_accelerator, trainer_config
+from engine_toy import (
+    ToyClassifier,
+    ToyDataset,
+    evaluate_dataset,
+    fit,
+    fresh_accelerator,
+    trainer_config,
+)
 from safetensors.torch import load_file
 
-from breakhis_ft.config import ConfigError
-from breakhis_ft.engine import trainer as trainer_module
 from breakhis_ft.engine.checkpoint import (
     CheckpointManager,
-    NonFiniteError,
     find_latest_checkpoint,
     list_checkpoints,
     read_trainer_state,
 )
+from breakhis_ft.engine.recipe import TrainingRecipe
 from breakhis_ft.engine.sampling import EpochSampler, inverse_frequency_weights
-from breakhis_ft.engine.trainer import evaluate_dataset, fit
+from breakhis_ft.errors import ConfigError, NonFiniteError
+
+REAL_EVALUATE = TrainingRecipe.evaluate
 
 
 def run(tmp_path, name="run", classifier=None, val=True, resume=False, log_fn=None, n=32, **cfg):
@@ -77,11 +84,16 @@ def scripted_evaluations(monkeypatch, values):
     """Replace validation by scripted balanced accuracies; snapshot the weights at each call."""
     snapshots = []
 
-    def fake(classifier, dataset, accelerator, batch_size):
-        snapshots.append(weights(classifier))
+    def fake(recipe):
+        snapshots.append(weights(recipe.classifier))
         return {"balanced_accuracy": values[len(snapshots) - 1], "accuracy": 0.0}
 
-    monkeypatch.setattr(trainer_module, "evaluate_dataset", fake)
+    def evaluate(recipe):  # the recipe's own bookkeeping, on scripted metrics
+        monkeypatch.setattr(recipe, "predict", lambda ds, bs: (None, None, None))
+        monkeypatch.setattr(recipe, "metrics_fn", lambda *a: fake(recipe))
+        REAL_EVALUATE(recipe)
+
+    monkeypatch.setattr(TrainingRecipe, "evaluate", evaluate)
     return snapshots
 
 

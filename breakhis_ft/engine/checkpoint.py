@@ -37,10 +37,6 @@ WEIGHTS_FILE = "model.safetensors"  # accelerate's SAFE_WEIGHTS_NAME for the fir
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-class NonFiniteError(FloatingPointError):
-    """A non-finite loss or gradient; the message names the step and the tensor."""
-
-
 def _fsync_tree(directory: Path) -> None:
     """Flush every file under `directory`, then the folders themselves, to disk."""
     for root, _dirs, files in os.walk(directory):

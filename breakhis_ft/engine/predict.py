@@ -3,26 +3,12 @@
 from __future__ import annotations
 
 import functools
-import weakref
-from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.data_loader import prepare_data_loader
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-
-from breakhis_ft.engine.evaluate import compute_metrics, malignant_flags
-
-# id(classifier) -> its prepared ClassifierForward, so `predict` goes through DDP/FSDP when `fit`
-# prepared it; weak values: an entry lives as long as the accelerator keeps the wrapper (which
-# keeps the classifier, so the id cannot be reused meanwhile)
-_PREPARED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-
-
-def register_prepared(classifier: nn.Module, forward: nn.Module) -> None:
-    """Remember the prepared wrapper of `classifier`, for `predict` to go through it."""
-    _PREPARED[id(classifier)] = forward
 
 
 class ClassifierForward(nn.Module):
@@ -56,37 +42,20 @@ def make_loader(
     )
 
 
-def _metadata(dataset: Any, indices: torch.Tensor) -> tuple[list | None, list | None]:
-    """Patients and magnifications of the examples at `indices`, from `dataset.records`."""
-    records = getattr(dataset, "records", None)
-    if records is None:
-        return None, None
-
-    def get(record, key):
-        return record[key] if isinstance(record, dict) else getattr(record, key)
-
-    rows = [records[i] for i in indices.tolist()]
-    return [get(r, "patient") for r in rows], [int(get(r, "magnification")) for r in rows]
-
-
-def evaluate_dataset(classifier, dataset, accelerator: Accelerator, batch_size: int) -> dict:
-    """Predict a split and compute its metrics (patients/magnifications from `dataset.records`)."""
-    probs, labels, indices = predict(classifier, dataset, accelerator, batch_size)
-    patients, mags = _metadata(dataset, indices)
-    names = list(classifier.class_names)
-    return compute_metrics(probs, labels, names, patients, mags, malignant_flags(names))
-
-
 @torch.no_grad()
 def predict(
-    classifier: nn.Module, dataset: Dataset, accelerator: Accelerator, batch_size: int
+    classifier: nn.Module,
+    dataset: Dataset,
+    accelerator: Accelerator,
+    batch_size: int,
+    forward: nn.Module | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Probabilities [N, C] (float32), labels [N] and dataset indices [N], sorted by index.
 
     Each process predicts its shard; `gather_for_metrics` per batch drops the padding that evens the
-    shards, so every example appears exactly once. Every process gets the full result.
+    shards, so every example appears exactly once. Every process gets the full result. `forward`:
+    the wrapper a training recipe prepared (DDP/FSDP); without it the classifier runs as it is.
     """
-    forward = _PREPARED.get(id(classifier))
     if forward is None:
         forward = ClassifierForward(classifier)
         first = next(classifier.parameters(), None)

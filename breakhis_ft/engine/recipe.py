@@ -1,0 +1,377 @@
+"""The training recipe on accelerate: setup, train, evaluate, save, resume, clean up.
+
+Laid out as torchtune's recipes are: `TrainingRecipe(...)` receives objects already built from the
+config (classifier, datasets, accelerator, optimizer factory), `fit()` runs setup -> resume ->
+epochs -> final checkpoint and returns a `FitResult`. The classifier's `loss`/`predict_proba` run
+inside `ClassifierForward.forward`, so the prepared (DDP or FSDP) wrapper sees a forward call.
+
+Stopping: Ctrl-C (KeyboardInterrupt) and SIGTERM (what SLURM, Cloud Run and docker send) both end
+the run at an update boundary with a checkpoint saved; `resume=` continues from it exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import Dataset
+from transformers import get_scheduler
+
+from breakhis_ft.engine.checkpoint import (
+    FAILED_FILE,
+    CheckpointManager,
+    find_latest_checkpoint,
+    mark_failed,
+    register_trainable_hooks,
+    save_trained_atomic,
+)
+from breakhis_ft.engine.loop_state import (
+    LoopState,
+    StepWindow,
+    check_class_weights_supported,
+    first_nonfinite_grad,
+    lookup_metric,
+    scalars,
+)
+from breakhis_ft.engine.optim import param_groups
+from breakhis_ft.engine.predict import ClassifierForward, make_loader, predict
+from breakhis_ft.engine.sampling import EpochSampler, dataset_labels, inverse_frequency_weights
+from breakhis_ft.engine.stop import StopSignal
+from breakhis_ft.errors import NonFiniteError
+
+log = logging.getLogger(__name__)
+
+LogFn = Callable[[dict[str, float], int], None]
+OptimizerFactory = Callable[..., torch.optim.Optimizer]  # (params, lr=...) -> optimizer
+# (probs, labels, dataset indices, dataset) -> the split's metrics (evaluate.metrics)
+MetricsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Dataset], dict[str, Any]]
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM ended training; a checkpoint of `step` was saved (single process)."""
+
+    def __init__(self, step: int, signal_name: str) -> None:
+        super().__init__(f"{signal_name} at step {step}")
+        self.step, self.signal_name = step, signal_name
+
+
+@dataclass
+class FitResult:
+    """What `fit` leaves behind."""
+
+    best_dir: Path | None  # classifier.save_trained() of the best evaluation (or the final model)
+    best_value: float | None  # the monitored value there
+    best_step: int | None
+    global_step: int
+    stopped_early: bool
+    history: list[dict[str, Any]] = field(default_factory=list)  # one entry per evaluation
+    last_checkpoint: Path | None = None
+
+
+class TrainingRecipe:
+    """One training run of a classifier; `fit()` runs it, `predict()` goes through its wrapper."""
+
+    def __init__(
+        self,
+        classifier: nn.Module,
+        train_ds: Dataset,
+        val_ds: Dataset | None,
+        trainer_cfg: Any,
+        run_dir: str | Path,
+        accelerator: Accelerator,
+        optimizer_factory: OptimizerFactory,
+        metrics_fn: MetricsFn,
+        log_fn: LogFn | None = None,
+        seed: int = 42,
+    ) -> None:
+        self.classifier, self.train_ds, self.val_ds = classifier, train_ds, val_ds
+        self.cfg, self.run_dir, self.acc = trainer_cfg, Path(run_dir), accelerator
+        self.optimizer_factory, self.metrics_fn = optimizer_factory, metrics_fn
+        self.log_fn, self.seed = log_fn, seed
+        self.state = LoopState(
+            monitor=trainer_cfg.monitor if val_ds is not None else None,
+            sign=1.0 if trainer_cfg.monitor_mode == "max" else -1.0,
+        )
+        self.forward: nn.Module | None = None
+        self.last_ckpt_step = -1
+        self.stop = StopSignal()
+
+    # ---- setup -----------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Loader, optimizer, scheduler and checkpoint hooks, prepared by accelerate."""
+        cfg, acc = self.cfg, self.acc
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
+        if cfg.gradient_checkpointing:
+            self.classifier.enable_gradient_checkpointing()
+        labels = dataset_labels(self.train_ds)
+        self.class_weights = self._class_weights(labels)
+        self.sampler = EpochSampler(labels, seed=self.seed, balanced=cfg.sampler == "balanced")
+        loader = make_loader(
+            self.train_ds,
+            functools.partial(self.classifier.collate, train=True),
+            cfg.batch_size,
+            self.sampler,
+            cfg.num_workers,
+            self.seed,
+        )
+        groups = param_groups(self.classifier, cfg.weight_decay)
+        optimizer = self.optimizer_factory(groups, lr=cfg.lr)
+        # accelerate shards the loader: its length is per process; a prepared scheduler steps once
+        # per process per update, so its step counts are multiplied by num_processes
+        self.forward, self.optimizer, self.loader = acc.prepare(
+            ClassifierForward(self.classifier), optimizer, loader
+        )
+        if len(self.loader) == 0:
+            raise ValueError("the training split gives no batches (is it empty?)")
+        steps_per_epoch = math.ceil(len(self.loader) / acc.gradient_accumulation_steps)
+        self.total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
+        warmup = math.ceil(cfg.warmup_ratio * self.total)
+        self.scheduler = acc.prepare(
+            get_scheduler(
+                cfg.scheduler,
+                self.optimizer,
+                num_warmup_steps=warmup * acc.num_processes,
+                num_training_steps=self.total * acc.num_processes,
+            )
+        )
+        self.hooks = register_trainable_hooks(acc)
+        self.manager = CheckpointManager(self.run_dir, acc, cfg.keep_checkpoints)
+        self.params = [p for p in self.forward.parameters() if p.requires_grad]
+        norm = cfg.max_grad_norm
+        self.max_norm = norm if norm and norm > 0 else math.inf
+
+    def _class_weights(self, labels: list[int]) -> torch.Tensor | None:
+        if self.cfg.class_weighting != "inverse_frequency":
+            return None
+        check_class_weights_supported(self.classifier)
+        if self.cfg.sampler == "balanced":
+            log.warning("trainer.sampler=balanced with class_weighting: imbalance corrected twice")
+        n_classes = len(self.classifier.class_names)
+        return inverse_frequency_weights(labels, n_classes).to(self.acc.device)
+
+    def resume(self) -> None:
+        """Continue from the run folder's latest complete checkpoint (clearing a FAILED mark)."""
+        failed = self.run_dir / FAILED_FILE
+        if self.acc.is_main_process and failed.exists():
+            log.warning(
+                "resume: clearing the FAILED mark of %s: %s", self.run_dir, failed.read_text()
+            )
+            failed.unlink()
+        latest = find_latest_checkpoint(self.run_dir)
+        if latest is None:
+            log.warning("resume: no complete checkpoint in %s; starting from step 0", self.run_dir)
+            return
+        self.state.load(self.manager.load(latest))
+        self.last_ckpt_step = self.state.global_step
+        log.info("resumed from %s (step %d)", latest, self.state.global_step)
+
+    # ---- training --------------------------------------------------------------------------
+
+    def fit(self, resume: bool = False) -> FitResult:
+        """Train, evaluating on the validation split; resume from the run folder when asked.
+
+        Raises NonFiniteError (run folder marked FAILED, last good checkpoint kept) on a non-finite
+        loss or gradient, and RunInterrupted (a KeyboardInterrupt) after saving a checkpoint when
+        Ctrl-C or SIGTERM stops it.
+        """
+        self.setup()
+        if resume:
+            self.resume()
+        self.window = StepWindow(total=self.total, initial=self.state.global_step, acc=self.acc)
+        self.forward.train()
+        try:
+            with self.stop:
+                while self.state.global_step < self.total and not self.state.stopped_early:
+                    self.train_epoch()
+            self.finish()
+        except NonFiniteError as err:
+            self._fail(err)
+        except KeyboardInterrupt as err:
+            self._interrupted(err)
+        finally:
+            self.window.close()
+            for hook in self.hooks:
+                hook.remove()
+        self.acc.wait_for_everyone()
+        st = self.state
+        return FitResult(
+            best_dir=self.run_dir / "best",
+            best_value=st.best_value,
+            best_step=st.best_step,
+            global_step=st.global_step,
+            stopped_early=st.stopped_early,
+            history=st.history,
+            last_checkpoint=find_latest_checkpoint(self.run_dir),
+        )
+
+    def train_epoch(self) -> None:
+        """The rest of the current epoch (from the saved batch position after a resume)."""
+        st, acc = self.state, self.acc
+        epoch, consumed = st.epoch, st.batch_in_epoch
+        self.sampler.set_epoch(epoch)
+        self.loader.set_epoch(epoch)
+        if hasattr(self.train_ds, "set_epoch"):
+            self.train_ds.set_epoch(epoch)
+        self.loader.generator.manual_seed(self.seed + epoch)
+        loader = acc.skip_first_batches(self.loader, consumed) if consumed else self.loader
+        for batch in loader:
+            with acc.accumulate(self.forward):
+                loss = self.train_step(batch, epoch, consumed)
+            consumed += 1
+            self.window.add(loss, len(batch["class_label"]) * acc.num_processes)
+            if not acc.sync_gradients:
+                continue
+            # the state only moves at updates: a checkpoint always sits on an update boundary
+            end_of_epoch = consumed >= len(self.loader)
+            st.advance(epoch, consumed, end_of_epoch)
+            self.after_update(end_of_epoch)
+            if self.stop.requested:  # SIGTERM: stop here, at an update boundary
+                raise KeyboardInterrupt(self.stop.requested)
+            if st.global_step >= self.total or st.stopped_early:
+                return
+
+    def train_step(self, batch: dict[str, Any], epoch: int, consumed: int) -> float:
+        """Forward, backward, clip and step (at accumulation boundaries); returns the mean loss."""
+        acc, step = self.acc, self.state.global_step + 1
+        loss = self.forward(batch, class_weights=self.class_weights)
+        losses = acc.gather(loss.detach().float().reshape(1))
+        if not bool(torch.isfinite(losses).all()):
+            raise NonFiniteError(
+                f"non-finite loss ({losses.tolist()}) at training step {step} "
+                f"(epoch {epoch}, batch {consumed})"
+            )
+        acc.backward(loss)
+        if acc.sync_gradients:
+            norm = acc.clip_grad_norm_(self.params, self.max_norm)
+            # with fp16 the grad scaler skips inf steps itself: not an error there
+            if acc.scaler is None and norm is not None and not torch.isfinite(norm):
+                raise NonFiniteError(
+                    f"non-finite gradient (norm {float(norm)}) at training step {step} "
+                    f"(epoch {epoch}): first in parameter "
+                    f"{first_nonfinite_grad(self.classifier)!r}"
+                )
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(losses.mean())
+
+    def after_update(self, end_of_epoch: bool) -> None:
+        """Log, evaluate and checkpoint where due after an optimizer update."""
+        st, cfg = self.state, self.cfg
+        step = st.global_step
+        epoch_progress = st.epoch + st.batch_in_epoch / len(self.loader)
+        due = step % max(cfg.log_every_steps, 1) == 0 or step == self.total
+        stats = self.window.step(self.scheduler.get_last_lr()[0], epoch_progress, due)
+        if stats is not None:
+            self.log(stats, step)
+        final = step >= self.total
+        due = (step % cfg.eval_every_steps == 0) if cfg.eval_every_steps > 0 else end_of_epoch
+        if self.val_ds is not None and (due or final):
+            self.evaluate()
+            self.forward.train()
+        every = cfg.checkpoint_every_steps
+        if ((step % every == 0) if every > 0 else end_of_epoch) or final:
+            self.save_checkpoint()
+
+    def finish(self) -> None:
+        """The final checkpoint; the final model becomes `best` if no evaluation ever did."""
+        st = self.state
+        if st.global_step != self.last_ckpt_step:
+            self.save_checkpoint()
+        if st.best_step is None:
+            if self.val_ds is not None:
+                log.warning(
+                    "%s was never defined: the final model is kept as best", self.cfg.monitor
+                )
+            st.best_step = st.global_step
+            self.save_best()
+
+    def _fail(self, err: NonFiniteError) -> None:
+        latest = find_latest_checkpoint(self.run_dir)
+        message = (
+            f"{err}. The run stopped; the last good checkpoint is "
+            f"{latest if latest else '(none saved yet)'}. Likely causes: fp16 overflow "
+            "(use precision=bf16 or fp32) or a learning rate too high (lower trainer.lr)."
+        )
+        if self.acc.is_main_process:
+            mark_failed(self.run_dir, message)
+        raise NonFiniteError(message) from None
+
+    def _interrupted(self, err: KeyboardInterrupt) -> None:
+        # one process only: ranks are interrupted at different points and could not agree
+        step = self.state.global_step
+        if self.acc.num_processes == 1 and step != self.last_ckpt_step:
+            log.warning("interrupted: saving a checkpoint at step %d", step)
+            self.acc.step = 0  # drop the unfinished accumulation: resume restarts at the boundary
+            self.save_checkpoint()
+        raise RunInterrupted(step, self.stop.requested or "SIGINT") from err
+
+    # ---- evaluation and checkpoints ------------------------------------------------------------
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """Send metrics to the tracker (main process only)."""
+        if self.log_fn is not None and self.acc.is_main_process:
+            self.log_fn(metrics, step)
+
+    def evaluate(self) -> None:
+        """Metrics of the validation split; the best model so far is saved; early stopping."""
+        st = self.state
+        probs, labels, indices = self.predict(self.val_ds, self.cfg.eval_batch_size)
+        metrics = self.metrics_fn(probs, labels, indices, self.val_ds)
+        value = lookup_metric(metrics, self.cfg.monitor)
+        flat = scalars(metrics, "val")
+        st.history.append({"step": st.global_step, "epoch": st.epoch, **flat})
+        st.last_eval_step = st.global_step
+        self.log(flat, st.global_step)
+        if st.improves(value):
+            st.best_value, st.best_step, st.bad_evals = value, st.global_step, 0
+            self.save_best(metrics)
+            return
+        if value is None:
+            log.warning("%s undefined at step %d: no improvement", self.cfg.monitor, st.global_step)
+        st.bad_evals += 1
+        patience = self.cfg.early_stopping_patience
+        if patience > 0 and st.bad_evals >= patience:
+            st.stopped_early = True
+            log.info(
+                "early stopping at step %d: %s did not improve in %d evaluations",
+                st.global_step,
+                self.cfg.monitor,
+                patience,
+            )
+
+    def predict(
+        self, dataset: Dataset, batch_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Probabilities, labels and indices of `dataset`, through the prepared wrapper."""
+        return predict(self.classifier, dataset, self.acc, batch_size, forward=self.forward)
+
+    def save_checkpoint(self) -> None:
+        """A resumable checkpoint of the current step (trainable weights, optimizer, RNG, data)."""
+        self.manager.save(self.state.global_step, self.state.as_dict())
+        self.last_ckpt_step = self.state.global_step
+
+    def save_best(self, metrics: dict[str, Any] | None = None) -> None:
+        """The current model as `best/` (its monitored value and metrics in best.json)."""
+        if self.acc.is_main_process:
+            info = {
+                "step": self.state.global_step,
+                "monitor": self.cfg.monitor,
+                "value": self.state.best_value,
+                "metrics": metrics,
+            }
+            extra = {"best.json": json.dumps(info, indent=1)}
+            save_trained_atomic(self.classifier, self.run_dir / "best", extra)
+        self.acc.wait_for_everyone()
