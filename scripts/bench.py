@@ -27,12 +27,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil, Gemma3Processor
 
-from breakhis_ft.config import ModelConfig, PeftConfig, PrecisionConfig
+from breakhis_ft.config import ModelConfig, PeftConfig
 from breakhis_ft.data.breakhis import scan_breakhis
 from breakhis_ft.data.dataset import ImageDataset, build_image_cache, labels_for
 from breakhis_ft.data.records import class_names
 from breakhis_ft.data.synthetic import ensure_replica
+from breakhis_ft.models.lora import lora_config
 from breakhis_ft.models.medgemma import MedGemmaClassifier, build_medgemma_classifier
+from breakhis_ft.models.precision import Precision
 from breakhis_ft.models.tiny import (
     CHAT_TEMPLATE,
     SIZES,
@@ -94,7 +96,15 @@ def make_classifier(path: Path, names: tuple[str, ...]) -> MedGemmaClassifier:
     torch.manual_seed(0)
     model_cfg = ModelConfig(kind="medgemma", name_or_path=str(path))
     peft_cfg = PeftConfig(r=16, alpha=32, dropout=0.0, target_modules="language_model")
-    return build_medgemma_classifier(model_cfg, peft_cfg, PrecisionConfig(name="fp32"), names)
+    return build_medgemma_classifier(
+        model_cfg,
+        str(model_cfg.name_or_path),
+        "lora",
+        lora_config(peft_cfg),
+        peft_cfg.target_modules,
+        Precision.of("fp32"),
+        names,
+    )
 
 
 def train_epoch(clf: MedGemmaClassifier, items: list[dict], batch_size: int, lr: float) -> float:
@@ -327,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"date": datetime.date.today().isoformat(), "hardware": hardware()}
     names = class_names("subtype8")
-    tiny = ensure_tiny_gemma3(work / "tiny_gemma3")
+    tiny = ensure_tiny_gemma3(work / "tiny_gemma3", work)
     sections = set(args.only) | ({"gpu"} if args.gpu or args.gpu_section_on_cpu else set())
     if sections & {"eval", "train", "data"}:
         root = args.replica or ensure_replica(work, args.data_fraction, (700, 460), 0)

@@ -22,6 +22,7 @@ from transformers import Gemma3ForConditionalGeneration
 
 from breakhis_ft.config import PeftConfig, register_configs
 from breakhis_ft.models.gemma_loading import apply_peft, medgemma_4b_config
+from breakhis_ft.models.lora import lora_config
 from breakhis_ft.models.medgemma import MedGemmaClassifier
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -122,7 +123,7 @@ def run_gpu_section(
         )
     with torch.no_grad():  # a zero projector would hide the image; any scale will do for timing
         model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.02)
-    model = apply_peft(model, PeftConfig(r=16, alpha=32, dropout=0.05))
+    model = apply_peft(model, lora_config(PeftConfig(r=16, alpha=32, dropout=0.05)))
     clf = bare_classifier(model).train()
     build_s = time.perf_counter() - t0
     data = hand_batch(config, batch, image_size, device)

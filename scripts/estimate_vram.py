@@ -12,7 +12,8 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from breakhis_ft.config import register_configs, validate_config
+from breakhis_ft.config import register_configs
+from breakhis_ft.validate import validate_config
 from breakhis_ft.vram import estimate_vram
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -17,8 +17,13 @@ import argparse
 import logging
 import sys
 
-from breakhis_ft.export import ExportError, export_adapter, export_merged, upload_adapter_artifact
-from breakhis_ft.predict import PredictError
+from breakhis_ft.deploy.export import (
+    ExportError,
+    export_adapter,
+    export_merged,
+    upload_adapter_artifact,
+)
+from breakhis_ft.deploy.predict import PredictError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,7 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
-from breakhis_ft.predict import PredictError, find_images, load_predictor, predict_to_csv
+from breakhis_ft.deploy.predict import PredictError, find_images, load_predictor, predict_to_csv
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from breakhis_ft.report import (
+from breakhis_ft.analysis.report import (
     DEFAULT_METRICS,
     build_report,
     by_magnification,
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or report.root
     written = list(write_report(report, out).values())
     if args.plots:
-        from breakhis_ft.plots import plot_run, plot_sweep
+        from breakhis_ft.analysis.plots import plot_run, plot_sweep
 
         for run in runs:
             written += plot_run(run, args.plot_split)

@@ -8,10 +8,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from builders import build
 from PIL import Image
 
-from breakhis_ft.config import ModelConfig, PeftConfig, PrecisionConfig, PromptConfig
-from breakhis_ft.models.medgemma import MedGemmaClassifier, build_medgemma_classifier
+from breakhis_ft.config import ModelConfig, PeftConfig, PromptConfig
+from breakhis_ft.models.medgemma import MedGemmaClassifier
 from breakhis_ft.models.tiny import ensure_tiny_gemma3
 
 EVA4 = ("tubular_adenoma", "mucinous_carcinoma", "fibroadenoma", "ductal_carcinoma")
@@ -21,7 +22,9 @@ TINTS = np.array([[0.8, 0.4, 0.6], [0.5, 0.3, 0.7], [0.9, 0.6, 0.7], [0.6, 0.5, 
 
 def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Gemma 3, built once per test session (every MedGemma test module shares it)."""
-    return ensure_tiny_gemma3(tmp_path_factory.getbasetemp() / "tiny_gemma3")
+    return ensure_tiny_gemma3(
+        tmp_path_factory.getbasetemp() / "tiny_gemma3", tmp_path_factory.getbasetemp()
+    )
 
 
 def class_image(cls: int, rng: np.random.Generator, size: int = 56) -> Image.Image:
@@ -62,4 +65,4 @@ def classifier(
         prompt=PromptConfig(style=style, system=system),
     )
     peft_cfg = PeftConfig(method=method, target_modules=target_modules, dropout=0.0)
-    return build_medgemma_classifier(model_cfg, peft_cfg, PrecisionConfig(name="fp32"), class_names)
+    return build(model_cfg, peft_cfg, "fp32", class_names)

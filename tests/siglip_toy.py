@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from breakhis_ft.config import ModelConfig, PeftConfig, PrecisionConfig
+from breakhis_ft.config import ModelConfig, PeftConfig
 from breakhis_ft.data.breakhis import scan_breakhis
 from breakhis_ft.data.records import ImageRecord, label_of
 from breakhis_ft.models.tiny_siglip import ensure_tiny_siglip
@@ -17,7 +17,9 @@ from breakhis_ft.models.tiny_siglip import ensure_tiny_siglip
 
 def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny SigLIP, built once per test session (every SigLIP test module shares it)."""
-    return ensure_tiny_siglip(tmp_path_factory.getbasetemp() / "tiny_siglip")
+    return ensure_tiny_siglip(
+        tmp_path_factory.getbasetemp() / "tiny_siglip", tmp_path_factory.getbasetemp()
+    )
 
 
 def replica(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
@@ -40,7 +42,7 @@ def model_cfg(path: Path, **overrides: Any) -> ModelConfig:
 
 PROBE = PeftConfig(method="none")
 LORA = PeftConfig(method="lora", r=8, alpha=16, dropout=0.0)
-FP32 = PrecisionConfig(name="fp32")
+FP32 = "fp32"
 
 
 def examples(records: list[ImageRecord], task: str, images: list | None = None) -> list[dict]:

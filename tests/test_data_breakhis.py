@@ -254,22 +254,20 @@ def test_two_trees_under_one_root_is_an_error(tmp_path):
 
 
 def test_scan_from_config_builds_and_reuses_the_replica(tmp_path):
-    cache = str(tmp_path / "cache")
-    cfg = OmegaConf.structured(
-        DataConfig(cache_dir=cache, synthetic_fraction=0.01, synthetic_size=[16, 10])
-    )
-    scan = scan_from_config(cfg)
+    cache = tmp_path / "cache" / "synthetic"
+    cfg = OmegaConf.structured(DataConfig(synthetic_fraction=0.01, synthetic_size=[16, 10]))
+    scan = scan_from_config(cfg, cache)
     assert scan.root.parent == (tmp_path / "cache" / "synthetic").resolve()
     assert len(scan.records) == 328 - 4  # one image per folder and magnification, 13412 dropped
-    assert scan_from_config(cfg).root == scan.root
+    assert scan_from_config(cfg, cache).root == scan.root
     cfg.root = str(tmp_path / "mine")  # an explicit folder is built once, then must match
-    assert len(scan_from_config(cfg).records) == 324
+    assert len(scan_from_config(cfg, cache).records) == 324
     cfg.synthetic_seed = 1
     with pytest.raises(BadDataError, match="built with other settings"):
-        scan_from_config(cfg)
+        scan_from_config(cfg, cache)
     real = OmegaConf.structured(DataConfig(source="breakhis", root=None))
     with pytest.raises(BadDataError, match="data.root"):
-        scan_from_config(real)
+        scan_from_config(real, cache)
 
 
 def test_skipped_files_are_written_to_the_run_folder(tmp_path):

@@ -116,7 +116,7 @@ def test_build_is_deterministic_and_seeded(tmp_path):
 
 
 def test_ensure_replica_builds_once_atomically(tmp_path, monkeypatch):
-    root = synthetic.ensure_replica(tmp_path, 0.01, (16, 10), 0)
+    root = synthetic.ensure_replica(tmp_path / "synthetic", 0.01, (16, 10), 0)
     assert root.parent == tmp_path / "synthetic" and (root / synthetic.MARKER).is_file()
     assert scan_breakhis(root).records
     assert [p.name for p in root.parent.iterdir()] == [root.name]  # no temporary folder left
@@ -125,9 +125,9 @@ def test_ensure_replica_builds_once_atomically(tmp_path, monkeypatch):
         raise AssertionError("rebuilt a cached replica")
 
     monkeypatch.setattr(synthetic, "build_replica", fail)
-    assert synthetic.ensure_replica(tmp_path, 0.01, (16, 10), 0) == root
+    assert synthetic.ensure_replica(tmp_path / "synthetic", 0.01, (16, 10), 0) == root
     with pytest.raises(AssertionError, match="rebuilt"):  # other parameters: another replica
-        synthetic.ensure_replica(tmp_path, 0.01, (16, 10), 1)
+        synthetic.ensure_replica(tmp_path / "synthetic", 0.01, (16, 10), 1)
     assert [p.name for p in root.parent.iterdir()] == [root.name]  # the failed build cleaned up
 
 

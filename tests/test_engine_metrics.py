@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from breakhis_ft.engine.evaluate import (
+from breakhis_ft.evaluate.metrics import (
     compute_metrics,
     malignant_flags,
     read_predictions,

@@ -16,7 +16,7 @@ from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from breakhis_ft.engine.checkpoint import find_latest_checkpoint, list_checkpoints
-from breakhis_ft.engine.evaluate import compute_metrics, malignant_flags, read_predictions
+from breakhis_ft.evaluate.metrics import compute_metrics, malignant_flags, read_predictions
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "engine_driver.py"

@@ -14,7 +14,9 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
-from breakhis_ft.config import ConfigError, register_configs, validate_config
+from breakhis_ft.config import register_configs
+from breakhis_ft.errors import ConfigError
+from breakhis_ft.validate import validate_config
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
@@ -78,18 +80,64 @@ def test_every_sweep_preset_composes(sweep: str) -> None:
     [
         (["peft.r=-1"], "peft.r"),
         (["precision=fp16"], "precision"),
-        (["split=eva"], "task.name"),
+        (["split=eva"], "task"),
         (["split=eva", "task=eva4"], "magnification"),
-        (["logger.mode=loud"], "logger.mode"),
-        (["peft=qlora", "precision=fp32"], "peft.method"),
+        (["peft=qlora", "precision=fp32"], "precision"),
         (["data=breakhis"], "data.root"),
         (["model=tiny_siglip", "model.zero_shot=true"], "model.zero_shot"),
+        (["model=tiny_siglip", "model.freeze_encoder=true"], "model.freeze_encoder"),
+        (["trainer.monitor=val/balanced_acc"], "trainer.monitor"),
+        (["trainer.scheduler=cosinus"], "trainer.scheduler"),
+        (["data.image_size=0"], "data.image_size"),
+        (["trainer.epochs=0"], "trainer.epochs"),
+        (["model.kind=siglip"], "model.kind"),
     ],
 )
 def test_bad_values_and_combinations_name_the_key(override: list[str], key: str) -> None:
     cfg = compose_train(override)
     with pytest.raises(ConfigError, match=rf"config error: {key}"):
         validate_config(cfg)
+
+
+def test_enum_keys_fail_at_compose_time() -> None:
+    with pytest.raises(Exception, match="logger.mode=loud") as info:
+        compose_train(["logger.mode=loud"])
+    assert "Invalid value 'loud', expected one of [online, offline, disabled]" in str(
+        info.value.__cause__
+    )
+
+
+def test_a_local_checkpoint_of_another_family_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"model_type": "siglip"}')
+    cfg = compose_train(["model=medgemma_4b_it", f"model.name_or_path={tmp_path}"])
+    with pytest.raises(ConfigError, match="is a 'siglip' checkpoint"):
+        validate_config(cfg)
+
+
+def test_qlora_without_bitsandbytes_names_the_extra(monkeypatch) -> None:
+    cfg = compose_train(["peft=qlora"])
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match=r"breakhis-ft\[quant\]"):
+        validate_config(cfg)
+
+
+def test_monitorable_metrics_are_what_the_metrics_produce() -> None:
+    import torch
+
+    from breakhis_ft.evaluate.metrics import compute_metrics, malignant_flags
+    from breakhis_ft.validate import monitorable
+
+    cfg = compose_train([])
+    names = list(cfg.task.classes)
+    probs = torch.softmax(torch.randn(16, 8, generator=torch.Generator().manual_seed(0)), 1)
+    metrics = compute_metrics(
+        probs, torch.arange(16) % 8, names, ["p"] * 16, None, malignant_flags(names)
+    )
+    for name in monitorable(cfg):
+        value = metrics
+        for key in name.split("/")[1:]:
+            value = value[key]
+        assert isinstance(value, float), name
 
 
 def test_fp16_is_allowed_when_asked() -> None:
@@ -106,7 +154,7 @@ def test_fp16_is_allowed_when_asked() -> None:
     ],
 )
 def test_cli_rejects_bad_overrides_before_loading(args, expected, tmp_path: Path) -> None:
-    done = run_cli([*args, f"output_dir={tmp_path}"], tmp_path / "cache", timeout=120)
+    done = run_cli([*args, f"paths.output_dir={tmp_path}"], tmp_path / "cache", timeout=120)
     assert done.returncode != 0
     assert expected in done.stderr
     assert not (tmp_path / "cache").exists(), "nothing may be built before the config is valid"
@@ -140,7 +188,7 @@ def first_run(tmp_path_factory) -> tuple[Path, Path]:
     """One tiny MedGemma run with W&B offline: (run folder, cache folder)."""
     base = tmp_path_factory.mktemp("entry")
     done = run_cli(
-        ["model=tiny_gemma3", "logger.mode=offline", *FAST, f"output_dir={base / 'a'}"],
+        ["model=tiny_gemma3", "logger.mode=offline", *FAST, f"paths.output_dir={base / 'a'}"],
         base / "cache",
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -183,7 +231,9 @@ def test_wandb_offline_run_holds_the_config(first_run) -> None:
 
 def test_same_command_twice_gives_identical_metrics(first_run, tmp_path: Path) -> None:
     run_dir, cache = first_run
-    done = run_cli(["model=tiny_gemma3", "logger=none", *FAST, f"output_dir={tmp_path}"], cache)
+    done = run_cli(
+        ["model=tiny_gemma3", "logger=none", *FAST, f"paths.output_dir={tmp_path}"], cache
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     second = _single_run_dir(tmp_path)
     assert second != run_dir
@@ -212,7 +262,7 @@ def test_multirun_writes_one_complete_folder_per_job(first_run, tmp_path: Path) 
             "logger=none",
             *FAST,
             "trainer.lr=1e-3,1e-2",
-            f"output_dir={tmp_path}",
+            f"paths.output_dir={tmp_path}",
         ],
         cache,
     )
@@ -235,7 +285,7 @@ def test_resume_after_sigkill_ends_with_the_uninterrupted_metrics(first_run, tmp
         "logger=none",
         *FAST,
         "trainer.checkpoint_every_steps=1",
-        f"output_dir={tmp_path}",
+        f"paths.output_dir={tmp_path}",
     ]
     proc = subprocess.Popen(
         [sys.executable, "-m", "breakhis_ft", *args],
@@ -274,7 +324,7 @@ def test_two_processes_write_one_run_folder(first_run, tmp_path) -> None:
     ]
     args = [
         "-m",
-        "breakhis_ft.cli",
+        "breakhis_ft.run.cli",
         "model=tiny_gemma3",
         "logger=none",
         *FAST,
@@ -316,7 +366,7 @@ def test_a_failing_sweep_job_is_reported_and_its_wandb_run_closed(first_run, tmp
             f"model.name_or_path={tmp_path / 'missing'},{tiny}",
             "logger.mode=offline",
             *FAST,
-            f"output_dir={tmp_path}",
+            f"paths.output_dir={tmp_path}",
         ],
         cache,
     )
@@ -342,7 +392,7 @@ def test_the_demo_learns_eight_classes_on_held_out_patients(first_run, tmp_path)
             "logger=none",
             "data.synthetic_fraction=0.1",
             "trainer.epochs=3",
-            f"output_dir={tmp_path}",
+            f"paths.output_dir={tmp_path}",
         ],
         cache,
     )

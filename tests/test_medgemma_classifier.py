@@ -6,11 +6,12 @@ import dataclasses
 
 import pytest
 import torch
+from builders import build
 from medgemma_toy import EVA4, classifier, examples, tiny_path
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from breakhis_ft.config import ModelConfig, PeftConfig, PrecisionConfig
-from breakhis_ft.models.medgemma import MedGemmaClassifier, build_medgemma_classifier
+from breakhis_ft.config import ModelConfig, PeftConfig
+from breakhis_ft.models.medgemma import MedGemmaClassifier
 
 
 @pytest.fixture(scope="module")
@@ -200,9 +201,7 @@ def test_generation_left_pads_and_unparseable_answers_are_minus_one(tiny):
 
 def test_bf16_weights_train_and_score(tiny):
     model_cfg = ModelConfig(kind="medgemma", name_or_path=str(tiny), max_new_tokens=3)
-    clf = build_medgemma_classifier(
-        model_cfg, PeftConfig(), PrecisionConfig(name="bf16"), EVA4, device_supports_bf16=True
-    )
+    clf = build(model_cfg, PeftConfig(), "bf16", EVA4)
     assert clf.core.dtype == torch.bfloat16 and clf.max_new_tokens == 3
     loss = clf.loss(clf.collate(examples(2, seed=8), train=True))
     assert torch.isfinite(loss)

@@ -8,21 +8,22 @@ import logging
 import httpx
 import pytest
 import torch
+from builders import build
 from huggingface_hub.errors import GatedRepoError
 from medgemma_toy import classifier, tiny_path
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from breakhis_ft.config import ConfigError, ModelConfig, PeftConfig, PrecisionConfig
+from breakhis_ft.config import ModelConfig, PeftConfig
+from breakhis_ft.errors import ConfigError
 from breakhis_ft.models import gemma_loading
 from breakhis_ft.models.gemma_loading import (
-    FP16_MESSAGE,
     ModelLoadError,
     apply_peft,
     build_meta_medgemma,
     qlora_quantization,
-    resolve_dtype,
 )
-from breakhis_ft.models.medgemma import build_medgemma_classifier
+from breakhis_ft.models.lora import lora_config
+from breakhis_ft.models.precision import Precision, resolve_precision
 from breakhis_ft.models.tiny import RECIPE_FILE, ensure_tiny_gemma3
 
 
@@ -35,31 +36,20 @@ def medgemma_cfg(path) -> ModelConfig:
     return ModelConfig(kind="medgemma", name_or_path=str(path))
 
 
-def test_fp16_is_refused_for_gemma3_even_from_python(tiny):
-    with pytest.raises(ConfigError) as error:
-        build_medgemma_classifier(
-            medgemma_cfg(tiny), PeftConfig(), PrecisionConfig(name="fp16"), ("a", "b")
-        )
-    assert str(error.value) == FP16_MESSAGE
-    assert "NaN" in FP16_MESSAGE and "precision=bf16" in FP16_MESSAGE
-    assert resolve_dtype(PrecisionConfig(name="fp16", allow_fp16=True)) == torch.float16
-
-
-def test_bf16_without_device_support_names_fp32():
+def test_precision_is_resolved_once_from_its_name(monkeypatch):
+    assert Precision.of("fp16").dtype == torch.float16
+    assert Precision.of("bf16").mixed_precision == "bf16"
+    assert Precision.of("fp32").mixed_precision == "no"
+    assert resolve_precision("bf16", on_gpu=False).dtype == torch.bfloat16  # CPUs compute bf16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
     with pytest.raises(ConfigError, match="precision=fp32"):
-        resolve_dtype(PrecisionConfig(name="bf16"), device_supports_bf16=False)
-    assert resolve_dtype(PrecisionConfig(name="bf16"), device_supports_bf16=True) == torch.bfloat16
-    assert resolve_dtype(PrecisionConfig(name="fp32"), device_supports_bf16=False) == torch.float32
+        resolve_precision("bf16", on_gpu=True)
+    assert resolve_precision("fp32", on_gpu=True).dtype == torch.float32
 
 
 def test_missing_model_says_how_to_fix(tmp_path):
     with pytest.raises(ModelLoadError) as error:
-        build_medgemma_classifier(
-            medgemma_cfg(tmp_path / "no_such_model"),
-            PeftConfig(),
-            PrecisionConfig(name="fp32"),
-            ("a", "b"),
-        )
+        build(medgemma_cfg(tmp_path / "no_such_model"), PeftConfig(), "fp32", ("a", "b"))
     message = str(error.value)
     assert "model.name_or_path=" in message and "no_such_model" in message
     assert "HF_TOKEN" in message and "local copy" in message
@@ -75,12 +65,7 @@ def test_gated_model_error_names_licence_token_and_local_copy(monkeypatch):
 
     monkeypatch.setattr(AutoProcessor, "from_pretrained", gated)
     with pytest.raises(ModelLoadError) as error:
-        build_medgemma_classifier(
-            medgemma_cfg("google/medgemma-4b-it"),
-            PeftConfig(),
-            PrecisionConfig(name="fp32"),
-            ("a", "b"),
-        )
+        build(medgemma_cfg("google/medgemma-4b-it"), PeftConfig(), "fp32", ("a", "b"))
     message = str(error.value)
     assert "gated model" in message and "accept the licence" in message
     assert "HF_TOKEN" in message and "model.name_or_path" in message
@@ -109,14 +94,14 @@ def test_tiny_checkpoint_loads_with_auto_classes_and_is_built_once(tiny, monkeyp
     # the projector was re-initialised: a zero projector would hide the image from the LM
     assert model.model.multi_modal_projector.mm_input_projection_weight.abs().sum() > 0
     stamp = (tiny / RECIPE_FILE).stat().st_mtime_ns
-    assert ensure_tiny_gemma3(tiny) == tiny
+    assert ensure_tiny_gemma3(tiny, tiny.parent) == tiny
     assert (tiny / RECIPE_FILE).stat().st_mtime_ns == stamp  # not rebuilt
 
 
 def test_tiny_checkpoint_is_rebuilt_when_the_recipe_changes(tmp_path, monkeypatch):
-    path = ensure_tiny_gemma3(tmp_path / "tiny")
+    path = ensure_tiny_gemma3(tmp_path / "tiny", tmp_path)
     monkeypatch.setattr("breakhis_ft.models.tiny.recipe_hash", lambda: "changed")
-    ensure_tiny_gemma3(path)
+    ensure_tiny_gemma3(path, path.parent)
     assert '"changed"' in (path / RECIPE_FILE).read_text()
     assert (path / "model.safetensors").is_file()
 
@@ -157,7 +142,7 @@ def test_medgemma_4b_on_meta_device_matches_reference_counts():
     assert sum(p.numel() for p in model.model.multi_modal_projector.parameters()) == 2_950_272
     assert model.model.language_model.embed_tokens.weight.numel() == 671_252_480
     assert next(model.parameters()).device.type == "meta"
-    lm = apply_peft(model, PeftConfig(r=8, target_modules="language_model"))
+    lm = apply_peft(model, lora_config(PeftConfig(r=8)), "language_model")
     assert lm.get_nb_trainable_parameters()[0] == 14_901_248
-    every = apply_peft(build_meta_medgemma(), PeftConfig(r=8, target_modules="all-linear"))
+    every = apply_peft(build_meta_medgemma(), lora_config(PeftConfig(r=8)), "all-linear")
     assert every.get_nb_trainable_parameters()[0] == 19_248_896

@@ -21,8 +21,13 @@ from PIL import Image
 
 from breakhis_ft.config import PromptConfig
 from breakhis_ft.data.breakhis import scan_from_config
-from breakhis_ft.export import ExportError, export_adapter, export_merged, upload_adapter_artifact
-from breakhis_ft.predict import (
+from breakhis_ft.deploy.export import (
+    ExportError,
+    export_adapter,
+    export_merged,
+    upload_adapter_artifact,
+)
+from breakhis_ft.deploy.predict import (
     ImageFiles,
     PredictError,
     find_images,
@@ -69,10 +74,10 @@ def runs(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pat
     out = tmp_path_factory.mktemp("outputs")
     env = {**os.environ, "BREAKHIS_FT_CACHE": str(cache), "WANDB_MODE": "disabled"}
     # The replica is built once before the two runs start, so they do not race to build it.
-    scan_from_config(load_run_config_like(COMMON).data)
+    scan_from_config(load_run_config_like(COMMON).data, cache / "synthetic")
     procs = {
         name: subprocess.Popen(
-            [sys.executable, "-m", "breakhis_ft", *COMMON, *args, f"output_dir={out / name}"],
+            [sys.executable, "-m", "breakhis_ft", *COMMON, *args, f"paths.output_dir={out / name}"],
             cwd=REPO,
             env=env,
             stdout=subprocess.PIPE,
@@ -117,7 +122,8 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 def images(runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A nested folder: test images of the runs, one corrupt PNG, one larger TIFF, a text file."""
     folder = tmp_path_factory.mktemp("new_images")
-    root = scan_from_config(load_run_config(runs["medgemma"]).data).root
+    run_cfg = load_run_config(runs["medgemma"])
+    root = scan_from_config(run_cfg.data, run_cfg.paths.synthetic).root
     (folder / "a" / "b").mkdir(parents=True)
     rows = list(run_predictions(runs["medgemma"]).items())[:N_COPIED]
     for i, (name, row) in enumerate(rows):

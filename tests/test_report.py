@@ -17,13 +17,13 @@ import torch
 import yaml
 from PIL import Image
 
-from breakhis_ft.data.records import TASK_CLASSES
-from breakhis_ft.engine.evaluate import compute_metrics, malignant_flags
-from breakhis_ft.report import build_report, find_runs, load_run, to_markdown, write_report
-from breakhis_ft.tracking import RunTracker
+from breakhis_ft.analysis.report import build_report, find_runs, load_run, to_markdown, write_report
+from breakhis_ft.data.records import class_names
+from breakhis_ft.evaluate.metrics import compute_metrics, malignant_flags
+from breakhis_ft.run.tracking import RunTracker
 
 ROOT = Path(__file__).resolve().parent.parent
-CLASSES = TASK_CLASSES["subtype8"]
+CLASSES = class_names("subtype8")
 
 
 def _metrics(accuracy: float, seed: int) -> dict:
@@ -56,7 +56,8 @@ def make_run(
     run = parent / name
     (run / ".hydra").mkdir(parents=True)
     config = {
-        "data": {"source": "synthetic", "cache_dir": f"/cache/{name}", "image_size": 64},
+        "data": {"source": "synthetic", "image_size": 64},
+        "paths": {"cache_dir": f"/cache/{name}", "output_dir": "outputs"},
         "split": {"kind": "patient", "seed": 0},
         "magnification": {"name": "all", "factors": [40, 100, 200, 400]},
         "task": {"name": "subtype8"},
@@ -68,7 +69,6 @@ def make_run(
         "experiment_name": experiment,
         "seed": 42,
         "optimized_metric": "val/balanced_accuracy",
-        "output_dir": "outputs",
     }
     (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
     overrides = overrides if overrides is not None else [f"experiment={experiment}", f"peft.r={r}"]
@@ -132,7 +132,7 @@ def test_table_shows_differing_overrides_sorted_with_status(sweep: Path) -> None
     runs = [load_run(p) for p in find_runs([sweep.parent.parent.parent])]
     assert [r.path.name for r in runs] == ["job0", "job1", "job2", "job3"]
     report = build_report(runs)
-    # cache_dir, logger.tags and peft.alpha-with-r differ too: the ignored ones stay out
+    # paths.cache_dir, logger.tags and peft.alpha-with-r differ too: the ignored ones stay out
     assert report.columns == [
         "run",
         "status",
@@ -305,7 +305,7 @@ def test_cli_writes_report_and_readable_plots(sweep: Path, tmp_path: Path, capsy
 
 def test_sweep_plot_over_two_axes(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    from breakhis_ft.plots import plot_sweep, sweep_axes
+    from breakhis_ft.analysis.plots import plot_sweep, sweep_axes
 
     runs = []
     for i, (r, lr) in enumerate([(4, 1e-4), (8, 1e-4), (4, 1e-3), (8, 1e-3)]):
@@ -321,7 +321,7 @@ def test_sweep_plot_over_two_axes(tmp_path: Path) -> None:
 
 
 def test_missing_matplotlib_names_the_extra(monkeypatch) -> None:
-    from breakhis_ft import plots
+    from breakhis_ft.analysis import plots
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError, match=r"pip install -e '\.\[plots\]'"):
@@ -329,14 +329,14 @@ def test_missing_matplotlib_names_the_extra(monkeypatch) -> None:
 
 
 def test_log_plots_to_wandb_logs_images(tmp_path: Path, monkeypatch) -> None:
-    from breakhis_ft import plots
+    from breakhis_ft.run import tracking
 
     png = tmp_path / "curves.png"
     Image.new("RGB", (8, 8)).save(png)
     logged = []
     fake = SimpleNamespace(Image=lambda p: ("image", p))
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    plots.log_plots_to_wandb(SimpleNamespace(log=logged.append), [png])
+    tracking._log_images(SimpleNamespace(log=logged.append), [png])
     assert logged == [{"plots/curves": ("image", str(png))}]
 
 

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from builders import build
 from PIL import Image
 from siglip_toy import (
     FP32,
@@ -23,7 +24,6 @@ from torchmetrics.functional.classification import multiclass_accuracy
 
 from breakhis_ft.data.records import class_names, label_of
 from breakhis_ft.models.embedding_cache import MAX_SHARDS, EmbeddingCache
-from breakhis_ft.models.siglip import build_siglip_classifier
 
 TASK = "eva4"
 
@@ -40,7 +40,7 @@ def scan(request, tmp_path_factory):
 
 def probe(tiny, cache_dir, **overrides):
     cfg = model_cfg(tiny, freeze_encoder=True, **overrides)
-    return build_siglip_classifier(cfg, PROBE, FP32, class_names(TASK), cache_dir)
+    return build(cfg, PROBE, FP32, class_names(TASK), cache_dir)
 
 
 def test_linear_probe_learns_above_chance_on_held_out_patients(tiny, scan, tmp_path):

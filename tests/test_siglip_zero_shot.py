@@ -6,17 +6,22 @@ import json
 
 import pytest
 import torch
+from builders import build
 from PIL import Image
 from siglip_toy import FP32, LORA, model_cfg, tiny_path
 from transformers import AutoTokenizer, SiglipModel
 
-from breakhis_ft.config import ConfigError
 from breakhis_ft.data.records import class_names
-from breakhis_ft.models.siglip import build_siglip_classifier
+from breakhis_ft.errors import ConfigError
 from breakhis_ft.models.siglip_zero_shot import ZeroShotClassifier, build_zero_shot_classifier
 from breakhis_ft.models.tiny_siglip import RECIPE_FILE, ensure_tiny_siglip
 
 CLASSES = class_names("subtype8")
+
+
+def zero_shot(cfg):
+    """The zero-shot classifier of a SigLIP model config, in float32."""
+    return build_zero_shot_classifier(cfg, str(cfg.name_or_path), torch.float32, CLASSES)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +34,7 @@ def images(n=5):
 
 
 def test_zero_shot_probabilities_sum_to_one_through_the_engine_interface(tiny):
-    classifier = build_siglip_classifier(model_cfg(tiny, zero_shot=True), LORA, FP32, CLASSES)
+    classifier = build(model_cfg(tiny, zero_shot=True), LORA, FP32, CLASSES)
     assert isinstance(classifier, ZeroShotClassifier)
     assert classifier.parameter_counts()[0] == 0  # nothing trains
     batch = classifier.collate(
@@ -51,7 +56,7 @@ def test_zero_shot_probabilities_sum_to_one_through_the_engine_interface(tiny):
 def test_zero_shot_equals_softmax_of_siglip_logits(tiny):
     template = "H&E histopathology image of breast {}"
     cfg = model_cfg(tiny, zero_shot_templates=[template])
-    classifier = build_zero_shot_classifier(cfg, FP32, CLASSES)
+    classifier = zero_shot(cfg)
     # transformers' SiglipModel forward on the same texts and pixels, as its docs show it.
     model = SiglipModel.from_pretrained(str(tiny)).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(tiny))
@@ -66,25 +71,25 @@ def test_zero_shot_equals_softmax_of_siglip_logits(tiny):
 
 def test_templates_are_averaged_and_checked(tiny):
     two = ["H&E histopathology image of breast {}", "a photo of {} tissue"]
-    classifier = build_zero_shot_classifier(model_cfg(tiny, zero_shot_templates=two), FP32, CLASSES)
+    classifier = zero_shot(model_cfg(tiny, zero_shot_templates=two))
     assert classifier.prompts[4] == [
         "H&E histopathology image of breast ductal carcinoma",
         "a photo of ductal carcinoma tissue",
     ]
     assert torch.allclose(classifier.text_embeds.norm(dim=-1), torch.ones(8), atol=1e-5)
-    single = build_zero_shot_classifier(model_cfg(tiny, zero_shot_templates=two[:1]), FP32, CLASSES)
+    single = zero_shot(model_cfg(tiny, zero_shot_templates=two[:1]))
     assert not torch.allclose(single.text_embeds, classifier.text_embeds)
     with pytest.raises(ConfigError, match="zero_shot_templates"):
-        build_zero_shot_classifier(model_cfg(tiny, zero_shot_templates=["no slot"]), FP32, CLASSES)
+        zero_shot(model_cfg(tiny, zero_shot_templates=["no slot"]))
 
 
 def test_tiny_siglip_is_built_once_and_rebuilt_when_the_recipe_changes(tmp_path):
-    path = ensure_tiny_siglip(tmp_path / "tiny")
+    path = ensure_tiny_siglip(tmp_path / "tiny", tmp_path)
     weights = path / "model.safetensors"
     first = weights.stat().st_mtime_ns
-    assert ensure_tiny_siglip(path) == path and weights.stat().st_mtime_ns == first
+    assert ensure_tiny_siglip(path, path.parent) == path and weights.stat().st_mtime_ns == first
     recipe = json.loads((path / RECIPE_FILE).read_text())
     (path / RECIPE_FILE).write_text(json.dumps({**recipe, "hash": "older"}))
-    ensure_tiny_siglip(path)
+    ensure_tiny_siglip(path, path.parent)
     assert json.loads((path / RECIPE_FILE).read_text())["hash"] == recipe["hash"]
     assert weights.stat().st_mtime_ns != first

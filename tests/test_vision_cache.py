@@ -10,9 +10,10 @@ import torch
 from medgemma_toy import class_image, classifier, tiny_path
 from omegaconf import OmegaConf
 
-from breakhis_ft.config import AugmentConfig, ConfigError, PeftConfig, TrainRunConfig
+from breakhis_ft.config import AugmentConfig, PeftConfig, TrainRunConfig
 from breakhis_ft.data.dataset import ImageDataset
 from breakhis_ft.data.records import ImageRecord
+from breakhis_ft.errors import ConfigError
 from breakhis_ft.models.vision_cache import (
     check_feature_cache,
     configure_feature_cache,
@@ -53,7 +54,7 @@ def run_cfg(cache_dir, tiny, **overrides):
     """A composed-like run config (the schema's defaults) for the tiny model."""
     cfg = OmegaConf.structured(TrainRunConfig)
     cfg.model.kind, cfg.model.name_or_path = "medgemma", str(tiny)
-    cfg.data.cache_dir, cfg.data.image_size = str(cache_dir), 32
+    cfg.paths.vision_features, cfg.data.image_size = str(cache_dir), 32
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value, merge=False)
     return cfg

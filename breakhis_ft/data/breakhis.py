@@ -15,6 +15,7 @@ import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -337,11 +338,11 @@ def data_stats(scan: BreakhisScan) -> dict:
     }
 
 
-def scan_from_config(data_cfg) -> BreakhisScan:
+def scan_from_config(data_cfg: Any, synthetic_dir: str | Path) -> BreakhisScan:
     """Scan the data of a `data` config: the real tree at data.root, or the cached replica.
 
-    data=synthetic builds the replica once into data.cache_dir (or data.root when set), then
-    reuses it.
+    data=synthetic builds the replica once under `synthetic_dir` (paths.synthetic), or in
+    data.root when set, then reuses it.
     """
     if data_cfg.source == "synthetic":
         from breakhis_ft.data.synthetic import GENERATOR_VERSION, build_replica, ensure_replica
@@ -367,7 +368,7 @@ def scan_from_config(data_cfg) -> BreakhisScan:
                         "choose another data.root, delete it, or leave data.root unset"
                     )
         else:
-            root = ensure_replica(data_cfg.cache_dir, fraction, size, seed)
+            root = ensure_replica(synthetic_dir, fraction, size, seed)
     elif data_cfg.source == "breakhis":
         if not data_cfg.root:
             raise BadDataError("data=breakhis needs data.root=/path/to/BreaKHis_v1")

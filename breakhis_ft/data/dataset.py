@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from breakhis_ft.config import AugmentConfig
 from breakhis_ft.data.augment import Augmenter, is_identity
 from breakhis_ft.data.breakhis import load_image
-from breakhis_ft.data.records import ImageRecord, label_of
+from breakhis_ft.data.records import ImageRecord, Task, as_task
 
 CACHE_VERSION = 1  # bump when the stored format or the resizing changes
 RESAMPLE = Image.Resampling.BICUBIC
@@ -138,12 +138,13 @@ def build_image_cache(
     return datasets.Dataset.from_file(str(final / "data.arrow"))
 
 
-def labels_for(records: Sequence[ImageRecord], task: str) -> list[int]:
+def labels_for(records: Sequence[ImageRecord], task: Task | str) -> list[int]:
     """The class index of every record under a task (records outside the task are an error)."""
-    labels = [label_of(r, task) for r in records]
+    task = as_task(task)
+    labels = [task.label_of(r) for r in records]
     if None in labels:
         bad = records[labels.index(None)]
-        raise ValueError(f"{bad.path}: subtype {bad.subtype} is not a class of task={task}")
+        raise ValueError(f"{bad.path}: subtype {bad.subtype} is not a class of task={task.name}")
     return labels  # type: ignore[return-value]
 
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
+from importlib.resources import files
+from typing import Any
+
+import yaml
 
 SUBTYPES: dict[str, tuple[str, str]] = {
     # folder name: (code in file names, benign|malignant)
@@ -16,12 +21,29 @@ SUBTYPES: dict[str, tuple[str, str]] = {
     "papillary_carcinoma": ("PC", "malignant"),
 }
 
-TASK_CLASSES: dict[str, tuple[str, ...]] = {
-    "subtype8": tuple(SUBTYPES),
-    "binary": ("benign", "malignant"),
-    # eva's 4 classes: those with at least 7 patients
-    "eva4": ("tubular_adenoma", "mucinous_carcinoma", "fibroadenoma", "ductal_carcinoma"),
-}
+TUMOR_CLASSES = ("benign", "malignant")
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a run classifies: the record field that carries the class, and the classes in order.
+
+    The standard tasks are the `task/` config group (conf/task/*.yaml): `load_task(name)` reads one.
+    """
+
+    name: str
+    label_field: str  # subtype | tumor_class
+    classes: tuple[str, ...]
+
+    @classmethod
+    def from_config(cls, task_cfg: Any) -> Task:
+        """The task of a composed config's `task` node."""
+        return cls(str(task_cfg.name), str(task_cfg.label_field), tuple(task_cfg.classes))
+
+    def label_of(self, record: ImageRecord) -> int | None:
+        """The class index of a record, or None when the task excludes it."""
+        value = getattr(record, self.label_field)
+        return self.classes.index(value) if value in self.classes else None
 
 
 @dataclass(frozen=True)
@@ -41,15 +63,26 @@ class ImageRecord:
         return asdict(self)
 
 
-def class_names(task: str) -> tuple[str, ...]:
-    """The ordered class names of a task (subtype8, binary, eva4)."""
-    if task not in TASK_CLASSES:
-        raise ValueError(f"task.name={task!r} is not one of {', '.join(TASK_CLASSES)}")
-    return TASK_CLASSES[task]
+@functools.cache
+def load_task(name: str) -> Task:
+    """A standard task by name (subtype8, binary, eva4), read from its file in the task group."""
+    path = files("breakhis_ft.conf").joinpath("task", f"{name}.yaml")
+    if not path.is_file():
+        raise ValueError(f"task={name!r}: no conf/task/{name}.yaml (subtype8, binary, eva4)")
+    values = yaml.safe_load(path.read_text())
+    return Task(str(values["name"]), str(values["label_field"]), tuple(values["classes"]))
 
 
-def label_of(record: ImageRecord, task: str) -> int | None:
+def as_task(task: Task | str) -> Task:
+    """A Task, or the standard task of that name."""
+    return task if isinstance(task, Task) else load_task(task)
+
+
+def class_names(task: Task | str) -> tuple[str, ...]:
+    """The ordered class names of a task."""
+    return as_task(task).classes
+
+
+def label_of(record: ImageRecord, task: Task | str) -> int | None:
     """The class index of a record under a task, or None when the task excludes it."""
-    names = class_names(task)
-    value = record.tumor_class if task == "binary" else record.subtype
-    return names.index(value) if value in names else None
+    return as_task(task).label_of(record)

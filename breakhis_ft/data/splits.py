@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from breakhis_ft.data.breakhis import BadDataError, FoldsTable
-from breakhis_ft.data.records import ImageRecord, label_of
+from breakhis_ft.data.records import ImageRecord, Task, as_task, label_of
 
 SPLITS = ("train", "val", "test")
 EVA_VAL_PATIENTS = frozenset(
@@ -197,10 +197,10 @@ def _official_fold(records, cfg, group_by, rng, folds: FoldsTable | None):
     return {"train": train, "val": val, "test": test}
 
 
-def _eva(records, task: str, factors: Sequence[int]) -> dict[str, list[ImageRecord]]:
-    if task != "eva4" or list(factors) != [40]:
+def _eva(records, task: Task, factors: Sequence[int]) -> dict[str, list[ImageRecord]]:
+    if task.name != "eva4" or list(factors) != [40]:
         raise ValueError(
-            f"split=eva is eva's protocol: task=eva4 at magnification=40x (got task={task}, "
+            f"split=eva is eva's protocol: task=eva4 at magnification=40x (got task={task.name}, "
             f"magnification factors {list(factors)})"
         )
     val = [r for r in records if r.patient in EVA_VAL_PATIENTS]
@@ -228,18 +228,19 @@ def balance_binary(
 def assign_splits(
     records: Sequence[ImageRecord],
     split_cfg: Any,
-    task: str,
+    task: Task | str,
     factors: Sequence[int],
     folds: FoldsTable | None = None,
 ) -> dict[str, list[ImageRecord]]:
     """Records -> {train, val, test} under `split_cfg` (SplitConfig or DictConfig), leak-checked."""
+    task = as_task(task)
     kind, group_by = _get(split_cfg, "kind"), _get(split_cfg, "group_by")
     if group_by not in ("stem", "patient"):
         raise ValueError(f"split.group_by={group_by!r}: allowed values are stem, patient")
     chosen = [r for r in records if r.magnification in factors and label_of(r, task) is not None]
     if not chosen:
         raise BadDataError(
-            f"no images left for task={task} at magnifications {list(factors)} "
+            f"no images left for task={task.name} at magnifications {list(factors)} "
             f"(out of {len(records)} records)"
         )
     rng = np.random.default_rng([int(_get(split_cfg, "seed")), 20160901])
@@ -268,7 +269,7 @@ def assign_splits(
     return {s: sorted(splits[s], key=lambda r: r.path) for s in SPLITS}
 
 
-def split_rows(splits: dict[str, list[ImageRecord]], task: str) -> list[dict]:
+def split_rows(splits: dict[str, list[ImageRecord]], task: Task | str) -> list[dict]:
     """One row per image (split, label and the record's fields), e.g. for splits.csv."""
     return [
         {"split": name, "label": label_of(r, task), **r.as_dict()}
@@ -277,7 +278,7 @@ def split_rows(splits: dict[str, list[ImageRecord]], task: str) -> list[dict]:
     ]
 
 
-def split_summary(splits: dict[str, list[ImageRecord]], task: str) -> dict:
+def split_summary(splits: dict[str, list[ImageRecord]], task: Task | str) -> dict:
     """Images, patients and per-class counts of each split."""
     return {
         name: {

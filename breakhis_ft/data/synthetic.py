@@ -364,10 +364,13 @@ def replica_key(fraction: float, size: tuple[int, int], seed: int) -> str:
 
 
 def ensure_replica(
-    cache_dir: str | Path, fraction: float = 1.0, size: tuple[int, int] = (700, 460), seed: int = 0
+    synthetic_dir: str | Path,
+    fraction: float = 1.0,
+    size: tuple[int, int] = (700, 460),
+    seed: int = 0,
 ) -> Path:
-    """The replica in `cache_dir/synthetic/<key>/`, built once (atomically) and reused."""
-    final = Path(cache_dir).expanduser() / "synthetic" / replica_key(fraction, size, seed)
+    """The replica in `synthetic_dir/<key>/`, built once (atomically) and reused."""
+    final = Path(synthetic_dir).expanduser() / replica_key(fraction, size, seed)
     if (final / MARKER).is_file():
         return final
     tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"

@@ -8,13 +8,14 @@ from typing import Any
 
 from torch import nn
 
-from breakhis_ft.config import ConfigError
-from breakhis_ft.data.records import class_names
+from breakhis_ft.errors import ConfigError
 from breakhis_ft.vram.activations import (
     Flavor,
+    eager_scores_transient,
     gemma_layer_bytes_per_token,
     lora_layer_constant,
     siglip_layer_bytes_per_token,
+    vision_tokens,
 )
 from breakhis_ft.vram.meta import ParamBytes, build_meta_gemma, build_meta_siglip, lora_sites
 from breakhis_ft.vram.tokens import count_tokens
@@ -89,12 +90,26 @@ def optimizer_bytes(model: nn.Module, optimizer: str = "adamw") -> int:
     return total
 
 
-def _layers(per_token: list[float], const: list[int], tokens: int, act_h: int, gc: bool) -> float:
-    """Saved bytes of a stack of layers: all of them, or (checkpointing) inputs + one recomputed."""
+def _stack(
+    per_token: list[float], const: list[int], tokens: int, hidden: int, act: int, gc: bool
+) -> tuple[float, float]:
+    """(bytes held through the backward, bytes of the one layer recomputed) of a stack of layers.
+
+    Without checkpointing every layer keeps what it saves: (their sum, 0). With it each layer keeps
+    only its input hidden state, tokens x hidden x act bytes, and the backward recomputes one layer
+    at a time: (layers x tokens x hidden x act, the largest layer's saved bytes).
+    """
     sizes = [tokens * k + c for k, c in zip(per_token, const, strict=True)]
     if not gc:
-        return float(sum(sizes))
-    return float(len(sizes) * tokens * act_h + max(sizes, default=0))
+        return float(sum(sizes)), 0.0
+    return float(len(sizes) * tokens * hidden * act), float(max(sizes, default=0))
+
+
+def _layers(
+    per_token: list[float], const: list[int], tokens: int, hidden: int, act: int, gc: bool
+) -> float:
+    """Saved bytes of a stack of layers at its peak: all of them, or inputs + one recomputed."""
+    return sum(_stack(per_token, const, tokens, hidden, act, gc))
 
 
 def _static(model: nn.Module, pb: ParamBytes, optimizer: str) -> dict[str, int]:
@@ -146,37 +161,64 @@ def _estimate_gemma(cfg: Any, device: str, optimizer: str) -> VramEstimate:
     const = [
         lora_layer_constant(sites.get(i, []), flavor) + 16 * h + 8 * hd for i in range(n_layers)
     ]
-    outside = t_lm * (4 * h + 4) + 2 * b * seq * seq * a  # final norm; sliding + global masks
-    lm = {g: _layers(per_token, const, t_lm, a, g) + outside for g in (False, True)}
+    eager = attn == "eager"
+    # final norm; the sliding + global masks (sdpa: bool, eager: additive in the compute dtype)
+    outside = t_lm * (4 * h + 4) + 2 * b * seq * seq * (a if eager else 1)
+    lm = {g: _stack(per_token, const, t_lm, h, a, g) for g in (False, True)}
+    lm_eager = b * eager_scores_transient(text.num_attention_heads, seq, flavor, False)
 
-    patches = (vision.image_size // vision.patch_size) ** 2
+    patches = vision_tokens(vision)
     t_v, hv, iv = b * patches, vision.hidden_size, vision.intermediate_size
+    nhv = vision.num_attention_heads
     features = b * config.mm_tokens_per_image * h * a  # projected soft tokens fed to the LM
-    vis = {False: float(features), True: float(features)}
-    vision_transient = 0.0
+    vis = {False: (0.0, 0.0), True: (0.0, 0.0)}
+    vout, vision_backward, vision_transient = 0.0, 0.0, 0.0
     if vision_trains:
         vsites = lora_sites(model, "vision_tower")
         vfull = cfg.peft.method == "none"
         vper = [
-            siglip_layer_bytes_per_token(vision, flavor, vsites.get(i, []), dropout, vfull)
+            siglip_layer_bytes_per_token(vision, flavor, vsites.get(i, []), dropout, vfull, attn)
             for i in range(vision.num_hidden_layers)
         ]
         vconst = [lora_layer_constant(vsites.get(i, []), flavor) for i in range(len(vper))]
         vout = t_v * (flavor.ln * hv + 2 * flavor.ln) + b * config.mm_tokens_per_image * 4 * hv
         # checkpointing covers the tower only when it trains (medgemma.py)
-        vis = {g: features + _layers(vper, vconst, t_v, a, g) + vout for g in (False, True)}
-    else:  # frozen: run under no_grad, one layer's tensors at a time
+        vis = {g: _stack(vper, vconst, t_v, hv, a, g) for g in (False, True)}
+        vision_backward = t_v * a * (2 * hv + 2 * iv)
+        if eager:
+            vision_backward += b * eager_scores_transient(nhv, patches, flavor, False)
+    else:  # frozen: run under no_grad, one layer's tensors at a time (eager: its scores too)
         vision_transient = t_v * (a * hv + flavor.ln * hv + 3 * a * hv + 2 * a * iv)
+        if eager:
+            vision_transient += b * eager_scores_transient(nhv, patches, flavor, True)
+
+    # Checkpointed, the LM's and the tower's layers are recomputed in turn: one layer at the peak.
+    recomputed = {g: max(lm[g][1], vis[g][1]) for g in (False, True)}
+    recomputed_name = "vision tower" if vis[gc][1] > lm[gc][1] else "language model"
+    lm_held = {g: lm[g][0] + outside for g in (False, True)}
+    vis_held = {g: features + vis[g][0] + vout for g in (False, True)}
 
     vocab = text.vocab_size
     logits = b * rows * vocab * 12
-    backward = t_lm * a * (2 * h + 2 * text.intermediate_size)
-    work = {"loss logits": logits, "backward": backward, "frozen vision forward": vision_transient}
+    backward = t_lm * a * (2 * h + 2 * text.intermediate_size) + (lm_eager if eager else 0)
+    work = {"loss logits": logits, "backward": backward, "vision backward": vision_backward}
     work_name = max(work, key=work.get)
+    working = work[work_name]
+    work_note = f"largest transient: {work_name} (loss: {b} x {rows} positions x {vocab:,})"
+    # A frozen tower runs before the LM saves anything: its forward's peak is not on top of the
+    # activations; it sets the peak only where it exceeds them + the training working set.
+    activations = lm_held[gc] + vis_held[gc] + recomputed[gc]
+    if vision_transient > activations + working:
+        working = vision_transient - activations
+        work_note = (
+            f"frozen vision forward, {vision_transient / GIB:.3f} GiB ({attn}), the peak: it "
+            "runs before the LM saves anything, counted as its excess over the activations"
+        )
     components = _static(model, pb, optimizer)
-    components["activations: language model"] = int(lm[gc])
-    components["activations: vision tower"] = int(vis[gc])
-    components["working set"] = int(work[work_name])
+    components["activations: language model"] = int(lm_held[gc])
+    components["activations: vision tower"] = int(vis_held[gc])
+    components["activations: recomputed layer"] = int(recomputed[gc])
+    components["working set"] = int(working)
     quant = f", {pb.quantized:,} in NF4" if qlora else ""
     notes = {
         "weights": f"frozen base, {'bf16 + NF4' if qlora else cfg.precision.name}{quant}",
@@ -189,9 +231,15 @@ def _estimate_gemma(cfg: Any, device: str, optimizer: str) -> VramEstimate:
         ),
         "activations: vision tower": (
             f"{'trains' if vision_trains else 'frozen (no_grad)'}: {patches} patches x {b}"
+            f"{', checkpointed' if gc and vision_trains else ''}"
             f" + {config.mm_tokens_per_image} soft tokens"
         ),
-        "working set": f"largest transient: {work_name} (loss: {b} x {rows} positions x {vocab:,})",
+        "activations: recomputed layer": (
+            f"one {recomputed_name} layer recomputed in the backward ({attn})"
+            if gc
+            else "none: no checkpointing, every layer is counted above"
+        ),
+        "working set": work_note,
     }
     params = {
         "base_params": pb.base,
@@ -210,22 +258,26 @@ def _estimate_gemma(cfg: Any, device: str, optimizer: str) -> VramEstimate:
         "device": device,
     }
     extra = {
-        "activations_no_gc_bytes": lm[False] + vis[False],
-        "activations_gc_bytes": lm[True] + vis[True],
+        "activations_no_gc_bytes": lm_held[False] + vis_held[False],
+        "activations_gc_bytes": lm_held[True] + vis_held[True] + recomputed[True],
         "lm_layer_bytes_per_token": per_token[-1],
         "lm_layer_k_times_hidden": per_token[-1] / h,
         "full_sequence_logits_bytes": b * seq * vocab * 12,
+        "frozen_vision_forward_bytes": vision_transient,
         "seq_tokens": seq,
     }
     return VramEstimate(components, notes, params, settings, extra)
 
 
 def _estimate_siglip(cfg: Any, device: str, optimizer: str) -> VramEstimate:
-    n_classes = len(class_names(str(cfg.task.name)))
+    n_classes = len(cfg.task.classes)
     model, pb, vision, mode = build_meta_siglip(cfg, n_classes)
     flavor = Flavor.of(str(cfg.precision.name), device)
     a, b, gc = flavor.act, int(cfg.trainer.batch_size), bool(cfg.trainer.gradient_checkpointing)
-    patches = (vision.image_size // vision.patch_size) ** 2
+    # load_vision_encoder uses transformers' default attention (sdpa) whatever
+    # model.attn_implementation says: that setting reaches the MedGemma loader only
+    attn = "sdpa"
+    patches = vision_tokens(vision)
     t_v, h = b * patches, vision.hidden_size
     acts = {False: 4.0 * b * h, True: 4.0 * b * h}  # probe: the head reads cached embeddings
     backward = 0.0
@@ -233,7 +285,7 @@ def _estimate_siglip(cfg: Any, device: str, optimizer: str) -> VramEstimate:
         sites = lora_sites(model, "encoder")
         per = [
             siglip_layer_bytes_per_token(
-                vision, flavor, sites.get(i, []), float(cfg.peft.dropout), mode == "full"
+                vision, flavor, sites.get(i, []), float(cfg.peft.dropout), mode == "full", attn
             )
             for i in range(vision.num_hidden_layers)
         ]
@@ -243,7 +295,7 @@ def _estimate_siglip(cfg: Any, device: str, optimizer: str) -> VramEstimate:
         outside = t_v * (flavor.ln * h + 2 * flavor.ln) + (
             t_v * 2.5 * a * h if vision.vision_use_head else 0
         )
-        acts = {g: _layers(per, const, t_v, a, g) + outside + casts for g in (False, True)}
+        acts = {g: _layers(per, const, t_v, h, a, g) + outside + casts for g in (False, True)}
         backward = t_v * a * (2 * h + 2 * vision.intermediate_size)
     components = _static(model, pb, optimizer)
     components["activations: vision encoder"] = int(acts[gc])

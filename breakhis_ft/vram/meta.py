@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from breakhis_ft.config import ConfigError
+from breakhis_ft.errors import ConfigError
+from breakhis_ft.models.precision import Precision
 from breakhis_ft.vram.activations import LoraSite, nf4_bytes
 
 MEDGEMMA_HUB_IDS = ("google/medgemma-4b-it", "google/medgemma-4b-pt")
@@ -24,7 +25,6 @@ MEDSIGLIP_448_VISION = {
     "vision_use_head": True,
 }
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GROUPS = {
     "q_proj": "attn_in",
     "k_proj": "attn_in",
@@ -53,14 +53,12 @@ def _local_config(name: str, key: str = "model.name_or_path") -> Any:
         ) from err
 
 
-def _gemma_checkpoint(model_cfg: Any) -> tuple[Any, str | None]:
+def _gemma_checkpoint(cfg: Any) -> tuple[Any, str | None]:
     """(Gemma3Config, local folder or None): the built-in MedGemma 4B config, or AutoConfig."""
+    from breakhis_ft.models.factory import resolve_checkpoint
     from breakhis_ft.models.gemma_loading import medgemma_4b_config
-    from breakhis_ft.models.tiny import ensure_tiny_gemma3
 
-    name = str(model_cfg.name_or_path)
-    if bool(model_cfg.get("build_tiny", False)):
-        name = str(ensure_tiny_gemma3(name))  # what a run does first; a few CPU seconds
+    name = resolve_checkpoint(cfg.model, cfg.paths.models)  # builds a tiny model as a run does
     if name in MEDGEMMA_HUB_IDS and not Path(name).is_dir():
         return medgemma_4b_config(), None
     config = _local_config(name)
@@ -140,46 +138,43 @@ def param_bytes(model: nn.Module, quantized: set[int] = frozenset()) -> ParamByt
 def build_meta_gemma(cfg: Any) -> tuple[nn.Module, ParamBytes, Any, str | None]:
     """The configured Gemma 3 model + adapter on meta: (model, bytes, config, local folder)."""
     from breakhis_ft.models.gemma_loading import apply_peft, build_meta_medgemma
+    from breakhis_ft.models.lora import lora_config
 
-    config, folder = _gemma_checkpoint(cfg.model)
+    config, folder = _gemma_checkpoint(cfg)
     qlora = cfg.peft.method == "qlora"
-    model = build_meta_medgemma(config).to(torch.bfloat16 if qlora else DTYPES[cfg.precision.name])
+    dtype = torch.bfloat16 if qlora else Precision.of(cfg.precision.name).dtype
+    model = build_meta_medgemma(config).to(dtype)
     quantized = _quantized_weights(model) if qlora else set()
-    model = apply_peft(model, cfg.peft, freeze_vision=bool(cfg.model.get("freeze_vision", True)))
+    lora = lora_config(cfg.peft)
+    model = apply_peft(model, lora, cfg.peft.target_modules, bool(cfg.model.freeze_vision))
     return model, param_bytes(model, quantized), config, folder
 
 
 def build_meta_siglip(cfg: Any, n_classes: int) -> tuple[nn.Module, ParamBytes, Any, str]:
     """The configured SigLIP classifier (encoder + adapter + head) on meta, and its mode."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
+    from breakhis_ft.models.factory import resolve_checkpoint
+    from breakhis_ft.models.lora import lora_config
     from breakhis_ft.models.siglip import classifier_mode, lora_targets
-    from breakhis_ft.models.tiny_siglip import ensure_tiny_siglip
 
-    mode = classifier_mode(cfg.model, cfg.peft)
-    name = str(cfg.model.name_or_path)
-    if bool(cfg.model.get("build_tiny", False)):
-        name = str(ensure_tiny_siglip(name))
+    mode = classifier_mode(str(cfg.peft.method), bool(cfg.model.freeze_encoder))
+    name = resolve_checkpoint(cfg.model, cfg.paths.models)
     if name == "google/medsiglip-448" and not Path(name).is_dir():
         vision = SiglipVisionConfig(**MEDSIGLIP_448_VISION)
     else:
         config = _local_config(name)
         vision = getattr(config, "vision_config", config)
-    dtype = torch.float32 if mode == "full" else DTYPES[cfg.precision.name]
+    dtype = torch.float32 if mode == "full" else Precision.of(cfg.precision.name).dtype
     with torch.device("meta"):
         encoder: nn.Module = SiglipVisionModel(vision).to(dtype)
         head = nn.Linear(vision.hidden_size, n_classes)
     if mode == "probe":
         encoder.requires_grad_(False)
     if mode == "lora":
-        lora = LoraConfig(
-            r=int(cfg.peft.r),
-            lora_alpha=int(cfg.peft.alpha),
-            lora_dropout=float(cfg.peft.dropout),
-            target_modules=lora_targets(cfg.peft.target_modules, encoder),
-            modules_to_save=list(cfg.peft.modules_to_save) or None,
-            bias="none",
+        lora = replace(
+            lora_config(cfg.peft), target_modules=lora_targets(cfg.peft.target_modules, encoder)
         )
         encoder = get_peft_model(encoder, lora)
     model = nn.ModuleDict({"encoder": encoder, "head": head})

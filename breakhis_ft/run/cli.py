@@ -12,31 +12,36 @@ from __future__ import annotations
 import os
 import sys
 from datetime import datetime
+from importlib.resources import files
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from breakhis_ft.config import ConfigError, register_configs, validate_config
+from breakhis_ft.config import register_configs
+from breakhis_ft.errors import ConfigError
+from breakhis_ft.validate import validate_config
 
-CONF_DIR = str(
-    Path(__file__).resolve().parent.parent / "conf"
-)  # the repo's conf/ (editable install)
-RUN_DIR_ENV = (
-    "BREAKHIS_FT_RUN_DIR"  # fixes the run folder, e.g. for all ranks of a multi-process run
-)
+# conf/ installs as the package breakhis_ft.conf (pyproject.toml), so wheels carry the configs
+CONFIG_PACKAGE = "breakhis_ft.conf"
+RUN_DIR_ENV = "BREAKHIS_FT_RUN_DIR"  # one run folder for all ranks of a multi-process run
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+@hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_PACKAGE}", config_name="train")
 def _run(cfg: DictConfig) -> float | None:
     try:
         validate_config(cfg)
     except ConfigError as err:
         print(err, file=sys.stderr)
         sys.exit(2)
-    from breakhis_ft.experiment import run_experiment  # heavy: torch, transformers
+    from breakhis_ft.run.experiment import run_experiment  # heavy: torch, transformers
 
     return run_experiment(cfg)
+
+
+def _config_groups() -> set[str]:
+    """The config groups (folders of conf/), as installed."""
+    return {p.name for p in files(CONFIG_PACKAGE).iterdir() if p.is_dir() and p.name[0] != "_"}
 
 
 def _past_run_argv(argv: list[str]) -> list[str]:
@@ -52,7 +57,7 @@ def _past_run_argv(argv: list[str]) -> list[str]:
             f"{key}={value}: no saved config at {saved}; give a run folder written by "
             "breakhis-ft (it holds .hydra/config.yaml)"
         )
-    groups = {p.name for p in Path(CONF_DIR).iterdir() if p.is_dir()}
+    groups = _config_groups()
     choices = [a for a in argv if a.partition("=")[0].lstrip("+~") in groups]
     if choices:
         raise SystemExit(

@@ -27,20 +27,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel
 
-from breakhis_ft.config import TrainRunConfig
-from breakhis_ft.data.records import class_names
-from breakhis_ft.models.base import Classifier
-from breakhis_ft.predict import (
+from breakhis_ft.deploy.loading import (
     EXPORT_INFO,
-    PredictError,
     classifier_from_run,
     load_run_config,
     preprocess_size,
 )
+from breakhis_ft.models.base import Classifier
+from breakhis_ft.models.precision import DTYPES
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 FULL_WEIGHT_FILES = ("trainable.safetensors", "encoder.safetensors")  # full fine-tunes' best/
 
 
@@ -78,7 +75,7 @@ def export_info(
         "format": fmt,  # merged | adapter
         "model_kind": str(cfg.model.kind),
         "task": str(cfg.task.name),
-        "class_names": list(class_names(cfg.task.name)),
+        "class_names": list(cfg.task.classes),
         "prompt": OmegaConf.to_container(cfg.model.prompt, resolve=True),
         "image_size": image_size,  # longest side before the processor; null: not resized
         "precision": precision,
@@ -162,38 +159,6 @@ def export_merged(
     _write_info(out_dir, export_info(cfg, run_dir, "merged", precision, size))
     log.info("merged model of %s exported to %s (%s)", run_dir, out_dir, precision)
     return out_dir
-
-
-def load_exported_classifier(
-    model_dir: Path, info: dict[str, Any], overrides: Sequence[str] = ()
-) -> tuple[Classifier, DictConfig]:
-    """The classifier of an exported folder (merged or adapter) and the config it was built from."""
-    from breakhis_ft.training_run import build_classifier
-
-    cfg = OmegaConf.merge(OmegaConf.structured(TrainRunConfig), info["config"])
-    if overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-    names = tuple(info["class_names"])
-    if tuple(class_names(cfg.task.name)) != names:
-        raise PredictError(f"{model_dir}: export_info.json class names disagree with its task")
-    if info["format"] == "adapter":
-        classifier = build_classifier(cfg, names)
-        classifier.load_trained(model_dir)
-        return classifier, cfg
-    if info["format"] != "merged":
-        raise PredictError(f"{model_dir}: unknown export format {info['format']!r}")
-    # A merged folder is a plain checkpoint: no adapter, nothing built, the head (SigLIP) beside it.
-    cfg.model.name_or_path = str(model_dir)
-    cfg.model.build_tiny = False
-    cfg.peft.method = "none"
-    if cfg.model.kind == "siglip":
-        cfg.model.freeze_encoder = True  # encoder + head: the probe path computes embeddings
-        classifier = build_classifier(cfg, names)
-        classifier.load_trained(model_dir)
-    else:
-        classifier = build_classifier(cfg, names)
-        classifier.requires_grad_(False)
-    return classifier, cfg
 
 
 def artifact_name(info: dict[str, Any]) -> str:

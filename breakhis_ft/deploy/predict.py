@@ -11,7 +11,6 @@ computed with the encoder here. Unreadable images become rows with an `error` an
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -20,22 +19,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from breakhis_ft.config import TrainRunConfig
 from breakhis_ft.data.breakhis import BadDataError, load_image
 from breakhis_ft.data.dataset import resize_longest
+from breakhis_ft.deploy.loading import (
+    PredictError,
+    classifier_from_run,
+    load_exported_classifier,
+    load_run_config,
+    preprocess_size,
+    read_export_info,
+)
 from breakhis_ft.models.base import Classifier
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-EXPORT_INFO = "export_info.json"
-
-
-class PredictError(ValueError):
-    """A run folder, exported model or input that cannot be used; the message says why and how."""
 
 
 @dataclass
@@ -55,42 +55,10 @@ class Predictor:
     @property
     def embeds_images(self) -> bool:
         """A SigLIP probe: its batches are embeddings computed here with the frozen encoder."""
-        return getattr(self.classifier, "mode", None) == "probe"
+        return not self.classifier.needs_images
 
 
 # ---- loading ------------------------------------------------------------------------------------
-
-
-def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
-    """A run's saved config on the current schema, with `key=value` overrides applied."""
-    saved = Path(run_dir) / ".hydra" / "config.yaml"
-    if not saved.is_file():
-        raise PredictError(
-            f"{run_dir}: no saved config at {saved}; give a run folder written by breakhis-ft "
-            "(outputs/runs/<experiment>/<time>) or an exported model with --model"
-        )
-    cfg = OmegaConf.merge(OmegaConf.structured(TrainRunConfig), OmegaConf.load(saved))
-    if overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-    return cfg  # type: ignore[return-value]
-
-
-def classifier_from_run(cfg: DictConfig, run_dir: str | Path) -> Classifier:
-    """The run's classifier with its best weights (`best/`) loaded, on the CPU."""
-    from breakhis_ft.data.records import class_names
-    from breakhis_ft.training_run import build_classifier
-
-    classifier = build_classifier(cfg, class_names(cfg.task.name))
-    best = Path(run_dir) / "best"
-    if best.is_dir():
-        classifier.load_trained(best)
-    elif not (cfg.model.kind == "siglip" and cfg.model.zero_shot):
-        raise PredictError(
-            f"{run_dir}: no best/ folder (trained weights); the run did not train or has not "
-            "finished its first evaluation. Train it (breakhis-ft resume=<run folder>) or pick "
-            "another run"
-        )
-    return classifier
 
 
 def load_predictor(
@@ -108,8 +76,6 @@ def load_predictor(
         raise PredictError("give either a run folder or an exported model folder (--model)")
     overrides = [*overrides, *([f"precision.name={precision}"] if precision else [])]
     if model_dir is not None:
-        from breakhis_ft.export import load_exported_classifier
-
         info = read_export_info(Path(model_dir))
         classifier, cfg = load_exported_classifier(Path(model_dir), info, overrides)
         size = info.get("image_size")
@@ -121,28 +87,6 @@ def load_predictor(
     return Predictor(
         classifier, preprocess_size(cfg, classifier), str(run_dir), str(cfg.precision.name)
     )
-
-
-def preprocess_size(cfg: DictConfig, classifier: Classifier) -> int | None:
-    """The longest side images had in training: data.image_size, or None for a SigLIP probe.
-
-    A probe's embeddings were computed from the original files (embedding_cache.py), not resized.
-    """
-    return None if getattr(classifier, "mode", None) == "probe" else int(cfg.data.image_size)
-
-
-def read_export_info(model_dir: Path) -> dict[str, Any]:
-    """The `export_info.json` of an exported model folder."""
-    path = model_dir / EXPORT_INFO
-    if not path.is_file():
-        raise PredictError(
-            f"{model_dir}: no {EXPORT_INFO}; export the run with scripts/export_model.py (it "
-            "records the class names and the prompt that classification needs)"
-        )
-    return json.loads(path.read_text())
-
-
-# ---- inputs -------------------------------------------------------------------------------------
 
 
 def find_images(inputs: Sequence[str | Path], list_files: Sequence[str | Path] = ()) -> list[Path]:
@@ -217,7 +161,7 @@ def predict_files(
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from breakhis_ft.engine.trainer import MIXED_PRECISION
+    from breakhis_ft.models.precision import MIXED_PRECISION
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by accelerate launch / torchrun
         raise PredictError(

@@ -14,27 +14,26 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from breakhis_ft.data.breakhis import BreakhisScan, data_stats, scan_from_config, write_bad_files
-from breakhis_ft.data.records import class_names
+from breakhis_ft.data.records import Task
 from breakhis_ft.data.splits import assign_splits, split_rows, split_summary
-from breakhis_ft.run_folder import is_main_process, write_json, write_run_info, write_splits_csv
+from breakhis_ft.run.run_folder import is_main_process, write_json, write_run_info, write_splits_csv
 
 log = logging.getLogger(__name__)
 
 
 def prepare_data(cfg: DictConfig, run_dir: Path) -> tuple[BreakhisScan, dict[str, list]]:
     """Scan (or build) the data; write data_stats.json and splits.csv; return scan and splits."""
-    scan = scan_from_config(cfg.data)
+    scan = scan_from_config(cfg.data, cfg.paths.synthetic)
+    task = Task.from_config(cfg.task)
     splits = assign_splits(
-        scan.records, cfg.split, cfg.task.name, list(cfg.magnification.factors), folds=scan.folds
+        scan.records, cfg.split, task, list(cfg.magnification.factors), folds=scan.folds
     )
     if is_main_process():
         if write_bad_files(scan, run_dir):
             log.warning("skipped %d bad files (listed in bad_files.csv)", len(scan.bad_files))
         write_json(run_dir / "data_stats.json", data_stats(scan))
-        write_splits_csv(
-            run_dir / "splits.csv", split_rows(splits, cfg.task.name), class_names(cfg.task.name)
-        )
-    for split, summary in split_summary(splits, cfg.task.name).items():
+        write_splits_csv(run_dir / "splits.csv", split_rows(splits, task), task.classes)
+    for split, summary in split_summary(splits, task).items():
         log.info("%s: %d images, %d patients", split, summary["images"], summary["patients"])
     return scan, splits
 
@@ -43,7 +42,7 @@ def _job_identity(cfg: DictConfig) -> tuple[str, str]:
     """(W&B group, readable run name) from the experiment, the sweep and the overrides."""
     hydra_cfg = HydraConfig.get()
     # paths and logging settings say nothing about the experiment: they stay out of the name
-    unnamed = ("experiment=", "hydra", "output_dir=", "data.root=", "data.cache_dir=", "logger.")
+    unnamed = ("experiment=", "hydra", "paths.", "data.root=", "logger.")
     overrides = [o for o in hydra_cfg.overrides.task if not o.startswith(unnamed)]
     name = ",".join(overrides) or cfg.experiment_name
     if hydra_cfg.mode == RunMode.MULTIRUN:
@@ -79,7 +78,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> float | None:
     if not cfg.train and not cfg.test:
         log.info("train=false test=false: data prepared in %s", run_dir)
         return None
-    from breakhis_ft.training_run import train_and_evaluate  # heavy: torch, transformers
+    from breakhis_ft.run.training_run import train_and_evaluate  # heavy: torch, transformers
 
     group, name = _job_identity(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)

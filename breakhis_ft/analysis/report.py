@@ -26,7 +26,7 @@ DEFAULT_METRICS = (
 )
 SPLITS = ("train", "val", "test")
 # keys that differ between runs without changing what was trained or measured
-IGNORED_KEYS = ("output_dir", "resume", "data.cache_dir", "logger")
+IGNORED_KEYS = ("paths", "resume", "logger", "model.builder", "trainer.optimizer._partial_")
 # folders inside a run that never hold another run: skipping them keeps the scan fast
 _NOT_RUNS = {"checkpoints", "best", "wandb", ".hydra", "__pycache__"}
 

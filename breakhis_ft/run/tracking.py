@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from breakhis_ft.run_folder import write_json
+from breakhis_ft.run.run_folder import write_json
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class RunTracker:
         self.active = active
         self._wandb_run = None
         self._metrics_file = self.run_dir / "metrics.jsonl"
+        self._history: list[dict[str, Any]] = []  # the rows of metrics.jsonl, for the curves
         if active and logger_cfg.kind == "wandb" and logger_cfg.mode != "disabled":
             self._start_wandb(strip_secrets(config), logger_cfg, run_name, group)
 
@@ -97,8 +98,10 @@ class RunTracker:
         """Append one line to metrics.jsonl and send the values to W&B."""
         if not self.active:
             return
+        row = _json_safe({"step": step, **metrics})
+        self._history.append(row)
         with self._metrics_file.open("a") as f:
-            f.write(json.dumps(_json_safe({"step": step, **metrics})) + "\n")
+            f.write(json.dumps(row) + "\n")
         self._safe_wandb(lambda run: run.log({**metrics, "trainer/step": step}))
 
     def log_final(
@@ -123,20 +126,19 @@ class RunTracker:
             if split in predictions:
                 self._log_split_tables(split, split_metrics, *predictions[split])
 
-    def log_plots(self) -> None:
+    def log_plots(self, metrics: dict[str, dict]) -> None:
         """With W&B on: plot the finished run (confusion matrix, per-class F1, curves) into its
         folder and log the PNGs; matplotlib is the optional `plots` extra."""
         if self._wandb_run is None:
             return
         try:
-            from breakhis_ft.plots import log_plots_to_wandb, plot_run
-            from breakhis_ft.report import load_run
+            from breakhis_ft.evaluate.figures import plot_run_figures
 
-            paths = plot_run(load_run(self.run_dir))
+            paths = plot_run_figures(self.run_dir, metrics, self._history)
         except ImportError as err:
             log.warning("no plots for W&B (%s); pip install -e '.[plots]'", err)
             return
-        self._safe_wandb(lambda run: log_plots_to_wandb(run, paths))
+        self._safe_wandb(lambda run: _log_images(run, paths))
 
     def _log_split_tables(self, split: str, metrics: dict, y_true: list, y_pred: list) -> None:
         import wandb
@@ -174,3 +176,12 @@ class RunTracker:
             except Exception as err:  # noqa: BLE001
                 log.warning("W&B finish failed: %s", err)
             self._wandb_run = None
+
+
+def _log_images(run: Any, paths: list[Path]) -> None:
+    """Log PNG files to a live W&B run as images keyed `plots/<file stem>`."""
+    import wandb
+
+    images = {f"plots/{p.stem}": wandb.Image(str(p)) for p in paths}
+    if images:
+        run.log(images)

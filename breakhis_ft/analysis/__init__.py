@@ -1,0 +1,1 @@
+"""After the runs: reports, plots and statistics over run folders."""

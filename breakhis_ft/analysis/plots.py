@@ -1,0 +1,93 @@
+"""PNG plots of finished runs (figures.py per run) and a sweep plot across runs.
+
+matplotlib is the optional `plots` extra; it is imported only when a plot is drawn, with the Agg
+backend (no display needed on a server or in a container).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from breakhis_ft.analysis.report import Run, metric_value
+from breakhis_ft.evaluate.figures import _pyplot, _save, plot_run_figures
+
+# settings a sweep varies, in the order they are tried as the x axis
+SWEEP_AXES = ("peft.r", "trainer.lr", "magnification")
+_LOG_AXES = {"peft.r": 2, "trainer.lr": 10}
+
+
+def plot_run(run: Run, split: str = "test") -> list[Path]:
+    """Confusion matrix, per-class F1 (of `split`) and curves, written into the run folder."""
+    return plot_run_figures(run.path, run.metrics, run.history, split)
+
+
+def _magnification(run: Run) -> str | None:
+    factors = run.config.get("magnification.factors")
+    if run.config.get("magnification.name"):
+        return str(run.config["magnification.name"])
+    if "magnification" in run.choices:
+        return run.choices["magnification"]
+    return None if factors is None else ",".join(map(str, factors))
+
+
+def _axis_value(run: Run, axis: str) -> Any:
+    return _magnification(run) if axis == "magnification" else run.config.get(axis)
+
+
+def _order(value: Any) -> tuple[int, float, str]:
+    """Numbers in numeric order, then '40x' < '100x' < ..., then other text."""
+    if isinstance(value, int | float):
+        return (0, float(value), "")
+    digits = str(value).rstrip("xX")
+    return (1, float(digits), "") if digits.isdigit() else (2, 0.0, str(value))
+
+
+def sweep_axes(runs: Sequence[Run]) -> list[str]:
+    """The sweep settings (LoRA rank, learning rate, magnification) that vary between runs."""
+    return [a for a in SWEEP_AXES if len({str(_axis_value(r, a)) for r in runs}) > 1]
+
+
+def plot_sweep(runs: Sequence[Run], metric: str, path: str | Path) -> Path | None:
+    """The metric against the first varying sweep setting, one line per value of the second."""
+    axes = sweep_axes(runs)
+    if not axes:
+        return None
+    x_axis, hue = axes[0], (axes[1] if len(axes) > 1 else None)
+    points: dict[Any, list[tuple[Any, float]]] = {}
+    missing = 0
+    for run in runs:
+        value = metric_value(run, metric)
+        if value is None:
+            missing += 1  # failed or running: counted in the title, not plotted as zero
+            continue
+        points.setdefault(_axis_value(run, hue) if hue else None, []).append(
+            (_axis_value(run, x_axis), value)
+        )
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    xs = sorted({x for pts in points.values() for x, _ in pts}, key=_order)
+    numeric = all(isinstance(x, int | float) for x in xs)
+    for key in sorted(points, key=_order):
+        pts = sorted(points[key], key=lambda p: _order(p[0]))
+        pos = [p[0] if numeric else xs.index(p[0]) for p in pts]
+        label = f"{hue}={key}" if hue else None
+        ax.plot(pos, [p[1] for p in pts], marker="o", label=label)
+    if x_axis in _LOG_AXES and numeric:
+        # ranks double (4, 8, 16), learning rates step by decades: evenly spaced on a log axis
+        ax.set_xscale("log", base=_LOG_AXES[x_axis])
+    if numeric:
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        ax.minorticks_off()
+    else:
+        ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+    ax.set_xlabel(x_axis)
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    if hue:
+        ax.legend(fontsize=8)
+    note = f", {missing} without a value (failed/running) left out" if missing else ""
+    ax.set_title(f"{metric} vs {x_axis}\n{len(runs) - missing} of {len(runs)} runs{note}")
+    fig.tight_layout()
+    return _save(fig, Path(path))

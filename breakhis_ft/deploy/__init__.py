@@ -1,0 +1,1 @@
+"""After training: predict on new images, export, explain."""

@@ -1,0 +1,110 @@
+"""Load a trained classifier back: from a run folder (`.hydra/config.yaml` + `best/`) or an
+exported model folder (`export_info.json`). Shared by predict, export and explain.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from breakhis_ft.config import TrainRunConfig
+from breakhis_ft.models.base import Classifier
+from breakhis_ft.models.factory import build_classifier
+from breakhis_ft.models.precision import Precision
+
+EXPORT_INFO = "export_info.json"
+
+
+class PredictError(ValueError):
+    """A run folder, exported model or input that cannot be used; the message says why and how."""
+
+
+def classifier_of(cfg: DictConfig, names: Sequence[str]) -> Classifier:
+    """The classifier a config describes (checkpoint, adapter, dtype), untrained."""
+    precision = Precision.of(cfg.precision.name)
+    return build_classifier(cfg.model, cfg.peft, precision, names, cfg.paths)
+
+
+def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
+    """A run's saved config on the current schema, with `key=value` overrides applied."""
+    saved = Path(run_dir) / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        raise PredictError(
+            f"{run_dir}: no saved config at {saved}; give a run folder written by breakhis-ft "
+            "(outputs/runs/<experiment>/<time>) or an exported model with --model"
+        )
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainRunConfig), OmegaConf.load(saved))
+    if overrides:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    return cfg  # type: ignore[return-value]
+
+
+def classifier_from_run(cfg: DictConfig, run_dir: str | Path) -> Classifier:
+    """The run's classifier with its best weights (`best/`) loaded, on the CPU."""
+    classifier = classifier_of(cfg, tuple(cfg.task.classes))
+    best = Path(run_dir) / "best"
+    if best.is_dir():
+        classifier.load_trained(best)
+    elif not (cfg.model.kind == "siglip" and cfg.model.zero_shot):
+        raise PredictError(
+            f"{run_dir}: no best/ folder (trained weights); the run did not train or has not "
+            "finished its first evaluation. Train it (breakhis-ft resume=<run folder>) or pick "
+            "another run"
+        )
+    return classifier
+
+
+def preprocess_size(cfg: DictConfig, classifier: Classifier) -> int | None:
+    """The longest side images had in training: data.image_size, or None for a SigLIP probe.
+
+    A probe's embeddings were computed from the original files (embedding_cache.py), not resized.
+    """
+    return int(cfg.data.image_size) if classifier.needs_images else None
+
+
+def read_export_info(model_dir: Path) -> dict[str, Any]:
+    """The `export_info.json` of an exported model folder."""
+    path = model_dir / EXPORT_INFO
+    if not path.is_file():
+        raise PredictError(
+            f"{model_dir}: no {EXPORT_INFO}; export the run with scripts/export_model.py (it "
+            "records the class names and the prompt that classification needs)"
+        )
+    return json.loads(path.read_text())
+
+
+# ---- inputs -------------------------------------------------------------------------------------
+
+
+def load_exported_classifier(
+    model_dir: Path, info: dict[str, Any], overrides: Sequence[str] = ()
+) -> tuple[Classifier, DictConfig]:
+    """The classifier of an exported folder (merged or adapter) and the config it was built from."""
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainRunConfig), info["config"])
+    if overrides:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    names = tuple(info["class_names"])
+    if tuple(cfg.task.classes) != names:
+        raise PredictError(f"{model_dir}: export_info.json class names disagree with its task")
+    if info["format"] == "adapter":
+        classifier = classifier_of(cfg, names)
+        classifier.load_trained(model_dir)
+        return classifier, cfg
+    if info["format"] != "merged":
+        raise PredictError(f"{model_dir}: unknown export format {info['format']!r}")
+    # A merged folder is a plain checkpoint: no adapter, nothing built, the head (SigLIP) beside it.
+    cfg.model.name_or_path = str(model_dir)
+    cfg.model.build_tiny = False
+    cfg.peft.method = "none"
+    if cfg.model.kind == "siglip":
+        cfg.model.freeze_encoder = True  # encoder + head: the probe path computes embeddings
+        classifier = classifier_of(cfg, names)
+        classifier.load_trained(model_dir)
+    else:
+        classifier = classifier_of(cfg, names)
+        classifier.requires_grad_(False)
+    return classifier, cfg

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, intervals, calibration, patient-level diagnosis."""

@@ -1,0 +1,1 @@
+"""The run: entrypoint, run setup (config -> objects, once), orchestration, run folder, tracking."""
