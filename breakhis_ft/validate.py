@@ -131,7 +131,7 @@ def _check_model(cfg: DictConfig) -> None:
     kind = str(cfg.model.kind)
     target = str(cfg.model.builder.get("_target_", ""))
     _check(
-        f".{kind}." in f".{target}",
+        f"_{kind}_" in target.rpartition(".")[2],  # build_medgemma_classifier, build_siglip_...
         "model.kind",
         f"model.kind={kind} but the model group builds with {target}: choose the model group "
         "(model=medgemma_4b_it | medsiglip_448 | tiny_gemma3 | tiny_siglip) instead of model.kind",

@@ -32,8 +32,9 @@ from breakhis_ft.data.breakhis import scan_breakhis
 from breakhis_ft.data.dataset import ImageDataset, build_image_cache, labels_for
 from breakhis_ft.data.records import class_names
 from breakhis_ft.data.synthetic import ensure_replica
+from breakhis_ft.models.gemma_loading import build_medgemma_classifier
 from breakhis_ft.models.lora import lora_config
-from breakhis_ft.models.medgemma import MedGemmaClassifier, build_medgemma_classifier
+from breakhis_ft.models.medgemma import MedGemmaClassifier
 from breakhis_ft.models.precision import Precision
 from breakhis_ft.models.tiny import (
     CHAT_TEMPLATE,
@@ -208,7 +209,7 @@ def cache_section(
     """
     store = clf.use_feature_cache(work / "vision_features", name, None)
     start = time.perf_counter()
-    computed = clf.prepare_vision_features([ds], root)
+    computed = clf.prepare_cached_inputs([ds], root)
     precompute_s = time.perf_counter() - start
     no_images = [{k: v for k, v in it.items() if k != "image"} for it in items]
     times: dict[str, list[float]] = {"pixels": [], "cached": []}
@@ -387,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class _Subset:
-    """`records` and `load(i)` of some items of an ImageDataset (for prepare_vision_features)."""
+    """`records` and `load(i)` of some items of an ImageDataset (for prepare_cached_inputs)."""
 
     def __init__(self, ds: ImageDataset, indices: list[int]) -> None:
         self.ds, self.indices = ds, indices

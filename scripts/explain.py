@@ -25,7 +25,8 @@ import torch
 
 from breakhis_ft.data.breakhis import BadDataError, load_image, scan_from_config
 from breakhis_ft.data.dataset import resize_longest
-from breakhis_ft.deploy.explain import LEVELS, METHODS, explain_images, save_overlay
+from breakhis_ft.deploy.explain import LEVELS, METHODS, explain_images
+from breakhis_ft.deploy.overlay import save_overlay
 
 # After the restructure these live in breakhis_ft.deploy.predict.
 from breakhis_ft.deploy.predict import PredictError, find_images, load_predictor, load_run_config

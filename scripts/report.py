@@ -16,12 +16,11 @@ from breakhis_ft.analysis.report import (
     DEFAULT_METRICS,
     build_report,
     by_magnification,
-    find_runs,
-    load_run,
     normalise_metrics,
     to_markdown,
     write_report,
 )
+from breakhis_ft.analysis.runs import find_runs, load_run
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 from typing import Any
 
 from breakhis_ft.models.base import Classifier
+from breakhis_ft.models.gemma_loading import build_medgemma_classifier
 from breakhis_ft.models.lora import lora_config
-from breakhis_ft.models.medgemma import build_medgemma_classifier
 from breakhis_ft.models.precision import Precision
 from breakhis_ft.models.siglip import build_siglip_classifier
 

@@ -26,14 +26,8 @@ from PIL import Image
 from siglip_toy import FP32, PROBE, model_cfg
 from siglip_toy import tiny_path as tiny_siglip_path
 
-from breakhis_ft.deploy.explain import (
-    Explanation,
-    explain_images,
-    heatmap,
-    log_odds,
-    normalise,
-    save_overlay,
-)
+from breakhis_ft.deploy.explain import Explanation, explain_images, log_odds, normalise
+from breakhis_ft.deploy.overlay import heatmap, save_overlay
 from breakhis_ft.models.tiny import SIZES as GEMMA_SIZES
 from breakhis_ft.models.tiny_siglip import SIZES as SIGLIP_SIZES
 

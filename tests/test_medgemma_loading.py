@@ -111,7 +111,7 @@ def _lora_module_names(model) -> list[str]:
 
 
 def test_target_modules_language_model_vs_all_linear(tiny, caplog):
-    with caplog.at_level(logging.INFO, logger="breakhis_ft.models.medgemma"):
+    with caplog.at_level(logging.INFO, logger="breakhis_ft.models.gemma_loading"):
         lm = classifier(tiny, target_modules="language_model")
     assert "trainable parameters" in caplog.text
     names = _lora_module_names(lm.model)

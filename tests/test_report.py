@@ -17,7 +17,8 @@ import torch
 import yaml
 from PIL import Image
 
-from breakhis_ft.analysis.report import build_report, find_runs, load_run, to_markdown, write_report
+from breakhis_ft.analysis.report import build_report, to_markdown, write_report
+from breakhis_ft.analysis.runs import find_runs, load_run
 from breakhis_ft.data.records import class_names
 from breakhis_ft.evaluate.metrics import compute_metrics, malignant_flags
 from breakhis_ft.run.tracking import RunTracker

@@ -80,7 +80,7 @@ def test_cached_features_reproduce_loss_probabilities_and_lora_gradients(
     cfg = run_cfg(tmp_path, tiny, **{f"data.augment.{k}": v for k, v in NO_AUGMENT.items()})
     assert configure_feature_cache(cached, cfg)
     images, no_images = dataset(image_root, True), dataset(image_root, False)
-    assert cached.prepare_vision_features([no_images], image_root) == N_IMAGES
+    assert cached.prepare_cached_inputs([no_images], image_root) == N_IMAGES
     with_img = [images[i] for i in range(N_IMAGES)]
     without = [no_images[i] for i in range(N_IMAGES)]
     assert "image" not in without[0]
@@ -108,14 +108,14 @@ def test_a_second_run_never_calls_the_vision_tower(tiny, image_root, tmp_path):
     first = classifier(tiny)
     first_calls = count_vision_calls(first)
     configure_feature_cache(first, cfg)
-    assert first.prepare_vision_features([dataset(image_root, False)], image_root) == N_IMAGES
+    assert first.prepare_cached_inputs([dataset(image_root, False)], image_root) == N_IMAGES
     assert first_calls[0] > 0
 
     second = classifier(tiny)  # a new run: a fresh model, the same cache folder
     calls = count_vision_calls(second)
     configure_feature_cache(second, cfg)
     ds = dataset(image_root, False)
-    assert second.prepare_vision_features([ds], image_root) == 0
+    assert second.prepare_cached_inputs([ds], image_root) == 0
     items = [ds[i] for i in range(N_IMAGES)]
     second.loss(second.collate(items, train=True)).backward()
     second.predict_proba(second.collate(items, train=False))
@@ -128,13 +128,13 @@ def test_preprocessing_or_file_changes_invalidate(tiny, image_root, tmp_path):
     clf = classifier(tiny)
     configure_feature_cache(clf, cfg)
     base = clf.feature_store.directory
-    assert clf.prepare_vision_features([dataset(image_root, False)], image_root) == N_IMAGES
+    assert clf.prepare_cached_inputs([dataset(image_root, False)], image_root) == N_IMAGES
 
     cfg.data.image_size = 24  # dataset resizing changed: another folder, all recomputed
     configure_feature_cache(clf, cfg)
     assert clf.feature_store.directory != base
     ds = dataset(image_root, False, image_size=24)
-    assert clf.prepare_vision_features([ds], image_root) == N_IMAGES
+    assert clf.prepare_cached_inputs([ds], image_root) == N_IMAGES
 
     cfg.data.image_size = 32
     clf.processor.image_processor.image_mean = [0.4, 0.5, 0.5]  # processor setting changed
@@ -149,7 +149,7 @@ def test_preprocessing_or_file_changes_invalidate(tiny, image_root, tmp_path):
     stat = target.stat()
     os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     try:
-        assert clf.prepare_vision_features([dataset(image_root, False)], image_root) == 1
+        assert clf.prepare_cached_inputs([dataset(image_root, False)], image_root) == 1
     finally:
         os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from breakhis_ft.analysis.report import Run, metric_value
+from breakhis_ft.analysis.runs import Run, metric_value
 from breakhis_ft.evaluate.figures import _pyplot, _save, plot_run_figures
 
 # settings a sweep varies, in the order they are tried as the x axis

@@ -1,22 +1,19 @@
 """Compare run folders: what differs between the runs against their metrics, best run per group.
 
-Reads only the files a run writes (`.hydra/*.yaml`, `run_info.json`, `FAILED`, `metrics.json`,
-`metrics.jsonl`); never imports torch, so it runs anywhere the run folders are.
+Run folders are read by `runs.py`; this module never imports torch either.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import math
 import os
-import socket
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
+from breakhis_ft.analysis.runs import Run, metric_value
 
 DEFAULT_METRICS = (
     "test/balanced_accuracy",
@@ -27,175 +24,6 @@ DEFAULT_METRICS = (
 SPLITS = ("train", "val", "test")
 # keys that differ between runs without changing what was trained or measured
 IGNORED_KEYS = ("paths", "resume", "logger", "model.builder", "trainer.optimizer._partial_")
-# folders inside a run that never hold another run: skipping them keeps the scan fast
-_NOT_RUNS = {"checkpoints", "best", "wandb", ".hydra", "__pycache__"}
-
-
-@dataclass
-class Run:
-    """What one run folder says about itself."""
-
-    path: Path
-    status: str  # completed | failed | running | interrupted | stopped | unknown
-    config: dict[str, Any]  # flattened: {"peft.r": 8, ...}
-    choices: dict[str, str]  # Hydra group choices: {"model": "tiny_gemma3", ...}
-    overrides: list[str]
-    metrics: dict[str, Any]  # metrics.json as written
-    history: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl rows
-    info: dict[str, Any] = field(default_factory=dict)  # run_info.json
-
-    @property
-    def last_step(self) -> int | None:
-        """The last step logged in metrics.jsonl (how far a running run got)."""
-        steps = [row["step"] for row in self.history if isinstance(row.get("step"), int)]
-        return max(steps) if steps else None
-
-    def value(self, key: str) -> Any:
-        """A group choice, a dotted config key or a run_info key; None when absent."""
-        if key in self.choices:
-            return self.choices[key]
-        if key in self.config:
-            return self.config[key]
-        return self.info.get(key)
-
-
-def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts to dotted keys; lists and scalars are leaves."""
-    if not isinstance(value, dict):
-        return {prefix: value} if prefix else {}
-    out: dict[str, Any] = {}
-    for key, item in value.items():
-        out.update(flatten(item, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
-def _read_yaml(path: Path) -> Any:
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML ({err}); is the run folder damaged?") from err
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err}); is the run folder damaged?") from err
-
-
-def _read_history(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl rows; a partial last line (a run writing now, or killed) is skipped."""
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
-def _pid_gone(info: dict[str, Any]) -> bool:
-    """True when run_info names a process on this host that no longer exists."""
-    pid = info.get("pid")
-    if not isinstance(pid, int) or info.get("host") != socket.gethostname():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, owned by someone else
-        return False
-    return False
-
-
-def _status(run_dir: Path, info: dict[str, Any]) -> str:
-    if (run_dir / "FAILED").exists():
-        return "failed"
-    status = str(info.get("status", "unknown")) if info else "unknown"
-    # a run killed hard (OOM killer, SIGKILL) never writes its end status
-    if status == "running" and _pid_gone(info):
-        return "stopped"
-    return status
-
-
-def _choices(run_dir: Path, overrides: list[str], config: dict[str, Any]) -> dict[str, str]:
-    """Hydra group choices: hydra.yaml's runtime.choices, else the group overrides given."""
-    choices: dict[str, str] = {}
-    hydra_file = run_dir / ".hydra" / "hydra.yaml"
-    if hydra_file.exists():
-        runtime = ((_read_yaml(hydra_file) or {}).get("hydra") or {}).get("runtime") or {}
-        for group, choice in (runtime.get("choices") or {}).items():
-            if not str(group).startswith("hydra/") and choice is not None:
-                choices[str(group)] = str(choice)
-    for text in overrides:
-        key, sep, value = text.lstrip("+~").partition("=")
-        # a group override names a config node (model=...), not a leaf (peft.r=...)
-        if sep and (isinstance(config.get(key), dict) or key in ("experiment", "hparams_search")):
-            choices[key] = value
-    return choices
-
-
-def is_run_dir(path: Path) -> bool:
-    """A run folder holds run_info.json or Hydra's .hydra/config.yaml."""
-    return (path / "run_info.json").is_file() or (path / ".hydra" / "config.yaml").is_file()
-
-
-def find_runs(paths: Iterable[str | Path]) -> list[Path]:
-    """Run folders: each path is a run folder or a folder searched recursively for them."""
-    found: list[Path] = []
-    for root in map(Path, paths):
-        if not root.is_dir():
-            raise FileNotFoundError(f"{root}: no such folder (give run folders or a parent folder)")
-        if is_run_dir(root):
-            found.append(root)
-            continue
-        for current, dirs, _files in os.walk(root):
-            here = Path(current)
-            if is_run_dir(here):
-                found.append(here)
-                dirs.clear()  # a run does not nest runs
-            else:
-                dirs[:] = sorted(d for d in dirs if d not in _NOT_RUNS)
-    return sorted(dict.fromkeys(p.resolve() for p in found))
-
-
-def load_run(run_dir: str | Path) -> Run:
-    """Read one run folder; missing files give empty fields (a run that just started)."""
-    run_dir = Path(run_dir)
-    hydra = run_dir / ".hydra"
-    config = _read_yaml(hydra / "config.yaml") if (hydra / "config.yaml").exists() else {}
-    overrides = _read_yaml(hydra / "overrides.yaml") if (hydra / "overrides.yaml").exists() else []
-    info = _read_json(run_dir / "run_info.json") if (run_dir / "run_info.json").exists() else {}
-    metrics_file = run_dir / "metrics.json"
-    metrics = _read_json(metrics_file) if metrics_file.exists() else {}
-    config = config or {}
-    overrides = [str(o) for o in overrides or []]
-    return Run(
-        path=run_dir,
-        status=_status(run_dir, info),
-        config=flatten(config),
-        choices=_choices(run_dir, overrides, config),
-        overrides=overrides,
-        metrics=metrics or {},
-        history=_read_history(run_dir / "metrics.jsonl"),
-        info=info or {},
-    )
-
-
-def metric_value(run: Run, key: str) -> float | None:
-    """A metric by path, `test/balanced_accuracy` or `test/by_magnification/40/f1_macro`."""
-    value: Any = run.metrics
-    for part in key.split("/"):
-        if not isinstance(value, dict) or part not in value:
-            return None
-        value = value[part]
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) else None
 
 
 def normalise_metrics(names: Sequence[str], split: str = "test") -> list[str]:

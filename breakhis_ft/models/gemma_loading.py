@@ -1,4 +1,5 @@
-"""Loading Gemma 3 / MedGemma: precision, hub or local checkpoints, QLoRA, adapters, meta builds."""
+"""Loading Gemma 3 / MedGemma: hub or local checkpoints, QLoRA, adapters, meta builds; the builder
+of the MedGemma classifier that the model group names (`model.builder`)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ from transformers import (
 
 from breakhis_ft.errors import ConfigError, ModelLoadError
 from breakhis_ft.models.base import load_error
+from breakhis_ft.models.medgemma import MedGemmaClassifier
+from breakhis_ft.models.precision import Precision
+from breakhis_ft.models.prompts import make_prompt
 
 log = logging.getLogger(__name__)
 
@@ -116,14 +120,6 @@ def apply_peft(
     return get_peft_model(model, lora)
 
 
-def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters; peft's count, which unpacks 4-bit weights, when available."""
-    if isinstance(model, PeftModel):
-        return model.get_nb_trainable_parameters()
-    total = sum(p.numel() for p in model.parameters())
-    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
-
-
 def medgemma_4b_config() -> Gemma3Config:
     """The MedGemma 4B architecture from the packaged config (public values, no weights)."""
     text = files("breakhis_ft.resources").joinpath("medgemma_4b_config.json").read_text()
@@ -135,3 +131,39 @@ def build_meta_medgemma(config: Gemma3Config | None = None) -> Gemma3ForConditio
     """MedGemma 4B built on the meta device: exact shapes and counts, no memory, no download."""
     with torch.device("meta"):
         return Gemma3ForConditionalGeneration(config or medgemma_4b_config())
+
+
+def build_medgemma_classifier(
+    model_cfg: Any,
+    checkpoint: str,
+    peft_method: str,
+    lora: LoraConfig | None,
+    target_modules: Any,
+    precision: Precision,
+    class_names: tuple[str, ...] | list[str],
+    cache_dirs: Any = None,
+) -> MedGemmaClassifier:
+    """Load MedGemma (or the tiny Gemma 3) at `checkpoint` with its adapter, prompt and dtype."""
+    quantization = qlora_quantization(precision.dtype) if peft_method == "qlora" else None
+    model, processor = load_model_and_processor(
+        checkpoint, precision.dtype, str(model_cfg.attn_implementation), quantization
+    )
+    model = apply_peft(model, lora, target_modules, freeze_vision=bool(model_cfg.freeze_vision))
+    classifier = MedGemmaClassifier(
+        model,
+        processor,
+        make_prompt(model_cfg.prompt, class_names),
+        loss_on=str(model_cfg.loss_on),
+        max_new_tokens=int(model_cfg.max_new_tokens),
+    )
+    trainable, total = classifier.parameter_counts()
+    log.info(
+        "%s: trainable parameters %s of %s (%.3f%%), peft=%s, dtype=%s",
+        checkpoint,
+        f"{trainable:,}",
+        f"{total:,}",
+        100.0 * trainable / max(total, 1),
+        peft_method,
+        precision.name,
+    )
+    return classifier

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from peft import LoraConfig
+import torch
+from peft import LoraConfig, PeftModel
 
 
 def lora_config(peft_cfg: Any) -> LoraConfig | None:
@@ -22,3 +23,11 @@ def lora_config(peft_cfg: Any) -> LoraConfig | None:
         modules_to_save=[str(m) for m in peft_cfg.modules_to_save] or None,
         bias="none",
     )
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters; peft's count, which unpacks 4-bit weights, when available."""
+    if isinstance(model, PeftModel):
+        return model.get_nb_trainable_parameters()
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), total

@@ -8,32 +8,23 @@ frozen vision tower and projector run without autograd, whatever gradient checkp
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, PeftModel
+from peft import PeftModel
 from peft.utils import load_peft_weights, set_peft_model_state_dict
 from PIL import Image
 from transformers import Gemma3ForConditionalGeneration, PreTrainedModel, ProcessorMixin
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from breakhis_ft.models.base import Batch, Classifier
-from breakhis_ft.models.gemma_loading import (
-    apply_peft,
-    count_parameters,
-    load_model_and_processor,
-    qlora_quantization,
-)
-from breakhis_ft.models.precision import Precision
-from breakhis_ft.models.prompts import ClassPrompt, make_prompt
+from breakhis_ft.models.lora import count_parameters
+from breakhis_ft.models.prompts import ClassPrompt
 from breakhis_ft.models.siglip_loading import checkpoint_identity
-from breakhis_ft.models.vision_cache import VisionFeatureStore, feature_identity
-
-log = logging.getLogger(__name__)
+from breakhis_ft.models.vision_cache import PromptTokens, VisionFeatureStore, feature_identity
 
 END_OF_TURN = "<end_of_turn>"
 SCORING = ("auto", "first_token", "sequence")
@@ -85,7 +76,7 @@ class MedGemmaClassifier(Classifier):
         first = [ids[0] for ids in self.answer_ids]
         self.first_tokens_distinct = len(set(first)) == len(first)
         self.feature_store: VisionFeatureStore | None = None
-        self._token_rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.prompt_tokens = PromptTokens(processor)  # token rows of cached-feature batches
 
     # ---- the model underneath -------------------------------------------------------------------
 
@@ -129,7 +120,7 @@ class MedGemmaClassifier(Classifier):
         classes = [int(ex["label"]) for ex in examples]
         texts = [self.train_texts[c] if train else self.prompt_text for c in classes]
         if self.feature_store is not None:
-            batch = self._cached_tokens(texts)
+            batch = self.prompt_tokens(texts)
             batch["image_features"] = self.feature_store.lookup([ex["path"] for ex in examples])
         else:
             if any(ex.get("image") is None for ex in examples):
@@ -153,34 +144,6 @@ class MedGemmaClassifier(Classifier):
         batch["class_label"] = torch.tensor(classes, dtype=torch.long)
         batch["index"] = torch.tensor([int(ex["index"]) for ex in examples], dtype=torch.long)
         return batch
-
-    def _cached_tokens(self, texts: list[str]) -> Batch:
-        """input_ids / attention_mask / token_type_ids as the processor gives them, without images.
-
-        Every prompt is one of a few fixed texts, so each is tokenized once (with a blank image,
-        for the processor to expand the image placeholder) and batches are right padded from them.
-        """
-        rows = []
-        for text in texts:
-            if text not in self._token_rows:
-                out = self.processor(
-                    text=[text],
-                    images=[[Image.new("RGB", (32, 32))]],
-                    return_tensors="pt",
-                    add_special_tokens=False,
-                )
-                self._token_rows[text] = (out["input_ids"][0], out["token_type_ids"][0])
-            rows.append(self._token_rows[text])
-        width = max(len(ids) for ids, _ in rows)
-        pad = self.processor.tokenizer.pad_token_id
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        types = torch.zeros((len(rows), width), dtype=torch.long)
-        for row, (row_ids, row_types) in enumerate(rows):
-            ids[row, : len(row_ids)] = row_ids
-            mask[row, : len(row_ids)] = 1
-            types[row, : len(row_ids)] = row_types
-        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
 
     def _labels(self, batch: Batch, classes: list[int]) -> torch.Tensor:
         ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -353,27 +316,21 @@ class MedGemmaClassifier(Classifier):
 
     # ---- cached vision features -----------------------------------------------------------------
 
-    def feature_identity(self, name_or_path: str, image_size: int | None) -> dict[str, Any]:
-        """What the cached features depend on: checkpoint, processor, preprocessing, dtype."""
-        return feature_identity(
-            checkpoint_identity(name_or_path, self.core.config),
-            self.processor.image_processor,
-            image_size,
-            self.core.dtype,
-        )
-
     def use_feature_cache(
         self, cache_dir: str | Path, name_or_path: str, image_size: int | None
     ) -> VisionFeatureStore:
-        """Collate cached soft tokens (looked up by `path`) instead of pixel values from now on."""
+        """Collate cached soft tokens (looked up by `path`) instead of pixel values from now on;
+        the cache key holds what they depend on: checkpoint, processor, preprocessing, dtype."""
         if self.vision_trainable:
             raise ValueError(
                 "vision features cannot be cached while the vision tower or projector trains "
                 "(peft.target_modules=all-linear or peft=none without model.freeze_vision)"
             )
-        self.feature_store = VisionFeatureStore(
-            cache_dir, self.feature_identity(name_or_path, image_size)
+        checkpoint = checkpoint_identity(name_or_path, self.core.config)
+        identity = feature_identity(
+            checkpoint, self.processor.image_processor, image_size, self.core.dtype
         )
+        self.feature_store = VisionFeatureStore(cache_dir, identity)
         return self.feature_store
 
     @torch.no_grad()
@@ -390,16 +347,10 @@ class MedGemmaClassifier(Classifier):
         return self.feature_store is None
 
     def prepare_cached_inputs(self, datasets: Sequence[Any], data_root: str | Path) -> int:
-        """Compute the missing cached vision features (none without the cache)."""
+        """Compute the missing cached features of every image of `datasets` (ImageDataset:
+        `records`, `load(i)`); returns how many were computed (0 without the cache)."""
         if self.feature_store is None:
             return 0
-        return self.prepare_vision_features(datasets, data_root)
-
-    def prepare_vision_features(self, datasets: Sequence[Any], data_root: str | Path) -> int:
-        """Compute the missing features of every image of `datasets` (ImageDataset: `records`,
-        `load(i)`); returns how many were computed. Run on the main process first."""
-        if self.feature_store is None:
-            raise ValueError("call use_feature_cache(...) before prepare_vision_features")
         computed = 0
         was_training = self.training
         self.eval()
@@ -431,39 +382,3 @@ class MedGemmaClassifier(Classifier):
         result = set_peft_model_state_dict(self.model, weights)
         if result.unexpected_keys:
             raise KeyError(f"adapter keys not in the model: {result.unexpected_keys[:5]}")
-
-
-def build_medgemma_classifier(
-    model_cfg: Any,
-    checkpoint: str,
-    peft_method: str,
-    lora: LoraConfig | None,
-    target_modules: Any,
-    precision: Precision,
-    class_names: tuple[str, ...] | list[str],
-    cache_dirs: Any = None,
-) -> MedGemmaClassifier:
-    """Load MedGemma (or the tiny Gemma 3) at `checkpoint` with its adapter, prompt and dtype."""
-    quantization = qlora_quantization(precision.dtype) if peft_method == "qlora" else None
-    model, processor = load_model_and_processor(
-        checkpoint, precision.dtype, str(model_cfg.attn_implementation), quantization
-    )
-    model = apply_peft(model, lora, target_modules, freeze_vision=bool(model_cfg.freeze_vision))
-    classifier = MedGemmaClassifier(
-        model,
-        processor,
-        make_prompt(model_cfg.prompt, class_names),
-        loss_on=str(model_cfg.loss_on),
-        max_new_tokens=int(model_cfg.max_new_tokens),
-    )
-    trainable, total = classifier.parameter_counts()
-    log.info(
-        "%s: trainable parameters %s of %s (%.3f%%), peft=%s, dtype=%s",
-        checkpoint,
-        f"{trainable:,}",
-        f"{total:,}",
-        100.0 * trainable / max(total, 1),
-        peft_method,
-        precision.name,
-    )
-    return classifier

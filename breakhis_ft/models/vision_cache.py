@@ -222,7 +222,7 @@ class VisionFeatureStore:
                 raise KeyError(
                     f"no cached vision features for image {path!r}: with "
                     "model.cache_vision_features the features are prepared before training; call "
-                    "classifier.prepare_vision_features(datasets, data_root) first (or set "
+                    "classifier.prepare_cached_inputs(datasets, data_root) first (or set "
                     "model.cache_vision_features=false)"
                 )
             shard, row = self.index[key]
@@ -270,3 +270,40 @@ def configure_feature_cache(classifier: Any, cfg: Any) -> bool:
     elif str(setting).lower() == "auto":
         log.info("vision features not cached (model.cache_vision_features=auto): %s", why)
     return use
+
+
+class PromptTokens:
+    """input_ids / attention_mask / token_type_ids as the processor gives them, without images.
+
+    Batches of cached features carry no pixels; every prompt is one of a few fixed texts, so each
+    is tokenized once (with a blank image, for the processor to expand the image placeholder) and
+    batches are right padded from them.
+    """
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+        self.rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """The token tensors of a batch of prompt texts, right padded."""
+        rows = []
+        for text in texts:
+            if text not in self.rows:
+                out = self.processor(
+                    text=[text],
+                    images=[[Image.new("RGB", (32, 32))]],
+                    return_tensors="pt",
+                    add_special_tokens=False,
+                )
+                self.rows[text] = (out["input_ids"][0], out["token_type_ids"][0])
+            rows.append(self.rows[text])
+        width = max(len(ids) for ids, _ in rows)
+        pad = self.processor.tokenizer.pad_token_id
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        types = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, (row_ids, row_types) in enumerate(rows):
+            ids[row, : len(row_ids)] = row_ids
+            mask[row, : len(row_ids)] = 1
+            types[row, : len(row_ids)] = row_types
+        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
