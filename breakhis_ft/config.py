@@ -248,12 +248,14 @@ class TrainerConfig:
 @dataclass
 class LoggerConfig:
     kind: LoggerKind = LoggerKind.wandb
-    mode: LoggerMode = LoggerMode.offline
+    mode: LoggerMode = LoggerMode.offline  # WANDB_MODE in the environment takes precedence
     project: str = "breakhis-ft"
     entity: str | None = None
     group: str | None = None  # default: experiment name, or the sweep folder in multirun
     tags: list[str] = field(default_factory=list)
     job_type: str = "train"
+    # seconds mode=online waits for the W&B server before the run goes on offline (W&B: 90)
+    init_timeout: float = 20.0
 
 
 @dataclass

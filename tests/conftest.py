@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from cli_runs import FAST, SECRET_ENV, SECRET_OVERRIDE, run_cli, single_run_dir
 
 from breakhis_ft.data.breakhis import BreakhisScan, scan_breakhis
 from breakhis_ft.data.synthetic import build_replica
@@ -36,6 +37,17 @@ def full_replica_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def full_replica_scan(full_replica_root: Path) -> BreakhisScan:
     """The scan of `full_replica_root`."""
     return scan_breakhis(full_replica_root)
+
+
+@pytest.fixture(scope="session")
+def first_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One tiny MedGemma run through the entrypoint with W&B offline, given secrets in its
+    environment and in an override: (run folder, cache folder)."""
+    base = tmp_path_factory.mktemp("entry")
+    args = ["model=tiny_gemma3", "logger.mode=offline", *FAST, "=".join(SECRET_OVERRIDE)]
+    done = run_cli([*args, f"paths.output_dir={base / 'a'}"], base / "cache", **SECRET_ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return single_run_dir(base / "a"), base / "cache"
 
 
 @pytest.fixture(autouse=True, scope="session")

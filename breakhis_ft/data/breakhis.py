@@ -19,6 +19,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from breakhis_ft.data.png import png_problem
 from breakhis_ft.data.records import SUBTYPES, ImageRecord
 
 MAGNIFICATIONS = (40, 100, 200, 400)
@@ -282,6 +283,10 @@ def scan_breakhis(
                 continue
             try:
                 records.append(record_from_path(full.relative_to(breast).parts, rel))
+                # empty and truncated files are found here, before any model loads; skip also
+                # checks every chunk's CRC so that it skips what caching would choke on
+                if problem := png_problem(full, checksums=on_bad_file == "skip"):
+                    raise BadDataError(f"{full}: {problem}")
                 if verify_images:
                     load_image(full)
             except BadDataError as e:

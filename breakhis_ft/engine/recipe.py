@@ -45,7 +45,7 @@ from breakhis_ft.engine.loop_state import (
 from breakhis_ft.engine.optim import param_groups
 from breakhis_ft.engine.predict import ClassifierForward, make_loader, predict
 from breakhis_ft.engine.sampling import EpochSampler, dataset_labels, inverse_frequency_weights
-from breakhis_ft.engine.stop import StopSignal
+from breakhis_ft.engine.stop import RunInterrupted, StopSignal
 from breakhis_ft.errors import NonFiniteError
 
 log = logging.getLogger(__name__)
@@ -54,14 +54,6 @@ LogFn = Callable[[dict[str, float], int], None]
 OptimizerFactory = Callable[..., torch.optim.Optimizer]  # (params, lr=...) -> optimizer
 # (probs, labels, dataset indices, dataset) -> the split's metrics (evaluate.metrics)
 MetricsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Dataset], dict[str, Any]]
-
-
-class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM ended training; a checkpoint of `step` was saved (single process)."""
-
-    def __init__(self, step: int, signal_name: str) -> None:
-        super().__init__(f"{signal_name} at step {step}")
-        self.step, self.signal_name = step, signal_name
 
 
 @dataclass
@@ -316,7 +308,8 @@ class TrainingRecipe:
             log.warning("interrupted: saving a checkpoint at step %d", step)
             self.acc.step = 0  # drop the unfinished accumulation: resume restarts at the boundary
             self.save_checkpoint()
-        raise RunInterrupted(step, self.stop.requested or "SIGINT") from err
+        saved = self.last_ckpt_step if self.last_ckpt_step >= 0 else None  # resume starts there
+        raise RunInterrupted(saved, self.stop.requested or "SIGINT") from err
 
     # ---- evaluation and checkpoints ------------------------------------------------------------
 

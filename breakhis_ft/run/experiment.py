@@ -16,7 +16,15 @@ from omegaconf import DictConfig, OmegaConf
 from breakhis_ft.data.breakhis import BreakhisScan, data_stats, scan_from_config, write_bad_files
 from breakhis_ft.data.records import Task
 from breakhis_ft.data.splits import assign_splits, split_rows, split_summary
-from breakhis_ft.run.run_folder import is_main_process, write_json, write_run_info, write_splits_csv
+from breakhis_ft.engine.stop import sigterm_interrupts
+from breakhis_ft.run.run_folder import (
+    is_main_process,
+    record_resume,
+    write_json,
+    write_run_info,
+    write_splits_csv,
+)
+from breakhis_ft.run.secrets import mask_secrets
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +51,7 @@ def _job_identity(cfg: DictConfig) -> tuple[str, str]:
     hydra_cfg = HydraConfig.get()
     # paths and logging settings say nothing about the experiment: they stay out of the name
     unnamed = ("experiment=", "hydra", "paths.", "data.root=", "logger.")
-    overrides = [o for o in hydra_cfg.overrides.task if not o.startswith(unnamed)]
+    overrides = [mask_secrets(o) for o in hydra_cfg.overrides.task if not o.startswith(unnamed)]
     name = ",".join(overrides) or cfg.experiment_name
     if hydra_cfg.mode == RunMode.MULTIRUN:
         group = f"{cfg.experiment_name}/{Path(hydra_cfg.sweep.dir).name}"
@@ -57,14 +65,39 @@ def _set_status(run_dir: Path, status: str, **extra: object) -> None:
         write_run_info(run_dir, status, **extra)
 
 
+def _resume_step(cfg: DictConfig, run_dir: Path) -> int | None:
+    """On `resume=`: the step of the run folder's latest complete checkpoint (0 when none)."""
+    if cfg.resume is None:
+        return None
+    from breakhis_ft.engine.checkpoint import list_checkpoints  # heavy: torch, accelerate
+
+    found = list_checkpoints(run_dir)
+    return found[-1][0] if found else 0
+
+
 def run_experiment(cfg: DictConfig) -> float | None:
-    """Run one configured experiment in Hydra's run folder; return `optimized_metric`'s value."""
+    """Run one configured experiment in Hydra's run folder; return `optimized_metric`'s value.
+
+    SIGTERM anywhere in the run acts as Ctrl-C: the status becomes `interrupted` with the step of
+    the checkpoint saved, and RunInterrupted (a KeyboardInterrupt) goes up to the entrypoint.
+    """
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    resume_step = _resume_step(cfg, run_dir)
+    if resume_step is not None and is_main_process():
+        record_resume(run_dir, resume_step)
     _set_status(run_dir, "running")
     try:
-        value = _run(cfg, run_dir)
-    except KeyboardInterrupt:
-        _set_status(run_dir, "interrupted")
+        with sigterm_interrupts():
+            value = _run(cfg, run_dir, resume_step)
+    except KeyboardInterrupt as err:
+        step, name = getattr(err, "step", None), getattr(err, "signal_name", "SIGINT")
+        _set_status(run_dir, "interrupted", step=step, signal=name)
+        log.warning(
+            "%s: the run stopped%s; continue it with: breakhis-ft resume=%s",
+            name,
+            f" with a checkpoint at step {step}" if step is not None else "",
+            run_dir,
+        )
         raise
     except BaseException:
         _set_status(run_dir, "failed")
@@ -73,7 +106,7 @@ def run_experiment(cfg: DictConfig) -> float | None:
     return value
 
 
-def _run(cfg: DictConfig, run_dir: Path) -> float | None:
+def _run(cfg: DictConfig, run_dir: Path, resume_step: int | None) -> float | None:
     scan, splits = prepare_data(cfg, run_dir)
     if not cfg.train and not cfg.test:
         log.info("train=false test=false: data prepared in %s", run_dir)
@@ -82,4 +115,4 @@ def _run(cfg: DictConfig, run_dir: Path) -> float | None:
 
     group, name = _job_identity(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
-    return train_and_evaluate(cfg, config, run_dir, scan, splits, group, name)
+    return train_and_evaluate(cfg, config, run_dir, scan, splits, group, name, resume_step)

@@ -102,11 +102,25 @@ def train_and_evaluate(
     splits: dict[str, list[ImageRecord]],
     group: str,
     name: str,
+    resume_step: int | None = None,
 ) -> float | None:
-    """Train (unless train=false), evaluate the best model on val and test; return the metric."""
+    """Train (unless train=false), evaluate the best model on val and test; return the metric.
+
+    `resume_step` (on `resume=`): the checkpoint training continues from; the tracker keeps the
+    metrics logged up to it and continues the run's W&B run.
+    """
     setup = make_run_setup(cfg)
     acc = setup.accelerator
-    tracker = RunTracker(run_dir, config, cfg.logger, name, group, active=acc.is_main_process)
+    tracker = RunTracker(
+        run_dir,
+        config,
+        cfg.logger,
+        name,
+        group,
+        active=acc.is_main_process,
+        resume_step=resume_step if cfg.train else None,  # what training will log again
+        resumed=cfg.resume is not None,
+    )
     failed = True
     try:
         classifier = make_classifier(cfg, setup)
