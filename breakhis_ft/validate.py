@@ -187,12 +187,18 @@ def _check_peft(cfg: DictConfig) -> None:
         )
 
 
+def _check_logger(cfg: DictConfig) -> None:
+    timeout = cfg.logger.init_timeout
+    _check(timeout > 0, "logger.init_timeout", f"must be positive (seconds), got {timeout}")
+
+
 CHECKS: tuple[Callable[[DictConfig], None], ...] = (
     _check_data,
     _check_split,
     _check_trainer,
     _check_model,
     _check_peft,
+    _check_logger,
 )
 
 

@@ -73,6 +73,7 @@ def test_every_sweep_preset_composes(sweep: str) -> None:
         (["data.image_size=0"], "data.image_size"),
         (["trainer.epochs=0"], "trainer.epochs"),
         (["model.kind=siglip"], "model.kind"),
+        (["logger.init_timeout=0"], "logger.init_timeout"),
     ],
 )
 def test_bad_values_and_combinations_name_the_key(override: list[str], key: str) -> None:

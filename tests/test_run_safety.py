@@ -205,13 +205,23 @@ def test_secret_looking_keys_are_masked_everywhere_they_appear() -> None:
     }
 
 
+@pytest.fixture
+def wandb_teardown():
+    """W&B keeps process-wide settings (WANDB_DIR, the mode) after a first init: later tests in
+    this process get a fresh W&B."""
+    yield
+    import wandb
+
+    wandb.teardown()
+
+
 def _tracker(run_dir: Path, **logger: object) -> RunTracker:
     cfg = OmegaConf.structured(LoggerConfig(**logger))
     return RunTracker(run_dir, {"a": 1}, cfg, "run", "group")
 
 
 def test_wandb_online_without_network_goes_on_offline_with_one_line(
-    tmp_path: Path, monkeypatch, caplog
+    tmp_path: Path, monkeypatch, caplog, wandb_teardown
 ) -> None:
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # a closed port: no server
     monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
@@ -230,7 +240,9 @@ def test_wandb_online_without_network_goes_on_offline_with_one_line(
 
 
 @pytest.mark.parametrize(("env", "expected"), [("disabled", None), ("offline", "offline")])
-def test_wandb_mode_from_the_environment_wins(tmp_path: Path, monkeypatch, env, expected) -> None:
+def test_wandb_mode_from_the_environment_wins(
+    tmp_path: Path, monkeypatch, env, expected, wandb_teardown
+) -> None:
     monkeypatch.setenv("WANDB_MODE", env)
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # online would fail: it is not
