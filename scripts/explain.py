@@ -31,7 +31,13 @@ from PIL import Image
 from breakhis_ft.data.breakhis import BadDataError, load_image, scan_from_config
 from breakhis_ft.deploy.explain import LEVELS, METHODS, explain_images
 from breakhis_ft.deploy.overlay import save_overlay
-from breakhis_ft.deploy.predict import PredictError, find_images, load_predictor, load_run_config
+from breakhis_ft.deploy.predict import (
+    PredictError,
+    find_images,
+    load_predictor,
+    load_run_config,
+    resolve_source,
+)
 from breakhis_ft.evaluate.errors import most_confident_errors
 
 log = logging.getLogger("explain")
@@ -189,12 +195,7 @@ def explain_to_folder(
 def main(argv: list[str] | None = None) -> int:
     """Explain the images and write the overlays, their JSON records and explanations.csv."""
     args = build_parser().parse_args(argv)
-    inputs = list(args.inputs)
-    run_dir = args.source
-    if args.model and run_dir is not None:  # with --model, the first positional is an input
-        inputs, run_dir = [run_dir, *inputs], None
-    if run_dir is None and not args.model:
-        raise PredictError("give a run folder, or an exported model with --model")
+    run_dir, inputs = resolve_source(args.source, args.inputs, args.model)
     if (args.split or args.errors) and (run_dir is None or inputs):
         raise PredictError("--split and --errors take a run folder and no image arguments")
     predictor = load_predictor(run_dir, args.model, args.set, args.precision)

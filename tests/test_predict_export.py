@@ -48,18 +48,9 @@ TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory):
-    """BREAKHIS_FT_CACHE for the module: the runs' configs resolve their model paths through it."""
-    path = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BREAKHIS_FT_CACHE", str(path))
-        yield path
-
-
-@pytest.fixture(scope="module")
-def runs(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def runs(module_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The run folder of each tiny run, trained once by the entrypoint."""
-    return train_runs(RUNS, tmp_path_factory.mktemp("outputs"), cache)
+    return train_runs(RUNS, tmp_path_factory.mktemp("outputs"), module_cache)
 
 
 def run_predictions(run_dir: Path) -> dict[str, dict[str, str]]:

@@ -49,18 +49,9 @@ TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory):
-    """BREAKHIS_FT_CACHE for the module: the run's config resolves its model path through it."""
-    path = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BREAKHIS_FT_CACHE", str(path))
-        yield path
-
-
-@pytest.fixture(scope="module")
-def run(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def run(module_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The folder of the tiny stain-normalised run."""
-    return train_runs({"stain": RUN}, tmp_path_factory.mktemp("outputs"), cache)["stain"]
+    return train_runs({"stain": RUN}, tmp_path_factory.mktemp("outputs"), module_cache)["stain"]
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -120,12 +111,12 @@ def cached_images(cache: Path, stain: StainNormalizer) -> dict[str, bytes]:
 
 
 def test_predict_applies_the_runs_normalizer(
-    run: Path, cache: Path, test_images: Path, tmp_path: Path
+    run: Path, module_cache: Path, test_images: Path, tmp_path: Path
 ) -> None:
     predictor = load_predictor(run_dir=run)
     assert predictor.stain == load_normalizer(run)
     # the image predict gives the model is the one training cached for the same file
-    trained_on = cached_images(cache, predictor.stain)
+    trained_on = cached_images(module_cache, predictor.stain)
     root = data_root(run)
     for row in read_csv(run / "predictions_test.csv")[:8]:
         prepared = predictor.prepare(Image.open(root / row["path"]).convert("RGB"))

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
+from tiny_runs import load_script
 
 from breakhis_ft.config import TrainRunConfig
 from breakhis_ft.data.breakhis import load_image
@@ -154,3 +155,23 @@ def test_predict_refuses_a_folder_without_the_runs_normaliser(tmp_path, normaliz
     (tmp_path / NORMALIZER_FILE).write_text("{not json")
     with pytest.raises(PredictError, match="not a stain normaliser"):
         run_stain(tmp_path, config(stain_norm="reinhard"))
+
+
+def test_stain_effect_summary_pairs_seeds() -> None:
+    effect = load_script("stain_effect")
+
+    def result(value):
+        return {"status": "completed", "test": {"balanced_accuracy": value}}
+
+    runs = {
+        "none": {1: result(0.40), 2: result(0.50), 3: result(0.45)},
+        "macenko": {1: result(0.50), 2: result(0.55), 3: {"status": "failed"}},
+    }
+    summary = effect.summarise(runs, ["none", "macenko"], [1, 2, 3])
+    assert summary["none"]["mean"] == pytest.approx(0.45)
+    assert summary["none"]["std"] == pytest.approx(0.05)  # sample std (n - 1)
+    assert summary["macenko"]["n"] == 2 and summary["macenko"]["mean"] == pytest.approx(0.525)
+    paired = summary["macenko"]["paired_difference_vs_none"]  # seeds 1 and 2 only
+    assert paired["mean"] == pytest.approx(0.075) and paired["std"] == pytest.approx(0.0354, 1e-2)
+    table = effect.table(summary, [1, 2, 3])
+    assert "| macenko | 0.525 +- 0.035 (n=2) | +0.075 +- 0.035 | 0.500 | 0.550 | - |" in table

@@ -125,6 +125,19 @@ def load_predictor(
     return Predictor(classifier, size, str(run_dir), str(cfg.precision.name), stain)
 
 
+def resolve_source(
+    source: str | None, inputs: Sequence[str], model: str | None
+) -> tuple[str | None, list[str]]:
+    """(run folder or None, image inputs) from a script's positionals: with --model (an exported
+    model) the first positional is an image input, not a run folder; one of the two is needed."""
+    inputs = list(inputs)
+    if model and source is not None:
+        inputs, source = [source, *inputs], None
+    if source is None and not model:
+        raise PredictError("give a run folder, or an exported model with --model")
+    return source, inputs
+
+
 def find_images(inputs: Sequence[str | Path], list_files: Sequence[str | Path] = ()) -> list[Path]:
     """Image files: folders searched recursively (png/jpg/tif), files and list-file lines as given.
 
