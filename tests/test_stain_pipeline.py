@@ -175,3 +175,12 @@ def test_stain_effect_summary_pairs_seeds() -> None:
     assert paired["mean"] == pytest.approx(0.075) and paired["std"] == pytest.approx(0.0354, 1e-2)
     table = effect.table(summary, [1, 2, 3])
     assert "| macenko | 0.525 +- 0.035 (n=2) | +0.075 +- 0.035 | 0.500 | 0.550 | - |" in table
+
+
+def test_medgemma_feature_cache_is_kept_apart_per_normaliser(normalizers) -> None:
+    from breakhis_ft.run.setup import _stain_paths
+
+    cfg = config()
+    assert _stain_paths(cfg, None) is cfg
+    folders = {_stain_paths(cfg, n).paths.vision_features for n in normalizers.values()}
+    assert len(folders) == 3 and all(f.startswith(cfg.paths.vision_features + "/") for f in folders)
