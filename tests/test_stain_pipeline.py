@@ -184,3 +184,22 @@ def test_medgemma_feature_cache_is_kept_apart_per_normaliser(normalizers) -> Non
     assert _stain_paths(cfg, None) is cfg
     folders = {_stain_paths(cfg, n).paths.vision_features for n in normalizers.values()}
     assert len(folders) == 3 and all(f.startswith(cfg.paths.vision_features + "/") for f in folders)
+
+
+@pytest.mark.parametrize(
+    ("data", "probe", "key"),
+    [
+        ({"stain_norm": "macenko", "stain_reference": "/no/such.png"}, False, "stain_reference"),
+        ({"stain_norm": "reinhard", "stain_reference_images": 0}, False, "stain_reference_images"),
+        ({"stain_norm": "macenko"}, True, "stain_norm"),  # a probe embeds the original files
+    ],
+)
+def test_stain_settings_that_cannot_work_name_the_key(data, probe, key) -> None:
+    from breakhis_ft.validate import _check_stain
+
+    cfg = config(**data)
+    cfg.model.kind, cfg.model.freeze_encoder = ("siglip", True) if probe else ("medgemma", False)
+    with pytest.raises(ConfigError, match=rf"config error: data\.{key}:"):
+        _check_stain(cfg)
+    cfg.data.stain_norm = "none"  # nothing to check without normalisation
+    _check_stain(cfg)
