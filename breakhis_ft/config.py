@@ -31,6 +31,14 @@ class DuplicateKeep(StrEnum):
     lobular_carcinoma = "lobular_carcinoma"
 
 
+class StainNorm(StrEnum):
+    none = "none"  # the images' own colours
+    # H and E stain vectors and concentrations matched to the reference's (Macenko et al., 2009)
+    macenko = "macenko"
+    # CIE-LAB channel means and deviations matched (Reinhard et al., 2001): cheaper, cruder
+    reinhard = "reinhard"
+
+
 class SplitKind(StrEnum):
     patient = "patient"
     official_fold = "official_fold"
@@ -141,6 +149,17 @@ class DataConfig:
     on_bad_file: OnBadFile = OnBadFile.error
     verify_images: bool = False  # decode every image up front
     image_size: int = 896  # longest side of the cached, resized images (MedGemma's input size)
+    # H&E stain normalisation (data/stain.py), applied to the full-size image before it is resized
+    # into the image cache (its identity is part of the cache key) and again at prediction; the
+    # fitted normaliser is saved as stain_normalizer.json in the run folder and in exports. An image
+    # with no stain to estimate (blank, one flat colour, too little tissue) passes through unchanged
+    # and is counted in data_stats.json (stain_normalization.passed_through).
+    stain_norm: StainNorm = StainNorm.none
+    # the reference the stains are mapped to: an image file, or `train`: the median of per-image
+    # fits over stain_reference_images images of the TRAINING split (round robin over its
+    # patients), never validation or test
+    stain_reference: str = "train"
+    stain_reference_images: int = 64
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 

@@ -71,6 +71,33 @@ def _check_data(cfg: DictConfig) -> None:
         )
 
 
+def _check_stain(cfg: DictConfig) -> None:
+    data = cfg.data
+    if data.stain_norm == "none":
+        return
+    reference = str(data.stain_reference)
+    _check(
+        reference == "train" or Path(reference).expanduser().is_file(),
+        "data.stain_reference",
+        f"{reference!r} is neither `train` nor an image file; give an H&E image showing tissue, "
+        "or `train` to estimate the reference from training images",
+    )
+    _check(
+        data.stain_reference_images >= 1,
+        "data.stain_reference_images",
+        f"must be >= 1 (train images the reference is estimated from), got "
+        f"{data.stain_reference_images}",
+    )
+    probe = cfg.model.kind == "siglip" and cfg.model.freeze_encoder
+    _check(
+        not probe,
+        "data.stain_norm",
+        "a SigLIP linear probe embeds the original image files (embedding cache), not the "
+        "stain-normalised image cache; use data.stain_norm=none, or fine-tune the encoder "
+        "(model.freeze_encoder=false with peft=lora)",
+    )
+
+
 def _check_split(cfg: DictConfig) -> None:
     ratios = list(cfg.split.ratios)
     _check(
@@ -189,6 +216,7 @@ def _check_peft(cfg: DictConfig) -> None:
 
 CHECKS: tuple[Callable[[DictConfig], None], ...] = (
     _check_data,
+    _check_stain,
     _check_split,
     _check_trainer,
     _check_model,

@@ -17,7 +17,13 @@ import logging
 import sys
 from pathlib import Path
 
-from breakhis_ft.deploy.predict import PredictError, find_images, load_predictor, predict_to_csv
+from breakhis_ft.deploy.predict import (
+    PredictError,
+    find_images,
+    load_predictor,
+    predict_to_csv,
+    resolve_source,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,12 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Classify the images and write the CSV; 0 on success (unreadable images are in the CSV)."""
     args = build_parser().parse_args(argv)
-    inputs = list(args.inputs)
-    run_dir = args.source
-    if args.model and run_dir is not None:  # with --model, the first positional is an input
-        inputs, run_dir = [run_dir, *inputs], None
-    if run_dir is None and not args.model:
-        raise PredictError("give a run folder, or an exported model with --model")
+    run_dir, inputs = resolve_source(args.source, args.inputs, args.model)
     predictor = load_predictor(run_dir, args.model, args.set, args.precision)
     paths = find_images(inputs, args.list)
     done, failed = predict_to_csv(

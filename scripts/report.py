@@ -4,18 +4,27 @@ python scripts/report.py                          # every run under outputs/
 python scripts/report.py outputs/sweeps/demo/2025-01-01_10-00-00-000000 --plots
 python scripts/report.py outputs/runs/a/1 outputs/runs/b/2 --metrics val/f1_macro test/f1_macro
 python scripts/report.py --by-magnification --group-by magnification --out reports/
+python scripts/report.py outputs/runs/demo/1 --gallery --explanations explanations/  # errors page
+
+--gallery writes, per run, gallery/<run>/index.html (and gallery.md) beside the report: the test
+images the run got wrong, most confident first, with thumbnails, true and predicted class,
+probabilities, patient and magnification, and the heatmaps of scripts/explain.py's output for
+that run (--explanations, e.g. from `scripts/explain.py RUN --errors --out DIR`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
+from breakhis_ft.analysis.gallery import GALLERY_ROWS, explanation_overlays, write_gallery
 from breakhis_ft.analysis.report import (
     DEFAULT_METRICS,
     build_report,
     by_magnification,
+    common_parent,
     normalise_metrics,
     to_markdown,
     write_report,
@@ -61,7 +70,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="write PNGs into each run folder and a sweep plot into --out",
     )
     parser.add_argument("--plot-split", default="test", help="split of the per-run plots")
+    parser.add_argument(
+        "--gallery",
+        nargs="?",
+        type=int,
+        const=GALLERY_ROWS,
+        metavar="N",
+        help=f"write each run's error gallery (its N most confident test errors, {GALLERY_ROWS} "
+        "without N) into gallery/ beside the report",
+    )
+    parser.add_argument(
+        "--explanations",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="scripts/explain.py output folder(s) whose heatmaps the galleries show",
+    )
     return parser
+
+
+def write_galleries(runs: list, out: Path, n: int, explanations: list[str]) -> dict[Path, str]:
+    """Each run's error gallery under out/gallery/<run>/; run folder -> page relative to out."""
+    pages: dict[Path, str] = {}
+    root = common_parent([run.path for run in runs])
+    for run in runs:
+        name = os.path.relpath(run.path, root) if run.path != root else run.path.name
+        folder = Path("gallery") / name.replace(os.sep, "__")
+        shown = [e for e in explanations if explanation_overlays(e, run.path)]
+        page = write_gallery(run.path, out / folder, n, shown[0] if shown else None)
+        if page is not None:
+            pages[run.path] = (folder / page.name).as_posix()
+    return pages
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,8 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     report = build_report(
         runs, metrics, sort_by=sort_by, descending=not args.ascending, group_by=args.group_by
     )
-    out = args.out or report.root
-    written = list(write_report(report, out).values())
+    out = Path(args.out or report.root)
+    galleries = {}
+    if args.gallery is not None:
+        galleries = write_galleries(runs, out, args.gallery, args.explanations)
+    written = list(write_report(report, out, galleries).values())
+    written += [out / page for page in galleries.values()]
     if args.plots:
         from breakhis_ft.analysis.plots import plot_run, plot_sweep
 
@@ -89,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             written += plot_run(run, args.plot_split)
         sweep = plot_sweep(runs, report.sort_by, Path(out) / "sweep.png")
         written += [sweep] if sweep else []
-    print(to_markdown(report))
+    print(to_markdown(report, galleries))
     print("wrote:\n  " + "\n  ".join(map(str, written)), file=sys.stderr)
     return 0
 

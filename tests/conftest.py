@@ -38,6 +38,16 @@ def full_replica_scan(full_replica_root: Path) -> BreakhisScan:
     return scan_breakhis(full_replica_root)
 
 
+@pytest.fixture(scope="module")
+def module_cache(tmp_path_factory: pytest.TempPathFactory):
+    """A private BREAKHIS_FT_CACHE for one test module (set while its tests run): the run folders
+    its tiny runs write resolve their model and data paths through it."""
+    path = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BREAKHIS_FT_CACHE", str(path))
+        yield path
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     """One intra-op thread: on a shared 2-core machine more threads only contend (5 s vs 40+ s)."""

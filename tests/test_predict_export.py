@@ -8,16 +8,13 @@ parallel subprocesses, through the real entrypoint.
 from __future__ import annotations
 
 import csv
-import importlib.util
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+from tiny_runs import load_script, train_runs
 
 from breakhis_ft.config import PromptConfig
 from breakhis_ft.data.breakhis import scan_from_config
@@ -37,15 +34,6 @@ from breakhis_ft.deploy.predict import (
     read_export_info,
 )
 
-REPO = Path(__file__).resolve().parent.parent
-COMMON = [
-    "logger=none",
-    "data.synthetic_fraction=0.03",
-    "data.synthetic_size=[48,32]",
-    "data.image_size=32",
-    "trainer.max_steps=4",
-    "precision=fp32",
-]
 RUNS = {
     "medgemma": [
         "model=tiny_gemma3",
@@ -60,50 +48,9 @@ TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory):
-    """BREAKHIS_FT_CACHE for the module: the runs' configs resolve their model paths through it."""
-    path = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BREAKHIS_FT_CACHE", str(path))
-        yield path
-
-
-@pytest.fixture(scope="module")
-def runs(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def runs(module_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The run folder of each tiny run, trained once by the entrypoint."""
-    out = tmp_path_factory.mktemp("outputs")
-    env = {**os.environ, "BREAKHIS_FT_CACHE": str(cache), "WANDB_MODE": "disabled"}
-    # The replica is built once before the two runs start, so they do not race to build it.
-    scan_from_config(load_run_config_like(COMMON).data, cache / "synthetic")
-    procs = {
-        name: subprocess.Popen(
-            [sys.executable, "-m", "breakhis_ft", *COMMON, *args, f"paths.output_dir={out / name}"],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for name, args in RUNS.items()
-    }
-    found = {}
-    for name, proc in procs.items():
-        log, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, f"{name} run failed:\n{log[-3000:]}"
-        (found[name],) = (out / name / "runs" / "default").iterdir()
-    return found
-
-
-def load_run_config_like(overrides: list[str]):
-    """The data config these overrides compose (the schema's defaults + the overrides)."""
-    from omegaconf import OmegaConf
-
-    from breakhis_ft.config import TrainRunConfig
-
-    return OmegaConf.merge(
-        OmegaConf.structured(TrainRunConfig),
-        OmegaConf.from_dotlist([o for o in overrides if o.startswith("data.")]),
-    )
+    return train_runs(RUNS, tmp_path_factory.mktemp("outputs"), module_cache)
 
 
 def run_predictions(run_dir: Path) -> dict[str, dict[str, str]]:
@@ -193,9 +140,7 @@ def test_other_sizes_get_the_training_resize(tmp_path: Path) -> None:
 
 
 def test_predict_cli_and_clear_errors(runs: dict[str, Path], images: Path, tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("predict_cli", REPO / "scripts" / "predict.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script("predict")
     out = tmp_path / "cli.csv"
     argv = [str(runs["probe"]), str(images / "a"), str(images / "corrupt.png"), "--out", str(out)]
     assert cli.main([*argv, "--cpu", "--workers", "0", "--no-progress"]) == 0

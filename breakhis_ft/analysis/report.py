@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from breakhis_ft.analysis.gallery import PAIRS_SHOWN, run_confused_pairs
 from breakhis_ft.analysis.runs import Run, metric_value
 
 DEFAULT_METRICS = (
@@ -198,8 +199,24 @@ def _md_table(
     return lines
 
 
-def to_markdown(report: Report) -> str:
-    """The report as Markdown: the comparison table, then the best run per group."""
+def errors_section(report: Report, galleries: dict[Path, str] | None = None) -> list[str]:
+    """Markdown lines: each run's most confused test class pairs, and a link to its error gallery
+    (`galleries`: run folder -> the gallery page, relative to the report's folder)."""
+    title = f"## Most confused class pairs (test; true -> predicted: count, top {PAIRS_SHOWN})"
+    lines = [title, ""]
+    for run in report.runs:
+        name = os.path.relpath(run.path, report.root) if run.path != report.root else run.path.name
+        pairs = run_confused_pairs(run.metrics)
+        text = ", ".join(f"{p['true']} -> {p['pred']}: {p['count']}" for p in pairs)
+        page = (galleries or {}).get(run.path)
+        link = f" ([errors]({page}))" if page else ""
+        lines.append(f"- {name}: {text or 'no errors or no test metrics'}{link}")
+    return [*lines, ""]
+
+
+def to_markdown(report: Report, galleries: dict[Path, str] | None = None) -> str:
+    """The report as Markdown: the comparison table, the best run per group, the confused class
+    pairs of each run (with a link to its error gallery where `galleries` has one)."""
     order = "highest" if report.descending else "lowest"
     lines = [
         f"# Runs under {report.root}",
@@ -213,6 +230,7 @@ def to_markdown(report: Report) -> str:
         "",
         *_md_table(["group", "run", "status", *report.metrics], report.best, report.metrics),
         "",
+        *errors_section(report, galleries),
     ]
     return "\n".join(lines)
 
@@ -224,7 +242,9 @@ def _write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict[str, Any]
         writer.writerows([[_cell(r.get(c), False) for c in columns] for r in rows])
 
 
-def write_report(report: Report, out_dir: str | Path) -> dict[str, Path]:
+def write_report(
+    report: Report, out_dir: str | Path, galleries: dict[Path, str] | None = None
+) -> dict[str, Path]:
     """Write report.md, report.csv and report_best.csv into out_dir; return their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -233,7 +253,7 @@ def write_report(report: Report, out_dir: str | Path) -> dict[str, Path]:
         "csv": out / "report.csv",
         "best_csv": out / "report_best.csv",
     }
-    paths["markdown"].write_text(to_markdown(report))
+    paths["markdown"].write_text(to_markdown(report, galleries))
     _write_csv(paths["csv"], report.columns, report.rows)
     _write_csv(paths["best_csv"], ["group", "run", "status", *report.metrics], report.best)
     return paths

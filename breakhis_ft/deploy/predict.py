@@ -2,10 +2,12 @@
 
 The classifier is rebuilt from the run's saved config (`.hydra/config.yaml`) and its best weights
 (`best/`), or from a folder written by `export.py` (its `export_info.json`). Images get the
-training's preprocessing: decoded as RGB, resized so the longest side is `data.image_size` (as the
-image cache does), then the model's own processor. A SigLIP linear probe trained on embeddings of
-the original files, so its images are not resized first, and its embeddings of new images are
-computed with the encoder here. Unreadable images become rows with an `error` and no prediction.
+training's preprocessing: decoded as RGB, stain-normalised with the run's fitted normaliser when
+it used one (`stain_normalizer.json` in the run or export folder; data.stain_norm), resized so the
+longest side is `data.image_size` (as the image cache does), then the model's own processor. A
+SigLIP linear probe trained on embeddings of the original files, so its images are not resized
+first, and its embeddings of new images are computed with the encoder here. Unreadable images
+become rows with an `error` and no prediction.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from breakhis_ft.data.breakhis import BadDataError, load_image
-from breakhis_ft.data.dataset import resize_longest
+from breakhis_ft.data.dataset import preprocess_image
+from breakhis_ft.data.stain import NORMALIZER_FILE, StainNormalizer, load_normalizer
 from breakhis_ft.deploy.loading import (
     PredictError,
     classifier_from_run,
@@ -46,6 +50,15 @@ class Predictor:
     image_size: int | None  # longest side before the model's processor; None: images as they are
     source: str  # the run folder or exported model it came from
     precision: str = "fp32"  # bf16 | fp16 | fp32: accelerate's mixed precision while predicting
+    stain: StainNormalizer | None = None  # the run's stain normaliser (data.stain_norm)
+
+    def prepare(self, image: Image.Image) -> Image.Image:
+        """An RGB image preprocessed as in training: stain-normalised, then resized."""
+        out, reason = preprocess_image(image, self.image_size, self.stain)
+        if reason is not None:
+            name = getattr(image, "filename", "") or "an image"
+            log.warning("stain normalisation left %s unchanged: %s", name, reason)
+        return out
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -59,6 +72,25 @@ class Predictor:
 
 
 # ---- loading ------------------------------------------------------------------------------------
+
+
+def run_stain(folder: Path, cfg: Any) -> StainNormalizer | None:
+    """The stain normaliser saved in a run or export folder, checked against data.stain_norm."""
+    method = str(cfg.data.stain_norm)
+    if method == "none":
+        return None
+    try:
+        stain = load_normalizer(folder)
+    except ValueError as err:
+        raise PredictError(str(err)) from err
+    if stain is None or stain.method != method:
+        found = "none" if stain is None else stain.method
+        raise PredictError(
+            f"{folder}: the run used data.stain_norm={method}, but its {NORMALIZER_FILE} holds "
+            f"{found}; predictions without the run's normaliser would not match its training. "
+            "Copy the file from the run folder (export_model.py does)"
+        )
+    return stain
 
 
 def load_predictor(
@@ -80,13 +112,30 @@ def load_predictor(
         classifier, cfg = load_exported_classifier(Path(model_dir), info, overrides)
         size = info.get("image_size")
         return Predictor(
-            classifier, None if size is None else int(size), str(model_dir), cfg.precision.name
+            classifier,
+            None if size is None else int(size),
+            str(model_dir),
+            cfg.precision.name,
+            run_stain(Path(model_dir), cfg),
         )
     cfg = load_run_config(run_dir, overrides)
     classifier = classifier_from_run(cfg, run_dir)
-    return Predictor(
-        classifier, preprocess_size(cfg, classifier), str(run_dir), str(cfg.precision.name)
-    )
+    size = preprocess_size(cfg, classifier)
+    stain = run_stain(Path(run_dir), cfg)
+    return Predictor(classifier, size, str(run_dir), str(cfg.precision.name), stain)
+
+
+def resolve_source(
+    source: str | None, inputs: Sequence[str], model: str | None
+) -> tuple[str | None, list[str]]:
+    """(run folder or None, image inputs) from a script's positionals: with --model (an exported
+    model) the first positional is an image input, not a run folder; one of the two is needed."""
+    inputs = list(inputs)
+    if model and source is not None:
+        inputs, source = [source, *inputs], None
+    if source is None and not model:
+        raise PredictError("give a run folder, or an exported model with --model")
+    return source, inputs
 
 
 def find_images(inputs: Sequence[str | Path], list_files: Sequence[str | Path] = ()) -> list[Path]:
@@ -115,11 +164,17 @@ def find_images(inputs: Sequence[str | Path], list_files: Sequence[str | Path] =
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Items {"path", "index", "image" (PIL RGB, resized) or None, "error" (str or None)}."""
+    """Items {"path", "index", "image" (PIL RGB, preprocessed) or None, "error" (str or None)}.
 
-    def __init__(self, paths: Sequence[Path], image_size: int | None) -> None:
+    Preprocessed as in training: stain-normalised with `stain` (when given), then resized.
+    """
+
+    def __init__(
+        self, paths: Sequence[Path], image_size: int | None, stain: StainNormalizer | None = None
+    ) -> None:
         self.paths = list(paths)
         self.image_size = image_size
+        self.stain = stain
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -131,7 +186,10 @@ class ImageFiles(torch.utils.data.Dataset):
             item["error"] = f"{path}: file not found"
             return item
         try:
-            item["image"] = resize_longest(load_image(path), self.image_size)
+            image, reason = preprocess_image(load_image(path), self.image_size, self.stain)
+            item["image"] = image
+            if reason is not None:  # no stain to estimate: classified as it is, with a warning
+                log.warning("stain normalisation left %s unchanged: %s", path, reason)
         except BadDataError as err:
             item["error"] = str(err)
         return item
@@ -173,7 +231,7 @@ def predict_files(
     classifier.to(accelerator.device)
     classifier.eval()
     loader = torch.utils.data.DataLoader(
-        ImageFiles(paths, predictor.image_size),
+        ImageFiles(paths, predictor.image_size, predictor.stain),
         batch_size=batch_size,
         collate_fn=list,
         num_workers=num_workers,

@@ -26,6 +26,7 @@ from torchmetrics.functional.classification import (
 )
 
 from breakhis_ft.data.records import SUBTYPES
+from breakhis_ft.evaluate.errors import confused_pairs
 
 PREDICTION_COLUMNS = ("path", "patient", "magnification", "label", "pred")
 
@@ -123,6 +124,7 @@ def compute_metrics(
     precision = multiclass_precision(preds, labels, average="none", **kw)
     f1 = multiclass_f1_score(preds, labels, average="none", **kw)
     auroc, undefined = _auroc(probs, labels, n_classes)
+    confusion = multiclass_confusion_matrix(preds, labels, **kw).tolist()
     metrics: dict[str, Any] = {
         "n": len(labels),
         "accuracy": _num(multiclass_accuracy(preds, labels, average="micro", **kw)),
@@ -144,7 +146,9 @@ def compute_metrics(
             }
             for i, name in enumerate(class_names)
         },
-        "confusion_matrix": multiclass_confusion_matrix(preds, labels, **kw).tolist(),
+        "confusion_matrix": confusion,  # rows: true class, columns: predicted
+        # the class pairs most often mistaken, by count: [{"true", "pred", "count", "share"}]
+        "most_confused": confused_pairs(confusion, class_names),
         "classes": list(class_names),
         "binary": _binary(probs, labels, preds, malignant) if malignant is not None else None,
         "by_magnification": {},

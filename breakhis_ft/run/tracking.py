@@ -13,6 +13,8 @@ from breakhis_ft.run.run_folder import write_json
 
 log = logging.getLogger(__name__)
 
+ERROR_TABLE_ROWS = 32  # test/errors: the most confident errors, kept small for the dashboard
+ERROR_THUMBNAIL = 128  # their longest side in pixels
 # keys whose values never leave the process: tokens, API keys, passwords
 _SECRET_KEY = re.compile(r"(token|api_?key|secret|password)", re.IGNORECASE)
 
@@ -158,6 +160,25 @@ class RunTracker:
         self._safe_wandb(
             lambda run: run.log({f"{split}/per_class": table, f"{split}/confusion_matrix": chart})
         )
+
+    def log_errors(self, predictions: Path, image_root: Path, n: int = ERROR_TABLE_ROWS) -> None:
+        """W&B table `test/errors`: thumbnails of the run's `n` most confident test errors, with
+        true and predicted class, probability, patient and magnification (W&B on only)."""
+        if self._wandb_run is None or not Path(predictions).is_file():
+            return
+        import wandb
+
+        from breakhis_ft.evaluate.errors import most_confident_errors, thumbnail
+
+        columns = ["image", "true", "pred", "prob", "prob_true", "patient", "magnification", "path"]
+        table = wandb.Table(columns=columns)
+        for e in most_confident_errors(predictions, n):
+            picture = thumbnail(Path(image_root) / e.path, ERROR_THUMBNAIL)
+            image = None if picture is None else wandb.Image(picture, caption=f"{e.true}->{e.pred}")
+            table.add_data(
+                image, e.true, e.pred, e.prob, e.prob_true, e.patient, e.magnification, e.path
+            )
+        self._safe_wandb(lambda run: run.log({"test/errors": table}))
 
     def _safe_wandb(self, action: Any) -> None:
         if self._wandb_run is None:

@@ -25,6 +25,7 @@ from breakhis_ft.run.setup import (
     make_classifier,
     make_datasets,
     make_run_setup,
+    make_stain_normalizer,
     prepare_cached_inputs,
 )
 from breakhis_ft.run.tracking import RunTracker
@@ -109,10 +110,14 @@ def train_and_evaluate(
     tracker = RunTracker(run_dir, config, cfg.logger, name, group, active=acc.is_main_process)
     failed = True
     try:
+        main = acc.is_main_process
+        setup.stain = make_stain_normalizer(cfg, splits, scan.root, run_dir, main)
         classifier = make_classifier(cfg, setup)
         trainable, total = classifier.parameter_counts()
         tracker.log({"model/trainable_parameters": trainable, "model/parameters": total}, 0)
-        data = make_datasets(cfg, scan, splits, needs_images=classifier.needs_images)
+        data = make_datasets(
+            cfg, scan, splits, classifier.needs_images, setup.stain, run_dir if main else None
+        )
         prepare_cached_inputs(classifier, data, scan.root, acc)
         recipe, best_value = None, None
         if cfg.train:
@@ -124,6 +129,7 @@ def train_and_evaluate(
             batch = cfg.trainer.eval_batch_size
             metrics, predictions = evaluate_splits(classifier, data, setup, batch, run_dir, recipe)
             tracker.log_final(metrics, predictions)
+            tracker.log_errors(run_dir / "predictions_test.csv", scan.root)
             tracker.log_plots(metrics)
             value = metric_value(metrics, cfg.optimized_metric)
         failed = False
