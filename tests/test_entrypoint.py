@@ -210,7 +210,7 @@ def test_run_folder_is_complete(first_run) -> None:
         "f1_macro",
         "f1_weighted",
         "auroc_macro",
-        "patient_accuracy",
+        "patient_recognition_rate",
         "per_class",
         "confusion_matrix",
         "classes",

@@ -13,17 +13,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from breakhis_ft.analysis.runs import Run, metric_value
+from breakhis_ft.analysis.aggregate import CVGroup, cv_rows
+from breakhis_ft.analysis.runs import Run, metric_interval, metric_value
+from breakhis_ft.evaluate.compare import separable
 
 DEFAULT_METRICS = (
     "test/balanced_accuracy",
     "test/f1_macro",
     "test/auroc_macro",
-    "test/patient_accuracy",
+    "test/patient_recognition_rate",
 )
 SPLITS = ("train", "val", "test")
 # keys that differ between runs without changing what was trained or measured
 IGNORED_KEYS = ("paths", "resume", "logger", "model.builder", "trainer.optimizer._partial_")
+VS_BEST = "vs best"  # the column saying whether a run's interval overlaps the best run's
 
 
 def normalise_metrics(names: Sequence[str], split: str = "test") -> list[str]:
@@ -149,6 +152,7 @@ def build_report(
         row: dict[str, Any] = {"run": name, "status": run.status, "last_step": run.last_step}
         row.update({k: run.value(k) for k in settings})
         row.update({m: metric_value(run, m) for m in metrics})
+        row["_ci"] = {m: metric_interval(run, m) for m in metrics}  # shown beside the value
         row["_group"] = run.value(group_by)
         rows.append(row)
     sign = -1.0 if descending else 1.0
@@ -165,15 +169,46 @@ def build_report(
             "run": r["run"] if _eligible(r, sort_by) else "",
             "status": r["status"],
             **{m: r[m] for m in metrics},
+            "_ci": r["_ci"],
         }
         for g, r in sorted(best.items(), key=lambda item: _natural(item[0]))
     ]
     for row in rows:
         row.pop("_group")
     columns = ["run", "status", "last_step", *settings, *metrics]
+    if mark_separability(rows, sort_by):
+        columns.append(VS_BEST)
     return Report(
         columns, rows, metrics, sort_by, descending, group_by, best_rows, list(runs), root
     )
+
+
+def mark_separability(rows: list[dict[str, Any]], metric: str) -> bool:
+    """Mark each row `best`, `not separable` (its interval of `metric` overlaps the best run's)
+    or `separable` under VS_BEST; False (nothing marked) when the best run has no interval.
+
+    The best run is the first completed row with a value (rows are sorted). Overlapping
+    intervals of runs on the same test images are a coarse test; `report.py --compare A B`
+    (a paired bootstrap) is the sharper one.
+    """
+    best = next((r for r in rows if _eligible(r, metric)), None)
+    best_ci = best["_ci"].get(metric) if best else None
+    if best is None or best_ci is None:
+        return False
+    for row in rows:
+        ci = row["_ci"].get(metric)
+        if row is best:
+            row[VS_BEST] = "best"
+        elif ci is not None:
+            row[VS_BEST] = "separable" if separable(ci, best_ci) else "not separable"
+    return True
+
+
+def format_interval(value: float, ci: Sequence[float] | None) -> str:
+    """`0.62 [0.48, 0.75]`: two places, as an interval this wide warrants; 4 without one."""
+    if ci is None:
+        return f"{value:.4f}"
+    return f"{value:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
 def _cell(value: Any, markdown: bool, metric: bool = False) -> str:
@@ -193,7 +228,13 @@ def _md_table(
 ) -> list[str]:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        cells = [_cell(row.get(c), True, c in metrics) for c in columns]
+        intervals = row.get("_ci") or {}
+        cells = [
+            format_interval(row[c], intervals.get(c))
+            if c in metrics and isinstance(row.get(c), float)
+            else _cell(row.get(c), True, c in metrics)
+            for c in columns
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -217,15 +258,35 @@ def to_markdown(report: Report) -> str:
     return "\n".join(lines)
 
 
+def _with_interval_columns(
+    columns: Sequence[str], rows: Sequence[dict[str, Any]]
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """CSV columns `<metric>_ci_lo` / `_ci_hi` for the metrics that have intervals."""
+    shown = [c for c in columns if any((r.get("_ci") or {}).get(c) for r in rows)]
+    extra = [f"{c}_ci_{end}" for c in shown for end in ("lo", "hi")]
+    out = []
+    for row in rows:
+        row = dict(row)
+        for c in shown:
+            ci = (row.get("_ci") or {}).get(c) or (None, None)
+            row[f"{c}_ci_lo"], row[f"{c}_ci_hi"] = ci
+        out.append(row)
+    return [*columns, *extra], out
+
+
 def _write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:
+    columns, rows = _with_interval_columns(columns, rows)
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
         writer.writerows([[_cell(r.get(c), False) for c in columns] for r in rows])
 
 
-def write_report(report: Report, out_dir: str | Path) -> dict[str, Path]:
-    """Write report.md, report.csv and report_best.csv into out_dir; return their paths."""
+def write_report(
+    report: Report, out_dir: str | Path, cv: Sequence[CVGroup] = ()
+) -> dict[str, Path]:
+    """Write report.md, report.csv and report_best.csv (and report_cv.csv for cross-validated
+    groups) into out_dir; return their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {
@@ -233,7 +294,57 @@ def write_report(report: Report, out_dir: str | Path) -> dict[str, Path]:
         "csv": out / "report.csv",
         "best_csv": out / "report_best.csv",
     }
-    paths["markdown"].write_text(to_markdown(report))
+    paths["markdown"].write_text(to_markdown(report) + cv_markdown(cv, report.metrics))
     _write_csv(paths["csv"], report.columns, report.rows)
     _write_csv(paths["best_csv"], ["group", "run", "status", *report.metrics], report.best)
+    if cv:
+        paths["cv_csv"] = out / "report_cv.csv"
+        _write_cv_csv(paths["cv_csv"], cv, report.metrics)
     return paths
+
+
+def _cv_cell(value: Any, ci: Sequence[float] | None) -> str:
+    if isinstance(value, tuple):  # (mean, std)
+        mean, std = value
+        if mean is None:
+            return "-"
+        return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
+    return format_interval(value, ci) if isinstance(value, float) else "-"
+
+
+def cv_markdown(groups: Sequence[CVGroup], metrics: Sequence[str]) -> str:
+    """One table per cross-validated group: mean ± std (sample std over the runs), the pooled
+    out-of-fold metrics with intervals, then each run."""
+    if not groups:
+        return ""
+    lines = ["", "## Runs that differ only in fold or seed", ""]
+    for group in groups:
+        lines += [f"### {group.label}: {len(group.runs)} runs over {', '.join(group.varying)}", ""]
+        lines += ["| | " + " | ".join(metrics) + " |", "|" + "---|" * (len(metrics) + 1)]
+        for row in cv_rows(group, metrics):
+            ci = row.get("_ci") or {}
+            cells = [_cv_cell(row.get(m), ci.get(m)) for m in metrics]
+            lines.append(f"| {row['row']} | " + " | ".join(cells) + " |")
+        lines += ["", *([f"({group.note})", ""] if group.note else [])]
+    return "\n".join(lines)
+
+
+def _write_cv_csv(path: Path, groups: Sequence[CVGroup], metrics: Sequence[str]) -> None:
+    """One CSV row per table row; a mean row also fills `<metric>_std`."""
+    columns = ["group", "row", "run"]
+    columns += [c for m in metrics for c in (m, f"{m}_std", f"{m}_ci_lo", f"{m}_ci_hi")]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
+        for group in groups:
+            for row in cv_rows(group, metrics):
+                out = {"group": group.label, "row": row["row"], "run": row.get("run", "")}
+                for m in metrics:
+                    value, ci = row.get(m), (row.get("_ci") or {}).get(m)
+                    if isinstance(value, tuple):
+                        out[m], out[f"{m}_std"] = value
+                    else:
+                        out[m] = value
+                    if ci:
+                        out[f"{m}_ci_lo"], out[f"{m}_ci_hi"] = ci
+                writer.writerow({k: "" if v is None else v for k, v in out.items()})
