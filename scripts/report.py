@@ -18,12 +18,11 @@ import json
 import sys
 from pathlib import Path
 
-from breakhis_ft.analysis.aggregate import cv_groups
+from breakhis_ft.analysis.aggregate import cv_groups, cv_markdown
 from breakhis_ft.analysis.report import (
     DEFAULT_METRICS,
     build_report,
     by_magnification,
-    cv_markdown,
     normalise_metrics,
     to_markdown,
     write_report,

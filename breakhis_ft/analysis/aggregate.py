@@ -1,4 +1,5 @@
-"""Cross-validation and repeated runs: runs that differ only in the fold or a seed, summarised as
+"""Cross-validation and repeated runs: runs that differ only in the fold or a seed, summarised (and
+tabled, Markdown and CSV) as
 mean +- std over the runs, the pooled out-of-fold metrics, and one row per run.
 
 Runs are grouped by everything in their config except the fold and seed keys (and the keys a
@@ -12,6 +13,7 @@ per-fold mean.
 
 from __future__ import annotations
 
+import csv
 import json
 import statistics
 from collections.abc import Sequence
@@ -103,8 +105,6 @@ def _test_paths(run: Run) -> list[str] | None:
     path = run.path / "predictions_test.csv"
     if not path.is_file():
         return None
-    import csv
-
     with path.open(newline="") as f:
         return [row["path"] for row in csv.DictReader(f)]
 
@@ -195,3 +195,57 @@ def cv_rows(group: CVGroup, metrics: Sequence[str]) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def format_interval(value: float, ci: Sequence[float] | None) -> str:
+    """`0.62 [0.48, 0.75]`: two places, as an interval this wide warrants; 4 without one."""
+    if ci is None:
+        return f"{value:.4f}"
+    return f"{value:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def _cv_cell(value: Any, ci: Sequence[float] | None) -> str:
+    if isinstance(value, tuple):  # (mean, std)
+        mean, std = value
+        if mean is None:
+            return "-"
+        return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
+    return format_interval(value, ci) if isinstance(value, float) else "-"
+
+
+def cv_markdown(groups: Sequence[CVGroup], metrics: Sequence[str]) -> str:
+    """One table per cross-validated group: mean ± std (sample std over the runs), the pooled
+    out-of-fold metrics with intervals, then each run."""
+    if not groups:
+        return ""
+    lines = ["", "## Runs that differ only in fold or seed", ""]
+    for group in groups:
+        lines += [f"### {group.label}: {len(group.runs)} runs over {', '.join(group.varying)}", ""]
+        lines += ["| | " + " | ".join(metrics) + " |", "|" + "---|" * (len(metrics) + 1)]
+        for row in cv_rows(group, metrics):
+            ci = row.get("_ci") or {}
+            cells = [_cv_cell(row.get(m), ci.get(m)) for m in metrics]
+            lines.append(f"| {row['row']} | " + " | ".join(cells) + " |")
+        lines += ["", *([f"({group.note})", ""] if group.note else [])]
+    return "\n".join(lines)
+
+
+def write_cv_csv(path: Path, groups: Sequence[CVGroup], metrics: Sequence[str]) -> None:
+    """One CSV row per table row; a mean row also fills `<metric>_std`."""
+    columns = ["group", "row", "run"]
+    columns += [c for m in metrics for c in (m, f"{m}_std", f"{m}_ci_lo", f"{m}_ci_hi")]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer.writeheader()
+        for group in groups:
+            for row in cv_rows(group, metrics):
+                out = {"group": group.label, "row": row["row"], "run": row.get("run", "")}
+                for m in metrics:
+                    value, ci = row.get(m), (row.get("_ci") or {}).get(m)
+                    if isinstance(value, tuple):
+                        out[m], out[f"{m}_std"] = value
+                    else:
+                        out[m] = value
+                    if ci:
+                        out[f"{m}_ci_lo"], out[f"{m}_ci_hi"] = ci
+                writer.writerow({k: "" if v is None else v for k, v in out.items()})

@@ -9,11 +9,11 @@ import csv
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from breakhis_ft.analysis.aggregate import CVGroup, cv_rows
+from breakhis_ft.analysis.aggregate import CVGroup, cv_markdown, format_interval, write_cv_csv
 from breakhis_ft.analysis.runs import Run, metric_interval, metric_value
 from breakhis_ft.evaluate.compare import separable
 
@@ -112,6 +112,8 @@ class Report:
     best: list[dict[str, Any]]  # one row per group: group, run, status, metrics...
     runs: list[Run]
     root: Path
+    # run name -> metric -> its stored (lo, hi), or None: shown beside the value
+    intervals: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def common_parent(paths: Sequence[Path]) -> Path:
@@ -146,13 +148,13 @@ def build_report(
         raise ValueError(f"--group-by {group_by!r}: no run has this key; try one of {keys}")
     root = common_parent([r.path for r in runs])
     settings = differing_keys(runs, ignore)
-    rows = []
+    rows, intervals = [], {}
     for run in runs:
         name = os.path.relpath(run.path, root) if run.path != root else run.path.name
         row: dict[str, Any] = {"run": name, "status": run.status, "last_step": run.last_step}
         row.update({k: run.value(k) for k in settings})
         row.update({m: metric_value(run, m) for m in metrics})
-        row["_ci"] = {m: metric_interval(run, m) for m in metrics}  # shown beside the value
+        intervals[name] = {m: metric_interval(run, m) for m in metrics}  # beside the value
         row["_group"] = run.value(group_by)
         rows.append(row)
     sign = -1.0 if descending else 1.0
@@ -169,21 +171,31 @@ def build_report(
             "run": r["run"] if _eligible(r, sort_by) else "",
             "status": r["status"],
             **{m: r[m] for m in metrics},
-            "_ci": r["_ci"],
         }
         for g, r in sorted(best.items(), key=lambda item: _natural(item[0]))
     ]
     for row in rows:
         row.pop("_group")
     columns = ["run", "status", "last_step", *settings, *metrics]
-    if mark_separability(rows, sort_by):
+    if mark_separability(rows, sort_by, intervals):
         columns.append(VS_BEST)
     return Report(
-        columns, rows, metrics, sort_by, descending, group_by, best_rows, list(runs), root
+        columns,
+        rows,
+        metrics,
+        sort_by,
+        descending,
+        group_by,
+        best_rows,
+        list(runs),
+        root,
+        intervals,
     )
 
 
-def mark_separability(rows: list[dict[str, Any]], metric: str) -> bool:
+def mark_separability(
+    rows: list[dict[str, Any]], metric: str, intervals: dict[str, dict[str, Any]]
+) -> bool:
     """Mark each row `best`, `not separable` (its interval of `metric` overlaps the best run's)
     or `separable` under VS_BEST; False (nothing marked) when the best run has no interval.
 
@@ -192,23 +204,16 @@ def mark_separability(rows: list[dict[str, Any]], metric: str) -> bool:
     (a paired bootstrap) is the sharper one.
     """
     best = next((r for r in rows if _eligible(r, metric)), None)
-    best_ci = best["_ci"].get(metric) if best else None
+    best_ci = intervals.get(best["run"], {}).get(metric) if best else None
     if best is None or best_ci is None:
         return False
     for row in rows:
-        ci = row["_ci"].get(metric)
+        ci = intervals.get(row["run"], {}).get(metric)
         if row is best:
             row[VS_BEST] = "best"
         elif ci is not None:
             row[VS_BEST] = "separable" if separable(ci, best_ci) else "not separable"
     return True
-
-
-def format_interval(value: float, ci: Sequence[float] | None) -> str:
-    """`0.62 [0.48, 0.75]`: two places, as an interval this wide warrants; 4 without one."""
-    if ci is None:
-        return f"{value:.4f}"
-    return f"{value:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
 def _cell(value: Any, markdown: bool, metric: bool = False) -> str:
@@ -224,13 +229,16 @@ def _cell(value: Any, markdown: bool, metric: bool = False) -> str:
 
 
 def _md_table(
-    columns: Sequence[str], rows: Sequence[dict[str, Any]], metrics: Sequence[str]
+    columns: Sequence[str],
+    rows: Sequence[dict[str, Any]],
+    metrics: Sequence[str],
+    intervals: dict[str, dict[str, Any]],
 ) -> list[str]:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        intervals = row.get("_ci") or {}
+        ci = intervals.get(row.get("run"), {})
         cells = [
-            format_interval(row[c], intervals.get(c))
+            format_interval(row[c], ci.get(c))
             if c in metrics and isinstance(row.get(c), float)
             else _cell(row.get(c), True, c in metrics)
             for c in columns
@@ -242,40 +250,50 @@ def _md_table(
 def to_markdown(report: Report) -> str:
     """The report as Markdown: the comparison table, then the best run per group."""
     order = "highest" if report.descending else "lowest"
+    best_columns = ["group", "run", "status", *report.metrics]
     lines = [
         f"# Runs under {report.root}",
         "",
         f"{len(report.rows)} runs, sorted by {report.sort_by} ({order} first; runs without a "
         "value last). Columns between status and the metrics are the settings that differ.",
         "",
-        *_md_table(report.columns, report.rows, report.metrics),
+        *_md_table(report.columns, report.rows, report.metrics, report.intervals),
         "",
         f"## Best run per {report.group_by} (by {report.sort_by})",
         "",
-        *_md_table(["group", "run", "status", *report.metrics], report.best, report.metrics),
+        *_md_table(best_columns, report.best, report.metrics, report.intervals),
         "",
     ]
     return "\n".join(lines)
 
 
 def _with_interval_columns(
-    columns: Sequence[str], rows: Sequence[dict[str, Any]]
+    columns: Sequence[str], rows: Sequence[dict[str, Any]], intervals: dict[str, dict[str, Any]]
 ) -> tuple[list[str], list[dict[str, Any]]]:
     """CSV columns `<metric>_ci_lo` / `_ci_hi` for the metrics that have intervals."""
-    shown = [c for c in columns if any((r.get("_ci") or {}).get(c) for r in rows)]
+
+    def interval(row: dict[str, Any], column: str) -> Any:
+        return intervals.get(row.get("run"), {}).get(column)
+
+    shown = [c for c in columns if any(interval(r, c) for r in rows)]
     extra = [f"{c}_ci_{end}" for c in shown for end in ("lo", "hi")]
     out = []
     for row in rows:
         row = dict(row)
         for c in shown:
-            ci = (row.get("_ci") or {}).get(c) or (None, None)
+            ci = interval(row, c) or (None, None)
             row[f"{c}_ci_lo"], row[f"{c}_ci_hi"] = ci
         out.append(row)
     return [*columns, *extra], out
 
 
-def _write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:
-    columns, rows = _with_interval_columns(columns, rows)
+def _write_csv(
+    path: Path,
+    columns: Sequence[str],
+    rows: Sequence[dict[str, Any]],
+    intervals: dict[str, dict[str, Any]],
+) -> None:
+    columns, rows = _with_interval_columns(columns, rows, intervals)
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
@@ -295,56 +313,10 @@ def write_report(
         "best_csv": out / "report_best.csv",
     }
     paths["markdown"].write_text(to_markdown(report) + cv_markdown(cv, report.metrics))
-    _write_csv(paths["csv"], report.columns, report.rows)
-    _write_csv(paths["best_csv"], ["group", "run", "status", *report.metrics], report.best)
+    _write_csv(paths["csv"], report.columns, report.rows, report.intervals)
+    best_columns = ["group", "run", "status", *report.metrics]
+    _write_csv(paths["best_csv"], best_columns, report.best, report.intervals)
     if cv:
         paths["cv_csv"] = out / "report_cv.csv"
-        _write_cv_csv(paths["cv_csv"], cv, report.metrics)
+        write_cv_csv(paths["cv_csv"], cv, report.metrics)
     return paths
-
-
-def _cv_cell(value: Any, ci: Sequence[float] | None) -> str:
-    if isinstance(value, tuple):  # (mean, std)
-        mean, std = value
-        if mean is None:
-            return "-"
-        return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
-    return format_interval(value, ci) if isinstance(value, float) else "-"
-
-
-def cv_markdown(groups: Sequence[CVGroup], metrics: Sequence[str]) -> str:
-    """One table per cross-validated group: mean ± std (sample std over the runs), the pooled
-    out-of-fold metrics with intervals, then each run."""
-    if not groups:
-        return ""
-    lines = ["", "## Runs that differ only in fold or seed", ""]
-    for group in groups:
-        lines += [f"### {group.label}: {len(group.runs)} runs over {', '.join(group.varying)}", ""]
-        lines += ["| | " + " | ".join(metrics) + " |", "|" + "---|" * (len(metrics) + 1)]
-        for row in cv_rows(group, metrics):
-            ci = row.get("_ci") or {}
-            cells = [_cv_cell(row.get(m), ci.get(m)) for m in metrics]
-            lines.append(f"| {row['row']} | " + " | ".join(cells) + " |")
-        lines += ["", *([f"({group.note})", ""] if group.note else [])]
-    return "\n".join(lines)
-
-
-def _write_cv_csv(path: Path, groups: Sequence[CVGroup], metrics: Sequence[str]) -> None:
-    """One CSV row per table row; a mean row also fills `<metric>_std`."""
-    columns = ["group", "row", "run"]
-    columns += [c for m in metrics for c in (m, f"{m}_std", f"{m}_ci_lo", f"{m}_ci_hi")]
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, restval="")
-        writer.writeheader()
-        for group in groups:
-            for row in cv_rows(group, metrics):
-                out = {"group": group.label, "row": row["row"], "run": row.get("run", "")}
-                for m in metrics:
-                    value, ci = row.get(m), (row.get("_ci") or {}).get(m)
-                    if isinstance(value, tuple):
-                        out[m], out[f"{m}_std"] = value
-                    else:
-                        out[m] = value
-                    if ci:
-                        out[f"{m}_ci_lo"], out[f"{m}_ci_hi"] = ci
-                writer.writerow({k: "" if v is None else v for k, v in out.items()})
