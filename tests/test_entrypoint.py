@@ -91,6 +91,9 @@ def test_every_sweep_preset_composes(sweep: str) -> None:
         (["data.image_size=0"], "data.image_size"),
         (["trainer.epochs=0"], "trainer.epochs"),
         (["model.kind=siglip"], "model.kind"),
+        (["evaluate.ci_level=1.5"], "evaluate.ci_level"),
+        (["evaluate.bootstrap_resamples=-1"], "evaluate.bootstrap_resamples"),
+        (["trainer.monitor=val/patient_accuracy"], "trainer.monitor"),
     ],
 )
 def test_bad_values_and_combinations_name_the_key(override: list[str], key: str) -> None:
@@ -218,6 +221,37 @@ def test_run_folder_is_complete(first_run) -> None:
     } <= set(test)
 
 
+def test_final_metrics_hold_intervals_calibration_and_patient_level(first_run) -> None:
+    run_dir, _ = first_run
+    metrics = _metrics(run_dir)
+    calibration = json.loads((run_dir / "calibration.json").read_text())
+    assert calibration == json.loads((run_dir / "best" / "calibration.json").read_text())
+    temperature = calibration["temperature"]
+    assert calibration["fitted_on"] == "val" and temperature > 0
+    for split in ("val", "test"):
+        m = metrics[split]
+        for name in ("accuracy", "balanced_accuracy", "f1_macro", "f1_weighted", "auroc_macro"):
+            lo, hi = m[f"{name}_ci95"]
+            assert 0.0 <= lo <= hi <= 1.0, (split, name)
+        assert len(m["patient_recognition_rate_ci95"]) == 2
+        assert {"accuracy_ci95", "f1_ci95", "auroc_ci95"} <= set(m["binary"])
+        assert m["bootstrap"]["resamples"] == 1000 and m["bootstrap"]["unit"] == "patient"
+        cal = m["calibration"]
+        assert set(cal["before"]) == {"ece", "mce", "brier", "nll"} and cal["n_bins"] == 15
+        assert cal["temperature"] == temperature and set(cal["after"]) == set(cal["before"])
+        patient = m["patient_level"]
+        assert patient["fusion"] == "mean_log_prob"
+        assert patient["n_patients"] == m["bootstrap"]["n_patients"] == len(patient["diagnoses"])
+        assert (
+            len(patient["accuracy_ci95"]) == len(patient["binary"]["balanced_accuracy_ci95"]) == 2
+        )
+        assert sum(map(sum, patient["confusion_matrix"])) == patient["n_patients"]
+        assert (run_dir / f"reliability_{split}.png").stat().st_size > 1000
+    # fitted on val: the validation NLL cannot rise (T=1 was a candidate)
+    val = metrics["val"]["calibration"]
+    assert val["after"]["nll"] <= val["before"]["nll"] + 1e-9
+
+
 def test_wandb_offline_run_holds_the_config(first_run) -> None:
     run_dir, _ = first_run
     offline = list((run_dir / "wandb").glob("offline-run-*"))
@@ -238,6 +272,11 @@ def test_same_command_twice_gives_identical_metrics(first_run, tmp_path: Path) -
     second = _single_run_dir(tmp_path)
     assert second != run_dir
     assert _metrics(second) == _metrics(run_dir)
+    # report.py --compare on the two identical runs: a difference of exactly 0, all ties
+    report = [sys.executable, "scripts/report.py", "--compare", str(run_dir), str(second)]
+    done = subprocess.run([*report, "--resamples", "200"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("| +0.000 | [+0.000, +0.000] | 0.0% | 0.0% | 100.0% |") == 2
 
 
 def test_rerun_from_folder_gives_identical_metrics_in_a_new_folder(first_run) -> None:

@@ -1,6 +1,5 @@
-"""Cross-validation and repeated runs: runs that differ only in the fold or a seed, summarised (and
-tabled, Markdown and CSV) as
-mean +- std over the runs, the pooled out-of-fold metrics, and one row per run.
+"""Cross-validation and repeated runs: runs that differ only in the fold or a seed, summarised as
+mean +- std over the runs, the pooled out-of-fold metrics, and one row per run (Markdown, CSV).
 
 Runs are grouped by everything in their config except the fold and seed keys (and the keys a
 report ignores: paths, logger, ...). A group of two or more completed runs is summarised. Where its
