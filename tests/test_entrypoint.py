@@ -261,6 +261,10 @@ def test_wandb_offline_run_holds_the_config(first_run) -> None:
     assert b'"name_or_path":"' in log and b"tiny_gemma3" in log
     assert b"experiment_name" in log and b"optimized_metric" in log
     assert b"HF_TOKEN" not in log and b"WANDB_API_KEY" not in log
+    # the final statistics in the summary, the reliability diagrams among the images
+    assert b"test/balanced_accuracy_ci95_lo" in log and b"test/calibration/after/ece" in log
+    assert b"test/patient_level/balanced_accuracy" in log
+    assert b"plots/reliability_test" in log
 
 
 def test_same_command_twice_gives_identical_metrics(first_run, tmp_path: Path) -> None:

@@ -182,3 +182,16 @@ def test_summary_scalars_flatten_intervals_for_the_dashboard():
         "test/patient_level/binary/accuracy_ci95_hi": 0.9,
     }
     assert ci_key("f1", 0.9) == "f1_ci90" and ci_key("f1", 0.95) == "f1_ci95"
+
+
+def test_read_temperature_of_a_run_folder(tmp_path):
+    from breakhis_ft.evaluate.calibration import read_temperature
+
+    assert read_temperature(tmp_path) is None  # no calibration.json: the model's probabilities
+    (tmp_path / "calibration.json").write_text(json.dumps({"temperature": 1.7}))
+    assert read_temperature(tmp_path) == 1.7
+    (tmp_path / "calibration.json").write_text(json.dumps({"temperature": None}))
+    assert read_temperature(tmp_path) is None  # turned off (evaluate.temperature_scaling=false)
+    (tmp_path / "calibration.json").write_text(json.dumps({"temperature": -1}))
+    with pytest.raises(ValueError, match="calibration.json: temperature must be a positive"):
+        read_temperature(tmp_path)
