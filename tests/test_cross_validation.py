@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_entrypoint import REPO, run_cli
+from cli_runs import REPO, run_cli
 
 TINY = [
     "logger=none",
