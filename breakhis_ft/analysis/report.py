@@ -179,18 +179,11 @@ def build_report(
     columns = ["run", "status", "last_step", *settings, *metrics]
     if mark_separability(rows, sort_by, intervals):
         columns.append(VS_BEST)
-    return Report(
-        columns,
-        rows,
-        metrics,
-        sort_by,
-        descending,
-        group_by,
-        best_rows,
-        list(runs),
-        root,
-        intervals,
+    report = Report(
+        columns, rows, metrics, sort_by, descending, group_by, best_rows, list(runs), root
     )
+    report.intervals = intervals
+    return report
 
 
 def mark_separability(
