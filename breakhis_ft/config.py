@@ -107,6 +107,12 @@ class Sampler(StrEnum):
     balanced = "balanced"
 
 
+class Fusion(StrEnum):
+    mean_log_prob = "mean_log_prob"  # softmax of the mean log-probability (geometric mean)
+    mean_prob = "mean_prob"  # the mean probability
+    majority_vote = "majority_vote"  # each image votes its argmax class; ties by mean probability
+
+
 class LoggerKind(StrEnum):
     wandb = "wandb"
     none = "none"
@@ -265,6 +271,22 @@ class TrainerConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """The statistics of the final evaluation (val and test after training), not of the
+    per-epoch validation, which stays cheap. Intervals resample patients, not images."""
+
+    bootstrap_resamples: int = 1000  # patient-bootstrap resamples of each interval; 0: none
+    ci_level: float = 0.95  # interval coverage; the keys carry it: balanced_accuracy_ci95
+    seed: int = 0  # the resamples depend on the test patients and this seed only
+    calibration_bins: int = 15  # equal-width confidence bins of ECE, MCE and reliability plots
+    # one temperature fitted on val (NLL), applied to test and reported before/after; saved in
+    # calibration.json and used by predict and exports
+    temperature_scaling: bool = True
+    # how the images of one patient make the patient's diagnosis (metrics.json `patient_level`)
+    patient_fusion: Fusion = Fusion.mean_log_prob
+
+
+@dataclass
 class LoggerConfig:
     kind: LoggerKind = LoggerKind.wandb
     mode: LoggerMode = LoggerMode.offline
@@ -286,6 +308,7 @@ class TrainRunConfig:
     peft: PeftConfig = field(default_factory=PeftConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     experiment_name: str = "default"  # names the run folder and the W&B group
     seed: int = 42  # model init and data order; split seeds are split.seed

@@ -24,7 +24,7 @@ SCALAR_METRICS = (
     "f1_macro",
     "f1_weighted",
     "auroc_macro",
-    "patient_accuracy",
+    "patient_recognition_rate",
 )
 BINARY_METRICS = ("accuracy", "f1", "auroc")
 SCHEDULERS = (
@@ -148,6 +148,12 @@ def _check_trainer(cfg: DictConfig) -> None:
         )
     allowed = monitorable(cfg)
     _check(
+        not str(t.monitor).endswith("patient_accuracy"),
+        "trainer.monitor",
+        f"{t.monitor!r}: Spanhol's per-patient image accuracy is now named "
+        "patient_recognition_rate (val/patient_recognition_rate)",
+    )
+    _check(
         t.monitor in allowed,
         "trainer.monitor",
         f"{t.monitor!r} is not a validation metric this run logs; e.g. {', '.join(allowed[:7])}",
@@ -214,11 +220,27 @@ def _check_peft(cfg: DictConfig) -> None:
         )
 
 
+def _check_evaluate(cfg: DictConfig) -> None:
+    e = cfg.evaluate
+    _check(
+        e.bootstrap_resamples >= 0,
+        "evaluate.bootstrap_resamples",
+        f"must be >= 0 (0 turns intervals off), got {e.bootstrap_resamples}",
+    )
+    _check(0 < e.ci_level < 1, "evaluate.ci_level", f"must be in (0, 1), got {e.ci_level}")
+    _check(
+        e.calibration_bins >= 1,
+        "evaluate.calibration_bins",
+        f"must be >= 1, got {e.calibration_bins}",
+    )
+
+
 CHECKS: tuple[Callable[[DictConfig], None], ...] = (
     _check_data,
     _check_stain,
     _check_split,
     _check_trainer,
+    _check_evaluate,
     _check_model,
     _check_peft,
 )

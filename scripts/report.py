@@ -5,20 +5,26 @@ python scripts/report.py outputs/sweeps/demo/2025-01-01_10-00-00-000000 --plots
 python scripts/report.py outputs/runs/a/1 outputs/runs/b/2 --metrics val/f1_macro test/f1_macro
 python scripts/report.py --by-magnification --group-by magnification --out reports/
 python scripts/report.py outputs/runs/demo/1 --gallery --explanations explanations/  # errors page
+python scripts/report.py outputs/sweeps/demo_cv3       # + mean ± std over folds, pooled, per fold
+python scripts/report.py --compare RUN_A RUN_B         # paired patient bootstrap of A - B
 
 --gallery writes, per run, gallery/<run>/index.html (and gallery.md) beside the report: the test
 images the run got wrong, most confident first, with thumbnails, true and predicted class,
 probabilities, patient and magnification, and the heatmaps of scripts/explain.py's output for
-that run (--explanations, e.g. from `scripts/explain.py RUN --errors --out DIR`).
+that run (--explanations, e.g. from `scripts/explain.py RUN --errors --out DIR`). Metrics with a
+stored interval show as `0.62 [0.48, 0.75]`; runs whose interval of the sort metric overlaps the
+best run's are marked `not separable`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 
+from breakhis_ft.analysis.aggregate import cv_groups, cv_markdown
 from breakhis_ft.analysis.gallery import GALLERY_ROWS, explanation_overlays, write_gallery
 from breakhis_ft.analysis.report import (
     DEFAULT_METRICS,
@@ -86,6 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="scripts/explain.py output folder(s) whose heatmaps the galleries show",
     )
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("RUN_A", "RUN_B"),
+        type=Path,
+        help="compare two runs on the same images: a paired patient bootstrap of A - B",
+    )
+    parser.add_argument("--split", default="test", help="--compare: the split compared")
+    parser.add_argument("--resamples", type=int, default=1000, help="--compare: resamples")
+    parser.add_argument("--seed", type=int, default=0, help="--compare: bootstrap seed")
     return parser
 
 
@@ -103,9 +119,26 @@ def write_galleries(runs: list, out: Path, n: int, explanations: list[str]) -> d
     return pages
 
 
+def compare(args: argparse.Namespace) -> int:
+    """Print the paired comparison of two runs (and write it as JSON beside --out, if given)."""
+    from breakhis_ft.analysis.comparison import compare_runs, comparison_markdown
+
+    if args.resamples < 1:
+        raise ValueError(f"--resamples must be at least 1, got {args.resamples}")
+    result = compare_runs(*args.compare, args.split, args.resamples, args.seed)
+    print(comparison_markdown(result))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "compare.json").write_text(json.dumps(result, indent=2))
+        print(f"wrote: {args.out / 'compare.json'}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Build the report, write it, print the Markdown; 0 on success."""
     args = build_parser().parse_args(argv)
+    if args.compare:
+        return compare(args)
     runs = [load_run(p) for p in find_runs(args.paths)]
     if not runs:
         raise ValueError(
@@ -123,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     galleries = {}
     if args.gallery is not None:
         galleries = write_galleries(runs, out, args.gallery, args.explanations)
-    written = list(write_report(report, out, galleries).values())
+    cv = cv_groups(runs, metrics)
+    written = list(write_report(report, out, galleries, cv).values())
     written += [out / page for page in galleries.values()]
     if args.plots:
         from breakhis_ft.analysis.plots import plot_run, plot_sweep
@@ -132,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             written += plot_run(run, args.plot_split)
         sweep = plot_sweep(runs, report.sort_by, Path(out) / "sweep.png")
         written += [sweep] if sweep else []
-    print(to_markdown(report, galleries))
+    print(to_markdown(report, galleries) + cv_markdown(cv, report.metrics))
     print("wrote:\n  " + "\n  ".join(map(str, written)), file=sys.stderr)
     return 0
 

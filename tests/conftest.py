@@ -48,6 +48,20 @@ def module_cache(tmp_path_factory: pytest.TempPathFactory):
         yield path
 
 
+@pytest.fixture(scope="session")
+def first_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One tiny MedGemma run through the entrypoint, W&B offline: (run folder, cache folder)."""
+    from cli_runs import FAST, run_cli, single_run_dir
+
+    base = tmp_path_factory.mktemp("entry")
+    done = run_cli(
+        ["model=tiny_gemma3", "logger.mode=offline", *FAST, f"paths.output_dir={base / 'a'}"],
+        base / "cache",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return single_run_dir(base / "a"), base / "cache"
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     """One intra-op thread: on a shared 2-core machine more threads only contend (5 s vs 40+ s)."""

@@ -12,26 +12,18 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_runs import FAST, REPO, run_cli
+from cli_runs import read_metrics as _metrics
+from cli_runs import single_run_dir as _single_run_dir
 from hydra import compose, initialize_config_dir
 
 from breakhis_ft.config import register_configs
 from breakhis_ft.errors import ConfigError
 from breakhis_ft.validate import validate_config
 
-REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 SWEEPS = sorted(p.stem for p in (CONF / "hparams_search").glob("*.yaml"))
-# a small, fast run: a few images per patient at a tiny size, a handful of steps
-FAST = [
-    "data.synthetic_fraction=0.03",
-    "data.synthetic_size=[48,32]",
-    "data.image_size=32",
-    "trainer.max_steps=4",
-    "trainer.batch_size=8",
-    "trainer.eval_batch_size=32",
-    "precision=fp32",
-]
 
 
 def compose_train(overrides: list[str]):
@@ -39,24 +31,6 @@ def compose_train(overrides: list[str]):
     register_configs()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("train", overrides=overrides, return_hydra_config=False)
-
-
-def run_cli(args: list[str], cache: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run `python -m breakhis_ft` with a private cache folder."""
-    env = {
-        **os.environ,
-        "BREAKHIS_FT_CACHE": str(cache),
-        "WANDB_SILENT": "true",
-        "HYDRA_FULL_ERROR": "1",
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "breakhis_ft", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -91,6 +65,9 @@ def test_every_sweep_preset_composes(sweep: str) -> None:
         (["data.image_size=0"], "data.image_size"),
         (["trainer.epochs=0"], "trainer.epochs"),
         (["model.kind=siglip"], "model.kind"),
+        (["evaluate.ci_level=1.5"], "evaluate.ci_level"),
+        (["evaluate.bootstrap_resamples=-1"], "evaluate.bootstrap_resamples"),
+        (["trainer.monitor=val/patient_accuracy"], "trainer.monitor"),
     ],
 )
 def test_bad_values_and_combinations_name_the_key(override: list[str], key: str) -> None:
@@ -160,16 +137,6 @@ def test_cli_rejects_bad_overrides_before_loading(args, expected, tmp_path: Path
     assert not (tmp_path / "cache").exists(), "nothing may be built before the config is valid"
 
 
-def _single_run_dir(parent: Path) -> Path:
-    runs = [p.parent.parent for p in parent.rglob(".hydra/config.yaml")]
-    assert len(runs) == 1, runs
-    return runs[0]
-
-
-def _metrics(run_dir: Path) -> dict:
-    return json.loads((run_dir / "metrics.json").read_text())
-
-
 RUN_FILES = (
     "run_info.json",
     "splits.csv",
@@ -181,18 +148,6 @@ RUN_FILES = (
     ".hydra/config.yaml",
     ".hydra/overrides.yaml",
 )
-
-
-@pytest.fixture(scope="module")
-def first_run(tmp_path_factory) -> tuple[Path, Path]:
-    """One tiny MedGemma run with W&B offline: (run folder, cache folder)."""
-    base = tmp_path_factory.mktemp("entry")
-    done = run_cli(
-        ["model=tiny_gemma3", "logger.mode=offline", *FAST, f"paths.output_dir={base / 'a'}"],
-        base / "cache",
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return _single_run_dir(base / "a"), base / "cache"
 
 
 def test_run_folder_is_complete(first_run) -> None:
@@ -210,7 +165,7 @@ def test_run_folder_is_complete(first_run) -> None:
         "f1_macro",
         "f1_weighted",
         "auroc_macro",
-        "patient_accuracy",
+        "patient_recognition_rate",
         "per_class",
         "confusion_matrix",
         "classes",
@@ -238,6 +193,11 @@ def test_same_command_twice_gives_identical_metrics(first_run, tmp_path: Path) -
     second = _single_run_dir(tmp_path)
     assert second != run_dir
     assert _metrics(second) == _metrics(run_dir)
+    # report.py --compare on the two identical runs: a difference of exactly 0, all ties
+    report = [sys.executable, "scripts/report.py", "--compare", str(run_dir), str(second)]
+    done = subprocess.run([*report, "--resamples", "200"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("| +0.000 | [+0.000, +0.000] | 0.0% | 0.0% | 100.0% |") == 2
 
 
 def test_rerun_from_folder_gives_identical_metrics_in_a_new_folder(first_run) -> None:

@@ -8,6 +8,7 @@ parallel subprocesses, through the real entrypoint.
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from breakhis_ft.deploy.predict import (
     predict_to_csv,
     read_export_info,
 )
+from breakhis_ft.evaluate.calibration import read_temperature
 
 RUNS = {
     "medgemma": [
@@ -97,11 +99,18 @@ def batch_of(classifier, folder: Path, image_size: int | None) -> dict:
 # ---- predict ------------------------------------------------------------------------------------
 
 
+def scaled(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(log p / T), computed here independently of the package."""
+    return torch.softmax(torch.log(probs.double()) / temperature, dim=-1).float()
+
+
 @pytest.mark.parametrize("kind", ["medgemma", "probe"])
 def test_predict_folder_matches_run_and_lists_corrupt_image(
     kind: str, runs: dict[str, Path], images: Path, tmp_path: Path
 ) -> None:
-    predictor = load_predictor(run_dir=runs[kind])
+    # the model's own probabilities: exactly the run's evaluation
+    predictor = load_predictor(run_dir=runs[kind], temperature=False)
+    assert predictor.temperature is None
     # A probe's embeddings came from the original files: no resizing before its processor.
     assert predictor.image_size == (None if kind == "probe" else 32)
     paths = find_images([images])
@@ -128,6 +137,16 @@ def test_predict_folder_matches_run_and_lists_corrupt_image(
             assert row["pred"] == expected[name]["pred"]
             compared += 1
     assert compared == N_COPIED
+    # by default scaled by the temperature the run fitted on its validation split
+    temperature = json.loads((runs[kind] / "calibration.json").read_text())["temperature"]
+    calibrated = load_predictor(run_dir=runs[kind])
+    assert calibrated.temperature == pytest.approx(temperature) and temperature != 1.0
+    predict_to_csv(calibrated, paths, tmp_path / "t.csv", batch_size=3, cpu=True, progress=False)
+    for row in read_csv(tmp_path / "t.csv"):
+        name = Path(row["path"]).name
+        if name in expected:
+            want = scaled(probs_of(expected[name], names), temperature)
+            assert torch.allclose(probs_of(row, names), want, atol=TOL), name
 
 
 def test_other_sizes_get_the_training_resize(tmp_path: Path) -> None:
@@ -146,6 +165,24 @@ def test_predict_cli_and_clear_errors(runs: dict[str, Path], images: Path, tmp_p
     assert cli.main([*argv, "--cpu", "--workers", "0", "--no-progress"]) == 0
     rows = read_csv(out)
     assert len(rows) == N_COPIED + 2 and sum(bool(r["error"]) for r in rows) == 1
+    # --patient: the images are one patient's; one fused row, the image rows beside it
+    fused_out = tmp_path / "patient.csv"
+    patient_args = [str(runs["probe"]), str(images / "a"), str(images / "corrupt.png")]
+    patient_args += ["--out", str(fused_out), "--patient", "P7", "--cpu", "--workers", "0"]
+    assert cli.main([*patient_args, "--no-progress"]) == 0
+    (fused,) = read_csv(fused_out)
+    per_image = read_csv(tmp_path / "patient_images.csv")
+    assert [r["path"] for r in per_image] == [r["path"] for r in rows]
+    good = [r for r in per_image if not r["error"]]
+    assert (fused["patient"], fused["fusion"]) == ("P7", "mean_log_prob")
+    assert (int(fused["n_images"]), int(fused["n_unreadable"])) == (len(good), 1)
+    names = load_predictor(run_dir=runs["probe"]).class_names
+    log_mean = torch.stack([probs_of(r, names).double().log() for r in good]).mean(dim=0)
+    assert torch.allclose(probs_of(fused, names).double(), log_mean.softmax(dim=0), atol=1e-6)
+    assert fused["pred"] == names[int(log_mean.argmax())]
+    assert cli.main([*patient_args, "--fusion", "majority_vote", "--no-progress"]) == 0
+    votes = torch.bincount(torch.stack([probs_of(r, names) for r in good]).argmax(1))
+    assert read_csv(fused_out)[0]["pred"] == names[int(votes.argmax())]
     with pytest.raises(PredictError, match="no saved config"):
         load_predictor(run_dir=tmp_path)
     (tmp_path / "empty").mkdir()
@@ -186,12 +223,14 @@ def test_merged_export_loads_with_from_pretrained_and_predicts_like_the_adapter(
         p_merged = merged.predict_proba(batch)
     assert (p_adapter - p_base).abs().max() > 1e-2  # the adapter matters: the check below bites
     assert torch.allclose(p_merged, p_adapter, atol=TOL)
-    # predict.py --model DIR: the same numbers through export_info.json
+    # predict.py --model DIR: the same numbers through export_info.json, with its temperature
+    temperature = json.loads((runs["medgemma"] / "calibration.json").read_text())["temperature"]
+    assert info["temperature"] == temperature
     exported = load_predictor(model_dir=out)
     predict_to_csv(exported, find_images([images]), tmp_path / "m.csv", cpu=True, progress=False)
     readable = [r for r in read_csv(tmp_path / "m.csv") if not r["error"]]
     got = torch.stack([probs_of(r, adapter.class_names) for r in readable])
-    assert torch.allclose(got, p_adapter, atol=TOL)
+    assert torch.allclose(got, scaled(p_adapter, temperature), atol=TOL)
     with pytest.raises(ExportError, match="not empty"):
         export_merged(runs["medgemma"], out)
 
@@ -208,6 +247,7 @@ def test_adapter_only_export_reloads_with_peft(
     ).exists()
     info = read_export_info(out)
     assert info["format"] == "adapter" and info["source_run"] == str(runs["medgemma"].resolve())
+    assert info["temperature"] == read_temperature(out) == read_temperature(runs["medgemma"])
     base = AutoModelForImageTextToText.from_pretrained(info["base_model"], dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(base, out)
     reference = load_predictor(run_dir=runs["medgemma"]).classifier.eval()

@@ -143,7 +143,7 @@ def test_table_shows_differing_overrides_sorted_with_status(sweep: Path) -> None
         "test/balanced_accuracy",
         "test/f1_macro",
         "test/auroc_macro",
-        "test/patient_accuracy",
+        "test/patient_recognition_rate",
     ]
     rows = {r["run"]: r for r in report.rows}
     assert [r["run"] for r in report.rows] == ["job1", "job0", "job2", "job3"]

@@ -9,22 +9,25 @@ import csv
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from breakhis_ft.analysis.aggregate import CVGroup, cv_markdown, format_interval, write_cv_csv
 from breakhis_ft.analysis.gallery import PAIRS_SHOWN, run_confused_pairs
-from breakhis_ft.analysis.runs import Run, metric_value
+from breakhis_ft.analysis.runs import Run, metric_interval, metric_value
+from breakhis_ft.evaluate.compare import separable
 
 DEFAULT_METRICS = (
     "test/balanced_accuracy",
     "test/f1_macro",
     "test/auroc_macro",
-    "test/patient_accuracy",
+    "test/patient_recognition_rate",
 )
 SPLITS = ("train", "val", "test")
 # keys that differ between runs without changing what was trained or measured
 IGNORED_KEYS = ("paths", "resume", "logger", "model.builder", "trainer.optimizer._partial_")
+VS_BEST = "vs best"  # the column saying whether a run's interval overlaps the best run's
 
 
 def normalise_metrics(names: Sequence[str], split: str = "test") -> list[str]:
@@ -110,6 +113,8 @@ class Report:
     best: list[dict[str, Any]]  # one row per group: group, run, status, metrics...
     runs: list[Run]
     root: Path
+    # run name -> metric -> its stored (lo, hi), or None: shown beside the value
+    intervals: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def common_parent(paths: Sequence[Path]) -> Path:
@@ -144,12 +149,13 @@ def build_report(
         raise ValueError(f"--group-by {group_by!r}: no run has this key; try one of {keys}")
     root = common_parent([r.path for r in runs])
     settings = differing_keys(runs, ignore)
-    rows = []
+    rows, intervals = [], {}
     for run in runs:
         name = os.path.relpath(run.path, root) if run.path != root else run.path.name
         row: dict[str, Any] = {"run": name, "status": run.status, "last_step": run.last_step}
         row.update({k: run.value(k) for k in settings})
         row.update({m: metric_value(run, m) for m in metrics})
+        intervals[name] = {m: metric_interval(run, m) for m in metrics}  # beside the value
         row["_group"] = run.value(group_by)
         rows.append(row)
     sign = -1.0 if descending else 1.0
@@ -172,9 +178,36 @@ def build_report(
     for row in rows:
         row.pop("_group")
     columns = ["run", "status", "last_step", *settings, *metrics]
-    return Report(
+    if mark_separability(rows, sort_by, intervals):
+        columns.append(VS_BEST)
+    report = Report(
         columns, rows, metrics, sort_by, descending, group_by, best_rows, list(runs), root
     )
+    report.intervals = intervals
+    return report
+
+
+def mark_separability(
+    rows: list[dict[str, Any]], metric: str, intervals: dict[str, dict[str, Any]]
+) -> bool:
+    """Mark each row `best`, `not separable` (its interval of `metric` overlaps the best run's)
+    or `separable` under VS_BEST; False (nothing marked) when the best run has no interval.
+
+    The best run is the first completed row with a value (rows are sorted). Overlapping
+    intervals of runs on the same test images are a coarse test; `report.py --compare A B`
+    (a paired bootstrap) is the sharper one.
+    """
+    best = next((r for r in rows if _eligible(r, metric)), None)
+    best_ci = intervals.get(best["run"], {}).get(metric) if best else None
+    if best is None or best_ci is None:
+        return False
+    for row in rows:
+        ci = intervals.get(row["run"], {}).get(metric)
+        if row is best:
+            row[VS_BEST] = "best"
+        elif ci is not None:
+            row[VS_BEST] = "separable" if separable(ci, best_ci) else "not separable"
+    return True
 
 
 def _cell(value: Any, markdown: bool, metric: bool = False) -> str:
@@ -190,11 +223,20 @@ def _cell(value: Any, markdown: bool, metric: bool = False) -> str:
 
 
 def _md_table(
-    columns: Sequence[str], rows: Sequence[dict[str, Any]], metrics: Sequence[str]
+    columns: Sequence[str],
+    rows: Sequence[dict[str, Any]],
+    metrics: Sequence[str],
+    intervals: dict[str, dict[str, Any]],
 ) -> list[str]:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        cells = [_cell(row.get(c), True, c in metrics) for c in columns]
+        ci = intervals.get(row.get("run"), {})
+        cells = [
+            format_interval(row[c], ci.get(c))
+            if c in metrics and isinstance(row.get(c), float)
+            else _cell(row.get(c), True, c in metrics)
+            for c in columns
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -218,24 +260,51 @@ def to_markdown(report: Report, galleries: dict[Path, str] | None = None) -> str
     """The report as Markdown: the comparison table, the best run per group, the confused class
     pairs of each run (with a link to its error gallery where `galleries` has one)."""
     order = "highest" if report.descending else "lowest"
+    best_columns = ["group", "run", "status", *report.metrics]
     lines = [
         f"# Runs under {report.root}",
         "",
         f"{len(report.rows)} runs, sorted by {report.sort_by} ({order} first; runs without a "
         "value last). Columns between status and the metrics are the settings that differ.",
         "",
-        *_md_table(report.columns, report.rows, report.metrics),
+        *_md_table(report.columns, report.rows, report.metrics, report.intervals),
         "",
         f"## Best run per {report.group_by} (by {report.sort_by})",
         "",
-        *_md_table(["group", "run", "status", *report.metrics], report.best, report.metrics),
+        *_md_table(best_columns, report.best, report.metrics, report.intervals),
         "",
         *errors_section(report, galleries),
     ]
     return "\n".join(lines)
 
 
-def _write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> None:
+def _with_interval_columns(
+    columns: Sequence[str], rows: Sequence[dict[str, Any]], intervals: dict[str, dict[str, Any]]
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """CSV columns `<metric>_ci_lo` / `_ci_hi` for the metrics that have intervals."""
+
+    def interval(row: dict[str, Any], column: str) -> Any:
+        return intervals.get(row.get("run"), {}).get(column)
+
+    shown = [c for c in columns if any(interval(r, c) for r in rows)]
+    extra = [f"{c}_ci_{end}" for c in shown for end in ("lo", "hi")]
+    out = []
+    for row in rows:
+        row = dict(row)
+        for c in shown:
+            ci = interval(row, c) or (None, None)
+            row[f"{c}_ci_lo"], row[f"{c}_ci_hi"] = ci
+        out.append(row)
+    return [*columns, *extra], out
+
+
+def _write_csv(
+    path: Path,
+    columns: Sequence[str],
+    rows: Sequence[dict[str, Any]],
+    intervals: dict[str, dict[str, Any]],
+) -> None:
+    columns, rows = _with_interval_columns(columns, rows, intervals)
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
@@ -243,9 +312,13 @@ def _write_csv(path: Path, columns: Sequence[str], rows: Sequence[dict[str, Any]
 
 
 def write_report(
-    report: Report, out_dir: str | Path, galleries: dict[Path, str] | None = None
+    report: Report,
+    out_dir: str | Path,
+    galleries: dict[Path, str] | None = None,
+    cv: Sequence[CVGroup] = (),
 ) -> dict[str, Path]:
-    """Write report.md, report.csv and report_best.csv into out_dir; return their paths."""
+    """Write report.md, report.csv and report_best.csv (and report_cv.csv for cross-validated
+    groups) into out_dir; return their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {
@@ -253,7 +326,11 @@ def write_report(
         "csv": out / "report.csv",
         "best_csv": out / "report_best.csv",
     }
-    paths["markdown"].write_text(to_markdown(report, galleries))
-    _write_csv(paths["csv"], report.columns, report.rows)
-    _write_csv(paths["best_csv"], ["group", "run", "status", *report.metrics], report.best)
+    paths["markdown"].write_text(to_markdown(report, galleries) + cv_markdown(cv, report.metrics))
+    _write_csv(paths["csv"], report.columns, report.rows, report.intervals)
+    best_columns = ["group", "run", "status", *report.metrics]
+    _write_csv(paths["best_csv"], best_columns, report.best, report.intervals)
+    if cv:
+        paths["cv_csv"] = out / "report_cv.csv"
+        write_cv_csv(paths["cv_csv"], cv, report.metrics)
     return paths

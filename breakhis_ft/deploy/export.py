@@ -35,6 +35,7 @@ from breakhis_ft.deploy.loading import (
     load_run_config,
     preprocess_size,
 )
+from breakhis_ft.evaluate.calibration import read_temperature
 from breakhis_ft.models.base import Classifier
 from breakhis_ft.models.precision import DTYPES
 
@@ -88,6 +89,8 @@ def export_info(
         "peft": OmegaConf.to_container(cfg.peft, resolve=True),
         "source_run": str(Path(run_dir).resolve()),
         "best": {k: best_info.get(k) for k in ("step", "monitor", "value")},
+        # fitted on the run's validation split; predict divides log-probabilities by it
+        "temperature": read_temperature(run_dir),
         "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "config": config,
     }

@@ -7,7 +7,10 @@ it used one (`stain_normalizer.json` in the run or export folder; data.stain_nor
 longest side is `data.image_size` (as the image cache does), then the model's own processor. A
 SigLIP linear probe trained on embeddings of the original files, so its images are not resized
 first, and its embeddings of new images are computed with the encoder here. Unreadable images
-become rows with an `error` and no prediction.
+become rows with an `error` and no prediction. The probabilities are temperature-scaled with the
+temperature the run fitted on its validation split (`calibration.json`; `export_info.json` of an
+export) unless that is turned off, and the images of one patient can be fused into one diagnosis
+(`predict_patient`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
@@ -35,6 +39,8 @@ from breakhis_ft.deploy.loading import (
     preprocess_size,
     read_export_info,
 )
+from breakhis_ft.evaluate.calibration import apply_temperature, read_temperature
+from breakhis_ft.evaluate.fusion import fuse_by_patient
 from breakhis_ft.models.base import Classifier
 
 log = logging.getLogger(__name__)
@@ -51,6 +57,8 @@ class Predictor:
     source: str  # the run folder or exported model it came from
     precision: str = "fp32"  # bf16 | fp16 | fp32: accelerate's mixed precision while predicting
     stain: StainNormalizer | None = None  # the run's stain normaliser (data.stain_norm)
+    temperature: float | None = None  # probabilities are softmax(log p / T); None: as the model
+    fusion: str = "mean_log_prob"  # how predict_patient fuses images (the run's setting)
 
     def prepare(self, image: Image.Image) -> Image.Image:
         """An RGB image preprocessed as in training: stain-normalised, then resized."""
@@ -98,11 +106,13 @@ def load_predictor(
     model_dir: str | Path | None = None,
     overrides: Sequence[str] = (),
     precision: str | None = None,
+    temperature: bool = True,
 ) -> Predictor:
     """A Predictor from a run folder, or from an exported model folder (`export.py`).
 
     `overrides` (`key=value`) change the run's saved config, e.g. `model.name_or_path=/local/copy`;
-    `precision` (bf16 | fp32 | fp16) replaces the run's precision.
+    `precision` (bf16 | fp32 | fp16) replaces the run's precision; `temperature=False` keeps the
+    model's own probabilities instead of the temperature-scaled ones.
     """
     if (run_dir is None) == (model_dir is None):
         raise PredictError("give either a run folder or an exported model folder (--model)")
@@ -111,18 +121,23 @@ def load_predictor(
         info = read_export_info(Path(model_dir))
         classifier, cfg = load_exported_classifier(Path(model_dir), info, overrides)
         size = info.get("image_size")
-        return Predictor(
-            classifier,
-            None if size is None else int(size),
-            str(model_dir),
-            cfg.precision.name,
-            run_stain(Path(model_dir), cfg),
-        )
-    cfg = load_run_config(run_dir, overrides)
-    classifier = classifier_from_run(cfg, run_dir)
-    size = preprocess_size(cfg, classifier)
-    stain = run_stain(Path(run_dir), cfg)
-    return Predictor(classifier, size, str(run_dir), str(cfg.precision.name), stain)
+        fitted = info.get("temperature")
+        size = None if size is None else int(size)
+        source = str(model_dir)
+    else:
+        cfg = load_run_config(run_dir, overrides)
+        classifier = classifier_from_run(cfg, run_dir)
+        fitted = read_temperature(run_dir)  # calibration.json: fitted on the run's val split
+        size, source = preprocess_size(cfg, classifier), str(run_dir)
+    return Predictor(
+        classifier,
+        size,
+        source,
+        str(cfg.precision.name),
+        stain=run_stain(Path(source), cfg),
+        temperature=float(fitted) if temperature and fitted is not None else None,
+        fusion=str(cfg.evaluate.patient_fusion),
+    )
 
 
 def resolve_source(
@@ -206,6 +221,13 @@ def _batch(predictor: Predictor, items: list[dict[str, Any]]) -> dict[str, Any]:
     return predictor.classifier.collate(examples, train=False)
 
 
+def _scaled(probs: np.ndarray, temperature: float | None) -> list[list[float]]:
+    """Rows of probabilities, temperature-scaled when a temperature is given."""
+    if temperature is None:
+        return probs.tolist()
+    return apply_temperature(probs, temperature).tolist()
+
+
 @torch.no_grad()
 def predict_files(
     predictor: Predictor,
@@ -245,7 +267,7 @@ def predict_files(
                 if good:
                     with accelerator.autocast():
                         out = classifier.predict_proba(_batch(predictor, good))
-                    rows = out.float().cpu().tolist()
+                    rows = _scaled(out.float().cpu().numpy(), predictor.temperature)
                     probs = {it["index"]: row for it, row in zip(good, rows, strict=True)}
                 for it in items:
                     row: dict[str, Any] = {"path": it["path"], "pred": "", "error": it["error"]}
@@ -297,3 +319,57 @@ def predict_to_csv(
     if failed:
         log.warning("%d of %d images could not be read (see the error column)", failed, len(paths))
     return done, failed
+
+
+def fuse_rows(
+    rows: Sequence[dict[str, Any]], class_names: Sequence[str], method: str, patient: str
+) -> dict[str, Any]:
+    """One row for a patient from its images' rows: pred, prob_<class> (fused), counts."""
+    good = [r for r in rows if not r.get("error")]
+    row: dict[str, Any] = {
+        "patient": patient,
+        "n_images": len(good),
+        "n_unreadable": len(rows) - len(good),
+        "fusion": method,
+        "pred": "",
+    }
+    if good:
+        probs = np.array([[float(r[f"prob_{c}"]) for c in class_names] for r in good])
+        _, fused = fuse_by_patient(probs, [patient] * len(good), method)  # type: ignore[arg-type]
+        row["pred"] = class_names[int(fused[0].argmax())]
+        row.update({f"prob_{c}": float(v) for c, v in zip(class_names, fused[0], strict=True)})
+    return row
+
+
+def predict_patient(
+    predictor: Predictor,
+    paths: Sequence[Path],
+    out: str | Path,
+    patient: str,
+    method: str | None = None,
+    **predict_kw: Any,
+) -> dict[str, Any]:
+    """Classify one patient's images and write ONE fused row to `out` (the per-image rows go to
+    `<out>_images.csv` beside it); `method` defaults to the run's `evaluate.patient_fusion`."""
+    out = Path(out)
+    method = method or predictor.fusion
+    images_out = out.with_name(f"{out.stem}_images{out.suffix or '.csv'}")
+    kept: list[dict[str, Any]] = []
+
+    def keep(rows: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for row in rows:
+            kept.append(row)
+            yield row
+
+    rows = keep(predict_files(predictor, paths, **predict_kw))
+    write_predictions_csv(rows, predictor.class_names, images_out)
+    fused = fuse_rows(kept, predictor.class_names, method, patient)
+    if not fused["n_images"]:
+        raise PredictError(f"none of the {len(paths)} images of {patient} could be read")
+    columns = ["patient", "n_images", "n_unreadable", "fusion", "pred"]
+    columns += [f"prob_{c}" for c in predictor.class_names]
+    with out.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerow(fused)
+    return fused

@@ -121,7 +121,12 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str | Path, title: str)
         ("loss", ["train/loss", "val/loss"]),
         (
             "validation",
-            ["val/balanced_accuracy", "val/f1_macro", "val/auroc_macro", "val/patient_accuracy"],
+            [
+                "val/balanced_accuracy",
+                "val/f1_macro",
+                "val/auroc_macro",
+                "val/patient_recognition_rate",
+            ],
         ),
         ("learning rate", ["train/lr"]),
     ]

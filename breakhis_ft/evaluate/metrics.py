@@ -77,14 +77,20 @@ def _binary(
     pred = flags[preds].long()
     prob_malignant = probs[:, flags].sum(dim=1).clamp(0.0, 1.0)
     both = 0 < int(target.sum()) < len(target)
+    recall = multiclass_recall(pred, target, num_classes=2, average="none")
+    present = torch.bincount(target, minlength=2) > 0
     return {
         "accuracy": _num((pred == target).float().mean()),
+        # mean of the benign and malignant recalls (of the types present, as balanced_accuracy)
+        "balanced_accuracy": _num(recall[present].mean()),
         "f1": _num(binary_f1_score(pred, target)),
         "auroc": _num(binary_auroc(prob_malignant, target)) if both else None,
+        "confusion_matrix": multiclass_confusion_matrix(pred, target, num_classes=2).tolist(),
+        "classes": ["benign", "malignant"],
     }
 
 
-def _patient_accuracy(correct: torch.Tensor, patients: Sequence[str]) -> float:
+def _recognition_rate(correct: torch.Tensor, patients: Sequence[str]) -> float:
     """Spanhol et al.'s patient-level recognition rate: mean over patients of their accuracy."""
     groups: dict[str, list[int]] = {}
     for i, patient in enumerate(patients):
@@ -134,8 +140,8 @@ def compute_metrics(
         "f1_weighted": _num(multiclass_f1_score(preds, labels, average="weighted", **kw)),
         "auroc_macro": auroc,
         "auroc_undefined_classes": [class_names[i] for i in undefined],
-        "patient_accuracy": (
-            _patient_accuracy(preds == labels, patients) if patients is not None else None
+        "patient_recognition_rate": (
+            _recognition_rate(preds == labels, patients) if patients is not None else None
         ),
         "per_class": {
             name: {
@@ -179,15 +185,16 @@ def dataset_metrics(
     class_names: Sequence[str],
 ) -> dict[str, Any]:
     """Metrics of a predicted split; patients and magnifications from `dataset.records`."""
-    records = [dataset.records[i] for i in indices.tolist()]
+    patients, magnifications = record_metadata(indices, dataset)
     return compute_metrics(
-        probs,
-        labels,
-        class_names,
-        [r.patient for r in records],
-        [int(r.magnification) for r in records],
-        malignant_flags(class_names),
+        probs, labels, class_names, patients, magnifications, malignant_flags(class_names)
     )
+
+
+def record_metadata(indices: torch.Tensor, dataset: Any) -> tuple[list[str], list[int]]:
+    """The patient and magnification of each predicted example, from `dataset.records`."""
+    records = [dataset.records[i] for i in indices.tolist()]
+    return [r.patient for r in records], [int(r.magnification) for r in records]
 
 
 def _field(row: Any, key: str) -> Any:

@@ -22,6 +22,7 @@ from accelerate import Accelerator
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from breakhis_ft.config import EvaluateConfig, Fusion
 from breakhis_ft.data.breakhis import BreakhisScan, load_image
 from breakhis_ft.data.dataset import ImageDataset, build_image_cache, cache_info, labels_for
 from breakhis_ft.data.records import ImageRecord, Task
@@ -33,6 +34,7 @@ from breakhis_ft.data.stain import (
 )
 from breakhis_ft.engine.recipe import MetricsFn, OptimizerFactory
 from breakhis_ft.errors import ConfigError
+from breakhis_ft.evaluate.final import dataset_final_metrics
 from breakhis_ft.evaluate.metrics import dataset_metrics
 from breakhis_ft.models.base import Classifier
 from breakhis_ft.models.factory import build_classifier
@@ -48,9 +50,19 @@ class RunSetup:
     precision: Precision
     accelerator: Accelerator
     optimizer_factory: OptimizerFactory
-    metrics_fn: MetricsFn
+    metrics_fn: MetricsFn  # every validation during training: cheap
     class_names: tuple[str, ...]
+    final_metrics_fn: MetricsFn  # the final evaluation: + intervals, calibration, patient level
+    evaluate: EvaluateConfig  # the final evaluation's statistics settings
     stain: StainNormalizer | None = None  # data.stain_norm fitted (make_stain_normalizer)
+
+
+def evaluate_settings(cfg: DictConfig) -> EvaluateConfig:
+    """The `evaluate` group as its schema dataclass (the fusion method as its Enum)."""
+    values = OmegaConf.to_container(cfg.evaluate, resolve=True)
+    settings = EvaluateConfig(**values)  # type: ignore[arg-type]
+    settings.patient_fusion = Fusion(settings.patient_fusion)
+    return settings
 
 
 def make_run_setup(cfg: DictConfig) -> RunSetup:
@@ -63,12 +75,17 @@ def make_run_setup(cfg: DictConfig) -> RunSetup:
         cpu=cfg.trainer.cpu,
     )
     names = tuple(cfg.task.classes)
+    settings = evaluate_settings(cfg)
     return RunSetup(
         precision=precision,
         accelerator=accelerator,
         optimizer_factory=instantiate(cfg.trainer.optimizer),
         metrics_fn=functools.partial(dataset_metrics, class_names=names),
         class_names=names,
+        final_metrics_fn=functools.partial(
+            dataset_final_metrics, class_names=names, settings=settings
+        ),
+        evaluate=settings,
     )
 
 

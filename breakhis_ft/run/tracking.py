@@ -128,6 +128,10 @@ class RunTracker:
             if split in predictions:
                 self._log_split_tables(split, split_metrics, *predictions[split])
 
+    def log_summary(self, values: dict[str, float]) -> None:
+        """Put values into the W&B run's summary (the final statistics); nothing without W&B."""
+        self._safe_wandb(lambda run: run.summary.update(_json_safe(values)))
+
     def log_plots(self, metrics: dict[str, dict]) -> None:
         """With W&B on: plot the finished run (confusion matrix, per-class F1, curves) into its
         folder and log the PNGs; matplotlib is the optional `plots` extra."""
@@ -137,6 +141,7 @@ class RunTracker:
             from breakhis_ft.evaluate.figures import plot_run_figures
 
             paths = plot_run_figures(self.run_dir, metrics, self._history)
+            paths += sorted(self.run_dir.glob("reliability_*.png"))  # written by the run
         except ImportError as err:
             log.warning("no plots for W&B (%s); pip install -e '.[plots]'", err)
             return

@@ -18,8 +18,10 @@ from breakhis_ft.data.dataset import ImageDataset
 from breakhis_ft.data.records import ImageRecord
 from breakhis_ft.engine.predict import predict
 from breakhis_ft.engine.recipe import TrainingRecipe
+from breakhis_ft.evaluate.final import summary_scalars
 from breakhis_ft.evaluate.metrics import write_predictions
 from breakhis_ft.models.base import Classifier
+from breakhis_ft.run.calibrate import calibrate_run
 from breakhis_ft.run.setup import (
     RunSetup,
     make_classifier,
@@ -51,7 +53,8 @@ def evaluate_splits(
     run_dir: Path,
     recipe: TrainingRecipe | None = None,
 ) -> tuple[dict[str, dict], dict[str, tuple]]:
-    """Metrics of val and test; writes predictions_<split>.csv on the main process."""
+    """Final metrics of val and test (with intervals, calibration, patient level); writes
+    predictions_<split>.csv on the main process."""
     acc, names = setup.accelerator, list(setup.class_names)
     metrics: dict[str, dict] = {}
     predictions: dict[str, tuple] = {}
@@ -63,7 +66,7 @@ def evaluate_splits(
             probs, labels, indices = recipe.predict(dataset, batch_size)
         else:
             probs, labels, indices = predict(classifier, dataset, acc, batch_size)
-        metrics[split] = setup.metrics_fn(probs, labels, indices, dataset)
+        metrics[split] = setup.final_metrics_fn(probs, labels, indices, dataset)
         preds = probs.argmax(dim=1)
         predictions[split] = (labels.tolist(), preds.tolist())
         if acc.is_main_process:
@@ -71,6 +74,17 @@ def evaluate_splits(
             rows = [{**r.as_dict(), "label": int(y)} for r, y in zip(records, labels, strict=True)]
             write_predictions(run_dir / f"predictions_{split}.csv", rows, probs, preds, names)
     return metrics, predictions
+
+
+def _final_statistics(
+    metrics: dict[str, dict], run_dir: Path, setup: RunSetup, tracker: RunTracker
+) -> None:
+    """Temperature scaling and reliability diagrams (main process), and the statistics summary
+    (intervals, calibration, patient level) for the dashboard."""
+    if not setup.accelerator.is_main_process:
+        return
+    calibrate_run(metrics, run_dir, setup.evaluate)
+    tracker.log_summary(summary_scalars(metrics))
 
 
 def _train(
@@ -128,6 +142,7 @@ def train_and_evaluate(
         if cfg.test:
             batch = cfg.trainer.eval_batch_size
             metrics, predictions = evaluate_splits(classifier, data, setup, batch, run_dir, recipe)
+            _final_statistics(metrics, run_dir, setup, tracker)
             tracker.log_final(metrics, predictions)
             tracker.log_errors(run_dir / "predictions_test.csv", scan.root)
             tracker.log_plots(metrics)
