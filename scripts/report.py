@@ -4,6 +4,9 @@ python scripts/report.py                          # every run under outputs/
 python scripts/report.py outputs/sweeps/demo/2025-01-01_10-00-00-000000 --plots
 python scripts/report.py outputs/runs/a/1 outputs/runs/b/2 --metrics val/f1_macro test/f1_macro
 python scripts/report.py --by-magnification --group-by magnification --out reports/
+
+Runs are ranked, and the best run per group picked, by each run's optimized_metric (validation);
+test metrics are shown beside it, never used to select.
 """
 
 from __future__ import annotations
@@ -43,7 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="add each metric per magnification (test/by_magnification/40/...)",
     )
-    parser.add_argument("--sort-by", help="metric that orders the table (default: the first)")
+    parser.add_argument(
+        "--sort-by",
+        help="validation metric that ranks the runs and picks each group's best (a bare name "
+        "means val/name; default: each run's optimized_metric). Never a test metric",
+    )
     parser.add_argument("--ascending", action="store_true", help="lowest first (for losses)")
     parser.add_argument(
         "--group-by",
@@ -76,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = normalise_metrics(args.metrics)
     if args.by_magnification:
         metrics = by_magnification(runs, metrics)
-    sort_by = normalise_metrics([args.sort_by])[0] if args.sort_by else None
+    sort_by = normalise_metrics([args.sort_by], split="val")[0] if args.sort_by else None
     report = build_report(
         runs, metrics, sort_by=sort_by, descending=not args.ascending, group_by=args.group_by
     )
