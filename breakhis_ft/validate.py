@@ -119,6 +119,14 @@ def _check_trainer(cfg: DictConfig) -> None:
             f"epochs={t.epochs}, max_steps={t.max_steps} train nothing; set trainer.epochs>0 "
             "(or trainer.max_steps>0), or train=false to only evaluate",
         )
+    target = str(t.optimizer.get("_target_", ""))
+    _check(
+        not target.startswith("bitsandbytes.")
+        or importlib.util.find_spec("bitsandbytes") is not None,
+        "trainer.optimizer",
+        f"{target} needs bitsandbytes: pip install 'breakhis-ft[quant]' "
+        "(or trainer/optimizer=adamw)",
+    )
     allowed = monitorable(cfg)
     _check(
         t.monitor in allowed,

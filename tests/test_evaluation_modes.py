@@ -135,3 +135,11 @@ def test_notebook_and_eva_presets_compose_with_their_settings() -> None:
     assert (eva.trainer.lr, eva.trainer.batch_size, eva.trainer.max_steps) == (3e-4, 256, 12500)
     assert (eva.trainer.early_stopping_patience, eva.trainer.eval_every_steps) == (500, 0)
     assert eva.model.resize == "shorter_side_crop" and eva.trainer.weight_decay == 0.01
+
+
+def test_8bit_optimizer_without_bitsandbytes_names_the_extra(monkeypatch) -> None:
+    cfg = compose_train(["trainer/optimizer=paged_adamw_8bit"])
+    validate_config(cfg)  # bitsandbytes is a dev dependency: present here
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match=r"trainer.optimizer: .*breakhis-ft\[quant\]"):
+        validate_config(cfg)
