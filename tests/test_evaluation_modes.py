@@ -143,3 +143,35 @@ def test_8bit_optimizer_without_bitsandbytes_names_the_extra(monkeypatch) -> Non
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     with pytest.raises(ConfigError, match=r"trainer.optimizer: .*breakhis-ft\[quant\]"):
         validate_config(cfg)
+
+
+def test_generation_bypasses_the_feature_cache_and_matches_plain_answers(
+    tmp_path_factory, tmp_path
+) -> None:
+    """A run that scores from cached vision features still generates from the images."""
+    import numpy as np
+    from accelerate import Accelerator
+    from medgemma_toy import class_image
+    from test_vision_cache import N_IMAGES, NO_AUGMENT, dataset, run_cfg
+
+    from breakhis_ft.evaluate.generation import generate_split
+    from breakhis_ft.models.vision_cache import configure_feature_cache
+
+    tiny = tiny_path(tmp_path_factory)
+    rng = np.random.default_rng(0)
+    for i in range(N_IMAGES):
+        class_image(i % 4, rng, size=40).save(tmp_path / f"img{i}.png")
+    plain, cached = classifier(tiny), classifier(tiny)
+    cfg = run_cfg(
+        tmp_path / "features", tiny, **{f"data.augment.{k}": v for k, v in NO_AUGMENT.items()}
+    )
+    assert configure_feature_cache(cached, cfg)
+    no_images = dataset(tmp_path, with_images=False)
+    cached.prepare_cached_inputs([no_images], tmp_path)
+    store = cached.feature_store
+    acc = Accelerator(cpu=True)
+    got = generate_split(cached, no_images, acc, batch_size=4)
+    want = generate_split(plain, dataset(tmp_path, with_images=True), acc, batch_size=4)
+    assert cached.feature_store is store and not cached.needs_images  # restored
+    assert got.answers == want.answers and len(got.answers) == N_IMAGES
+    assert torch.equal(got.preds, want.preds) and got.labels.tolist() == [0, 1, 2, 3, 0, 1]

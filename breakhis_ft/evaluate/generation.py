@@ -11,7 +11,6 @@ unparseable answer as the wrong type.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,12 +18,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.data_loader import prepare_data_loader
 from peft import PeftModel
 from torch import nn
 from torchmetrics.functional.classification import binary_f1_score
 
-from breakhis_ft.engine.predict import make_loader
+from breakhis_ft.engine.predict import eval_loader, on_device
 from breakhis_ft.evaluate.metrics import compute_metrics, malignant_flags
 
 UNPARSEABLE = "unparseable"  # the extra class of an answer that names none
@@ -70,15 +68,8 @@ def generate_split(
     """Greedy answers to every image of `dataset`, parsed; each process answers its shard and
     every process gets all of them, sorted by index. Cached vision features are bypassed."""
     store, classifier.feature_store = classifier.feature_store, None  # generation needs pixels
-    loader = prepare_data_loader(
-        make_loader(
-            image_view(dataset), functools.partial(classifier.collate, train=False), batch_size
-        ),
-        device=accelerator.device,
-        num_processes=accelerator.num_processes,
-        process_index=accelerator.process_index,
-        put_on_device=True,
-    )
+    on_device(classifier, accelerator)
+    loader = eval_loader(classifier, image_view(dataset), accelerator, batch_size)
     was_training = classifier.training
     classifier.eval()
     rows: dict[int, tuple[int, str]] = {}

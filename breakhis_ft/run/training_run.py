@@ -64,7 +64,9 @@ class SplitResult:
     extra: dict[str, list[str]] = field(default_factory=dict)  # more CSV columns
 
 
-def _generated(result: SplitResult | None, answers: GeneratedAnswers, metrics: dict, names: list):
+def _generated(
+    result: SplitResult | None, answers: GeneratedAnswers, metrics: dict, names: list[str]
+) -> SplitResult:
     """Add generation to a scored split (eval_mode=both), or make it the split's result."""
     parsed = [names[i] if i >= 0 else UNPARSEABLE for i in answers.preds.tolist()]
     if result is None:  # eval_mode=generate
