@@ -29,6 +29,9 @@ class OnBadFile(StrEnum):
 class DuplicateKeep(StrEnum):
     ductal_carcinoma = "ductal_carcinoma"
     lobular_carcinoma = "lobular_carcinoma"
+    # both copies, as the blog notebook kept them: Folds.csv fold 1 then puts identical images in
+    # train and test under different labels (the count is in data_stats.json)
+    both = "both"
 
 
 class StainNorm(StrEnum):
@@ -71,13 +74,32 @@ class LossOn(StrEnum):
 
 
 class Resize(StrEnum):
-    pad = "pad"
-    stretch = "stretch"
+    pad = "pad"  # pad to a centred square with the processor's mean colour
+    stretch = "stretch"  # the processor resizes to its square, aspect not kept
+    shorter_side_crop = "shorter_side_crop"  # eva: shorter side to the input size, centre crop
 
 
 class PromptStyle(StrEnum):
     numbered = "numbered"
     letters = "letters"
+
+
+class ClassWording(StrEnum):
+    plain = "plain"  # `0: ductal carcinoma`
+    blog = "blog"  # the blog notebook's `4: malignant_ductal_carcinoma` (folder names + type)
+
+
+class AnswerParser(StrEnum):
+    # the option key (a number or letter) first in the answer, else exactly one class named in words
+    key_or_name = "key_or_name"
+    # the blog notebook's `re.search(r"\b([0-7])\b", answer)`, nothing else (numbered style only)
+    blog_regex = "blog_regex"
+
+
+class EvalMode(StrEnum):
+    score = "score"  # the likelihood of each class's answer: probabilities, one forward pass
+    generate = "generate"  # greedy generation, the answer parsed; unparseable counts as wrong
+    both = "both"  # scoring is the run's metrics; generation's beside them, with the agreement
 
 
 class PeftMethod(StrEnum):
@@ -95,6 +117,16 @@ class PrecisionName(StrEnum):
 class MonitorMode(StrEnum):
     max = "max"
     min = "min"
+
+
+class EvalSplit(StrEnum):
+    val = "val"
+    test = "test"  # the blog notebook's; only to log it: never selects (validate.py)
+
+
+class Select(StrEnum):
+    best = "best"  # the best evaluation by trainer.monitor on validation
+    last = "last"  # the final model
 
 
 class ClassWeighting(StrEnum):
@@ -198,6 +230,8 @@ class TaskConfig:
 @dataclass
 class PromptConfig:
     style: PromptStyle = PromptStyle.numbered  # numbered (blog: 0-7) | letters (Google: A-H)
+    class_names: ClassWording = ClassWording.plain  # how the options name the classes
+    parse: AnswerParser = AnswerParser.key_or_name  # how a generated answer maps to a class
     instruction: str = "Analyze this breast tissue histopathology image and classify it."
     system: str | None = None
 
@@ -215,7 +249,7 @@ class ModelConfig:
     cache_vision_features: Any = "auto"
     freeze_vision: bool = True  # keep vision tower + projector frozen (unless LoRA targets them)
     freeze_encoder: bool = False  # siglip: frozen encoder + linear head (linear probe)
-    resize: Resize = Resize.pad  # siglip: pad (to square) | stretch
+    resize: Resize = Resize.pad  # siglip: pad (to square) | stretch | shorter_side_crop (eva's)
     # siglip: classify by image-text similarity to class-name prompts (needs the text tower), no
     # training; run with train=false
     zero_shot: bool = False
@@ -223,7 +257,13 @@ class ModelConfig:
         default_factory=lambda: ["H&E histopathology image of breast {}"]
     )
     prompt: PromptConfig = field(default_factory=PromptConfig)
-    max_new_tokens: int = 40  # medgemma generation path (greedy, answer parsed); the blog used 40
+    # medgemma: how the run's final evaluation classifies (generate/both: raw answers in
+    # predictions_<split>.csv, parse failures in metrics.json)
+    eval_mode: EvalMode = EvalMode.score
+    max_new_tokens: int = 40  # generation's limit (greedy, answer parsed); the blog used 40
+    # medgemma + LoRA: merge the adapter into the weights before the final evaluation (the blog's
+    # merge_and_unload); the saved adapter is unchanged
+    merge_for_eval: bool = False
 
 
 @dataclass
@@ -261,6 +301,9 @@ class TrainerConfig:
     checkpoint_every_steps: int = 0  # 0: checkpoint at the end of each epoch (Ctrl-C also saves)
     keep_checkpoints: int = 2  # older resume checkpoints are pruned; the best one is kept apart
     early_stopping_patience: int = 0  # evaluations without improvement; 0 turns it off
+    # the split evaluated during training: val, or test only to log it (with select=last)
+    eval_split: EvalSplit = EvalSplit.val
+    select: Select = Select.best  # the model of the final evaluation: best on val | the last one
     monitor: str = "val/balanced_accuracy"  # picks the best checkpoint, used for the test split
     monitor_mode: MonitorMode = MonitorMode.max
     class_weighting: ClassWeighting = ClassWeighting.none  # loss weights

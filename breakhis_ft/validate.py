@@ -146,6 +146,14 @@ def _check_trainer(cfg: DictConfig) -> None:
             f"epochs={t.epochs}, max_steps={t.max_steps} train nothing; set trainer.epochs>0 "
             "(or trainer.max_steps>0), or train=false to only evaluate",
         )
+    target = str(t.optimizer.get("_target_", ""))
+    _check(
+        not target.startswith("bitsandbytes.")
+        or importlib.util.find_spec("bitsandbytes") is not None,
+        "trainer.optimizer",
+        f"{target} needs bitsandbytes: pip install 'breakhis-ft[quant]' "
+        "(or trainer/optimizer=adamw)",
+    )
     allowed = monitorable(cfg)
     _check(
         not str(t.monitor).endswith("patient_accuracy"),
@@ -235,6 +243,50 @@ def _check_evaluate(cfg: DictConfig) -> None:
     )
 
 
+def _check_evaluation(cfg: DictConfig) -> None:
+    """No selection ever looks at test; generation and merging are MedGemma + LoRA options."""
+    t, m = cfg.trainer, cfg.model
+    _check(
+        not str(cfg.optimized_metric).startswith("test/"),
+        "optimized_metric",
+        f"{cfg.optimized_metric!r} is a test metric; no selection ever looks at test: name a "
+        "validation metric (val/...)",
+    )
+    if t.eval_split == "test":
+        _check(
+            t.select == "last" and t.early_stopping_patience == 0,
+            "trainer.eval_split",
+            "test is evaluated during training only to log it, as the blog notebook did; no "
+            "selection ever looks at test: set trainer.select=last and "
+            "trainer.early_stopping_patience=0 (or trainer.eval_split=val)",
+        )
+    kind = str(m.kind)
+    _check(
+        m.eval_mode == "score" or kind == "medgemma",
+        "model.eval_mode",
+        f"{m.eval_mode} generates answers, a MedGemma model's (model=medgemma_4b_it | "
+        "tiny_gemma3); a SigLIP classifier is evaluated by its scores (model.eval_mode=score)",
+    )
+    _check(m.max_new_tokens >= 1, "model.max_new_tokens", f"must be >= 1, got {m.max_new_tokens}")
+    if m.merge_for_eval:
+        _check(
+            kind == "medgemma" and cfg.peft.method == "lora",
+            "model.merge_for_eval",
+            "merges a LoRA adapter into MedGemma's weights: needs peft=lora (4-bit qlora weights "
+            "would be re-quantized); set model.merge_for_eval=false",
+        )
+    _check(
+        m.prompt.parse != "blog_regex" or m.prompt.style == "numbered",
+        "model.prompt.parse",
+        "blog_regex reads the answer's digit: it needs model.prompt.style=numbered",
+    )
+    _check(
+        m.resize == "pad" or kind == "siglip",
+        "model.resize",
+        f"{m.resize} is a SigLIP preprocessing; a MedGemma processor resizes its images itself",
+    )
+
+
 CHECKS: tuple[Callable[[DictConfig], None], ...] = (
     _check_data,
     _check_stain,
@@ -243,6 +295,7 @@ CHECKS: tuple[Callable[[DictConfig], None], ...] = (
     _check_evaluate,
     _check_model,
     _check_peft,
+    _check_evaluation,
 )
 
 

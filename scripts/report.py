@@ -8,12 +8,14 @@ python scripts/report.py outputs/runs/demo/1 --gallery --explanations explanatio
 python scripts/report.py outputs/sweeps/demo_cv3       # + mean ± std over folds, pooled, per fold
 python scripts/report.py --compare RUN_A RUN_B         # paired patient bootstrap of A - B
 
---gallery writes, per run, gallery/<run>/index.html (and gallery.md) beside the report: the test
-images the run got wrong, most confident first, with thumbnails, true and predicted class,
-probabilities, patient and magnification, and the heatmaps of scripts/explain.py's output for
-that run (--explanations, e.g. from `scripts/explain.py RUN --errors --out DIR`). Metrics with a
-stored interval show as `0.62 [0.48, 0.75]`; runs whose interval of the sort metric overlaps the
-best run's are marked `not separable`.
+Runs are ranked, and the best run per group picked, by each run's optimized_metric (validation);
+test metrics are shown beside it, never used to select. --gallery writes, per run,
+gallery/<run>/index.html (and gallery.md) beside the report: the test images the run got wrong,
+most confident first, with thumbnails, true and predicted class, probabilities, patient and
+magnification, and the heatmaps of scripts/explain.py's output for that run (--explanations, e.g.
+from `scripts/explain.py RUN --errors --out DIR`). Metrics with a stored interval show as
+`0.62 [0.48, 0.75]`; runs whose interval of the criterion overlaps the best run's are marked
+`not separable`.
 """
 
 from __future__ import annotations
@@ -58,7 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="add each metric per magnification (test/by_magnification/40/...)",
     )
-    parser.add_argument("--sort-by", help="metric that orders the table (default: the first)")
+    parser.add_argument(
+        "--sort-by",
+        help="validation metric that ranks the runs and picks each group's best (a bare name "
+        "means val/name; default: each run's optimized_metric). Never a test metric",
+    )
     parser.add_argument("--ascending", action="store_true", help="lowest first (for losses)")
     parser.add_argument(
         "--group-by",
@@ -148,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics = normalise_metrics(args.metrics)
     if args.by_magnification:
         metrics = by_magnification(runs, metrics)
-    sort_by = normalise_metrics([args.sort_by])[0] if args.sort_by else None
+    sort_by = normalise_metrics([args.sort_by], split="val")[0] if args.sort_by else None
     report = build_report(
         runs, metrics, sort_by=sort_by, descending=not args.ascending, group_by=args.group_by
     )

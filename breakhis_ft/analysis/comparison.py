@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from breakhis_ft.evaluate.bootstrap import MetricFn, auroc_macro, balanced_accuracy
-from breakhis_ft.evaluate.compare import align_predictions, paired_bootstrap
+from breakhis_ft.evaluate.compare import align_predictions, paired_bootstrap, separable
 
 COMPARED: dict[str, MetricFn] = {
     "balanced_accuracy": balanced_accuracy,
@@ -102,3 +102,31 @@ def comparison_markdown(result: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+VS_BEST = "vs best"  # the report column saying whether a run's interval overlaps the best's
+
+
+def mark_separability(
+    rows: list[dict[str, Any]], metric: str, intervals: dict[str, dict[str, Any]]
+) -> bool:
+    """Mark each row `best`, `not separable` (its interval of `metric` overlaps the best run's)
+    or `separable` under VS_BEST; False (nothing marked) when the best run has no interval.
+
+    The best run is the first completed row with a value (rows are sorted). Overlapping
+    intervals of runs on the same test images are a coarse test; `report.py --compare A B`
+    (a paired bootstrap) is the sharper one.
+    """
+    best = next(
+        (r for r in rows if r.get("status") == "completed" and r.get(metric) is not None), None
+    )
+    best_ci = intervals.get(best["run"], {}).get(metric) if best else None
+    if best is None or best_ci is None:
+        return False
+    for row in rows:
+        ci = intervals.get(row["run"], {}).get(metric)
+        if row is best:
+            row[VS_BEST] = "best"
+        elif ci is not None:
+            row[VS_BEST] = "separable" if separable(ci, best_ci) else "not separable"
+    return True

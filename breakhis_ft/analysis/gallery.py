@@ -16,7 +16,9 @@ from __future__ import annotations
 import csv
 import html
 import json
+import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -194,3 +196,20 @@ def gallery_html(page: dict[str, Any]) -> str:
         f"<p>{esc(_summary(page))}</p><p>Most confused (true -&gt; pred):</p><ul>{pairs}</ul>"
         f"<table><tr>{head}</tr>{''.join(rows)}</table></body></html>\n"
     )
+
+
+def errors_section(
+    runs: Sequence[Any], root: Path, galleries: dict[Path, str] | None = None
+) -> list[str]:
+    """Markdown lines: each run's most confused test class pairs, and a link to its error gallery
+    (`galleries`: run folder -> the gallery page, relative to the report's folder)."""
+    title = f"## Most confused class pairs (test; true -> predicted: count, top {PAIRS_SHOWN})"
+    lines = [title, ""]
+    for run in runs:
+        name = os.path.relpath(run.path, root) if run.path != root else run.path.name
+        pairs = run_confused_pairs(run.metrics)
+        text = ", ".join(f"{p['true']} -> {p['pred']}: {p['count']}" for p in pairs)
+        page = (galleries or {}).get(run.path)
+        link = f" ([errors]({page}))" if page else ""
+        lines.append(f"- {name}: {text or 'no errors or no test metrics'}{link}")
+    return [*lines, ""]

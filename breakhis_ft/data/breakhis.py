@@ -241,13 +241,16 @@ def load_image(path: str | Path) -> Image.Image:
 
 
 def _drop_duplicates(records: list[ImageRecord], keep: str):
-    """Keep one subtype's copy of a patient filed under several subtypes (slide 13412)."""
+    """Keep one subtype's copy of a patient filed under several subtypes (slide 13412), or with
+    keep="both" every copy (the blog notebook's data)."""
     subtypes = defaultdict(set)
     for r in records:
         subtypes[r.patient].add(r.subtype)
     kept, dropped, chosen = [], [], {}
     for patient, subs in subtypes.items():
-        if len(subs) > 1:
+        if len(subs) > 1 and keep == "both":
+            chosen[patient] = "both"
+        elif len(subs) > 1:
             if keep not in subs:
                 raise BadDataError(
                     f"patient {patient} is filed under {', '.join(sorted(subs))}; set "
@@ -255,7 +258,8 @@ def _drop_duplicates(records: list[ImageRecord], keep: str):
                 )
             chosen[patient] = keep
     for r in records:
-        (dropped if r.patient in chosen and r.subtype != chosen[r.patient] else kept).append(r)
+        copy = chosen.get(r.patient, "both")
+        (dropped if copy not in ("both", r.subtype) else kept).append(r)
     return kept, dropped, chosen
 
 

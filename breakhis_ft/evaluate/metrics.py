@@ -207,25 +207,32 @@ def write_predictions(
     probs: torch.Tensor,
     preds: torch.Tensor,
     class_names: Sequence[str],
+    extra: Mapping[str, Sequence[str]] | None = None,
 ) -> None:
     """Write one CSV row per image: path, patient, magnification, label, pred, prob_<class>...
 
     `rows` are mappings (or objects) with `path`, `patient`, `magnification` and `label` (a class
     index or name), in the order of `probs`; `preds` are class indices. Probabilities are written
-    with round-trip precision so the metrics recompute exactly.
+    with round-trip precision so the metrics recompute exactly. `extra`: more columns, one value
+    per row (e.g. the generated `raw_answer`), after the probabilities.
     """
     probs = torch.as_tensor(probs, dtype=torch.float32).cpu()
     preds = torch.as_tensor(preds).cpu()
-    if not len(rows) == len(probs) == len(preds):
+    extra = dict(extra or {})
+    if not len(rows) == len(probs) == len(preds) or any(
+        len(v) != len(rows) for v in extra.values()
+    ):
         raise ValueError(
-            f"{len(rows)} rows, {len(probs)} prob rows, {len(preds)} preds: must match"
+            f"{len(rows)} rows, {len(probs)} prob rows, {len(preds)} preds, extra columns of "
+            f"{[len(v) for v in extra.values()]}: must match"
         )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow([*PREDICTION_COLUMNS, *(f"prob_{c}" for c in class_names)])
-        for row, p, pred in zip(rows, probs.tolist(), preds.tolist(), strict=True):
+        writer.writerow([*PREDICTION_COLUMNS, *(f"prob_{c}" for c in class_names), *extra])
+        columns = list(zip(*extra.values(), strict=True)) if extra else [()] * len(rows)
+        for row, p, pred, more in zip(rows, probs.tolist(), preds.tolist(), columns, strict=True):
             label = _field(row, "label")
             label = class_names[label] if isinstance(label, int) else str(label)
             writer.writerow(
@@ -236,6 +243,7 @@ def write_predictions(
                     label,
                     class_names[int(pred)],
                     *(repr(x) for x in p),
+                    *more,
                 ]
             )
 
