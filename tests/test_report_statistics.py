@@ -50,6 +50,7 @@ def write_run(
         "split": {"kind": "patient", "n_folds": 3, "fold": fold},
         "peft": {"r": r},
         "evaluate": SETTINGS,
+        "optimized_metric": "val/balanced_accuracy",  # the report ranks and selects on it
     }
     (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
     (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"split.fold={fold}"]))
@@ -62,7 +63,8 @@ def write_run(
     write_predictions(folder / "predictions_test.csv", rows, probs, probs.argmax(1), CLASSES)
     settings = EvaluateConfig(**SETTINGS)
     test = final_metrics(probs, labels, CLASSES, image_patients, [40] * len(rows), settings)
-    (folder / "metrics.json").write_text(json.dumps({"test": test}))
+    # validation = the same predictions here: what the report selects on carries intervals too
+    (folder / "metrics.json").write_text(json.dumps({"val": test, "test": test}))
     return folder
 
 

@@ -212,11 +212,17 @@ def _cv_cell(value: Any, ci: Sequence[float] | None) -> str:
     return format_interval(value, ci) if isinstance(value, float) else "-"
 
 
+def _aggregated(groups: Sequence[CVGroup], metrics: Sequence[str]) -> list[str]:
+    """The metrics the groups were aggregated over (not the report's own criterion column)."""
+    return [m for m in metrics if any(m in g.mean for g in groups)]
+
+
 def cv_markdown(groups: Sequence[CVGroup], metrics: Sequence[str]) -> str:
     """One table per cross-validated group: mean ± std (sample std over the runs), the pooled
     out-of-fold metrics with intervals, then each run."""
     if not groups:
         return ""
+    metrics = _aggregated(groups, metrics)
     lines = ["", "## Runs that differ only in fold or seed", ""]
     for group in groups:
         lines += [f"### {group.label}: {len(group.runs)} runs over {', '.join(group.varying)}", ""]
@@ -231,6 +237,7 @@ def cv_markdown(groups: Sequence[CVGroup], metrics: Sequence[str]) -> str:
 
 def write_cv_csv(path: Path, groups: Sequence[CVGroup], metrics: Sequence[str]) -> None:
     """One CSV row per table row; a mean row also fills `<metric>_std`."""
+    metrics = _aggregated(groups, metrics)
     columns = ["group", "row", "run"]
     columns += [c for m in metrics for c in (m, f"{m}_std", f"{m}_ci_lo", f"{m}_ci_hi")]
     with path.open("w", newline="") as f:
