@@ -1,4 +1,4 @@
-"""Run the entrypoint in a subprocess, as a user would, with a private cache folder."""
+"""Running the entrypoint in tests: a private cache, tiny sizes, and reading the run folder back."""
 
 from __future__ import annotations
 

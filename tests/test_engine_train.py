@@ -77,7 +77,7 @@ def test_training_learns_and_best_checkpoint_reloads(tmp_path):
     train_logs = [m for _, m in logged if "train/loss" in m]
     assert len(train_logs) == 24
     assert {"train/loss", "train/lr", "train/images_per_s", "train/epoch"} <= set(train_logs[0])
-    assert any("val/patient_accuracy" in m and "val/binary/auroc" in m for _, m in logged)
+    assert any("val/patient_recognition_rate" in m and "val/binary/auroc" in m for _, m in logged)
 
 
 def scripted_evaluations(monkeypatch, values):

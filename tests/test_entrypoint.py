@@ -74,6 +74,9 @@ def test_every_sweep_preset_composes(sweep: str) -> None:
         (["trainer.epochs=0"], "trainer.epochs"),
         (["model.kind=siglip"], "model.kind"),
         (["logger.init_timeout=0"], "logger.init_timeout"),
+        (["evaluate.ci_level=1.5"], "evaluate.ci_level"),
+        (["evaluate.bootstrap_resamples=-1"], "evaluate.bootstrap_resamples"),
+        (["trainer.monitor=val/patient_accuracy"], "trainer.monitor"),
     ],
 )
 def test_bad_values_and_combinations_name_the_key(override: list[str], key: str) -> None:
@@ -173,7 +176,7 @@ def test_run_folder_is_complete(first_run) -> None:
         "f1_macro",
         "f1_weighted",
         "auroc_macro",
-        "patient_accuracy",
+        "patient_recognition_rate",
         "per_class",
         "confusion_matrix",
         "classes",
@@ -216,6 +219,11 @@ def test_same_command_twice_gives_identical_metrics(first_run, tmp_path: Path) -
     second = single_run_dir(tmp_path)
     assert second != run_dir
     assert read_metrics(second) == read_metrics(run_dir)
+    # report.py --compare on the two identical runs: a difference of exactly 0, all ties
+    report = [sys.executable, "scripts/report.py", "--compare", str(run_dir), str(second)]
+    done = subprocess.run([*report, "--resamples", "200"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("| +0.000 | [+0.000, +0.000] | 0.0% | 0.0% | 100.0% |") == 2
 
 
 def test_rerun_from_folder_gives_identical_metrics_in_a_new_folder(first_run) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from breakhis_ft.analysis.report import SELECTION, optimized_metric
 from breakhis_ft.analysis.runs import Run, metric_value
 from breakhis_ft.evaluate.figures import _pyplot, _save, plot_run_figures
 
@@ -49,31 +50,62 @@ def sweep_axes(runs: Sequence[Run]) -> list[str]:
     return [a for a in SWEEP_AXES if len({str(_axis_value(r, a)) for r in runs}) > 1]
 
 
-def plot_sweep(runs: Sequence[Run], metric: str, path: str | Path) -> Path | None:
-    """The metric against the first varying sweep setting, one line per value of the second."""
-    axes = sweep_axes(runs)
-    if not axes:
-        return None
-    x_axis, hue = axes[0], (axes[1] if len(axes) > 1 else None)
+def criterion_value(run: Run, metric: str) -> float | None:
+    """`metric` of a run; "selection": the value of the run's own optimized_metric."""
+    if metric == SELECTION:
+        name = optimized_metric(run)
+        return metric_value(run, name) if name else None
+    return metric_value(run, metric)
+
+
+def _points(
+    runs: Sequence[Run], metric: str, x_axis: str, hue: str | None
+) -> tuple[dict[Any, list[tuple[Any, float]]], int]:
+    """(hue value -> [(x, value)]) of the runs that have the value; and how many do not."""
     points: dict[Any, list[tuple[Any, float]]] = {}
     missing = 0
     for run in runs:
-        value = metric_value(run, metric)
+        value = criterion_value(run, metric)
         if value is None:
-            missing += 1  # failed or running: counted in the title, not plotted as zero
+            missing += 1  # failed, running or no such split: counted, not plotted as zero
             continue
         points.setdefault(_axis_value(run, hue) if hue else None, []).append(
             (_axis_value(run, x_axis), value)
         )
+    return points, missing
+
+
+def plot_sweep(
+    runs: Sequence[Run],
+    metric: str,
+    path: str | Path,
+    beside: str | None = "test/balanced_accuracy",
+) -> Path | None:
+    """The criterion (`metric`: a validation metric, or "selection" for each run's
+    optimized_metric) against the first varying sweep setting, one line per value of the
+    second; `beside` (test) drawn dashed in the same colour, to read, never to select by."""
+    if metric.split("/")[0] == "test":
+        raise ValueError(f"{metric}: a sweep is plotted by its validation criterion, not test")
+    axes = sweep_axes(runs)
+    if not axes:
+        return None
+    x_axis, hue = axes[0], (axes[1] if len(axes) > 1 else None)
+    points, missing = _points(runs, metric, x_axis, hue)
+    extra = _points(runs, beside, x_axis, hue)[0] if beside else {}
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    xs = sorted({x for pts in points.values() for x, _ in pts}, key=_order)
+    xs = sorted({x for pts in [*points.values(), *extra.values()] for x, _ in pts}, key=_order)
     numeric = all(isinstance(x, int | float) for x in xs)
-    for key in sorted(points, key=_order):
-        pts = sorted(points[key], key=lambda p: _order(p[0]))
-        pos = [p[0] if numeric else xs.index(p[0]) for p in pts]
-        label = f"{hue}={key}" if hue else None
-        ax.plot(pos, [p[1] for p in pts], marker="o", label=label)
+    for key in sorted(set(points) | set(extra), key=_order):
+        label = f"{hue}={key}" if hue else metric
+        line = None
+        for series, style, name in ((points, "-", label), (extra, "--", f"{label} ({beside})")):
+            pts = sorted(series.get(key, []), key=lambda p: _order(p[0]))
+            if not pts:
+                continue
+            pos = [p[0] if numeric else xs.index(p[0]) for p in pts]
+            colour = None if line is None else line.get_color()
+            (line,) = ax.plot(pos, [p[1] for p in pts], style, marker="o", color=colour, label=name)
     if x_axis in _LOG_AXES and numeric:
         # ranks double (4, 8, 16), learning rates step by decades: evenly spaced on a log axis
         ax.set_xscale("log", base=_LOG_AXES[x_axis])
@@ -83,11 +115,11 @@ def plot_sweep(runs: Sequence[Run], metric: str, path: str | Path) -> Path | Non
     else:
         ax.set_xticks(range(len(xs)), [str(x) for x in xs])
     ax.set_xlabel(x_axis)
-    ax.set_ylabel(metric)
+    shown = "each run's optimized_metric" if metric == SELECTION else metric
+    ax.set_ylabel(f"{shown} (solid)" + (f"; {beside} (dashed)" if beside else ""))
     ax.grid(alpha=0.3)
-    if hue:
-        ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     note = f", {missing} without a value (failed/running) left out" if missing else ""
-    ax.set_title(f"{metric} vs {x_axis}\n{len(runs) - missing} of {len(runs)} runs{note}")
+    ax.set_title(f"{shown} vs {x_axis}\n{len(runs) - missing} of {len(runs)} runs{note}")
     fig.tight_layout()
     return _save(fig, Path(path))

@@ -1,11 +1,14 @@
-"""Cheap checks of a PNG file's structure, made at scan time so that a bad file is found before
-any model loads (a full decode of BreakHis costs minutes; these cost milliseconds)."""
+"""Reading image files: cheap checks of a PNG's structure, made at scan time so that a bad file is
+found before any model loads (a full decode of BreakHis costs minutes; these cost milliseconds),
+and the full decode."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
+
+from breakhis_ft.errors import BadDataError
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 END = b"IEND\xaeB`\x82"  # the IEND chunk's type and CRC: the last 8 bytes of a complete PNG
@@ -44,3 +47,13 @@ def png_problem(path: str | Path, checksums: bool = False) -> str | None:
         # a file that does not end on IEND may still be whole with bytes after it: verify decides
         return _verify(path)
     return None
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Decode an image fully as RGB; unreadable or truncated files raise BadDataError."""
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now: a truncated PNG fails here rather than later in a worker
+            return img.convert("RGB")
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        raise BadDataError(f"{path}: unreadable or truncated image ({e})") from e

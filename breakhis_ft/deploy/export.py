@@ -7,8 +7,9 @@ peft needed. SigLIP: the (merged) vision encoder, `SiglipVisionModel.from_pretra
 base upcast exactly, W + BA added once) and the result is cast to the run's precision.
 Adapter only: the run's `best/` folder as it is (MedGemma: `PeftModel.from_pretrained(base, dir)`).
 Either way `export_info.json` records what classification needs besides the weights: class names,
-the prompt, the preprocessing, the source run and its resolved config; `predict.py --model DIR`
-classifies with it.
+the prompt, the preprocessing (with the run's stain normaliser, whose `stain_normalizer.json` is
+copied beside it), the source run and its resolved config; `predict.py --model DIR` classifies
+with it.
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel
 
+from breakhis_ft.data.stain import NORMALIZER_FILE, load_normalizer
 from breakhis_ft.deploy.loading import (
     EXPORT_INFO,
     classifier_from_run,
     load_run_config,
     preprocess_size,
 )
+from breakhis_ft.evaluate.calibration import read_temperature
 from breakhis_ft.models.base import Classifier
 from breakhis_ft.models.precision import DTYPES
 
@@ -71,6 +74,7 @@ def export_info(
     best_info = json.loads(best.read_text()) if best.is_file() else {}
     config = OmegaConf.to_container(cfg, resolve=True)
     config["precision"]["name"] = precision
+    stain = load_normalizer(run_dir)
     return {
         "format": fmt,  # merged | adapter
         "model_kind": str(cfg.model.kind),
@@ -78,18 +82,25 @@ def export_info(
         "class_names": list(cfg.task.classes),
         "prompt": OmegaConf.to_container(cfg.model.prompt, resolve=True),
         "image_size": image_size,  # longest side before the processor; null: not resized
+        # data.stain_norm's fitted normaliser (also stain_normalizer.json), applied before resizing
+        "stain_normalizer": None if stain is None else stain.to_dict(),
         "precision": precision,
         "base_model": str(cfg.model.name_or_path),
         "peft": OmegaConf.to_container(cfg.peft, resolve=True),
         "source_run": str(Path(run_dir).resolve()),
         "best": {k: best_info.get(k) for k in ("step", "monitor", "value")},
+        # fitted on the run's validation split; predict divides log-probabilities by it
+        "temperature": read_temperature(run_dir),
         "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "config": config,
     }
 
 
-def _write_info(out_dir: Path, info: dict[str, Any]) -> None:
+def _write_info(out_dir: Path, info: dict[str, Any], run_dir: Path) -> None:
+    """export_info.json, and the run's stain normaliser beside it (predict.py applies it)."""
     (out_dir / EXPORT_INFO).write_text(json.dumps(info, indent=2, default=str))
+    if (run_dir / NORMALIZER_FILE).is_file():
+        shutil.copy2(run_dir / NORMALIZER_FILE, out_dir / NORMALIZER_FILE)
 
 
 def export_adapter(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
@@ -109,7 +120,8 @@ def export_adapter(run_dir: str | Path, out_dir: str | Path, overwrite: bool = F
     shutil.copytree(best, out_dir, dirs_exist_ok=True)
     probe = cfg.model.kind == "siglip" and cfg.model.freeze_encoder and cfg.peft.method == "none"
     size = None if probe else int(cfg.data.image_size)
-    _write_info(out_dir, export_info(cfg, run_dir, "adapter", str(cfg.precision.name), size))
+    info = export_info(cfg, run_dir, "adapter", str(cfg.precision.name), size)
+    _write_info(out_dir, info, run_dir)
     log.info("adapter of %s exported to %s", run_dir, out_dir)
     return out_dir
 
@@ -156,7 +168,7 @@ def export_merged(
         save_file(head, str(out_dir / "head.safetensors"))
         meta = {"mode": "probe", "class_names": list(classifier.class_names)}
         (out_dir / "siglip_classifier.json").write_text(json.dumps(meta, indent=1))
-    _write_info(out_dir, export_info(cfg, run_dir, "merged", precision, size))
+    _write_info(out_dir, export_info(cfg, run_dir, "merged", precision, size), run_dir)
     log.info("merged model of %s exported to %s (%s)", run_dir, out_dir, precision)
     return out_dir
 

@@ -89,8 +89,11 @@ class TrainingRecipe:
         self.cfg, self.run_dir, self.acc = trainer_cfg, Path(run_dir), accelerator
         self.optimizer_factory, self.metrics_fn = optimizer_factory, metrics_fn
         self.log_fn, self.seed = log_fn, seed
+        # trainer.eval_split=test (the blog notebook's) is only logged: nothing is selected on it
+        self.eval_name = str(getattr(trainer_cfg, "eval_split", "val"))
+        selects = val_ds is not None and self.eval_name == "val"
         self.state = LoopState(
-            monitor=trainer_cfg.monitor if val_ds is not None else None,
+            monitor=trainer_cfg.monitor if selects else None,
             sign=1.0 if trainer_cfg.monitor_mode == "max" else -1.0,
         )
         self.forward: nn.Module | None = None
@@ -283,7 +286,7 @@ class TrainingRecipe:
         if st.global_step != self.last_ckpt_step:
             self.save_checkpoint()
         if st.best_step is None:
-            if self.val_ds is not None:
+            if st.monitor is not None:
                 log.warning(
                     "%s was never defined: the final model is kept as best", self.cfg.monitor
                 )
@@ -319,15 +322,18 @@ class TrainingRecipe:
             self.log_fn(metrics, step)
 
     def evaluate(self) -> None:
-        """Metrics of the validation split; the best model so far is saved; early stopping."""
+        """Metrics of the evaluated split; on validation the best model so far is saved and
+        early stopping counts; a test split (trainer.eval_split=test) is only logged."""
         st = self.state
         probs, labels, indices = self.predict(self.val_ds, self.cfg.eval_batch_size)
         metrics = self.metrics_fn(probs, labels, indices, self.val_ds)
-        value = lookup_metric(metrics, self.cfg.monitor)
-        flat = scalars(metrics, "val")
+        flat = scalars(metrics, self.eval_name)
         st.history.append({"step": st.global_step, "epoch": st.epoch, **flat})
         st.last_eval_step = st.global_step
         self.log(flat, st.global_step)
+        if st.monitor is None:
+            return
+        value = lookup_metric(metrics, self.cfg.monitor)
         if st.improves(value):
             st.best_value, st.best_step, st.bad_evals = value, st.global_step, 0
             self.save_best(metrics)

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from breakhis_ft.data.breakhis import BreakhisScan, data_stats, scan_from_config, write_bad_files
 from breakhis_ft.data.records import Task
-from breakhis_ft.data.splits import assign_splits, split_rows, split_summary
+from breakhis_ft.data.splits import assign_splits, duplicate_leaks, split_rows, split_summary
 from breakhis_ft.engine.stop import sigterm_interrupts
 from breakhis_ft.run.run_folder import (
     is_main_process,
@@ -36,10 +36,20 @@ def prepare_data(cfg: DictConfig, run_dir: Path) -> tuple[BreakhisScan, dict[str
     splits = assign_splits(
         scan.records, cfg.split, task, list(cfg.magnification.factors), folds=scan.folds
     )
+    stats = data_stats(scan)
+    if "both" in scan.duplicate_kept.values():  # data.duplicate_keep=both: the notebook's leak
+        stats["duplicate_leak"] = leaks = duplicate_leaks(splits)
+        log.warning(
+            "data.duplicate_keep=both: %d test and %d val images have an identical copy, filed "
+            "under another subtype, in train (slides %s)",
+            leaks["test"],
+            leaks["val"],
+            ", ".join(sorted(scan.duplicate_kept)),
+        )
     if is_main_process():
         if write_bad_files(scan, run_dir):
             log.warning("skipped %d bad files (listed in bad_files.csv)", len(scan.bad_files))
-        write_json(run_dir / "data_stats.json", data_stats(scan))
+        write_json(run_dir / "data_stats.json", stats)
         write_splits_csv(run_dir / "splits.csv", split_rows(splits, task), task.classes)
     for split, summary in split_summary(splits, task).items():
         log.info("%s: %d images, %d patients", split, summary["images"], summary["patients"])

@@ -14,6 +14,8 @@ from breakhis_ft.run.secrets import mask_secrets
 
 log = logging.getLogger(__name__)
 
+ERROR_TABLE_ROWS = 32  # test/errors: the most confident errors, kept small for the dashboard
+ERROR_THUMBNAIL = 128  # their longest side in pixels
 # WANDB_MODE values W&B accepts, as the mode they mean
 _ENV_MODES = {
     "online": "online",
@@ -202,6 +204,10 @@ class RunTracker:
             if split in predictions:
                 self._log_split_tables(split, split_metrics, *predictions[split])
 
+    def log_summary(self, values: dict[str, float]) -> None:
+        """Put values into the W&B run's summary (the final statistics); nothing without W&B."""
+        self._safe_wandb(lambda run: run.summary.update(_json_safe(values)))
+
     def log_plots(self, metrics: dict[str, dict]) -> None:
         """With W&B on: plot the finished run (confusion matrix, per-class F1, curves) into its
         folder and log the PNGs; matplotlib is the optional `plots` extra."""
@@ -211,6 +217,7 @@ class RunTracker:
             from breakhis_ft.evaluate.figures import plot_run_figures
 
             paths = plot_run_figures(self.run_dir, metrics, self._history)
+            paths += sorted(self.run_dir.glob("reliability_*.png"))  # written by the run
         except ImportError as err:
             log.warning("no plots for W&B (%s); pip install -e '.[plots]'", err)
             return
@@ -234,6 +241,25 @@ class RunTracker:
         self._safe_wandb(
             lambda run: run.log({f"{split}/per_class": table, f"{split}/confusion_matrix": chart})
         )
+
+    def log_errors(self, predictions: Path, image_root: Path, n: int = ERROR_TABLE_ROWS) -> None:
+        """W&B table `test/errors`: thumbnails of the run's `n` most confident test errors, with
+        true and predicted class, probability, patient and magnification (W&B on only)."""
+        if self._wandb_run is None or not Path(predictions).is_file():
+            return
+        import wandb
+
+        from breakhis_ft.evaluate.errors import most_confident_errors, thumbnail
+
+        columns = ["image", "true", "pred", "prob", "prob_true", "patient", "magnification", "path"]
+        table = wandb.Table(columns=columns)
+        for e in most_confident_errors(predictions, n):
+            picture = thumbnail(Path(image_root) / e.path, ERROR_THUMBNAIL)
+            image = None if picture is None else wandb.Image(picture, caption=f"{e.true}->{e.pred}")
+            table.add_data(
+                image, e.true, e.pred, e.prob, e.prob_true, e.patient, e.magnification, e.path
+            )
+        self._safe_wandb(lambda run: run.log({"test/errors": table}))
 
     def _safe_wandb(self, action: Any) -> None:
         if self._wandb_run is None:
