@@ -41,13 +41,16 @@ def compose_train(overrides: list[str]):
         return compose("train", overrides=overrides, return_hydra_config=False)
 
 
-def run_cli(args: list[str], cache: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], cache: Path, timeout: int = 600, extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Run `python -m breakhis_ft` with a private cache folder."""
     env = {
         **os.environ,
         "BREAKHIS_FT_CACHE": str(cache),
         "WANDB_SILENT": "true",
         "HYDRA_FULL_ERROR": "1",
+        **(extra_env or {}),
     }
     return subprocess.run(
         [sys.executable, "-m", "breakhis_ft", *args],
