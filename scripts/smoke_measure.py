@@ -10,11 +10,10 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from tokenizers import AddedToken
 from torch import nn
 from transformers import GemmaTokenizer
 
-from breakhis_ft.models.tiny import CHAT_SPECIALS, CHAT_TEMPLATE, _corpus_words, _vocab_and_merges
+from breakhis_ft.models.tiny import _corpus_words, _vocab_and_merges, gemma_tokenizer
 
 GIB = 2**30
 VOCAB = 262_208  # google/medgemma-4b-it's vocabulary (REFERENCE.md)
@@ -38,24 +37,13 @@ def standin_tokenizer() -> GemmaTokenizer:
     (the tiny model's BPE), every other id an unused placeholder."""
     small, merges = _vocab_and_merges(_corpus_words())
     vocab = dict(REAL_IDS)
-    free = (i for i in range(VOCAB) if i not in set(REAL_IDS.values()))
+    taken = set(REAL_IDS.values())
+    free = (i for i in range(VOCAB) if i not in taken)
     for token in small:
         if token not in vocab:
             vocab[token] = next(free)
     vocab.update({f"<unused{i}>": i for i in free})
-    tokenizer = GemmaTokenizer(
-        vocab=vocab,
-        merges=merges,
-        extra_special_tokens={
-            "boi_token": "<start_of_image>",
-            "eoi_token": "<end_of_image>",
-            "image_token": "<image_soft_token>",
-        },
-    )
-    tokenizer.add_tokens(
-        [AddedToken(t, special=True, normalized=False) for t in CHAT_SPECIALS], special_tokens=True
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer = gemma_tokenizer(vocab, merges)
     got = {t: tokenizer.convert_tokens_to_ids(t) for t in REAL_IDS}
     if got != REAL_IDS or len(tokenizer) != VOCAB:
         raise RuntimeError(f"stand-in tokenizer: ids {got}, {len(tokenizer)} tokens")
