@@ -101,9 +101,10 @@ def prepare_kbit_model(model: PreTrainedModel) -> PreTrainedModel:
 def _keep_4bit_layers_differentiable(model: torch.nn.Module) -> None:
     """Turn off bitsandbytes' CPU inference repacking of 4-bit weights (AVX512-BF16 CPUs)."""
     # bitsandbytes repacks a Linear4bit's weight for its CPU inference kernel the first time it
-    # runs in eval mode without autograd, and keeps using that kernel after model.train(): it has
-    # no backward, so once a run has evaluated, the gradient stops at every 4-bit layer (torch only
-    # warns) and a bias makes it fail. Training evaluates every epoch, so the repacking stays off.
+    # runs in eval mode without autograd, and keeps that kernel after model.train() until a
+    # state_dict() (a checkpoint) unpacks it. The kernel has no backward: after an evaluation that
+    # no checkpoint follows (trainer.eval_every_steps) the gradient stopped at every 4-bit layer
+    # (torch only warns) and the vision tower's biased layers failed. So the repacking stays off.
     import bitsandbytes as bnb
 
     for module in model.modules():
