@@ -4,7 +4,8 @@ Merged (default): a standard transformers checkpoint (safetensors + processor). 
 `AutoModelForImageTextToText.from_pretrained(dir)` + `AutoProcessor.from_pretrained(dir)`, no
 peft needed. SigLIP: the (merged) vision encoder, `SiglipVisionModel.from_pretrained(dir)` +
 `AutoImageProcessor`, beside the linear head (`head.safetensors`). The merge runs in float32 (the
-base upcast exactly, W + BA added once) and the result is cast to the run's precision.
+base upcast exactly, W + BA added once) and the result is cast to the run's precision. A QLoRA
+run's base is its NF4 weights dequantized (what its adapter learned on), not the 16-bit checkpoint.
 Adapter only: the run's `best/` folder as it is (MedGemma: `PeftModel.from_pretrained(base, dir)`).
 Either way `export_info.json` records what classification needs besides the weights: class names,
 the prompt, the preprocessing (with the run's stain normaliser, whose `stain_normalizer.json` is
@@ -37,6 +38,7 @@ from breakhis_ft.deploy.loading import (
 )
 from breakhis_ft.evaluate.calibration import read_temperature
 from breakhis_ft.models.base import Classifier
+from breakhis_ft.models.gemma_loading import merge_dequantized
 from breakhis_ft.models.precision import DTYPES
 
 log = logging.getLogger(__name__)
@@ -49,14 +51,10 @@ class ExportError(ValueError):
 
 
 def _export_config(run_dir: Path, overrides: Sequence[str]) -> DictConfig:
-    """The run's config for merging: float32 weights, and a QLoRA run's adapter on a 16-bit base."""
+    """The run's config (a QLoRA run's too: its adapter goes with the 4-bit base it learned on)."""
     cfg = load_run_config(run_dir, overrides)
     if cfg.model.kind == "siglip" and cfg.model.zero_shot:
         raise ExportError(f"{run_dir}: a zero-shot run trained nothing; there is nothing to export")
-    if cfg.peft.method == "qlora":
-        # Merging into 4-bit weights would round the adapter away: the same adapter goes onto the
-        # unquantised base (the usual way to merge a QLoRA adapter).
-        cfg.peft.method = "lora"
     return cfg
 
 
@@ -131,6 +129,8 @@ def merged_module(classifier: Classifier) -> torch.nn.Module:
     # SigLIP classifiers hold `encoder` (+ a head saved beside it), MedGemma ones `model`.
     model = classifier.encoder if hasattr(classifier, "encoder") else classifier.model
     if isinstance(model, PeftModel):
+        if getattr(model.get_base_model(), "is_loaded_in_4bit", False):  # QLoRA
+            return merge_dequantized(model)
         return model.merge_and_unload()
     return model
 
@@ -151,7 +151,8 @@ def export_merged(
     precision = precision or str(cfg.precision.name)
     if precision not in DTYPES:
         raise ExportError(f"precision: got {precision!r}, allowed: {', '.join(DTYPES)}")
-    cfg.precision.name = "fp32"  # merge in float32: one rounding, at the final cast
+    if cfg.peft.method != "qlora":  # QLoRA loads its 4-bit base as trained; it merges in fp32
+        cfg.precision.name = "fp32"  # merge in float32: one rounding, at the final cast
     classifier = classifier_from_run(cfg, run_dir)
     size = preprocess_size(cfg, classifier)
     _prepare_out(out_dir, overwrite)

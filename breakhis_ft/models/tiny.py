@@ -131,7 +131,11 @@ def _vocab_and_merges(words: list[str]) -> tuple[dict[str, int], list[tuple[str,
 
 def build_tiny_tokenizer(words: list[str]) -> GemmaTokenizer:
     """A small Gemma tokenizer with the Gemma 3 special tokens and the given words."""
-    vocab, merges = _vocab_and_merges(words)
+    return gemma_tokenizer(*_vocab_and_merges(words))
+
+
+def gemma_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]]) -> GemmaTokenizer:
+    """A Gemma BPE tokenizer of `vocab` (holding the Gemma 3 specials) with the chat template."""
     tokenizer = GemmaTokenizer(
         vocab=vocab,
         merges=merges,
