@@ -51,6 +51,7 @@ def _check(ok: bool, key: str, message: str) -> None:
 def monitorable(cfg: DictConfig) -> list[str]:
     """The validation metrics a run of this config logs, by the names `trainer.monitor` takes."""
     names = [f"val/{key}" for key in SCALAR_METRICS]
+    names.append("val/loss")  # the true class's NLL under predict_proba (monitor_mode=min)
     names += [f"val/binary/{key}" for key in BINARY_METRICS]
     names += [f"val/per_class/{c}/{m}" for c in cfg.task.classes for m in ("f1", "recall")]
     return names
@@ -119,6 +120,8 @@ def _check_trainer(cfg: DictConfig) -> None:
             f"epochs={t.epochs}, max_steps={t.max_steps} train nothing; set trainer.epochs>0 "
             "(or trainer.max_steps>0), or train=false to only evaluate",
         )
+    for key in ("limit_train_batches", "limit_eval_batches", "overfit_batches", "profile_steps"):
+        _check(t[key] >= 0, f"trainer.{key}", f"must be >= 0 (0 turns it off), got {t[key]}")
     allowed = monitorable(cfg)
     _check(
         t.monitor in allowed,
