@@ -16,10 +16,12 @@ from importlib.resources import files
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from breakhis_ft.config import register_configs
 from breakhis_ft.errors import ConfigError
+from breakhis_ft.run.summary import configure_console, log_config_tree
 from breakhis_ft.validate import validate_config
 
 # conf/ installs as the package breakhis_ft.conf (pyproject.toml), so wheels carry the configs
@@ -34,6 +36,8 @@ def _run(cfg: DictConfig) -> float | None:
     except ConfigError as err:
         print(err, file=sys.stderr)
         sys.exit(2)
+    configure_console()  # after Hydra configured this job's logging
+    log_config_tree(cfg, HydraConfig.get().runtime.choices)
     from breakhis_ft.run.experiment import run_experiment  # heavy: torch, transformers
 
     return run_experiment(cfg)

@@ -16,8 +16,9 @@ from omegaconf import DictConfig
 from breakhis_ft.data.breakhis import BreakhisScan
 from breakhis_ft.data.dataset import ImageDataset
 from breakhis_ft.data.records import ImageRecord
+from breakhis_ft.engine.loop_state import true_class_nll
 from breakhis_ft.engine.predict import predict
-from breakhis_ft.engine.recipe import TrainingRecipe
+from breakhis_ft.engine.recipe import FitResult, TrainingRecipe
 from breakhis_ft.evaluate.metrics import write_predictions
 from breakhis_ft.models.base import Classifier
 from breakhis_ft.run.setup import (
@@ -27,6 +28,7 @@ from breakhis_ft.run.setup import (
     make_run_setup,
     prepare_cached_inputs,
 )
+from breakhis_ft.run.summary import log_summary
 from breakhis_ft.run.tracking import RunTracker
 
 log = logging.getLogger(__name__)
@@ -49,8 +51,10 @@ def evaluate_splits(
     batch_size: int,
     run_dir: Path,
     recipe: TrainingRecipe | None = None,
+    max_batches: int | None = None,
 ) -> tuple[dict[str, dict], dict[str, tuple]]:
-    """Metrics of val and test; writes predictions_<split>.csv on the main process."""
+    """Metrics of val and test (`loss`: the true class's NLL); writes predictions_<split>.csv on
+    the main process. `max_batches`: only the first batches (trainer.limit_eval_batches)."""
     acc, names = setup.accelerator, list(setup.class_names)
     metrics: dict[str, dict] = {}
     predictions: dict[str, tuple] = {}
@@ -61,8 +65,11 @@ def evaluate_splits(
         if recipe is not None:  # through the wrapper training prepared (DDP/FSDP)
             probs, labels, indices = recipe.predict(dataset, batch_size)
         else:
-            probs, labels, indices = predict(classifier, dataset, acc, batch_size)
+            probs, labels, indices = predict(
+                classifier, dataset, acc, batch_size, None, max_batches
+            )
         metrics[split] = setup.metrics_fn(probs, labels, indices, dataset)
+        metrics[split]["loss"] = true_class_nll(probs, labels)
         preds = probs.argmax(dim=1)
         predictions[split] = (labels.tolist(), preds.tolist())
         if acc.is_main_process:
@@ -74,8 +81,16 @@ def evaluate_splits(
 
 def _train(
     cfg: DictConfig, setup: RunSetup, classifier: Classifier, data: dict, run_dir: Path, log_fn
-) -> tuple[TrainingRecipe, float | None]:
+) -> tuple[TrainingRecipe, FitResult]:
     """Fit with the recipe; the best model is loaded back into the classifier."""
+    trainable, total = classifier.parameter_counts()
+    log.info(
+        "training %s of %s parameters (%.3f%%), peft=%s",
+        f"{trainable:,}",
+        f"{total:,}",
+        100.0 * trainable / max(total, 1),
+        cfg.peft.method,
+    )
     recipe = TrainingRecipe(
         classifier,
         data["train"],
@@ -91,7 +106,33 @@ def _train(
     result = recipe.fit(resume=cfg.resume is not None)
     if result.best_dir is not None:
         classifier.load_trained(result.best_dir)
-    return recipe, result.best_value
+    return recipe, result
+
+
+def _model_metadata(cfg: DictConfig, result: FitResult) -> dict[str, Any]:
+    """What the W&B model artifact says about the adapter it holds."""
+    return {
+        "base_model": str(cfg.model.name_or_path),
+        "peft": str(cfg.peft.method),
+        "classes": list(cfg.task.classes),
+        "monitor": str(cfg.trainer.monitor),
+        "value": result.best_value,
+        "step": result.best_step,
+    }
+
+
+def _fit_or_load(
+    cfg: DictConfig, setup: RunSetup, classifier: Classifier, data: dict, run_dir: Path, tracker
+) -> tuple[TrainingRecipe | None, tuple[str, float | None, int | None] | None]:
+    """Train (or load resume's best model); (recipe, (monitor, best value, best step))."""
+    if not cfg.train:
+        if cfg.resume is not None and (Path(cfg.resume) / "best").is_dir():
+            classifier.load_trained(Path(cfg.resume) / "best")
+        return None, None
+    recipe, result = _train(cfg, setup, classifier, data, run_dir, tracker.log)
+    if cfg.logger.log_model and result.best_dir is not None:
+        tracker.log_model(result.best_dir, _model_metadata(cfg, result))
+    return recipe, (str(cfg.trainer.monitor), result.best_value, result.best_step)
 
 
 def train_and_evaluate(
@@ -103,10 +144,13 @@ def train_and_evaluate(
     group: str,
     name: str,
 ) -> float | None:
-    """Train (unless train=false), evaluate the best model on val and test; return the metric."""
+    """Train (unless train=false), evaluate the best model on val and test; return the metric.
+
+    The terminal's last lines are the summary block (run/summary.py), after W&B has closed."""
     setup = make_run_setup(cfg)
     acc = setup.accelerator
-    tracker = RunTracker(run_dir, config, cfg.logger, name, group, active=acc.is_main_process)
+    main = acc.is_main_process  # read now: the state is reset at the end
+    tracker = RunTracker(run_dir, config, cfg.logger, name, group, active=main)
     failed = True
     try:
         classifier = make_classifier(cfg, setup)
@@ -114,20 +158,18 @@ def train_and_evaluate(
         tracker.log({"model/trainable_parameters": trainable, "model/parameters": total}, 0)
         data = make_datasets(cfg, scan, splits, needs_images=classifier.needs_images)
         prepare_cached_inputs(classifier, data, scan.root, acc)
-        recipe, best_value = None, None
-        if cfg.train:
-            recipe, best_value = _train(cfg, setup, classifier, data, run_dir, tracker.log)
-        elif cfg.resume is not None and (Path(cfg.resume) / "best").is_dir():
-            classifier.load_trained(Path(cfg.resume) / "best")
-        value = best_value if cfg.optimized_metric == cfg.trainer.monitor else None
+        recipe, best = _fit_or_load(cfg, setup, classifier, data, run_dir, tracker)
+        value = best[1] if best and cfg.optimized_metric == cfg.trainer.monitor else None
+        metrics: dict[str, dict] = {}
         if cfg.test:
-            batch = cfg.trainer.eval_batch_size
-            metrics, predictions = evaluate_splits(classifier, data, setup, batch, run_dir, recipe)
+            batch, limit = cfg.trainer.eval_batch_size, cfg.trainer.limit_eval_batches
+            metrics, predictions = evaluate_splits(
+                classifier, data, setup, batch, run_dir, recipe, limit if limit > 0 else None
+            )
             tracker.log_final(metrics, predictions)
-            tracker.log_plots(metrics)
+            tracker.log_plots(metrics, title=name)
             value = metric_value(metrics, cfg.optimized_metric)
         failed = False
-        return value
     finally:
         tracker.finish(failed=failed)
         acc.wait_for_everyone()  # gloo ranks may abort at exit without it
@@ -137,3 +179,6 @@ def train_and_evaluate(
             AcceleratorState._reset_state(reset_partial_state=True)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    if main:
+        log_summary(run_dir, metrics, best)
+    return value
