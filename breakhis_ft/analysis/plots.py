@@ -16,11 +16,26 @@ from breakhis_ft.evaluate.figures import _pyplot, _save, plot_run_figures
 # settings a sweep varies, in the order they are tried as the x axis
 SWEEP_AXES = ("peft.r", "trainer.lr", "magnification")
 _LOG_AXES = {"peft.r": 2, "trainer.lr": 10}
+# overrides that say nothing about what was trained: left out of a run's label
+_UNNAMED = ("hydra", "paths.", "data.root=", "logger.", "rerun=", "resume=")
 
 
-def plot_run(run: Run, split: str = "test") -> list[Path]:
-    """Confusion matrix, per-class F1 (of `split`) and curves, written into the run folder."""
-    return plot_run_figures(run.path, run.metrics, run.history, split)
+def run_label(run: Run, settings: Sequence[str] = ()) -> str:
+    """What distinguishes a run: `peft.r=8, trainer.lr=0.0001` (the settings that differ between
+    the runs compared, else its command-line overrides), else its experiment and folder name."""
+    if settings:
+        return ", ".join(f"{k}={run.value(k)}" for k in settings)
+    named = [o for o in run.overrides if not o.lstrip("+~").startswith(_UNNAMED)]
+    if named:
+        return ", ".join(named)
+    return f"{run.config.get('experiment_name', 'run')} ({run.path.name})"
+
+
+def plot_run(run: Run, split: str = "test", settings: Sequence[str] = ()) -> list[Path]:
+    """Confusion matrix, per-class F1 (of `split`) and curves, written into the run folder; the
+    titles name the run by `run_label`."""
+    title = run_label(run, settings)
+    return plot_run_figures(run.path, run.metrics, run.history, split, title=title)
 
 
 def _magnification(run: Run) -> str | None:
@@ -49,13 +64,37 @@ def sweep_axes(runs: Sequence[Run]) -> list[str]:
     return [a for a in SWEEP_AXES if len({str(_axis_value(r, a)) for r in runs}) > 1]
 
 
-def plot_sweep(runs: Sequence[Run], metric: str, path: str | Path) -> Path | None:
-    """The metric against the first varying sweep setting, one line per value of the second."""
-    axes = sweep_axes(runs)
-    if not axes:
-        return None
-    x_axis, hue = axes[0], (axes[1] if len(axes) > 1 else None)
-    points: dict[Any, list[tuple[Any, float]]] = {}
+def metric_interval(run: Run, metric: str) -> tuple[float, float] | None:
+    """The 95% interval of a metric, `<name>_ci95` beside it in metrics.json, when recorded."""
+    *parents, leaf = metric.split("/")
+    value: Any = run.metrics
+    for part in parents:
+        value = value.get(part) if isinstance(value, dict) else None
+    ci = value.get(f"{leaf}_ci95") if isinstance(value, dict) else None
+    if (
+        isinstance(ci, list | tuple)
+        and len(ci) == 2
+        and all(isinstance(v, int | float) for v in ci)
+    ):
+        return float(ci[0]), float(ci[1])
+    return None
+
+
+def _y_limits(ax: Any, values: Sequence[float]) -> None:
+    """From 0 (a difference of 0.002 is not stretched to full height); to 1 for a [0, 1] metric."""
+    if values and min(values) >= 0:
+        top = 1.02 if max(values) <= 1 else max(values) * 1.05
+        ax.set_ylim(0, top)
+
+
+Point = tuple[Any, float, tuple[float, float] | None]  # x, value, 95% interval
+
+
+def _sweep_points(
+    runs: Sequence[Run], metric: str, x_axis: str, hue: str | None
+) -> tuple[dict[Any, list[Point]], int]:
+    """The points of each line (by the hue's value), and how many runs have no value."""
+    points: dict[Any, list[Point]] = {}
     missing = 0
     for run in runs:
         value = metric_value(run, metric)
@@ -63,17 +102,42 @@ def plot_sweep(runs: Sequence[Run], metric: str, path: str | Path) -> Path | Non
             missing += 1  # failed or running: counted in the title, not plotted as zero
             continue
         points.setdefault(_axis_value(run, hue) if hue else None, []).append(
-            (_axis_value(run, x_axis), value)
+            (_axis_value(run, x_axis), value, metric_interval(run, metric))
         )
+    return points, missing
+
+
+def plot_sweep(runs: Sequence[Run], metric: str, path: str | Path) -> Path | None:
+    """The metric against the first varying sweep setting, one line per value of the second;
+    error bars show each run's 95% interval where metrics.json has one."""
+    axes = sweep_axes(runs)
+    if not axes:
+        return None
+    x_axis, hue = axes[0], (axes[1] if len(axes) > 1 else None)
+    points, missing = _sweep_points(runs, metric, x_axis, hue)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    xs = sorted({x for pts in points.values() for x, _ in pts}, key=_order)
+    xs = sorted({p[0] for pts in points.values() for p in pts}, key=_order)
     numeric = all(isinstance(x, int | float) for x in xs)
+    shown: list[float] = []
     for key in sorted(points, key=_order):
         pts = sorted(points[key], key=lambda p: _order(p[0]))
-        pos = [p[0] if numeric else xs.index(p[0]) for p in pts]
-        label = f"{hue}={key}" if hue else None
-        ax.plot(pos, [p[1] for p in pts], marker="o", label=label)
+        ys = [p[1] for p in pts]
+        lows = [p[2][0] if p[2] else p[1] for p in pts]
+        highs = [p[2][1] if p[2] else p[1] for p in pts]
+        ax.errorbar(
+            [p[0] if numeric else xs.index(p[0]) for p in pts],
+            ys,
+            yerr=[
+                [y - lo for y, lo in zip(ys, lows, strict=True)],
+                [hi - y for y, hi in zip(ys, highs, strict=True)],
+            ],
+            marker="o",
+            capsize=3,
+            label=f"{hue}={key}" if hue else None,
+        )
+        shown += lows + highs
+    _y_limits(ax, shown)
     if x_axis in _LOG_AXES and numeric:
         # ranks double (4, 8, 16), learning rates step by decades: evenly spaced on a log axis
         ax.set_xscale("log", base=_LOG_AXES[x_axis])
