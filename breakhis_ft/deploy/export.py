@@ -33,6 +33,7 @@ from breakhis_ft.deploy.loading import (
     load_run_config,
     preprocess_size,
 )
+from breakhis_ft.deploy.model_card import describe, model_card
 from breakhis_ft.models.base import Classifier
 from breakhis_ft.models.precision import DTYPES
 
@@ -66,7 +67,8 @@ def _prepare_out(out_dir: Path, overwrite: bool) -> None:
 def export_info(
     cfg: DictConfig, run_dir: Path, fmt: str, precision: str, image_size: int | None
 ) -> dict[str, Any]:
-    """What `export_info.json` holds: format, classes, prompt, preprocessing, source run, config."""
+    """What `export_info.json` holds: format, classes, the exact prompt (user text, chat messages,
+    each class's answer), preprocessing, temperature, source run, config."""
     best = Path(run_dir) / "best" / "best.json"
     best_info = json.loads(best.read_text()) if best.is_file() else {}
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -84,12 +86,15 @@ def export_info(
         "source_run": str(Path(run_dir).resolve()),
         "best": {k: best_info.get(k) for k in ("step", "monitor", "value")},
         "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        **describe(cfg, run_dir, image_size),
         "config": config,
     }
 
 
-def _write_info(out_dir: Path, info: dict[str, Any]) -> None:
+def _write_info(out_dir: Path, info: dict[str, Any], run_dir: Path) -> None:
+    """export_info.json and the model card (README.md; replaces peft's blank template)."""
     (out_dir / EXPORT_INFO).write_text(json.dumps(info, indent=2, default=str))
+    (out_dir / "README.md").write_text(model_card(info, run_dir, out_dir))
 
 
 def export_adapter(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
@@ -109,7 +114,8 @@ def export_adapter(run_dir: str | Path, out_dir: str | Path, overwrite: bool = F
     shutil.copytree(best, out_dir, dirs_exist_ok=True)
     probe = cfg.model.kind == "siglip" and cfg.model.freeze_encoder and cfg.peft.method == "none"
     size = None if probe else int(cfg.data.image_size)
-    _write_info(out_dir, export_info(cfg, run_dir, "adapter", str(cfg.precision.name), size))
+    info = export_info(cfg, run_dir, "adapter", str(cfg.precision.name), size)
+    _write_info(out_dir, info, run_dir)
     log.info("adapter of %s exported to %s", run_dir, out_dir)
     return out_dir
 
@@ -156,7 +162,7 @@ def export_merged(
         save_file(head, str(out_dir / "head.safetensors"))
         meta = {"mode": "probe", "class_names": list(classifier.class_names)}
         (out_dir / "siglip_classifier.json").write_text(json.dumps(meta, indent=1))
-    _write_info(out_dir, export_info(cfg, run_dir, "merged", precision, size))
+    _write_info(out_dir, export_info(cfg, run_dir, "merged", precision, size), run_dir)
     log.info("merged model of %s exported to %s (%s)", run_dir, out_dir, precision)
     return out_dir
 
