@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -193,6 +194,7 @@ def first_run(tmp_path_factory) -> tuple[Path, Path]:
         base / "cache",
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    (base / "first_run.stdout").write_text(done.stdout)  # what the terminal showed
     return _single_run_dir(base / "a"), base / "cache"
 
 
@@ -228,6 +230,76 @@ def test_wandb_offline_run_holds_the_config(first_run) -> None:
     assert b'"name_or_path":"' in log and b"tiny_gemma3" in log
     assert b"experiment_name" in log and b"optimized_metric" in log
     assert b"HF_TOKEN" not in log and b"WANDB_API_KEY" not in log
+
+
+def test_terminal_shows_config_evaluations_and_ends_with_the_summary(first_run) -> None:
+    run_dir, _ = first_run
+    out = (run_dir.parents[3] / "first_run.stdout").read_text()
+    lines = out.rstrip().splitlines()
+    assert lines[0].startswith("config (") and "model=tiny_gemma3" in lines[0]
+    assert any(line.startswith("├── model (tiny_gemma3): kind=medgemma") for line in lines)
+    assert re.search(r"eval step 4: val/balanced_accuracy \d\.\d{4} \(new best\), val/loss", out)
+    assert "training 16,384 of" in out  # what trains, said once by the training run
+    # accelerate's checkpoint lines stay in the log file, off the console
+    assert "Saving current state" not in out and ".tmp-step_" not in out
+    log_file = (run_dir / "breakhis-ft.log").read_text()
+    assert "Saving current state" in log_file and "├── model (tiny_gemma3)" in log_file
+    rule = "-" * 100
+    assert lines[-1] == rule
+    rules = [i for i, line in enumerate(lines) if line == rule]
+    block = lines[rules[-2] :]  # the last block, between its two rules
+    test = _metrics(run_dir)["test"]
+    expected = [
+        rule,
+        f"breakhis-ft: run finished, metrics of the best model ({run_dir})",
+        f"  val (n={_metrics(run_dir)['val']['n']}): ",
+        f"  test (n={test['n']}): balanced_accuracy {test['balanced_accuracy']:.4f}; ",
+        "  best step: 4 (val/balanced_accuracy ",
+        f"  run folder: {run_dir}",
+        f"  compare: python scripts/report.py {run_dir}",
+        f"  predict: python scripts/predict.py {run_dir} IMAGES --out predictions.csv",
+        rule,
+    ]
+    assert len(block) == len(expected)
+    for line, start in zip(block, expected, strict=True):
+        assert line.startswith(start), (line, start)
+
+
+def test_wandb_offline_run_read_back_has_headline_history_and_tables(first_run) -> None:
+    from wandb_records import history_keys, records, run_summary
+
+    run_dir, _ = first_run
+    (offline,) = (run_dir / "wandb").glob("offline-run-*")
+    keys = history_keys(records(offline))
+    assert len(keys) < 40, sorted(keys)
+    assert {
+        "train/loss",
+        "train/lr",
+        "train/images_per_s",
+        "train/grad_norm",
+        "val/loss",
+        "val/balanced_accuracy",
+        "val/binary/auroc",
+    } <= keys
+    assert not [k for k in keys if "/per_class/" in k or "/by_magnification/" in k]
+    for split in ("val", "test"):
+        tables = {"per_class", "by_magnification", "binary", "confusion_matrix_table"}
+        assert {f"{split}/{t}" for t in tables} <= keys
+    assert not [k for k in keys if k.startswith("plots/confusion")]  # W&B's chart only
+    state = run_summary(offline)
+    assert state["state"] == "finished"
+    test = _metrics(run_dir)["test"]
+    summary = state["summary"]
+    assert summary["test/balanced_accuracy"] == pytest.approx(test["balanced_accuracy"])
+    assert summary["test/per_class/adenosis/support"] == test["per_class"]["adenosis"]["support"]
+    assert summary["test/binary"]["_type"] == "table-file"
+    table = json.loads((offline / "files" / summary["test/per_class"]["path"]).read_text())
+    mags = test["by_magnification"]
+    assert table["columns"] == ["magnification", "class", "precision", "recall", "f1", "support"]
+    assert len(table["data"]) == 8 * (1 + len(mags)) and len(mags) == 4
+    hydra = state["config"]["hydra"]
+    assert hydra["overrides"][:2] == ["model=tiny_gemma3", "logger.mode=offline"]
+    assert hydra["job_num"] is None and hydra["choices"]["model"] == "tiny_gemma3"
 
 
 def test_same_command_twice_gives_identical_metrics(first_run, tmp_path: Path) -> None:

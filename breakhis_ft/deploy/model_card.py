@@ -242,7 +242,8 @@ def _data_section(cfg: dict[str, Any], run_dir: Path) -> list[str]:
     )
     counts = ", ".join(f"{k} {v}" for k, v in sorted(_split_counts(run_dir).items()))
     protocol = {
-        "patient": f"split by {split['group_by']} (ratios {split['ratios']}, seed {split['seed']})",
+        "patient": f"by patient group ({split['group_by']}; train/val/test ratios "
+        f"{split['ratios']}, seed {split['seed']})",
         "official_fold": f"Folds.csv fold {split['fold']}, validation carved from train by patient",
         "eva": "kaiko-ai/eva's protocol (fixed validation patients)",
     }.get(split["kind"], split["kind"])
