@@ -4,9 +4,6 @@ classifier; `debug=fdr`, `--help`; slow: `debug=overfit` learns its batch, an Op
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,16 +11,12 @@ import torch
 import yaml
 from engine_toy import ToyClassifier, ToyDataset, evaluate_dataset, fit, fresh_accelerator
 from engine_toy import trainer_config as toy_config
+from test_entrypoint import CONF, compose_train, run_cli
+from test_entrypoint import FAST as ENTRY_FAST
 
-REPO = Path(__file__).resolve().parent.parent
-FAST = [
-    "data.synthetic_fraction=0.03",
-    "data.synthetic_size=[48,32]",
-    "data.image_size=32",
-    "trainer.batch_size=8",
-    "trainer.eval_batch_size=8",
-    "precision=fp32",
-]
+# test_entrypoint's small, fast data; evaluations of 8 images (fdr: one batch of them)
+FAST = [a for a in ENTRY_FAST if not a.startswith(("trainer.max_steps", "trainer.eval_batch"))]
+FAST.append("trainer.eval_batch_size=8")
 
 
 def toy_run(tmp_path: Path, n: int = 32, val_n: int = 16, log=None, classifier=None, **cfg):
@@ -33,19 +26,6 @@ def toy_run(tmp_path: Path, n: int = 32, val_n: int = 16, log=None, classifier=N
     val = ToyDataset(n=val_n, seed=1)
     result = fit(classifier, ToyDataset(n=n), val, config, tmp_path, fresh_accelerator(config), log)
     return classifier, result, config
-
-
-def cli(args: list[str], cache: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`python -m breakhis_ft ARGS` with its own cache folder."""
-    env = {**os.environ, "BREAKHIS_FT_CACHE": str(cache), "WANDB_SILENT": "true"}
-    return subprocess.run(
-        [sys.executable, "-m", "breakhis_ft", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 # ---- the trainer keys, with the toy classifier --------------------------------------------------
@@ -102,8 +82,20 @@ def test_final_metrics_agree_with_the_toy_evaluation(tmp_path) -> None:
 # ---- the presets through the entrypoint ---------------------------------------------------------
 
 
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF / "debug").glob("*.yaml")))
+def test_every_debug_preset_composes_over_the_demo(preset: str) -> None:
+    from breakhis_ft.engine.profiling import WAIT, WARMUP
+    from breakhis_ft.validate import validate_config
+
+    cfg = compose_train(["experiment=demo", f"debug={preset}"])
+    validate_config(cfg)
+    assert cfg.logger.mode == "disabled" and cfg.experiment_name == "demo"
+    if cfg.trainer.profile_steps:  # enough updates for the profiler to record
+        assert cfg.trainer.max_steps >= WAIT + WARMUP + cfg.trainer.profile_steps
+
+
 def test_help_shows_the_app_groups_presets_and_past_runs(tmp_path) -> None:
-    done = cli(["--help"], tmp_path / "cache", timeout=120)
+    done = run_cli(["--help"], tmp_path / "cache", timeout=120)
     assert done.returncode == 0, done.stderr
     for text in (
         "breakhis-ft: fine-tune MedGemma",
@@ -118,7 +110,7 @@ def test_help_shows_the_app_groups_presets_and_past_runs(tmp_path) -> None:
 
 
 def test_debug_fdr_runs_the_pipeline_on_one_batch_each(tmp_path) -> None:
-    done = cli(["model=tiny_gemma3", "debug=fdr", *FAST, f"paths.output_dir={tmp_path}"],
+    done = run_cli(["model=tiny_gemma3", "debug=fdr", *FAST, f"paths.output_dir={tmp_path}"],
                tmp_path / "cache")  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     (run,) = (tmp_path / "debug" / "default").iterdir()  # debug runs apart from outputs/runs
@@ -134,7 +126,7 @@ def test_debug_fdr_runs_the_pipeline_on_one_batch_each(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_debug_overfit_learns_its_batch_on_the_demo(tmp_path) -> None:
-    done = cli(["experiment=demo", "debug=overfit", f"paths.output_dir={tmp_path}"],
+    done = run_cli(["experiment=demo", "debug=overfit", f"paths.output_dir={tmp_path}"],
                tmp_path / "cache", timeout=1800)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     (run,) = (tmp_path / "debug" / "demo").iterdir()
@@ -149,12 +141,14 @@ def test_debug_overfit_learns_its_batch_on_the_demo(tmp_path) -> None:
 @pytest.mark.slow
 def test_optuna_search_runs_three_trials_of_the_demo(tmp_path) -> None:
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="the optuna extra")
-    done = cli(
+    from wandb_records import run_summary
+
+    done = run_cli(
         [
             "experiment=demo",
             "hparams_search=lora_optuna",
             "hydra.sweeper.n_trials=3",
-            "logger=none",
+            "logger.mode=offline",
             *FAST,
             "trainer.max_steps=3",
             f"paths.output_dir={tmp_path}",
@@ -167,10 +161,15 @@ def test_optuna_search_runs_three_trials_of_the_demo(tmp_path) -> None:
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
     assert jobs == ["job0", "job1", "job2"]
     ranks = set()
-    for job in jobs:
+    for num, job in enumerate(jobs):
         info = json.loads((sweep / job / "run_info.json").read_text())
         assert info["status"] == "completed" and isinstance(info["value"], float)
-        ranks.add(yaml.safe_load((sweep / job / ".hydra" / "config.yaml").read_text())["peft"]["r"])
+        r = yaml.safe_load((sweep / job / ".hydra" / "config.yaml").read_text())["peft"]["r"]
+        ranks.add(r)
+        # the W&B config says which trial this is and what it swept (a dashboard groups by it)
+        (offline,) = (sweep / job / "wandb").glob("offline-run-*")
+        hydra = run_summary(offline)["config"]["hydra"]
+        assert hydra["job_num"] == num and f"peft.r={r}" in hydra["overrides"]
     assert ranks <= {4, 8, 16, 32}
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert set(best["best_params"]) == {"peft.r", "peft.alpha", "peft.dropout", "trainer.lr"}

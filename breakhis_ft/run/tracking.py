@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from breakhis_ft.run.run_folder import write_json
+from breakhis_ft.validate import BINARY_METRICS, SCALAR_METRICS
 
 log = logging.getLogger(__name__)
 
@@ -18,17 +19,9 @@ _SECRET_KEY = re.compile(r"(token|api_?key|secret|password)", re.IGNORECASE)
 # W&B history holds the headline scalars only (a dashboard compares runs on a handful of keys);
 # per-class and per-magnification values go to the summary and to tables, all to metrics.jsonl
 _NOT_HISTORY = re.compile(r"/(per_class|by_magnification)/|^model/|/n$")
-# the columns of the by-magnification table (a split's scalars, then its binary collapse)
-_SPLIT_COLUMNS = (
-    "n",
-    "accuracy",
-    "balanced_accuracy",
-    "f1_macro",
-    "f1_weighted",
-    "auroc_macro",
-    "patient_accuracy",
-)
-_BINARY_COLUMNS = ("accuracy", "f1", "auroc")
+# the columns of the by-magnification table: a split's scalars, then its binary collapse
+_SPLIT_COLUMNS = ("n", *SCALAR_METRICS)
+_BINARY_COLUMNS = BINARY_METRICS
 
 
 def strip_secrets(value: Any) -> Any:
