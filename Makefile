@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,plots
 
-.PHONY: setup demo test test-all lint bench
+.PHONY: setup demo demo-record test test-all lint bench
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(BIN)/breakhis-ft experiment=demo
+	-$(BIN)/python scripts/demo_metrics.py  # this run's figures beside the README's
+
+# after `make demo` on the reference machine: benchmarks/demo_metrics.json and the README's figure
+demo-record: setup
+	$(BIN)/python scripts/demo_metrics.py --record
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -29,6 +29,17 @@ class OnBadFile(StrEnum):
 class DuplicateKeep(StrEnum):
     ductal_carcinoma = "ductal_carcinoma"
     lobular_carcinoma = "lobular_carcinoma"
+    # both copies, as the blog notebook kept them: Folds.csv fold 1 then puts identical images in
+    # train and test under different labels (the count is in data_stats.json)
+    both = "both"
+
+
+class StainNorm(StrEnum):
+    none = "none"  # the images' own colours
+    # H and E stain vectors and concentrations matched to the reference's (Macenko et al., 2009)
+    macenko = "macenko"
+    # CIE-LAB channel means and deviations matched (Reinhard et al., 2001): cheaper, cruder
+    reinhard = "reinhard"
 
 
 class SplitKind(StrEnum):
@@ -63,13 +74,32 @@ class LossOn(StrEnum):
 
 
 class Resize(StrEnum):
-    pad = "pad"
-    stretch = "stretch"
+    pad = "pad"  # pad to a centred square with the processor's mean colour
+    stretch = "stretch"  # the processor resizes to its square, aspect not kept
+    shorter_side_crop = "shorter_side_crop"  # eva: shorter side to the input size, centre crop
 
 
 class PromptStyle(StrEnum):
     numbered = "numbered"
     letters = "letters"
+
+
+class ClassWording(StrEnum):
+    plain = "plain"  # `0: ductal carcinoma`
+    blog = "blog"  # the blog notebook's `4: malignant_ductal_carcinoma` (folder names + type)
+
+
+class AnswerParser(StrEnum):
+    # the option key (a number or letter) first in the answer, else exactly one class named in words
+    key_or_name = "key_or_name"
+    # the blog notebook's `re.search(r"\b([0-7])\b", answer)`, nothing else (numbered style only)
+    blog_regex = "blog_regex"
+
+
+class EvalMode(StrEnum):
+    score = "score"  # the likelihood of each class's answer: probabilities, one forward pass
+    generate = "generate"  # greedy generation, the answer parsed; unparseable counts as wrong
+    both = "both"  # scoring is the run's metrics; generation's beside them, with the agreement
 
 
 class PeftMethod(StrEnum):
@@ -89,6 +119,16 @@ class MonitorMode(StrEnum):
     min = "min"
 
 
+class EvalSplit(StrEnum):
+    val = "val"
+    test = "test"  # the blog notebook's; only to log it: never selects (validate.py)
+
+
+class Select(StrEnum):
+    best = "best"  # the best evaluation by trainer.monitor on validation
+    last = "last"  # the final model
+
+
 class ClassWeighting(StrEnum):
     none = "none"
     inverse_frequency = "inverse_frequency"
@@ -97,6 +137,12 @@ class ClassWeighting(StrEnum):
 class Sampler(StrEnum):
     shuffle = "shuffle"
     balanced = "balanced"
+
+
+class Fusion(StrEnum):
+    mean_log_prob = "mean_log_prob"  # softmax of the mean log-probability (geometric mean)
+    mean_prob = "mean_prob"  # the mean probability
+    majority_vote = "majority_vote"  # each image votes its argmax class; ties by mean probability
 
 
 class LoggerKind(StrEnum):
@@ -141,6 +187,17 @@ class DataConfig:
     on_bad_file: OnBadFile = OnBadFile.error
     verify_images: bool = False  # decode every image up front
     image_size: int = 896  # longest side of the cached, resized images (MedGemma's input size)
+    # H&E stain normalisation (data/stain.py), applied to the full-size image before it is resized
+    # into the image cache (its identity is part of the cache key) and again at prediction; the
+    # fitted normaliser is saved as stain_normalizer.json in the run folder and in exports. An image
+    # with no stain to estimate (blank, one flat colour, too little tissue) passes through unchanged
+    # and is counted in data_stats.json (stain_normalization.passed_through).
+    stain_norm: StainNorm = StainNorm.none
+    # the reference the stains are mapped to: an image file, or `train`: the median of per-image
+    # fits over stain_reference_images images of the TRAINING split (round robin over its
+    # patients), never validation or test
+    stain_reference: str = "train"
+    stain_reference_images: int = 64
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -173,6 +230,8 @@ class TaskConfig:
 @dataclass
 class PromptConfig:
     style: PromptStyle = PromptStyle.numbered  # numbered (blog: 0-7) | letters (Google: A-H)
+    class_names: ClassWording = ClassWording.plain  # how the options name the classes
+    parse: AnswerParser = AnswerParser.key_or_name  # how a generated answer maps to a class
     instruction: str = "Analyze this breast tissue histopathology image and classify it."
     system: str | None = None
 
@@ -190,7 +249,7 @@ class ModelConfig:
     cache_vision_features: Any = "auto"
     freeze_vision: bool = True  # keep vision tower + projector frozen (unless LoRA targets them)
     freeze_encoder: bool = False  # siglip: frozen encoder + linear head (linear probe)
-    resize: Resize = Resize.pad  # siglip: pad (to square) | stretch
+    resize: Resize = Resize.pad  # siglip: pad (to square) | stretch | shorter_side_crop (eva's)
     # siglip: classify by image-text similarity to class-name prompts (needs the text tower), no
     # training; run with train=false
     zero_shot: bool = False
@@ -198,7 +257,13 @@ class ModelConfig:
         default_factory=lambda: ["H&E histopathology image of breast {}"]
     )
     prompt: PromptConfig = field(default_factory=PromptConfig)
-    max_new_tokens: int = 40  # medgemma generation path (greedy, answer parsed); the blog used 40
+    # medgemma: how the run's final evaluation classifies (generate/both: raw answers in
+    # predictions_<split>.csv, parse failures in metrics.json)
+    eval_mode: EvalMode = EvalMode.score
+    max_new_tokens: int = 40  # generation's limit (greedy, answer parsed); the blog used 40
+    # medgemma + LoRA: merge the adapter into the weights before the final evaluation (the blog's
+    # merge_and_unload); the saved adapter is unchanged
+    merge_for_eval: bool = False
 
 
 @dataclass
@@ -236,6 +301,9 @@ class TrainerConfig:
     checkpoint_every_steps: int = 0  # 0: checkpoint at the end of each epoch (Ctrl-C also saves)
     keep_checkpoints: int = 2  # older resume checkpoints are pruned; the best one is kept apart
     early_stopping_patience: int = 0  # evaluations without improvement; 0 turns it off
+    # the split evaluated during training: val, or test only to log it (with select=last)
+    eval_split: EvalSplit = EvalSplit.val
+    select: Select = Select.best  # the model of the final evaluation: best on val | the last one
     monitor: str = "val/balanced_accuracy"  # picks the best checkpoint, used for the test split
     monitor_mode: MonitorMode = MonitorMode.max
     class_weighting: ClassWeighting = ClassWeighting.none  # loss weights
@@ -252,14 +320,32 @@ class TrainerConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """The statistics of the final evaluation (val and test after training), not of the
+    per-epoch validation, which stays cheap. Intervals resample patients, not images."""
+
+    bootstrap_resamples: int = 1000  # patient-bootstrap resamples of each interval; 0: none
+    ci_level: float = 0.95  # interval coverage; the keys carry it: balanced_accuracy_ci95
+    seed: int = 0  # the resamples depend on the test patients and this seed only
+    calibration_bins: int = 15  # equal-width confidence bins of ECE, MCE and reliability plots
+    # one temperature fitted on val (NLL), applied to test and reported before/after; saved in
+    # calibration.json and used by predict and exports
+    temperature_scaling: bool = True
+    # how the images of one patient make the patient's diagnosis (metrics.json `patient_level`)
+    patient_fusion: Fusion = Fusion.mean_log_prob
+
+
+@dataclass
 class LoggerConfig:
     kind: LoggerKind = LoggerKind.wandb
-    mode: LoggerMode = LoggerMode.offline
+    mode: LoggerMode = LoggerMode.offline  # WANDB_MODE in the environment takes precedence
     project: str = "breakhis-ft"
     entity: str | None = None
     group: str | None = None  # default: experiment name, or the sweep folder in multirun
     tags: list[str] = field(default_factory=list)
     job_type: str = "train"
+    # seconds mode=online waits for the W&B server before the run goes on offline (W&B: 90)
+    init_timeout: float = 20.0
     log_model: bool = False  # log the best adapter (best/) as a W&B model artifact at the end
 
 
@@ -274,6 +360,7 @@ class TrainRunConfig:
     peft: PeftConfig = field(default_factory=PeftConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     experiment_name: str = "default"  # names the run folder and the W&B group
     seed: int = 42  # model init and data order; split seeds are split.seed

@@ -6,6 +6,10 @@ Each message names the file, key or option at fault and what would fix it.
 from __future__ import annotations
 
 
+class BadDataError(ValueError):
+    """Input data that cannot be used; the message names the files and what is wrong."""
+
+
 class ConfigError(ValueError):
     """A config value or combination that cannot work; the message names the key and the fix."""
 

@@ -24,7 +24,7 @@ SCALAR_METRICS = (
     "f1_macro",
     "f1_weighted",
     "auroc_macro",
-    "patient_accuracy",
+    "patient_recognition_rate",
 )
 BINARY_METRICS = ("accuracy", "f1", "auroc")
 SCHEDULERS = (
@@ -70,6 +70,33 @@ def _check_data(cfg: DictConfig) -> None:
             "magnification.factors",
             f"{factor} is not one of {MAGNIFICATIONS} (magnification=all|40x|100x|200x|400x)",
         )
+
+
+def _check_stain(cfg: DictConfig) -> None:
+    data = cfg.data
+    if data.stain_norm == "none":
+        return
+    reference = str(data.stain_reference)
+    _check(
+        reference == "train" or Path(reference).expanduser().is_file(),
+        "data.stain_reference",
+        f"{reference!r} is neither `train` nor an image file; give an H&E image showing tissue, "
+        "or `train` to estimate the reference from training images",
+    )
+    _check(
+        data.stain_reference_images >= 1,
+        "data.stain_reference_images",
+        f"must be >= 1 (train images the reference is estimated from), got "
+        f"{data.stain_reference_images}",
+    )
+    probe = cfg.model.kind == "siglip" and cfg.model.freeze_encoder
+    _check(
+        not probe,
+        "data.stain_norm",
+        "a SigLIP linear probe embeds the original image files (embedding cache), not the "
+        "stain-normalised image cache; use data.stain_norm=none, or fine-tune the encoder "
+        "(model.freeze_encoder=false with peft=lora)",
+    )
 
 
 def _check_split(cfg: DictConfig) -> None:
@@ -120,9 +147,23 @@ def _check_trainer(cfg: DictConfig) -> None:
             f"epochs={t.epochs}, max_steps={t.max_steps} train nothing; set trainer.epochs>0 "
             "(or trainer.max_steps>0), or train=false to only evaluate",
         )
+    target = str(t.optimizer.get("_target_", ""))
+    _check(
+        not target.startswith("bitsandbytes.")
+        or importlib.util.find_spec("bitsandbytes") is not None,
+        "trainer.optimizer",
+        f"{target} needs bitsandbytes: pip install 'breakhis-ft[quant]' "
+        "(or trainer/optimizer=adamw)",
+    )
     for key in ("limit_train_batches", "limit_eval_batches", "overfit_batches", "profile_steps"):
         _check(t[key] >= 0, f"trainer.{key}", f"must be >= 0 (0 turns it off), got {t[key]}")
     allowed = monitorable(cfg)
+    _check(
+        not str(t.monitor).endswith("patient_accuracy"),
+        "trainer.monitor",
+        f"{t.monitor!r}: Spanhol's per-patient image accuracy is now named "
+        "patient_recognition_rate (val/patient_recognition_rate)",
+    )
     _check(
         t.monitor in allowed,
         "trainer.monitor",
@@ -190,12 +231,80 @@ def _check_peft(cfg: DictConfig) -> None:
         )
 
 
+def _check_logger(cfg: DictConfig) -> None:
+    timeout = cfg.logger.init_timeout
+    _check(timeout > 0, "logger.init_timeout", f"must be positive (seconds), got {timeout}")
+
+
+def _check_evaluate(cfg: DictConfig) -> None:
+    e = cfg.evaluate
+    _check(
+        e.bootstrap_resamples >= 0,
+        "evaluate.bootstrap_resamples",
+        f"must be >= 0 (0 turns intervals off), got {e.bootstrap_resamples}",
+    )
+    _check(0 < e.ci_level < 1, "evaluate.ci_level", f"must be in (0, 1), got {e.ci_level}")
+    _check(
+        e.calibration_bins >= 1,
+        "evaluate.calibration_bins",
+        f"must be >= 1, got {e.calibration_bins}",
+    )
+
+
+def _check_evaluation(cfg: DictConfig) -> None:
+    """No selection ever looks at test; generation and merging are MedGemma + LoRA options."""
+    t, m = cfg.trainer, cfg.model
+    _check(
+        not str(cfg.optimized_metric).startswith("test/"),
+        "optimized_metric",
+        f"{cfg.optimized_metric!r} is a test metric; no selection ever looks at test: name a "
+        "validation metric (val/...)",
+    )
+    if t.eval_split == "test":
+        _check(
+            t.select == "last" and t.early_stopping_patience == 0,
+            "trainer.eval_split",
+            "test is evaluated during training only to log it, as the blog notebook did; no "
+            "selection ever looks at test: set trainer.select=last and "
+            "trainer.early_stopping_patience=0 (or trainer.eval_split=val)",
+        )
+    kind = str(m.kind)
+    _check(
+        m.eval_mode == "score" or kind == "medgemma",
+        "model.eval_mode",
+        f"{m.eval_mode} generates answers, a MedGemma model's (model=medgemma_4b_it | "
+        "tiny_gemma3); a SigLIP classifier is evaluated by its scores (model.eval_mode=score)",
+    )
+    _check(m.max_new_tokens >= 1, "model.max_new_tokens", f"must be >= 1, got {m.max_new_tokens}")
+    if m.merge_for_eval:
+        _check(
+            kind == "medgemma" and cfg.peft.method == "lora",
+            "model.merge_for_eval",
+            "merges a LoRA adapter into MedGemma's weights: needs peft=lora (4-bit qlora weights "
+            "would be re-quantized); set model.merge_for_eval=false",
+        )
+    _check(
+        m.prompt.parse != "blog_regex" or m.prompt.style == "numbered",
+        "model.prompt.parse",
+        "blog_regex reads the answer's digit: it needs model.prompt.style=numbered",
+    )
+    _check(
+        m.resize == "pad" or kind == "siglip",
+        "model.resize",
+        f"{m.resize} is a SigLIP preprocessing; a MedGemma processor resizes its images itself",
+    )
+
+
 CHECKS: tuple[Callable[[DictConfig], None], ...] = (
     _check_data,
+    _check_stain,
     _check_split,
     _check_trainer,
+    _check_evaluate,
     _check_model,
     _check_peft,
+    _check_evaluation,
+    _check_logger,
 )
 
 

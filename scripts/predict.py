@@ -5,9 +5,14 @@ python scripts/predict.py RUN a.png b.tif --list more_files.txt --cpu
 python scripts/predict.py --model exports/medgemma_merged /path/to/images --out preds.csv
 python scripts/predict.py RUN images/ --set model.name_or_path=/models/medgemma-4b-it
 
+python scripts/predict.py RUN patient_17/ --patient --out patient_17.csv   # one fused diagnosis
+
 Folders are searched recursively for png/jpg/tif. The CSV has `path`, `pred`, `prob_<class>` per
 image and an `error` column: an unreadable image gets its error there and no prediction. Runs on
-the GPU when there is one (accelerate); --cpu forces the CPU.
+the GPU when there is one (accelerate); --cpu forces the CPU. Probabilities are scaled by the
+temperature the run fitted on its validation split (--no-temperature: the model's own). With
+--patient all the images are one patient's: --out gets one fused row (the run's fusion method,
+or --fusion), and the per-image rows go to <out>_images.csv.
 """
 
 from __future__ import annotations
@@ -17,7 +22,15 @@ import logging
 import sys
 from pathlib import Path
 
-from breakhis_ft.deploy.predict import PredictError, find_images, load_predictor, predict_to_csv
+from breakhis_ft.deploy.predict import (
+    PredictError,
+    find_images,
+    load_predictor,
+    predict_patient,
+    predict_to_csv,
+    resolve_source,
+)
+from breakhis_ft.evaluate.fusion import METHODS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,29 +57,51 @@ def build_parser() -> argparse.ArgumentParser:
         help="override the run's config, e.g. model.name_or_path=/local/medgemma-4b-it",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--no-temperature",
+        action="store_true",
+        help="the model's own probabilities, not scaled by the run's fitted temperature",
+    )
+    parser.add_argument(
+        "--patient",
+        nargs="?",
+        const="",
+        metavar="ID",
+        help="the images are one patient's: write one fused diagnosis (ID: default the input "
+        "folder's name)",
+    )
+    parser.add_argument(
+        "--fusion",
+        choices=METHODS,
+        help="how --patient fuses the images (default: the run's evaluate.patient_fusion)",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Classify the images and write the CSV; 0 on success (unreadable images are in the CSV)."""
     args = build_parser().parse_args(argv)
-    inputs = list(args.inputs)
-    run_dir = args.source
-    if args.model and run_dir is not None:  # with --model, the first positional is an input
-        inputs, run_dir = [run_dir, *inputs], None
-    if run_dir is None and not args.model:
-        raise PredictError("give a run folder, or an exported model with --model")
-    predictor = load_predictor(run_dir, args.model, args.set, args.precision)
-    paths = find_images(inputs, args.list)
-    done, failed = predict_to_csv(
-        predictor,
-        paths,
-        args.out,
-        batch_size=args.batch_size,
-        cpu=args.cpu,
-        num_workers=args.workers,
-        progress=not args.no_progress,
+    run_dir, inputs = resolve_source(args.source, args.inputs, args.model)
+    predictor = load_predictor(
+        run_dir, args.model, args.set, args.precision, temperature=not args.no_temperature
     )
+    paths = find_images(inputs, args.list)
+    kw = {
+        "batch_size": args.batch_size,
+        "cpu": args.cpu,
+        "num_workers": args.workers,
+        "progress": not args.no_progress,
+    }
+    if args.patient is not None:
+        patient = args.patient or Path(inputs[0] if inputs else args.list[0]).stem
+        row = predict_patient(predictor, paths, args.out, patient, args.fusion, **kw)
+        print(
+            f"{patient}: {row['pred']} from {row['n_images']} images ({row['fusion']}; "
+            f"{row['n_unreadable']} unreadable) -> {Path(args.out)}",
+            file=sys.stderr,
+        )
+        return 0
+    done, failed = predict_to_csv(predictor, paths, args.out, **kw)
     print(f"{done} predicted, {failed} unreadable -> {Path(args.out)}", file=sys.stderr)
     return 0
 

@@ -38,6 +38,30 @@ def full_replica_scan(full_replica_root: Path) -> BreakhisScan:
     return scan_breakhis(full_replica_root)
 
 
+@pytest.fixture(scope="module")
+def module_cache(tmp_path_factory: pytest.TempPathFactory):
+    """A private BREAKHIS_FT_CACHE for one test module (set while its tests run): the run folders
+    its tiny runs write resolve their model and data paths through it."""
+    path = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BREAKHIS_FT_CACHE", str(path))
+        yield path
+
+
+@pytest.fixture(scope="session")
+def first_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One tiny MedGemma run through the entrypoint with W&B offline, given secrets in its
+    environment and in an override: (run folder, cache folder)."""
+    from cli_runs import FAST, SECRET_ENV, SECRET_OVERRIDE, run_cli, single_run_dir
+
+    base = tmp_path_factory.mktemp("entry")
+    args = ["model=tiny_gemma3", "logger.mode=offline", *FAST, "=".join(SECRET_OVERRIDE)]
+    done = run_cli([*args, f"paths.output_dir={base / 'a'}"], base / "cache", **SECRET_ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (base / "first_run.stdout").write_text(done.stdout)  # what the terminal showed
+    return single_run_dir(base / "a"), base / "cache"
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     """One intra-op thread: on a shared 2-core machine more threads only contend (5 s vs 40+ s)."""

@@ -183,18 +183,39 @@ def test_file_outside_the_layout_is_an_error(tmp_path):
         scan_breakhis(tmp_path)
 
 
-def test_truncated_image_found_by_verify_or_on_decode(tmp_path):
+def test_truncated_and_empty_images_are_found_at_scan_time(tmp_path):
     _tree(tmp_path)
     path = tmp_path / A_DIR / "40X" / "SOB_B_A-14-22549AB-40-001.png"
     _png(path, size=(64, 64))
     path.write_bytes(path.read_bytes()[:60])
-    assert len(scan_breakhis(tmp_path).records) == 3  # names are fine; pixels not read yet
+    empty = tmp_path / DC_DIR / "400X" / "SOB_M_DC-14-2523-400-013.png"
+    empty.write_bytes(b"")
     with pytest.raises(BadDataError, match="SOB_B_A-14-22549AB-40-001.png: unreadable"):
         load_image(path)
-    with pytest.raises(BadDataError, match="SOB_B_A-14-22549AB-40-001.png: unreadable"):
-        scan_breakhis(tmp_path, verify_images=True)
-    scan = scan_breakhis(tmp_path, verify_images=True, on_bad_file="skip")
-    assert len(scan.records) == 2 and scan.bad_files[0][0].endswith("-40-001.png")
+    with pytest.raises(BadDataError, match="2 bad file") as err:
+        scan_breakhis(tmp_path)  # found without decoding: no verify_images needed
+    assert "-40-001.png: corrupt or truncated PNG" in str(err.value)
+    assert "-400-013.png: empty file (0 bytes)" in str(err.value)
+    scan = scan_breakhis(tmp_path, on_bad_file="skip")
+    assert [r.path.rsplit("/", 1)[1] for r in scan.records] == ["SOB_B_A-14-22549AB-100-002.png"]
+    assert sorted(Path(p).name for p, _ in scan.bad_files) == sorted([empty.name, path.name])
+
+
+def test_skip_checks_every_chunk_and_bytes_after_the_end_are_fine(tmp_path):
+    _tree(tmp_path)
+    path = tmp_path / A_DIR / "40X" / "SOB_B_A-14-22549AB-40-001.png"
+    _png(path, size=(64, 64))
+    data = bytearray(path.read_bytes())
+    data[60] ^= 0xFF  # a corrupt byte inside the image data; the file still ends on IEND
+    path.write_bytes(bytes(data))
+    assert len(scan_breakhis(tmp_path).records) == 3  # error mode reads only both ends
+    scan = scan_breakhis(tmp_path, on_bad_file="skip")  # skip checks every chunk's CRC
+    assert len(scan.records) == 2 and "corrupt or truncated PNG" in scan.bad_files[0][1]
+    with pytest.raises(BadDataError, match="-40-001.png: unreadable"):
+        scan_breakhis(tmp_path, verify_images=True)  # a full decode finds it in either mode
+    trailing = tmp_path / A_DIR / "100X" / "SOB_B_A-14-22549AB-100-002.png"
+    trailing.write_bytes(trailing.read_bytes() + b"\0" * 16)  # some encoders pad the file
+    assert len(scan_breakhis(tmp_path, on_bad_file="skip").records) == 2
 
 
 def test_image_size_is_never_asserted(tmp_path):

@@ -32,6 +32,7 @@ def _all_records(scan):
     return scan.records + scan.duplicates_dropped
 
 
+@pytest.mark.slow  # builds the full-size replica (7,909 images)
 def test_full_replica_matches_the_inventory(full_replica_scan):
     found = Counter(
         (r.subtype, Path(r.path).parts[-3], r.magnification)
@@ -42,6 +43,7 @@ def test_full_replica_matches_the_inventory(full_replica_scan):
     assert len(expected) == 328 and len({p for _, p, _ in expected}) == 82
 
 
+@pytest.mark.slow  # builds the full-size replica (7,909 images)
 def test_full_replica_matches_the_reference_table(full_replica_scan):
     records = _all_records(full_replica_scan)
     assert len(records) == 7909
@@ -62,6 +64,7 @@ def test_full_replica_matches_the_reference_table(full_replica_scan):
     assert stats["by_subtype"]["lobular_carcinoma"] == 626 - 123
 
 
+@pytest.mark.slow  # builds the full-size replica (7,909 images)
 def test_eva_counts_on_the_full_replica(full_replica_scan):
     cfg = SplitConfig(kind="eva", group_by="patient")
     splits = assign_splits(full_replica_scan.records, cfg, "eva4", [40])
@@ -70,6 +73,7 @@ def test_eva_counts_on_the_full_replica(full_replica_scan):
     assert len({r.patient for r in splits["val"]}) == 14
 
 
+@pytest.mark.slow  # builds the full-size replica (7,909 images)
 def test_folds_csv_is_kaggle_format_and_by_patient(full_replica_root, full_replica_scan):
     with open(full_replica_root / "Folds.csv", newline="") as f:
         rows = list(csv.DictReader(f))

@@ -10,7 +10,6 @@ from omegaconf import OmegaConf
 
 from breakhis_ft.config import SplitConfig
 from breakhis_ft.data.breakhis import BadDataError, FoldsTable
-from breakhis_ft.data.records import SUBTYPES
 from breakhis_ft.data.splits import (
     EVA_VAL_PATIENTS,
     SPLITS,
@@ -163,6 +162,7 @@ def test_binary_balancing_only_where_asked(replica_scan):
 
 def test_bad_split_settings(replica_scan):
     recs = replica_scan.records
+    order = [r.path for r in recs]
     with pytest.raises(ValueError, match="split.kind='random'"):
         assign_splits(recs, SplitConfig(kind="random"), "binary", ALL)
     with pytest.raises(ValueError, match="split.group_by='slide'"):
@@ -171,4 +171,8 @@ def test_bad_split_settings(replica_scan):
         assign_splits(recs, SplitConfig(ratios=[0.5, 0.5, 0.5]), "binary", ALL)
     with pytest.raises(BadDataError, match="no images left"):
         assign_splits([r for r in recs if r.subtype == "adenosis"], SplitConfig(), "eva4", ALL)
-    assert len(SUBTYPES) == 8
+    with pytest.raises(ValueError, match=r"split.n_folds=100000: only \d+ patient groups"):
+        assign_splits(recs, SplitConfig(n_folds=100_000), "binary", ALL)
+    with pytest.raises(ValueError, match=r"split.balance_binary=0.0: must be positive"):
+        assign_splits(recs, SplitConfig(balance_binary=0.0), "binary", ALL)
+    assert [r.path for r in recs] == order  # refused settings leave the scan's records untouched

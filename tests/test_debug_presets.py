@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from cli_runs import FAST as ENTRY_FAST
+from cli_runs import run_cli
 from engine_toy import ToyClassifier, ToyDataset, evaluate_dataset, fit, fresh_accelerator
 from engine_toy import trainer_config as toy_config
-from test_entrypoint import CONF, compose_train, run_cli
-from test_entrypoint import FAST as ENTRY_FAST
+from test_entrypoint import CONF, compose_train
 
 # test_entrypoint's small, fast data; evaluations of 8 images (fdr: one batch of them)
 FAST = [a for a in ENTRY_FAST if not a.startswith(("trainer.max_steps", "trainer.eval_batch"))]

@@ -47,7 +47,7 @@ def test_hand_computed_case():
     # one-vs-rest AUROC: 7/8, 1, 1, 7/8
     assert close(m["auroc_macro"], 0.9375)
     # patients: a 2/3, b 0, c 1 -> 5/9, not the image-level 4/6
-    assert close(m["patient_accuracy"], 5 / 9)
+    assert close(m["patient_recognition_rate"], 5 / 9)
     pc = m["per_class"]
     assert close(pc["tubular_adenoma"]["precision"], 1.0)
     assert close(pc["mucinous_carcinoma"]["precision"], 0.5)
@@ -63,6 +63,9 @@ def test_hand_computed_case():
     assert close(b["f1"], 0.75)  # tp 3, fp 2, fn 0
     # prob_malignant 0.2, 0.6, 0.7, 0.6, 0.8, 0.55: pairs won 3 + 3 + 1 of 9
     assert close(b["auroc"], 7 / 9)
+    # recalls: benign 1/3 (rows 0, 1, 3), malignant 1 (rows 2, 4, 5)
+    assert close(b["balanced_accuracy"], 2 / 3)
+    assert b["confusion_matrix"] == [[1, 2], [0, 3]] and b["classes"] == ["benign", "malignant"]
     by = m["by_magnification"]
     assert set(by) == {"40", "100"}
     assert close(by["40"]["accuracy"], 2 / 3) and close(by["100"]["accuracy"], 2 / 3)
@@ -77,7 +80,7 @@ def test_absent_class_does_not_crash_and_is_reported():
     assert m["auroc_macro"] is not None and 0.0 <= m["auroc_macro"] <= 1.0
     # balanced accuracy averages the classes present: recalls 1/2, 1, 1
     assert close(m["balanced_accuracy"], 2.5 / 3)
-    assert m["patient_accuracy"] is None and m["by_magnification"] == {}
+    assert m["patient_recognition_rate"] is None and m["by_magnification"] == {}
     json.dumps(m, allow_nan=False)
 
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import engine_driver
+import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
@@ -42,6 +43,7 @@ def run_in_process(run_dir: Path, *args: str) -> None:
         torch.set_num_threads(threads)
 
 
+@pytest.mark.slow  # three processes; the entrypoint test covers SIGKILL + resume
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     common = ("--grad-accum", "2", "--checkpoint-every", "3")
     run_in_process(tmp_path / "ref", *common)
@@ -66,6 +68,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     ).read_text()
 
 
+@pytest.mark.slow  # two processes (torchrun)
 def test_two_processes_share_one_run_folder(tmp_path):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     assert torchrun, "torchrun not found beside the Python interpreter"

@@ -30,10 +30,20 @@ from breakhis_ft.errors import ConfigError, NonFiniteError
 REAL_EVALUATE = TrainingRecipe.evaluate
 
 
-def run(tmp_path, name="run", classifier=None, val=True, resume=False, log_fn=None, n=32, **cfg):
+def run(
+    tmp_path,
+    name="run",
+    classifier=None,
+    val=True,
+    resume=False,
+    log_fn=None,
+    n=32,
+    precision="fp32",
+    **cfg,
+):
     cfg = trainer_config(**cfg)
     classifier = classifier or ToyClassifier()
-    acc = fresh_accelerator(cfg)
+    acc = fresh_accelerator(cfg, precision)
     val_ds = ToyDataset(n=16, seed=1) if val else None
     result = fit(
         classifier, ToyDataset(n=n), val_ds, cfg, tmp_path / name, acc, log_fn, resume=resume
@@ -77,7 +87,7 @@ def test_training_learns_and_best_checkpoint_reloads(tmp_path):
     train_logs = [m for _, m in logged if "train/loss" in m]
     assert len(train_logs) == 24
     assert {"train/loss", "train/lr", "train/images_per_s", "train/epoch"} <= set(train_logs[0])
-    assert any("val/patient_accuracy" in m and "val/binary/auroc" in m for _, m in logged)
+    assert any("val/patient_recognition_rate" in m and "val/binary/auroc" in m for _, m in logged)
 
 
 def scripted_evaluations(monkeypatch, values):
@@ -135,24 +145,26 @@ def test_ctrl_c_saves_then_resume_equals_uninterrupted(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_nonfinite_loss_stops_with_failed_marker(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16: accelerate's CPU autocast
+def test_nonfinite_loss_stops_with_failed_marker(tmp_path, precision):
     clf = ToyClassifier()
     clf.inf_loss_at = 6
     with pytest.raises(NonFiniteError, match=r"non-finite loss .* at training step 6"):
-        run(tmp_path, classifier=clf, checkpoint_every_steps=2)
+        run(tmp_path, classifier=clf, checkpoint_every_steps=2, precision=precision)
     failed = (tmp_path / "run" / "FAILED").read_text()
     assert "training step 6" in failed and "step_000004" in failed
     assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [2, 4]
     # the last good checkpoint loads and training continues from it
-    _, result = run(tmp_path, resume=True, checkpoint_every_steps=2)
+    _, result = run(tmp_path, resume=True, checkpoint_every_steps=2, precision=precision)
     assert result.global_step == 16 and not (tmp_path / "run" / "FAILED").exists()
 
 
-def test_nonfinite_gradient_names_the_parameter(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_nonfinite_gradient_names_the_parameter(tmp_path, precision):
     clf = ToyClassifier()
     clf.nan_grad_at = 3
     with pytest.raises(NonFiniteError, match=r"gradient .* step 3 .*'conv.weight'"):
-        run(tmp_path, classifier=clf)
+        run(tmp_path, classifier=clf, precision=precision)
     assert (tmp_path / "run" / "FAILED").is_file()
 
 

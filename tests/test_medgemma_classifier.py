@@ -63,15 +63,19 @@ def test_token_type_ids_are_kept_and_padded(letters):
     assert torch.equal(types == 1, batch["input_ids"] == image_id)
 
 
-def test_all_text_labels_mask_only_image_and_padding(tiny):
+def test_all_text_labels_mask_what_the_blog_collator_masked(tiny):
+    """The notebook: labels -100 on padding, <start_of_image> and the image soft tokens only,
+    on the templated text `.strip()`ped (no final newline)."""
     clf = classifier(tiny, loss_on="all_text")
     batch = clf.collate(examples(3, seed=0), train=True)
     labels, ids, mask = batch["labels"], batch["input_ids"], batch["attention_mask"]
-    image_like = sum((ids == t) for t in clf.image_token_ids).bool()
-    assert torch.equal(labels != -100, (mask == 1) & ~image_like)
+    tok = clf.processor.tokenizer
+    masked = (ids == tok.image_token_id) | (ids == tok.boi_token_id)
+    assert torch.equal(labels != -100, (mask == 1) & ~masked)
     text = decoded_labels(clf, batch)[0]
-    assert "Analyze this breast tissue" in text and text.endswith("0<end_of_turn>\n")
-    assert "<image_soft_token>" not in text
+    assert "Analyze this breast tissue" in text and text.endswith("0<end_of_turn>")
+    assert text.startswith("<bos>") and "<end_of_image>" in text
+    assert "<image_soft_token>" not in text and "<start_of_image>" not in text
 
 
 def test_loss_equals_the_models_own_causal_lm_loss(letters):

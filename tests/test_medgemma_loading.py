@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 
 import httpx
@@ -73,12 +72,17 @@ def test_gated_model_error_names_licence_token_and_local_copy(monkeypatch):
 
 
 def test_qlora_errors_where_it_cannot_run(monkeypatch):
-    if importlib.util.find_spec("bitsandbytes") is None:
-        with pytest.raises(ModelLoadError, match="bitsandbytes"):
-            qlora_quantization(torch.bfloat16)
-    monkeypatch.setattr(gemma_loading.importlib.util, "find_spec", lambda name: object())
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ModelLoadError, match="needs a CUDA GPU.*peft=lora"):
+    config = qlora_quantization(torch.bfloat16)  # bitsandbytes >= 0.49 (dev extra): the CPU
+    assert config.bnb_4bit_quant_type == "nf4" and config.bnb_4bit_use_double_quant
+    assert config.bnb_4bit_compute_dtype == config.bnb_4bit_quant_storage == torch.bfloat16
+    with pytest.raises(ConfigError, match="precision=bf16"):
+        qlora_quantization(torch.float32)
+    monkeypatch.setattr(gemma_loading.importlib.metadata, "version", lambda name: "0.48.2")
+    with pytest.raises(ModelLoadError, match=r"on the CPU needs bitsandbytes >= 0.49.*0.48.2"):
+        qlora_quantization(torch.bfloat16)
+    monkeypatch.setattr(gemma_loading.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelLoadError, match=r"breakhis-ft\[quant\].*peft=lora"):
         qlora_quantization(torch.bfloat16)
 
 

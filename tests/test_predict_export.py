@@ -8,17 +8,14 @@ parallel subprocesses, through the real entrypoint.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+from tiny_runs import load_script, train_runs
 
 from breakhis_ft.config import PromptConfig
 from breakhis_ft.data.breakhis import scan_from_config
@@ -37,16 +34,8 @@ from breakhis_ft.deploy.predict import (
     predict_to_csv,
     read_export_info,
 )
+from breakhis_ft.evaluate.calibration import read_temperature
 
-REPO = Path(__file__).resolve().parent.parent
-COMMON = [
-    "logger=none",
-    "data.synthetic_fraction=0.03",
-    "data.synthetic_size=[48,32]",
-    "data.image_size=32",
-    "trainer.max_steps=4",
-    "precision=fp32",
-]
 RUNS = {
     "medgemma": [
         "model=tiny_gemma3",
@@ -61,50 +50,9 @@ TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory):
-    """BREAKHIS_FT_CACHE for the module: the runs' configs resolve their model paths through it."""
-    path = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BREAKHIS_FT_CACHE", str(path))
-        yield path
-
-
-@pytest.fixture(scope="module")
-def runs(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def runs(module_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The run folder of each tiny run, trained once by the entrypoint."""
-    out = tmp_path_factory.mktemp("outputs")
-    env = {**os.environ, "BREAKHIS_FT_CACHE": str(cache), "WANDB_MODE": "disabled"}
-    # The replica is built once before the two runs start, so they do not race to build it.
-    scan_from_config(load_run_config_like(COMMON).data, cache / "synthetic")
-    procs = {
-        name: subprocess.Popen(
-            [sys.executable, "-m", "breakhis_ft", *COMMON, *args, f"paths.output_dir={out / name}"],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for name, args in RUNS.items()
-    }
-    found = {}
-    for name, proc in procs.items():
-        log, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, f"{name} run failed:\n{log[-3000:]}"
-        (found[name],) = (out / name / "runs" / "default").iterdir()
-    return found
-
-
-def load_run_config_like(overrides: list[str]):
-    """The data config these overrides compose (the schema's defaults + the overrides)."""
-    from omegaconf import OmegaConf
-
-    from breakhis_ft.config import TrainRunConfig
-
-    return OmegaConf.merge(
-        OmegaConf.structured(TrainRunConfig),
-        OmegaConf.from_dotlist([o for o in overrides if o.startswith("data.")]),
-    )
+    return train_runs(RUNS, tmp_path_factory.mktemp("outputs"), module_cache)
 
 
 def run_predictions(run_dir: Path) -> dict[str, dict[str, str]]:
@@ -151,11 +99,18 @@ def batch_of(classifier, folder: Path, image_size: int | None) -> dict:
 # ---- predict ------------------------------------------------------------------------------------
 
 
+def scaled(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(log p / T), computed here independently of the package."""
+    return torch.softmax(torch.log(probs.double()) / temperature, dim=-1).float()
+
+
 @pytest.mark.parametrize("kind", ["medgemma", "probe"])
 def test_predict_folder_matches_run_and_lists_corrupt_image(
     kind: str, runs: dict[str, Path], images: Path, tmp_path: Path
 ) -> None:
-    predictor = load_predictor(run_dir=runs[kind])
+    # the model's own probabilities: exactly the run's evaluation
+    predictor = load_predictor(run_dir=runs[kind], temperature=False)
+    assert predictor.temperature is None
     # A probe's embeddings came from the original files: no resizing before its processor.
     assert predictor.image_size == (None if kind == "probe" else 32)
     paths = find_images([images])
@@ -182,6 +137,16 @@ def test_predict_folder_matches_run_and_lists_corrupt_image(
             assert row["pred"] == expected[name]["pred"]
             compared += 1
     assert compared == N_COPIED
+    # by default scaled by the temperature the run fitted on its validation split
+    temperature = json.loads((runs[kind] / "calibration.json").read_text())["temperature"]
+    calibrated = load_predictor(run_dir=runs[kind])
+    assert calibrated.temperature == pytest.approx(temperature) and temperature != 1.0
+    predict_to_csv(calibrated, paths, tmp_path / "t.csv", batch_size=3, cpu=True, progress=False)
+    for row in read_csv(tmp_path / "t.csv"):
+        name = Path(row["path"]).name
+        if name in expected:
+            want = scaled(probs_of(expected[name], names), temperature)
+            assert torch.allclose(probs_of(row, names), want, atol=TOL), name
 
 
 def test_other_sizes_get_the_training_resize(tmp_path: Path) -> None:
@@ -194,14 +159,30 @@ def test_other_sizes_get_the_training_resize(tmp_path: Path) -> None:
 
 
 def test_predict_cli_and_clear_errors(runs: dict[str, Path], images: Path, tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("predict_cli", REPO / "scripts" / "predict.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script("predict")
     out = tmp_path / "cli.csv"
     argv = [str(runs["probe"]), str(images / "a"), str(images / "corrupt.png"), "--out", str(out)]
     assert cli.main([*argv, "--cpu", "--workers", "0", "--no-progress"]) == 0
     rows = read_csv(out)
     assert len(rows) == N_COPIED + 2 and sum(bool(r["error"]) for r in rows) == 1
+    # --patient: the images are one patient's; one fused row, the image rows beside it
+    fused_out = tmp_path / "patient.csv"
+    patient_args = [str(runs["probe"]), str(images / "a"), str(images / "corrupt.png")]
+    patient_args += ["--out", str(fused_out), "--patient", "P7", "--cpu", "--workers", "0"]
+    assert cli.main([*patient_args, "--no-progress"]) == 0
+    (fused,) = read_csv(fused_out)
+    per_image = read_csv(tmp_path / "patient_images.csv")
+    assert [r["path"] for r in per_image] == [r["path"] for r in rows]
+    good = [r for r in per_image if not r["error"]]
+    assert (fused["patient"], fused["fusion"]) == ("P7", "mean_log_prob")
+    assert (int(fused["n_images"]), int(fused["n_unreadable"])) == (len(good), 1)
+    names = load_predictor(run_dir=runs["probe"]).class_names
+    log_mean = torch.stack([probs_of(r, names).double().log() for r in good]).mean(dim=0)
+    assert torch.allclose(probs_of(fused, names).double(), log_mean.softmax(dim=0), atol=1e-6)
+    assert fused["pred"] == names[int(log_mean.argmax())]
+    assert cli.main([*patient_args, "--fusion", "majority_vote", "--no-progress"]) == 0
+    votes = torch.bincount(torch.stack([probs_of(r, names) for r in good]).argmax(1))
+    assert read_csv(fused_out)[0]["pred"] == names[int(votes.argmax())]
     with pytest.raises(PredictError, match="no saved config"):
         load_predictor(run_dir=tmp_path)
     (tmp_path / "empty").mkdir()
@@ -242,12 +223,14 @@ def test_merged_export_loads_with_from_pretrained_and_predicts_like_the_adapter(
         p_merged = merged.predict_proba(batch)
     assert (p_adapter - p_base).abs().max() > 1e-2  # the adapter matters: the check below bites
     assert torch.allclose(p_merged, p_adapter, atol=TOL)
-    # predict.py --model DIR: the same numbers through export_info.json
+    # predict.py --model DIR: the same numbers through export_info.json, with its temperature
+    temperature = json.loads((runs["medgemma"] / "calibration.json").read_text())["temperature"]
+    assert info["temperature"] == temperature
     exported = load_predictor(model_dir=out)
     predict_to_csv(exported, find_images([images]), tmp_path / "m.csv", cpu=True, progress=False)
     readable = [r for r in read_csv(tmp_path / "m.csv") if not r["error"]]
     got = torch.stack([probs_of(r, adapter.class_names) for r in readable])
-    assert torch.allclose(got, p_adapter, atol=TOL)
+    assert torch.allclose(got, scaled(p_adapter, temperature), atol=TOL)
     with pytest.raises(ExportError, match="not empty"):
         export_merged(runs["medgemma"], out)
 
@@ -264,6 +247,7 @@ def test_adapter_only_export_reloads_with_peft(
     ).exists()
     info = read_export_info(out)
     assert info["format"] == "adapter" and info["source_run"] == str(runs["medgemma"].resolve())
+    assert info["temperature"] == read_temperature(out) == read_temperature(runs["medgemma"])
     base = AutoModelForImageTextToText.from_pretrained(info["base_model"], dtype=torch.float32)
     peft_model = PeftModel.from_pretrained(base, out)
     reference = load_predictor(run_dir=runs["medgemma"]).classifier.eval()
@@ -336,13 +320,16 @@ def test_model_card_snippet_alone_reproduces_the_run(
     assert "breakhis_ft" not in code  # plain transformers (and peft): no project code
     expected = run_predictions(runs[kind])
     names = tuple(json.loads((out / "export_info.json").read_text())["class_names"])
+    temperature = read_temperature(runs[kind])  # fitted on val: the snippet applies it
+    assert temperature is not None and f"TEMPERATURE = {temperature!r}" in code
     checked = 0
     for image in find_images([images]):
         if image.name not in expected:
             continue
         namespace: dict = {}
         exec(code.replace("path/to/image.png", str(image)), namespace)  # noqa: S102
-        assert torch.allclose(namespace["probs"], probs_of(expected[image.name], names), atol=TOL)
+        want = scaled(probs_of(expected[image.name], names), temperature)
+        assert torch.allclose(namespace["probs"], want, atol=TOL)
         checked += 1
     assert checked == N_COPIED
     assert names[int(namespace["probs"].argmax())] in capsys.readouterr().out  # it prints
@@ -375,6 +362,7 @@ def test_export_info_holds_the_exact_prompt_preprocessing_and_temperature(
         "resize": "longest_side",
         "size": 32,
         "resample": "bicubic",
+        "stain_norm": "none",
         "then": info["preprocessing"]["then"],
     }
     assert info["temperature"] == 1.7 and "TEMPERATURE = 1.7" in card_snippet(out)

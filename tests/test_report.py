@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CLASSES = class_names("subtype8")
 
 
-def _metrics(accuracy: float, seed: int) -> dict:
-    """metrics.json content from compute_metrics on random predictions of a given accuracy."""
+def _split(accuracy: float, seed: int) -> dict:
+    """One split's metrics from compute_metrics on random predictions of a given accuracy."""
     gen = torch.Generator().manual_seed(seed)
     n = 96
     labels = torch.arange(n) % len(CLASSES)
@@ -38,8 +38,14 @@ def _metrics(accuracy: float, seed: int) -> dict:
     probs = logits.softmax(dim=1)
     patients = [f"p{i % 12}" for i in range(n)]
     mags = [40 if i % 2 else 100 for i in range(n)]
-    test = compute_metrics(probs, labels, CLASSES, patients, mags, malignant_flags(CLASSES))
-    return {"val": test, "test": test}
+    return compute_metrics(probs, labels, CLASSES, patients, mags, malignant_flags(CLASSES))
+
+
+def _metrics(accuracy: float, seed: int, val_accuracy: float | None = None) -> dict:
+    """metrics.json content: test at `accuracy`, val the same figures unless given."""
+    test = _split(accuracy, seed)
+    val = test if val_accuracy is None else _split(val_accuracy, seed + 1000)
+    return {"val": val, "test": test}
 
 
 def make_run(
@@ -52,6 +58,7 @@ def make_run(
     choices: dict | None = None,
     overrides: list[str] | None = None,
     experiment: str = "demo",
+    val_accuracy: float | None = None,
 ) -> Path:
     """A run folder as the entrypoint writes it: .hydra/, run_info.json, metrics.jsonl/json."""
     run = parent / name
@@ -112,7 +119,7 @@ def make_run(
     if status == "failed":
         (run / "FAILED").write_text("non-finite loss at step 3\n")
     if accuracy is not None:
-        tracker.log_final(_metrics(accuracy, seed=r), {})
+        tracker.log_final(_metrics(accuracy, seed=r, val_accuracy=val_accuracy), {})
     return run
 
 
@@ -140,10 +147,11 @@ def test_table_shows_differing_overrides_sorted_with_status(sweep: Path) -> None
         "last_step",
         "peft.alpha",
         "peft.r",
+        "selection",  # each run's optimized_metric: val/balanced_accuracy
         "test/balanced_accuracy",
         "test/f1_macro",
         "test/auroc_macro",
-        "test/patient_accuracy",
+        "test/patient_recognition_rate",
     ]
     rows = {r["run"]: r for r in report.rows}
     assert [r["run"] for r in report.rows] == ["job1", "job0", "job2", "job3"]
@@ -207,7 +215,7 @@ def test_group_choice_column_replaces_its_keys_and_overrides_fallback(tmp_path: 
     cfg["trainer"]["lr"] = 1e-3
     (b / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
     report = build_report([load_run(a), load_run(b)])
-    settings = report.columns[3:-4]
+    settings = report.columns[3:-5]
     # no hydra.yaml: the group choices come from the overrides; model.kind etc. are explained by
     # the `model` column, magnification.* by `magnification`
     assert settings == ["magnification", "model", "experiment_name", "trainer.lr"]
@@ -244,8 +252,10 @@ def test_markdown_and_csv_written(sweep: Path, tmp_path: Path) -> None:
     assert float(rows[0]["test/balanced_accuracy"]) == report.rows[0]["test/balanced_accuracy"]
     md = paths["markdown"].read_text()
     assert md == to_markdown(report)
-    assert "| job2 | failed | 3 | 16 | 8 | - | - | - | - |" in md
-    assert f"| demo | job1 | completed | {report.rows[0]['test/balanced_accuracy']:.4f} |" in md
+    assert "| job2 | failed | 3 | 16 | 8 | - | - | - | - | - |" in md
+    top = report.rows[0]
+    assert f"| demo | job1 | completed | {top['selection']:.4f} | " in md
+    assert f" | {top['test/balanced_accuracy']:.4f} |" in md
     with paths["best_csv"].open() as f:
         assert [r["run"] for r in csv.DictReader(f)] == ["job1"]
 
@@ -316,9 +326,11 @@ def test_sweep_plot_over_two_axes(tmp_path: Path) -> None:
         (path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
         runs.append(load_run(path))
     assert sweep_axes(runs) == ["peft.r", "trainer.lr"]
-    assert plot_sweep(runs[:1], "test/f1_macro", tmp_path / "none.png") is None
-    path = plot_sweep(runs, "test/f1_macro", tmp_path / "sweep.png")
+    assert plot_sweep(runs[:1], "val/f1_macro", tmp_path / "none.png") is None
+    path = plot_sweep(runs, "selection", tmp_path / "sweep.png", beside="test/f1_macro")
     assert path is not None and _png_size(path)[0] > 500
+    with pytest.raises(ValueError, match="not test"):
+        plot_sweep(runs, "test/f1_macro", tmp_path / "bad.png")
 
 
 def test_missing_matplotlib_names_the_extra(monkeypatch) -> None:
@@ -391,11 +403,12 @@ def test_sweep_plot_starts_at_zero_and_shows_intervals(sweep: Path, monkeypatch)
     from breakhis_ft.analysis.plots import plot_sweep
 
     metrics = json.loads((sweep / "job1" / "metrics.json").read_text())
-    value = metrics["test"]["balanced_accuracy"]
-    metrics["test"]["balanced_accuracy_ci95"] = [value - 0.1, value + 0.05]
+    value = metrics["val"]["balanced_accuracy"]
+    metrics["val"]["balanced_accuracy_ci95"] = [value - 0.1, value + 0.05]
     (sweep / "job1" / "metrics.json").write_text(json.dumps(metrics))
     kept = _keep_figures(monkeypatch)
-    plot_sweep([load_run(p) for p in find_runs([sweep])], "test/balanced_accuracy", "s.png")
+    runs = [load_run(p) for p in find_runs([sweep])]
+    plot_sweep(runs, "val/balanced_accuracy", "s.png", beside=None)
     ((_, fig),) = kept
     ax = fig.axes[0]
     assert ax.get_ylim() == (0.0, 1.02)  # not a 0.002 gap stretched to the full height

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from breakhis_ft.analysis.report import SELECTION, optimized_metric
 from breakhis_ft.analysis.runs import Run, metric_value
 from breakhis_ft.evaluate.figures import _pyplot, _save, plot_run_figures
 
@@ -18,6 +19,7 @@ SWEEP_AXES = ("peft.r", "trainer.lr", "magnification")
 _LOG_AXES = {"peft.r": 2, "trainer.lr": 10}
 # overrides that say nothing about what was trained: left out of a run's label
 _UNNAMED = ("hydra", "paths.", "data.root=", "logger.", "rerun=", "resume=")
+Point = tuple[Any, float, tuple[float, float] | None]  # x, value, 95% interval
 
 
 def run_label(run: Run, settings: Sequence[str] = ()) -> str:
@@ -64,42 +66,39 @@ def sweep_axes(runs: Sequence[Run]) -> list[str]:
     return [a for a in SWEEP_AXES if len({str(_axis_value(r, a)) for r in runs}) > 1]
 
 
+def criterion_value(run: Run, metric: str) -> float | None:
+    """`metric` of a run; "selection": the value of the run's own optimized_metric."""
+    if metric == SELECTION:
+        name = optimized_metric(run)
+        return metric_value(run, name) if name else None
+    return metric_value(run, metric)
+
+
 def metric_interval(run: Run, metric: str) -> tuple[float, float] | None:
-    """The 95% interval of a metric, `<name>_ci95` beside it in metrics.json, when recorded."""
+    """The 95% interval of a metric (`<name>_ci95` beside it in metrics.json), when recorded."""
+    if metric == SELECTION:
+        metric = optimized_metric(run) or ""
     *parents, leaf = metric.split("/")
     value: Any = run.metrics
     for part in parents:
         value = value.get(part) if isinstance(value, dict) else None
     ci = value.get(f"{leaf}_ci95") if isinstance(value, dict) else None
-    if (
-        isinstance(ci, list | tuple)
-        and len(ci) == 2
-        and all(isinstance(v, int | float) for v in ci)
-    ):
-        return float(ci[0]), float(ci[1])
-    return None
+    if not (isinstance(ci, list | tuple) and len(ci) == 2):
+        return None
+    return (float(ci[0]), float(ci[1])) if all(isinstance(v, int | float) for v in ci) else None
 
 
-def _y_limits(ax: Any, values: Sequence[float]) -> None:
-    """From 0 (a difference of 0.002 is not stretched to full height); to 1 for a [0, 1] metric."""
-    if values and min(values) >= 0:
-        top = 1.02 if max(values) <= 1 else max(values) * 1.05
-        ax.set_ylim(0, top)
-
-
-Point = tuple[Any, float, tuple[float, float] | None]  # x, value, 95% interval
-
-
-def _sweep_points(
+def _points(
     runs: Sequence[Run], metric: str, x_axis: str, hue: str | None
 ) -> tuple[dict[Any, list[Point]], int]:
-    """The points of each line (by the hue's value), and how many runs have no value."""
+    """(hue value -> [(x, value, interval)]) of the runs that have the value; and how many do
+    not."""
     points: dict[Any, list[Point]] = {}
     missing = 0
     for run in runs:
-        value = metric_value(run, metric)
+        value = criterion_value(run, metric)
         if value is None:
-            missing += 1  # failed or running: counted in the title, not plotted as zero
+            missing += 1  # failed, running or no such split: counted, not plotted as zero
             continue
         points.setdefault(_axis_value(run, hue) if hue else None, []).append(
             (_axis_value(run, x_axis), value, metric_interval(run, metric))
@@ -107,37 +106,65 @@ def _sweep_points(
     return points, missing
 
 
-def plot_sweep(runs: Sequence[Run], metric: str, path: str | Path) -> Path | None:
-    """The metric against the first varying sweep setting, one line per value of the second;
-    error bars show each run's 95% interval where metrics.json has one."""
+def _draw(ax: Any, pts: list[Point], xs: list, numeric: bool, **style: Any) -> tuple[Any, list]:
+    """One line with its intervals as error bars; (the line, every value and bound drawn)."""
+    ys = [p[1] for p in pts]
+    lows = [p[2][0] if p[2] else p[1] for p in pts]
+    highs = [p[2][1] if p[2] else p[1] for p in pts]
+    bars = ax.errorbar(
+        [p[0] if numeric else xs.index(p[0]) for p in pts],
+        ys,
+        yerr=[
+            [y - lo for y, lo in zip(ys, lows, strict=True)],
+            [hi - y for y, hi in zip(ys, highs, strict=True)],
+        ],
+        marker="o",
+        capsize=3,
+        **style,
+    )
+    return bars.lines[0], lows + highs
+
+
+def _y_limits(ax: Any, values: Sequence[float]) -> None:
+    """From 0 (a difference of 0.002 is not stretched to full height); to 1 for a [0, 1] metric."""
+    if values and min(values) >= 0:
+        ax.set_ylim(0, 1.02 if max(values) <= 1 else max(values) * 1.05)
+
+
+def plot_sweep(
+    runs: Sequence[Run],
+    metric: str,
+    path: str | Path,
+    beside: str | None = "test/balanced_accuracy",
+) -> Path | None:
+    """The criterion (`metric`: a validation metric, or "selection" for each run's
+    optimized_metric) against the first varying sweep setting, one line per value of the
+    second; `beside` (test) drawn dashed in the same colour, to read, never to select by. Error
+    bars show 95% intervals where metrics.json has them; the y axis starts at 0."""
+    if metric.split("/")[0] == "test":
+        raise ValueError(f"{metric}: a sweep is plotted by its validation criterion, not test")
     axes = sweep_axes(runs)
     if not axes:
         return None
     x_axis, hue = axes[0], (axes[1] if len(axes) > 1 else None)
-    points, missing = _sweep_points(runs, metric, x_axis, hue)
+    points, missing = _points(runs, metric, x_axis, hue)
+    extra = _points(runs, beside, x_axis, hue)[0] if beside else {}
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    xs = sorted({p[0] for pts in points.values() for p in pts}, key=_order)
+    xs = sorted({p[0] for pts in [*points.values(), *extra.values()] for p in pts}, key=_order)
     numeric = all(isinstance(x, int | float) for x in xs)
-    shown: list[float] = []
-    for key in sorted(points, key=_order):
-        pts = sorted(points[key], key=lambda p: _order(p[0]))
-        ys = [p[1] for p in pts]
-        lows = [p[2][0] if p[2] else p[1] for p in pts]
-        highs = [p[2][1] if p[2] else p[1] for p in pts]
-        ax.errorbar(
-            [p[0] if numeric else xs.index(p[0]) for p in pts],
-            ys,
-            yerr=[
-                [y - lo for y, lo in zip(ys, lows, strict=True)],
-                [hi - y for y, hi in zip(ys, highs, strict=True)],
-            ],
-            marker="o",
-            capsize=3,
-            label=f"{hue}={key}" if hue else None,
-        )
-        shown += lows + highs
-    _y_limits(ax, shown)
+    drawn: list[float] = []
+    for key in sorted(set(points) | set(extra), key=_order):
+        label = f"{hue}={key}" if hue else metric
+        line = None
+        for series, style, name in ((points, "-", label), (extra, "--", f"{label} ({beside})")):
+            pts = sorted(series.get(key, []), key=lambda p: _order(p[0]))
+            if not pts:
+                continue
+            colour = None if line is None else line.get_color()
+            line, values = _draw(ax, pts, xs, numeric, fmt=style, color=colour, label=name)
+            drawn += values
+    _y_limits(ax, drawn)
     if x_axis in _LOG_AXES and numeric:
         # ranks double (4, 8, 16), learning rates step by decades: evenly spaced on a log axis
         ax.set_xscale("log", base=_LOG_AXES[x_axis])
@@ -147,11 +174,11 @@ def plot_sweep(runs: Sequence[Run], metric: str, path: str | Path) -> Path | Non
     else:
         ax.set_xticks(range(len(xs)), [str(x) for x in xs])
     ax.set_xlabel(x_axis)
-    ax.set_ylabel(metric)
+    shown = "each run's optimized_metric" if metric == SELECTION else metric
+    ax.set_ylabel(f"{shown} (solid)" + (f"; {beside} (dashed)" if beside else ""))
     ax.grid(alpha=0.3)
-    if hue:
-        ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     note = f", {missing} without a value (failed/running) left out" if missing else ""
-    ax.set_title(f"{metric} vs {x_axis}\n{len(runs) - missing} of {len(runs)} runs{note}")
+    ax.set_title(f"{shown} vs {x_axis}\n{len(runs) - missing} of {len(runs)} runs{note}")
     fig.tight_layout()
     return _save(fig, Path(path))

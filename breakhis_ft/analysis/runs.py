@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -176,13 +177,40 @@ def load_run(run_dir: str | Path) -> Run:
     )
 
 
-def metric_value(run: Run, key: str) -> float | None:
-    """A metric by path, `test/balanced_accuracy` or `test/by_magnification/40/f1_macro`."""
-    value: Any = run.metrics
+# metrics.json keys renamed since; runs written before keep the old name
+_OLD_NAMES = {"patient_recognition_rate": "patient_accuracy"}
+
+
+def _lookup(metrics: dict[str, Any], key: str) -> Any:
+    """The value at a `/`-separated path of metrics.json, or None."""
+    value: Any = metrics
     for part in key.split("/"):
         if not isinstance(value, dict) or part not in value:
             return None
         value = value[part]
+    return value
+
+
+def metric_value(run: Run, key: str) -> float | None:
+    """A metric by path, `test/balanced_accuracy` or `test/by_magnification/40/f1_macro`."""
+    value = _lookup(run.metrics, key)
+    parent, _, leaf = key.rpartition("/")
+    if value is None and leaf in _OLD_NAMES:
+        value = _lookup(run.metrics, f"{parent}/{_OLD_NAMES[leaf]}" if parent else _OLD_NAMES[leaf])
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value) if math.isfinite(value) else None
+
+
+def metric_interval(run: Run, key: str) -> tuple[float, float] | None:
+    """The stored interval of a metric (`test/balanced_accuracy` -> its `_ci95`), or None."""
+    parent, _, leaf = key.rpartition("/")
+    block = _lookup(run.metrics, parent) if parent else run.metrics
+    if not isinstance(block, dict):
+        return None
+    pattern = re.compile(rf"{re.escape(leaf)}_ci[0-9.]+")
+    for name, value in block.items():
+        if pattern.fullmatch(name) and isinstance(value, list) and len(value) == 2:
+            if all(isinstance(v, int | float) for v in value):
+                return float(value[0]), float(value[1])
+    return None

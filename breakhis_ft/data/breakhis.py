@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
-
+from breakhis_ft.data.png import load_image, png_problem
 from breakhis_ft.data.records import SUBTYPES, ImageRecord
+from breakhis_ft.errors import BadDataError
 
 MAGNIFICATIONS = (40, 100, 200, 400)
 CODE_TO_SUBTYPE = {code: name for name, (code, _) in SUBTYPES.items()}
@@ -33,10 +33,6 @@ FILE_RE = re.compile(
 _TREE_DIRS = ("breakhis_v1", "histology_slides", "breast")
 FOLDS_COLUMNS = ("fold", "mag", "grp", "filename")
 MAX_LISTED = 20  # bad files named in one error message
-
-
-class BadDataError(ValueError):
-    """Input data that cannot be used; the message names the files and what is wrong."""
 
 
 @dataclass
@@ -230,24 +226,17 @@ def find_folds(root: Path, breast: Path) -> tuple[FoldsTable | None, str]:
     return None, layout
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Decode an image fully as RGB; unreadable or truncated files raise BadDataError."""
-    try:
-        with Image.open(path) as img:
-            img.load()  # decode now: a truncated PNG fails here rather than later in a worker
-            return img.convert("RGB")
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-        raise BadDataError(f"{path}: unreadable or truncated image ({e})") from e
-
-
 def _drop_duplicates(records: list[ImageRecord], keep: str):
-    """Keep one subtype's copy of a patient filed under several subtypes (slide 13412)."""
+    """Keep one subtype's copy of a patient filed under several subtypes (slide 13412), or with
+    keep="both" every copy (the blog notebook's data)."""
     subtypes = defaultdict(set)
     for r in records:
         subtypes[r.patient].add(r.subtype)
     kept, dropped, chosen = [], [], {}
     for patient, subs in subtypes.items():
-        if len(subs) > 1:
+        if len(subs) > 1 and keep == "both":
+            chosen[patient] = "both"
+        elif len(subs) > 1:
             if keep not in subs:
                 raise BadDataError(
                     f"patient {patient} is filed under {', '.join(sorted(subs))}; set "
@@ -255,7 +244,8 @@ def _drop_duplicates(records: list[ImageRecord], keep: str):
                 )
             chosen[patient] = keep
     for r in records:
-        (dropped if r.patient in chosen and r.subtype != chosen[r.patient] else kept).append(r)
+        copy = chosen.get(r.patient, "both")
+        (dropped if copy not in ("both", r.subtype) else kept).append(r)
     return kept, dropped, chosen
 
 
@@ -282,6 +272,9 @@ def scan_breakhis(
                 continue
             try:
                 records.append(record_from_path(full.relative_to(breast).parts, rel))
+                # empty and truncated files are found before any model loads; skip checks CRCs too
+                if problem := png_problem(full, checksums=on_bad_file == "skip"):
+                    raise BadDataError(f"{full}: {problem}")
                 if verify_images:
                     load_image(full)
             except BadDataError as e:

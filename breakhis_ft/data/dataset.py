@@ -3,8 +3,10 @@
 Decoding a 700x460 PNG and resizing it costs far more than reading raw pixels from a memory-mapped
 Arrow file, and every epoch of every run would repeat it. The cache stores each image resized so its
 longest side is `image_size` (aspect kept), as raw RGB bytes. Its folder name is a hash of the
-preprocessing (size, resampling, version) and the file list (paths, sizes, modification times): a
-change in any of them selects a new cache, and an existing one is reused as is.
+preprocessing (size, resampling, version, stain normaliser) and the file list (paths, sizes,
+modification times): a change in any of them selects a new cache, and an existing one is reused as
+is. With a stain normaliser (data.stain_norm) each image is normalised at full size, then resized;
+images it passes through unchanged (no stain to estimate) are listed in the cache's cache.json.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from breakhis_ft.config import AugmentConfig
 from breakhis_ft.data.augment import Augmenter, is_identity
 from breakhis_ft.data.breakhis import load_image
 from breakhis_ft.data.records import ImageRecord, Task, as_task
+from breakhis_ft.data.stain import StainNormalizer
 
 CACHE_VERSION = 1  # bump when the stored format or the resizing changes
 RESAMPLE = Image.Resampling.BICUBIC
@@ -61,7 +64,25 @@ def resize_longest(image: Image.Image, size: int | None) -> Image.Image:
     return image.resize(new, RESAMPLE)
 
 
-def cache_key(records: Sequence[ImageRecord], root: str | Path, image_size: int) -> str:
+def preprocess_image(
+    image: Image.Image, image_size: int | None, stain: StainNormalizer | None = None
+) -> tuple[Image.Image, str | None]:
+    """Training's preprocessing: stain-normalise at full size (when given), then resize.
+
+    Returns (image, why the normaliser passed it through unchanged, or None).
+    """
+    reason = None
+    if stain is not None:
+        image, reason = stain.normalize(image)
+    return resize_longest(image, image_size), reason
+
+
+def cache_key(
+    records: Sequence[ImageRecord],
+    root: str | Path,
+    image_size: int,
+    stain: StainNormalizer | None = None,
+) -> str:
     """Hash of the preprocessing and of the files (path, size, mtime) that a cache holds."""
     root = Path(root)
     files = []
@@ -75,17 +96,27 @@ def cache_key(records: Sequence[ImageRecord], root: str | Path, image_size: int)
         "root": str(root.resolve()),
         "files": files,
     }
+    if stain is not None:  # absent without one: caches built before stain normalisation stay valid
+        spec["stain"] = stain.identity()
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:20]
 
 
-def _decode(root: Path, record: ImageRecord, image_size: int) -> dict:
-    img = resize_longest(load_image(root / record.path), image_size)
-    return {
+def _decode(
+    root: Path, record: ImageRecord, image_size: int, stain: StainNormalizer | None
+) -> tuple[dict, str | None]:
+    img, reason = preprocess_image(load_image(root / record.path), image_size, stain)
+    row = {
         "path": record.path,
         "height": img.height,
         "width": img.width,
         "pixels": np.asarray(img, dtype=np.uint8).tobytes(),
     }
+    return row, reason
+
+
+def cache_info(cache: datasets.Dataset) -> dict:
+    """The cache.json of an image cache: images, image_size, root, stain, stain_passed_through."""
+    return json.loads((Path(cache.cache_files[0]["filename"]).parent / DONE).read_text())
 
 
 def build_image_cache(
@@ -95,17 +126,20 @@ def build_image_cache(
     cache_dir: str | Path,
     workers: int | None = None,
     progress: bool = True,
+    stain: StainNormalizer | None = None,
 ) -> datasets.Dataset:
     """The Arrow cache of these records' resized images: built once (atomically), then reused.
 
     Pass all the records of a scan to have one cache serve every split and magnification.
+    `stain`: normalise each image before resizing; `cache_info(cache)["stain_passed_through"]`
+    lists [path, reason] of the images it left unchanged.
     """
     if not records:
         raise ValueError("build_image_cache: no records")
     if image_size < 1:
         raise ValueError(f"data.image_size={image_size}: must be a positive number of pixels")
     root = Path(root)
-    final = Path(cache_dir).expanduser() / "images" / cache_key(records, root, image_size)
+    final = Path(cache_dir).expanduser() / "images" / cache_key(records, root, image_size, stain)
     if (final / DONE).is_file():
         return datasets.Dataset.from_file(str(final / "data.arrow"))
     tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
@@ -116,18 +150,21 @@ def build_image_cache(
         bar = tqdm(
             total=len(records), desc=f"caching images at {image_size}px", disable=not progress
         )
+        passed: list[list[str]] = []  # [path, reason] of images the normaliser left unchanged
         with ThreadPoolExecutor(workers) as pool:
             for start in range(0, len(records), 256):  # bounded memory: 256 images per batch
-                rows = list(
-                    pool.map(lambda r: _decode(root, r, image_size), records[start : start + 256])
-                )
+                batch = records[start : start + 256]
+                done = list(pool.map(lambda r: _decode(root, r, image_size, stain), batch))
+                rows = [row for row, _ in done]
+                passed += [[row["path"], why] for row, why in done if why is not None]
                 writer.write_batch({k: [row[k] for row in rows] for k in FEATURES})
                 bar.update(len(rows))
         bar.close()
         writer.finalize()
-        (tmp / DONE).write_text(
-            json.dumps({"images": len(records), "image_size": image_size, "root": str(root)})
-        )
+        info = {"images": len(records), "image_size": image_size, "root": str(root)}
+        if stain is not None:
+            info.update(stain=stain.to_dict(), stain_passed_through=passed)
+        (tmp / DONE).write_text(json.dumps(info))
         try:
             os.rename(tmp, final)
         except OSError:
@@ -152,9 +189,9 @@ class ImageDataset(torch.utils.data.Dataset):
     """Items {"image": PIL RGB, "label", "index", "path"}; training augmentation per epoch.
 
     `image_source` is the Arrow cache of `build_image_cache` (fast) or the data root (decode each
-    PNG on the fly, resized to `image_size` when given). Augmentation is seeded by (seed, epoch,
-    index): call `set_epoch` before each epoch; with DataLoader workers keep
-    `persistent_workers=False` so that workers see the new epoch.
+    PNG on the fly, stain-normalised with `stain` and resized to `image_size` when given).
+    Augmentation is seeded by (seed, epoch, index): call `set_epoch` before each epoch; with
+    DataLoader workers keep `persistent_workers=False` so that workers see the new epoch.
     """
 
     def __init__(
@@ -165,6 +202,7 @@ class ImageDataset(torch.utils.data.Dataset):
         augment: AugmentConfig | None = None,
         with_images: bool = True,
         image_size: int | None = None,
+        stain: StainNormalizer | None = None,
     ) -> None:
         if len(labels) != len(records):
             raise ValueError(f"{len(records)} records but {len(labels)} labels")
@@ -172,6 +210,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self.labels = [int(x) for x in labels]
         self.with_images = with_images
         self.image_size = image_size
+        self.stain = stain  # decoding from the root only: a cache holds normalised images
         self.augmenter = None if is_identity(augment) else Augmenter(augment)
         self.epoch = 0
         self.cache: datasets.Dataset | None = None
@@ -202,7 +241,8 @@ class ImageDataset(torch.utils.data.Dataset):
             row = self.cache[self.rows[index]]
             pixels = np.frombuffer(row["pixels"], np.uint8).reshape(row["height"], row["width"], 3)
             return Image.fromarray(pixels)
-        return resize_longest(load_image(self.root / self.records[index].path), self.image_size)
+        image = load_image(self.root / self.records[index].path)
+        return preprocess_image(image, self.image_size, self.stain)[0]
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]

@@ -39,6 +39,7 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,6 +49,8 @@ from torchstain.numpy.normalizers import NumpyMacenkoNormalizer, NumpyReinhardNo
 log = logging.getLogger(__name__)
 
 METHODS = ("macenko", "reinhard")
+# a run folder's (and an export's) fitted normaliser, `to_dict()` as JSON
+NORMALIZER_FILE = "stain_normalizer.json"
 STAIN_VERSION = 1  # bump when this module's output for the same parameters changes
 # Macenko settings: incident light intensity, percentile of the extreme stain angles, and the OD
 # a tissue pixel reaches in every channel. torchstain's defaults except BETA (theirs: 0.15): at
@@ -337,3 +340,23 @@ def fit_stain_normalizer(
     if method == "macenko":
         params.update(io=float(io), alpha=ALPHA, beta=float(beta))
     return StainNormalizer(method, params, tuple(used))
+
+
+def save_normalizer(normalizer: StainNormalizer, folder: str | Path) -> Path:
+    """Write `normalizer.to_dict()` as NORMALIZER_FILE in `folder` (atomically); its path."""
+    path = Path(folder) / NORMALIZER_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(normalizer.to_dict(), indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def load_normalizer(folder: str | Path) -> StainNormalizer | None:
+    """The normaliser saved in `folder` (NORMALIZER_FILE), or None when there is none."""
+    path = Path(folder) / NORMALIZER_FILE
+    if not path.is_file():
+        return None
+    try:
+        return StainNormalizer.from_dict(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: not a stain normaliser this code can use ({err})") from err

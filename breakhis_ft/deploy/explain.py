@@ -287,6 +287,14 @@ def attributions(
 
 def _boxes(classifier: Classifier, images: Sequence[Image.Image]) -> list[tuple[float, ...]]:
     """Each image's place in the model's square input (a padding SigLIP centres it)."""
+    if isinstance(classifier, SiglipClassifier) and classifier.preprocessor.resize not in (
+        "pad",
+        "stretch",
+    ):
+        raise ValueError(
+            f"model.resize={classifier.preprocessor.resize}: the model saw a crop of each image, "
+            "which the overlay cannot place yet; explain a run trained with pad or stretch"
+        )
     if not isinstance(classifier, SiglipClassifier) or classifier.preprocessor.resize != "pad":
         return [FULL_BOX] * len(images)
     boxes = []

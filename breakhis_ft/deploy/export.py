@@ -4,11 +4,13 @@ Merged (default): a standard transformers checkpoint (safetensors + processor). 
 `AutoModelForImageTextToText.from_pretrained(dir)` + `AutoProcessor.from_pretrained(dir)`, no
 peft needed. SigLIP: the (merged) vision encoder, `SiglipVisionModel.from_pretrained(dir)` +
 `AutoImageProcessor`, beside the linear head (`head.safetensors`). The merge runs in float32 (the
-base upcast exactly, W + BA added once) and the result is cast to the run's precision.
+base upcast exactly, W + BA added once) and the result is cast to the run's precision. A QLoRA
+run's base is its NF4 weights dequantized (what its adapter learned on), not the 16-bit checkpoint.
 Adapter only: the run's `best/` folder as it is (MedGemma: `PeftModel.from_pretrained(base, dir)`).
 Either way `export_info.json` records what classification needs besides the weights: class names,
-the prompt, the preprocessing, the source run and its resolved config; `predict.py --model DIR`
-classifies with it.
+the prompt, the preprocessing (with the run's stain normaliser, whose `stain_normalizer.json` is
+copied beside it), the source run and its resolved config; `predict.py --model DIR` classifies
+with it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel
 
+from breakhis_ft.data.stain import NORMALIZER_FILE, load_normalizer
 from breakhis_ft.deploy.loading import (
     EXPORT_INFO,
     classifier_from_run,
@@ -34,7 +37,9 @@ from breakhis_ft.deploy.loading import (
     preprocess_size,
 )
 from breakhis_ft.deploy.model_card import describe, model_card
+from breakhis_ft.evaluate.calibration import read_temperature
 from breakhis_ft.models.base import Classifier
+from breakhis_ft.models.gemma_loading import merge_dequantized
 from breakhis_ft.models.precision import DTYPES
 
 log = logging.getLogger(__name__)
@@ -47,14 +52,10 @@ class ExportError(ValueError):
 
 
 def _export_config(run_dir: Path, overrides: Sequence[str]) -> DictConfig:
-    """The run's config for merging: float32 weights, and a QLoRA run's adapter on a 16-bit base."""
+    """The run's config (a QLoRA run's too: its adapter goes with the 4-bit base it learned on)."""
     cfg = load_run_config(run_dir, overrides)
     if cfg.model.kind == "siglip" and cfg.model.zero_shot:
         raise ExportError(f"{run_dir}: a zero-shot run trained nothing; there is nothing to export")
-    if cfg.peft.method == "qlora":
-        # Merging into 4-bit weights would round the adapter away: the same adapter goes onto the
-        # unquantised base (the usual way to merge a QLoRA adapter).
-        cfg.peft.method = "lora"
     return cfg
 
 
@@ -73,6 +74,7 @@ def export_info(
     best_info = json.loads(best.read_text()) if best.is_file() else {}
     config = OmegaConf.to_container(cfg, resolve=True)
     config["precision"]["name"] = precision
+    stain = load_normalizer(run_dir)
     return {
         "format": fmt,  # merged | adapter
         "model_kind": str(cfg.model.kind),
@@ -80,21 +82,28 @@ def export_info(
         "class_names": list(cfg.task.classes),
         "prompt": OmegaConf.to_container(cfg.model.prompt, resolve=True),
         "image_size": image_size,  # longest side before the processor; null: not resized
+        # data.stain_norm's fitted normaliser (also stain_normalizer.json), applied before resizing
+        "stain_normalizer": None if stain is None else stain.to_dict(),
         "precision": precision,
         "base_model": str(cfg.model.name_or_path),
         "peft": OmegaConf.to_container(cfg.peft, resolve=True),
         "source_run": str(Path(run_dir).resolve()),
         "best": {k: best_info.get(k) for k in ("step", "monitor", "value")},
+        # fitted on the run's validation split; predict divides log-probabilities by it
+        "temperature": read_temperature(run_dir),
         "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        **describe(cfg, run_dir, image_size),
+        **describe(cfg, image_size),
         "config": config,
     }
 
 
 def _write_info(out_dir: Path, info: dict[str, Any], run_dir: Path) -> None:
-    """export_info.json and the model card (README.md; replaces peft's blank template)."""
+    """export_info.json, the model card (README.md; replaces peft's blank template), and the run's
+    stain normaliser beside them (predict.py applies it)."""
     (out_dir / EXPORT_INFO).write_text(json.dumps(info, indent=2, default=str))
     (out_dir / "README.md").write_text(model_card(info, run_dir, out_dir))
+    if (run_dir / NORMALIZER_FILE).is_file():
+        shutil.copy2(run_dir / NORMALIZER_FILE, out_dir / NORMALIZER_FILE)
 
 
 def export_adapter(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
@@ -125,6 +134,8 @@ def merged_module(classifier: Classifier) -> torch.nn.Module:
     # SigLIP classifiers hold `encoder` (+ a head saved beside it), MedGemma ones `model`.
     model = classifier.encoder if hasattr(classifier, "encoder") else classifier.model
     if isinstance(model, PeftModel):
+        if getattr(model.get_base_model(), "is_loaded_in_4bit", False):  # QLoRA
+            return merge_dequantized(model)
         return model.merge_and_unload()
     return model
 
@@ -145,7 +156,8 @@ def export_merged(
     precision = precision or str(cfg.precision.name)
     if precision not in DTYPES:
         raise ExportError(f"precision: got {precision!r}, allowed: {', '.join(DTYPES)}")
-    cfg.precision.name = "fp32"  # merge in float32: one rounding, at the final cast
+    if cfg.peft.method != "qlora":  # QLoRA loads its 4-bit base as trained; it merges in fp32
+        cfg.precision.name = "fp32"  # merge in float32: one rounding, at the final cast
     classifier = classifier_from_run(cfg, run_dir)
     size = preprocess_size(cfg, classifier)
     _prepare_out(out_dir, overwrite)

@@ -19,18 +19,14 @@ from omegaconf import DictConfig
 from breakhis_ft.data.dataset import RESAMPLE
 from breakhis_ft.models.prompts import make_prompt
 
-CALIBRATION = "calibration.json"  # {"temperature": T, ...} beside metrics.json, when calibrated
-CARD_METRICS = ("balanced_accuracy", "accuracy", "f1_macro", "auroc_macro", "patient_accuracy")
+CARD_METRICS = (
+    "balanced_accuracy",
+    "accuracy",
+    "f1_macro",
+    "auroc_macro",
+    "patient_recognition_rate",
+)
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-
-
-def read_temperature(run_dir: Path) -> float | None:
-    """The run's calibrated softmax temperature (calibration.json), or None."""
-    path = Path(run_dir) / CALIBRATION
-    if not path.is_file():
-        return None
-    value = json.loads(path.read_text()).get("temperature")
-    return float(value) if isinstance(value, int | float) else None
 
 
 def prompt_details(cfg: DictConfig) -> dict[str, Any]:
@@ -56,6 +52,8 @@ def preprocessing(cfg: DictConfig, image_size: int | None) -> dict[str, Any]:
         "resize": None if image_size is None else "longest_side",
         "size": image_size,
         "resample": RESAMPLE.name.lower(),
+        # none, or the H&E normaliser (stain_normalizer.json, applied before the resize)
+        "stain_norm": str(cfg.data.stain_norm),
     }
     if cfg.model.kind == "siglip":
         from breakhis_ft.models.siglip_loading import (
@@ -69,12 +67,9 @@ def preprocessing(cfg: DictConfig, image_size: int | None) -> dict[str, Any]:
     return steps
 
 
-def describe(cfg: DictConfig, run_dir: Path, image_size: int | None) -> dict[str, Any]:
-    """The self-describing part of export_info.json."""
-    info: dict[str, Any] = {
-        "preprocessing": preprocessing(cfg, image_size),
-        "temperature": read_temperature(run_dir),  # divide the logits by it (None: 1)
-    }
+def describe(cfg: DictConfig, image_size: int | None) -> dict[str, Any]:
+    """The self-describing part of export_info.json (beside its temperature)."""
+    info: dict[str, Any] = {"preprocessing": preprocessing(cfg, image_size)}
     if cfg.model.kind == "medgemma":
         info.update(prompt_details(cfg))
     else:
@@ -127,7 +122,7 @@ def _constants(info: dict[str, Any], out_dir: Path) -> list[str]:
         'IMAGE = "path/to/image.png"',
         f"CLASSES = {info['class_names']!r}",
         f"SIZE = {size!r}  # longest side before the processor (None: as it is)",
-        f"TEMPERATURE = {info.get('temperature') or 1.0!r}  # calibrated softmax temperature",
+        f"TEMPERATURE = {info.get('temperature') or 1.0!r}  # fitted on validation (calibration)",
     ]
 
 
@@ -257,6 +252,18 @@ def _data_section(cfg: dict[str, Any], run_dir: Path) -> list[str]:
     ]
 
 
+def _stain_note(info: dict[str, Any]) -> list[str]:
+    stain = (info.get("preprocessing") or {}).get("stain_norm", "none")
+    if stain in ("none", None):
+        return []
+    return [
+        f"The run normalised H&E stains ({stain}, `stain_normalizer.json` here) before resizing; "
+        "this snippet does not, so its probabilities differ from the run's. "
+        "`python scripts/predict.py --model THIS_FOLDER IMAGES` applies it.",
+        "",
+    ]
+
+
 def model_card(info: dict[str, Any], run_dir: Path, out_dir: Path) -> str:
     """README.md of an export: metadata, classes, data, split, metrics (with intervals), usage."""
     cfg, best = info["config"], info.get("best") or {}
@@ -299,6 +306,7 @@ def model_card(info: dict[str, Any], run_dir: Path, out_dir: Path) -> str:
         + (" and peft" if info["format"] == "adapter" else "")
         + "; the values are this export's own (export_info.json holds them too).",
         "",
+        *_stain_note(info),
         "```python",
         usage_snippet(info, out_dir).rstrip(),
         "```",

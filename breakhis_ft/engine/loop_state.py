@@ -134,9 +134,12 @@ def true_class_nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def eval_line(
-    state: LoopState, monitor: str, value: float | None, loss: float, improved: bool
+    state: LoopState, value: float | None, loss: float, improved: bool, split: str = "val"
 ) -> str:
     """One terminal line per evaluation: the monitored value and the best so far."""
+    head = f"eval step {state.global_step}: "
+    if state.monitor is None:
+        return head + f"{split}/loss {loss:.4f} (no model selection on {split})"
     shown = "undefined" if value is None else f"{value:.4f}"
     if improved:
         best = "new best"
@@ -144,7 +147,7 @@ def eval_line(
         best = "no best yet"
     else:
         best = f"best {state.best_value:.4f} at step {state.best_step}"
-    return f"eval step {state.global_step}: {monitor} {shown} ({best}), val/loss {loss:.4f}"
+    return head + f"{state.monitor} {shown} ({best}), {split}/loss {loss:.4f}"
 
 
 def scalars(metrics: dict[str, Any], prefix: str) -> dict[str, float]:

@@ -43,6 +43,26 @@ def make_loader(
     )
 
 
+def on_device(classifier: nn.Module, accelerator: Accelerator) -> None:
+    """Move a classifier that is not on the accelerator's device there."""
+    first = next(classifier.parameters(), None)
+    if first is not None and first.device != accelerator.device:
+        classifier.to(accelerator.device)
+
+
+def eval_loader(
+    classifier: nn.Module, dataset: Dataset, accelerator: Accelerator, batch_size: int
+) -> DataLoader:
+    """Prompt-only (train=False) batches of `dataset`, sharded over the processes, on device."""
+    return prepare_data_loader(
+        make_loader(dataset, functools.partial(classifier.collate, train=False), batch_size),
+        device=accelerator.device,
+        num_processes=accelerator.num_processes,
+        process_index=accelerator.process_index,
+        put_on_device=True,
+    )
+
+
 @torch.no_grad()
 def predict(
     classifier: nn.Module,
@@ -64,16 +84,8 @@ def predict(
         dataset = Subset(dataset, range(n))
     if forward is None:
         forward = ClassifierForward(classifier)
-        first = next(classifier.parameters(), None)
-        if first is not None and first.device != accelerator.device:
-            classifier.to(accelerator.device)
-    loader = prepare_data_loader(
-        make_loader(dataset, functools.partial(classifier.collate, train=False), batch_size),
-        device=accelerator.device,
-        num_processes=accelerator.num_processes,
-        process_index=accelerator.process_index,
-        put_on_device=True,
-    )
+        on_device(classifier, accelerator)
+    loader = eval_loader(classifier, dataset, accelerator, batch_size)
     was_training = classifier.training
     classifier.eval()
     chunks: list[tuple[torch.Tensor, ...]] = []

@@ -48,7 +48,7 @@ from breakhis_ft.engine.optim import param_groups
 from breakhis_ft.engine.predict import ClassifierForward, make_loader, predict
 from breakhis_ft.engine.profiling import step_profiler
 from breakhis_ft.engine.sampling import EpochSampler, dataset_labels, inverse_frequency_weights
-from breakhis_ft.engine.stop import StopSignal
+from breakhis_ft.engine.stop import RunInterrupted, StopSignal
 from breakhis_ft.errors import NonFiniteError
 
 log = logging.getLogger(__name__)
@@ -57,14 +57,6 @@ LogFn = Callable[[dict[str, float], int], None]
 OptimizerFactory = Callable[..., torch.optim.Optimizer]  # (params, lr=...) -> optimizer
 # (probs, labels, dataset indices, dataset) -> the split's metrics (evaluate.metrics)
 MetricsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Dataset], dict[str, Any]]
-
-
-class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM ended training; a checkpoint of `step` was saved (single process)."""
-
-    def __init__(self, step: int, signal_name: str) -> None:
-        super().__init__(f"{signal_name} at step {step}")
-        self.step, self.signal_name = step, signal_name
 
 
 @dataclass
@@ -100,8 +92,11 @@ class TrainingRecipe:
         self.cfg, self.run_dir, self.acc = trainer_cfg, Path(run_dir), accelerator
         self.optimizer_factory, self.metrics_fn = optimizer_factory, metrics_fn
         self.log_fn, self.seed = log_fn, seed
+        # trainer.eval_split=test (the blog notebook's) is only logged: nothing is selected on it
+        self.eval_name = str(getattr(trainer_cfg, "eval_split", "val"))
+        selects = val_ds is not None and self.eval_name == "val"
         self.state = LoopState(
-            monitor=trainer_cfg.monitor if val_ds is not None else None,
+            monitor=trainer_cfg.monitor if selects else None,
             sign=1.0 if trainer_cfg.monitor_mode == "max" else -1.0,
         )
         self.forward: nn.Module | None = None
@@ -305,7 +300,7 @@ class TrainingRecipe:
         if st.global_step != self.last_ckpt_step:
             self.save_checkpoint()
         if st.best_step is None:
-            if self.val_ds is not None:
+            if st.monitor is not None:
                 log.warning(
                     "%s was never defined: the final model is kept as best", self.cfg.monitor
                 )
@@ -330,7 +325,8 @@ class TrainingRecipe:
             log.warning("interrupted: saving a checkpoint at step %d", step)
             self.acc.step = 0  # drop the unfinished accumulation: resume restarts at the boundary
             self.save_checkpoint()
-        raise RunInterrupted(step, self.stop.requested or "SIGINT") from err
+        saved = self.last_ckpt_step if self.last_ckpt_step >= 0 else None  # resume starts there
+        raise RunInterrupted(saved, self.stop.requested or "SIGINT") from err
 
     # ---- evaluation and checkpoints ------------------------------------------------------------
 
@@ -340,21 +336,24 @@ class TrainingRecipe:
             self.log_fn(metrics, step)
 
     def evaluate(self) -> None:
-        """Metrics of the validation split; the best model so far is saved; early stopping."""
+        """Metrics of the evaluated split; on validation the best model so far is saved and
+        early stopping counts; a test split (trainer.eval_split=test) is only logged."""
         st = self.state
         probs, labels, indices = self.predict(self.val_ds, self.cfg.eval_batch_size)
         metrics = self.metrics_fn(probs, labels, indices, self.val_ds)
         metrics["loss"] = true_class_nll(probs, labels)
-        value = lookup_metric(metrics, self.cfg.monitor)
-        flat = scalars(metrics, "val")
+        flat = scalars(metrics, self.eval_name)
         st.history.append({"step": st.global_step, "epoch": st.epoch, **flat})
         st.last_eval_step = st.global_step
         self.log(flat, st.global_step)
-        improved = st.improves(value)
+        value = lookup_metric(metrics, self.cfg.monitor) if st.monitor else None
+        improved = st.monitor is not None and st.improves(value)
         if improved:
             st.best_value, st.best_step, st.bad_evals = value, st.global_step, 0
         if self.acc.is_main_process:
-            log.info(eval_line(st, self.cfg.monitor, value, metrics["loss"], improved))
+            log.info(eval_line(st, value, metrics["loss"], improved, self.eval_name))
+        if st.monitor is None:  # curves only (trainer.eval_split=test): nothing is selected
+            return
         if improved:
             self.save_best(metrics)
             return

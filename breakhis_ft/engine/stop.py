@@ -1,16 +1,57 @@
 """SIGTERM handled like Ctrl-C: the recipe stops at the next update boundary and checkpoints.
 
-SLURM, Cloud Run, Vertex and `docker stop` send SIGTERM, then SIGKILL after a grace period. The
-handler only records the request; the training loop checks it after each optimizer update, saves
-a checkpoint there and raises, so the run ends as `interrupted` with nothing lost.
+SLURM, Cloud Run, Vertex and `docker stop` send SIGTERM, then SIGKILL after a grace period. For the
+whole run (`sigterm_interrupts`), SIGTERM raises `RunInterrupted` as Ctrl-C raises
+KeyboardInterrupt; while the recipe trains (`StopSignal`) the handler only records the request,
+the loop checks it after each optimizer update, saves a checkpoint there and raises, so the run
+ends as `interrupted` with nothing lost and the process exits with 128 + the signal's number.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM ended the run; `step` is its latest checkpoint's (where `resume=`
+    continues), saved at the stop when one process trains; None outside training."""
+
+    def __init__(self, step: int | None, signal_name: str) -> None:
+        where = f" at step {step}" if step is not None else ""
+        super().__init__(f"{signal_name}{where}")
+        self.step, self.signal_name = step, signal_name
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal's number, as a shell reports a process the signal ended (143, 130)."""
+        return 128 + int(signal.Signals[self.signal_name])
+
+
+def _in_main_thread() -> bool:
+    # signal handlers can only be installed from the main thread (not in a worker thread)
+    return threading.current_thread() is threading.main_thread()
+
+
+def _raise_interrupted(signum: int, _frame: FrameType | None) -> None:
+    raise RunInterrupted(None, signal.Signals(signum).name)
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Within the block, SIGTERM raises RunInterrupted wherever the run is (as Ctrl-C does)."""
+    if not _in_main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class StopSignal:
@@ -24,8 +65,7 @@ class StopSignal:
         self.requested = signal.Signals(signum).name
 
     def __enter__(self) -> StopSignal:
-        # signal handlers can only be installed from the main thread (not in a worker thread)
-        if threading.current_thread() is threading.main_thread():
+        if _in_main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 

@@ -6,8 +6,11 @@ intervals that are too narrow. Each resample draws as many patients as there are
 replacement, and takes all the images of every drawn patient (a patient drawn twice counts twice).
 
 A metric function takes `(probs [n, C] float64, labels [n] int64)` numpy arrays and returns a
-float, or None/NaN where the metric is undefined on that sample. Undefined resample values are
-dropped (not counted as 0) and the number of valid resamples is reported with each interval.
+float, or None/NaN where the metric is undefined on that sample. A metric that needs to know which
+images belong to one patient (the patient recognition rate) is wrapped in `PatientMetric` and also
+gets `groups [n]`, one number per drawn patient (a patient drawn twice is two groups).
+Undefined resample values are dropped (not counted as 0) and the number of valid resamples is
+reported with each interval.
 The metric functions here follow the definitions of the torchmetrics-based `compute_metrics`, so
 their values on the full split equal the figures in metrics.json.
 """
@@ -69,6 +72,45 @@ def as_arrays(
     return probs, labels, patients
 
 
+@dataclass(frozen=True)
+class PatientMetric:
+    """A metric computed per patient: called `fn(probs, labels, groups)`, groups [n] int."""
+
+    fn: Callable[[np.ndarray, np.ndarray, np.ndarray], float | None]
+
+    def __call__(self, probs: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> float | None:
+        """The metric of the images, `groups` numbering their (drawn) patients."""
+        return self.fn(probs, labels, groups)
+
+
+def patient_codes(patients: Sequence[Any]) -> np.ndarray:
+    """Each image's patient number, patients numbered in sorted id order."""
+    return np.unique(np.asarray([str(p) for p in patients]), return_inverse=True)[1]
+
+
+def grouped_resamples(
+    patients: Sequence[Any], n_resamples: int = 1000, seed: int = 0
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(image indices, drawn-patient groups) of each resample; see `patient_resamples`.
+
+    The group of an image copy numbers the draw it came with: a patient drawn twice gives two
+    groups, each holding every image of the patient once.
+    """
+    codes = patient_codes(patients)
+    n_patients = int(codes.max()) + 1
+    rng = np.random.default_rng(seed)
+    images = np.arange(len(codes))
+    for _ in range(n_resamples):
+        draws = rng.integers(0, n_patients, size=n_patients)
+        copies = np.bincount(draws, minlength=n_patients)
+        # each image appears as often as its patient was drawn; order is irrelevant to metrics
+        repeats = copies[codes]
+        idx = np.repeat(images, repeats)
+        # copy j (0-based) of every image of patient p belongs to draw (p, j)
+        copy = np.arange(len(idx)) - np.repeat(np.cumsum(repeats) - repeats, repeats)
+        yield idx, codes[idx] * n_patients + copy
+
+
 def patient_resamples(
     patients: Sequence[Any], n_resamples: int = 1000, seed: int = 0
 ) -> Iterator[np.ndarray]:
@@ -77,15 +119,8 @@ def patient_resamples(
     Patients are numbered in sorted id order, so the resamples depend on the ids and the seed
     only, not on the order of the images; two runs on the same images get the same resamples.
     """
-    _, codes = np.unique(np.asarray([str(p) for p in patients]), return_inverse=True)
-    n_patients = int(codes.max()) + 1
-    rng = np.random.default_rng(seed)
-    images = np.arange(len(codes))
-    for _ in range(n_resamples):
-        draws = rng.integers(0, n_patients, size=n_patients)
-        copies = np.bincount(draws, minlength=n_patients)
-        # each image appears as often as its patient was drawn; order is irrelevant to metrics
-        yield np.repeat(images, copies[codes])
+    for idx, _ in grouped_resamples(patients, n_resamples, seed):
+        yield idx
 
 
 def defined(value: float | None) -> float | None:
@@ -102,8 +137,15 @@ def percentile_interval(values: Sequence[float], level: float) -> tuple[float, f
     return float(lo), float(hi)
 
 
+def _value(fn: MetricFn | PatientMetric, probs, labels, groups) -> float | None:
+    """The metric's value, None where undefined; a PatientMetric also gets the groups."""
+    if isinstance(fn, PatientMetric):
+        return defined(fn(probs, labels, groups))
+    return defined(fn(probs, labels))
+
+
 def bootstrap_intervals(
-    metric_fns: Mapping[str, MetricFn],
+    metric_fns: Mapping[str, MetricFn | PatientMetric],
     probs: Any,
     labels: Any,
     patients: Sequence[Any],
@@ -122,18 +164,18 @@ def bootstrap_intervals(
         raise ValueError(f"n_resamples must be at least 1, got {n_resamples}")
     probs, labels, patients = as_arrays(probs, labels, patients)
     values: dict[str, list[float]] = {name: [] for name in metric_fns}
-    for idx in patient_resamples(patients, n_resamples, seed):
+    for idx, groups in grouped_resamples(patients, n_resamples, seed):
         sample_probs, sample_labels = probs[idx], labels[idx]
         for name, fn in metric_fns.items():
-            value = defined(fn(sample_probs, sample_labels))
+            value = _value(fn, sample_probs, sample_labels, groups)
             if value is not None:
                 values[name].append(value)
+    codes = patient_codes(patients)
     intervals = {}
     for name, fn in metric_fns.items():
         lo, hi = percentile_interval(values[name], level) if values[name] else (None, None)
-        intervals[name] = Interval(
-            defined(fn(probs, labels)), lo, hi, level, len(values[name]), n_resamples
-        )
+        estimate = _value(fn, probs, labels, codes)
+        intervals[name] = Interval(estimate, lo, hi, level, len(values[name]), n_resamples)
     return intervals
 
 
@@ -187,6 +229,32 @@ def f1_macro(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(2 * tp[seen] / (2 * tp[seen] + fp[seen] + fn[seen])))
 
 
+def f1_weighted(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Per-class F1 weighted by the class's support (torchmetrics' weighted average).
+
+    A class with support but no hit has F1 0; a class absent from the labels weighs 0.
+    """
+    n_classes = probs.shape[1]
+    preds = probs.argmax(axis=1)
+    tp = np.bincount(labels[preds == labels], minlength=n_classes)
+    support = np.bincount(labels, minlength=n_classes)
+    denominator = np.bincount(preds, minlength=n_classes) + support  # 2tp + fp + fn
+    f1 = np.divide(2 * tp, denominator, out=np.zeros(n_classes), where=denominator > 0)
+    return float(np.sum(f1 * support) / support.sum())
+
+
+def _recognition_rate(probs: np.ndarray, labels: np.ndarray, groups: np.ndarray) -> float:
+    """Mean over (drawn) patients of each patient's share of correctly classified images."""
+    _, group = np.unique(groups, return_inverse=True)
+    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+    return float(np.mean(np.bincount(group, weights=correct) / np.bincount(group)))
+
+
+# Spanhol et al.'s patient-level recognition rate; a patient drawn twice counts twice, as any
+# resampled unit does
+recognition_rate = PatientMetric(_recognition_rate)
+
+
 def _average_ranks(x: np.ndarray) -> np.ndarray:
     """1-based ranks of x, ties given their average rank (the Mann-Whitney convention)."""
     _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
@@ -217,3 +285,59 @@ STANDARD_METRICS: dict[str, MetricFn] = {
     "f1_macro": f1_macro,
     "auroc_macro": auroc_macro,
 }
+
+
+def _binary_auroc(scores: np.ndarray, target: np.ndarray) -> float | None:
+    """Mann-Whitney AUROC of scores for target 1 vs 0; None without both classes."""
+    n_pos = int(target.sum())
+    n_neg = len(target) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    rank_sum = _average_ranks(scores)[target == 1].sum()
+    return float((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def binary_metrics(malignant: Sequence[bool]) -> dict[str, MetricFn]:
+    """Benign/malignant collapse of subtype probabilities, as compute_metrics' `binary` block.
+
+    The predicted type is the type of the argmax class; the AUROC scores the summed malignant
+    probability. `f1` (malignant positive) is 0 when there is no malignant image and none is
+    predicted (torchmetrics' zero_division); `auroc` is undefined (None) without both types.
+    """
+    flags = np.asarray(list(malignant), dtype=bool)
+
+    def types(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return flags[labels].astype(np.int64), flags[probs.argmax(axis=1)].astype(np.int64)
+
+    def acc(probs: np.ndarray, labels: np.ndarray) -> float:
+        target, pred = types(probs, labels)
+        return float(np.mean(pred == target))
+
+    def bal_acc(probs: np.ndarray, labels: np.ndarray) -> float:
+        target, pred = types(probs, labels)
+        return balanced_accuracy(np.eye(2)[pred], target)
+
+    def f1(probs: np.ndarray, labels: np.ndarray) -> float:
+        target, pred = types(probs, labels)
+        tp = int(np.sum((pred == 1) & (target == 1)))
+        denominator = int(pred.sum() + target.sum())  # 2tp + fp + fn
+        return 2 * tp / denominator if denominator else 0.0
+
+    def auroc(probs: np.ndarray, labels: np.ndarray) -> float | None:
+        score = np.clip(probs[:, flags].sum(axis=1), 0.0, 1.0)
+        return _binary_auroc(score, flags[labels].astype(np.int64))
+
+    return {"accuracy": acc, "balanced_accuracy": bal_acc, "f1": f1, "auroc": auroc}
+
+
+HEADLINE_METRICS: dict[str, MetricFn | PatientMetric] = {
+    **STANDARD_METRICS,
+    "f1_weighted": f1_weighted,
+    "patient_recognition_rate": recognition_rate,
+}
+"""The headline metrics of a split in metrics.json, by their keys there."""
+
+
+def ci_key(name: str, level: float) -> str:
+    """The key of a metric's interval in metrics.json: accuracy -> accuracy_ci95 (level 0.95)."""
+    return f"{name}_ci{level * 100:g}"

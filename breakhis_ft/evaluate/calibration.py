@@ -7,6 +7,7 @@ per-row constant.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import torch
 from torchmetrics.functional.classification import multiclass_calibration_error
 
 PROB_FLOOR = 1e-12  # log(0) would make one confident mistake an infinite NLL
+CALIBRATION_FILE = "calibration.json"  # in a run folder, its best/ and an export: the temperature
 T_BOUNDS = (1e-2, 1e2)  # the temperature search interval
 _GOLDEN = (math.sqrt(5) - 1) / 2
 
@@ -163,3 +165,17 @@ def plot_reliability(bins: dict[str, list], path: str | Path, title: str = "") -
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def read_temperature(folder: str | Path) -> float | None:
+    """The fitted temperature in `folder/calibration.json`; None if absent or turned off."""
+    path = Path(folder) / CALIBRATION_FILE
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text()).get("temperature")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise ValueError(f"{path}: not a calibration file ({err}); delete it or rerun") from err
+    if value is not None and not (isinstance(value, int | float) and value > 0):
+        raise ValueError(f"{path}: temperature must be a positive number, got {value!r}")
+    return None if value is None else float(value)

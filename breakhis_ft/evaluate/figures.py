@@ -75,23 +75,30 @@ def plot_confusion_matrix(split_metrics: dict[str, Any], path: str | Path, title
     return _save(fig, Path(path))
 
 
+def bar_text(value: float | None, support: Any) -> str:
+    """The label of one class's F1 bar: the value, `absent` (no image of the class in the
+    split: its F1 says nothing) or n/a (undefined)."""
+    if support == 0:
+        return "absent from this split"
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def plot_per_class_f1(split_metrics: dict[str, Any], path: str | Path, title: str) -> Path:
-    """Horizontal F1 bars per class, with the class support; undefined F1 shown as n/a."""
+    """Horizontal F1 bars per class, with the class support; a class with no image in the split
+    is marked absent (no bar), an undefined F1 n/a."""
     plt = _pyplot()
     per_class = split_metrics["per_class"]
     names = list(per_class)
+    support = [per_class[c].get("support", "?") for c in names]
     f1 = [per_class[c].get("f1") for c in names]
-    labels = [f"{_label(c)} (n={per_class[c].get('support', '?')})" for c in names]
+    labels = [f"{_label(c)} (n={n})" for c, n in zip(names, support, strict=True)]
     fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(names) + 1.5))
-    ax.barh(range(len(names)), [v or 0.0 for v in f1], color="#4c72b0")
-    for i, value in enumerate(f1):
-        ax.text(
-            (value or 0.0) + 0.01,
-            i,
-            "n/a" if value is None else f"{value:.2f}",
-            va="center",
-            fontsize=9,
-        )
+    shown = [0.0 if n == 0 else (v or 0.0) for v, n in zip(f1, support, strict=True)]
+    ax.barh(range(len(names)), shown, color="#4c72b0")
+    for i, (value, n) in enumerate(zip(f1, support, strict=True)):
+        colour = "grey" if n == 0 else "black"
+        x = 0.01 if n == 0 else (value or 0.0) + 0.01
+        ax.text(x, i, bar_text(value, n), va="center", fontsize=9, color=colour)
     ax.set_yticks(range(len(names)), labels)
     ax.invert_yaxis()  # first class on top, as in the confusion matrix
     ax.set_xlim(0, 1.1)
@@ -121,8 +128,15 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str | Path, title: str)
         ("loss", ["train/loss", "val/loss"]),
         (
             "validation",
-            ["val/balanced_accuracy", "val/f1_macro", "val/auroc_macro", "val/patient_accuracy"],
+            [
+                "val/balanced_accuracy",
+                "val/f1_macro",
+                "val/auroc_macro",
+                "val/patient_recognition_rate",
+            ],
         ),
+        # trainer.eval_split=test (the blog notebook's): logged during training, never selecting
+        ("test (logged only)", ["test/balanced_accuracy", "test/accuracy", "test/f1_weighted"]),
         ("learning rate", ["train/lr"]),
     ]
     panels = [(name, [k for k in keys if _series(history, k)[0]]) for name, keys in panels]
@@ -141,7 +155,7 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str | Path, title: str)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(name)
         ax.grid(alpha=0.3)
-        if name == "validation":
+        if name != "loss" and name != "learning rate":
             ax.set_ylim(-0.02, 1.02)
         if name == "learning rate":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))

@@ -26,6 +26,7 @@ from torchmetrics.functional.classification import (
 )
 
 from breakhis_ft.data.records import SUBTYPES
+from breakhis_ft.evaluate.errors import confused_pairs
 
 PREDICTION_COLUMNS = ("path", "patient", "magnification", "label", "pred")
 
@@ -76,14 +77,20 @@ def _binary(
     pred = flags[preds].long()
     prob_malignant = probs[:, flags].sum(dim=1).clamp(0.0, 1.0)
     both = 0 < int(target.sum()) < len(target)
+    recall = multiclass_recall(pred, target, num_classes=2, average="none")
+    present = torch.bincount(target, minlength=2) > 0
     return {
         "accuracy": _num((pred == target).float().mean()),
+        # mean of the benign and malignant recalls (of the types present, as balanced_accuracy)
+        "balanced_accuracy": _num(recall[present].mean()),
         "f1": _num(binary_f1_score(pred, target)),
         "auroc": _num(binary_auroc(prob_malignant, target)) if both else None,
+        "confusion_matrix": multiclass_confusion_matrix(pred, target, num_classes=2).tolist(),
+        "classes": ["benign", "malignant"],
     }
 
 
-def _patient_accuracy(correct: torch.Tensor, patients: Sequence[str]) -> float:
+def _recognition_rate(correct: torch.Tensor, patients: Sequence[str]) -> float:
     """Spanhol et al.'s patient-level recognition rate: mean over patients of their accuracy."""
     groups: dict[str, list[int]] = {}
     for i, patient in enumerate(patients):
@@ -123,6 +130,7 @@ def compute_metrics(
     precision = multiclass_precision(preds, labels, average="none", **kw)
     f1 = multiclass_f1_score(preds, labels, average="none", **kw)
     auroc, undefined = _auroc(probs, labels, n_classes)
+    confusion = multiclass_confusion_matrix(preds, labels, **kw).tolist()
     metrics: dict[str, Any] = {
         "n": len(labels),
         "accuracy": _num(multiclass_accuracy(preds, labels, average="micro", **kw)),
@@ -132,8 +140,8 @@ def compute_metrics(
         "f1_weighted": _num(multiclass_f1_score(preds, labels, average="weighted", **kw)),
         "auroc_macro": auroc,
         "auroc_undefined_classes": [class_names[i] for i in undefined],
-        "patient_accuracy": (
-            _patient_accuracy(preds == labels, patients) if patients is not None else None
+        "patient_recognition_rate": (
+            _recognition_rate(preds == labels, patients) if patients is not None else None
         ),
         "per_class": {
             name: {
@@ -144,7 +152,9 @@ def compute_metrics(
             }
             for i, name in enumerate(class_names)
         },
-        "confusion_matrix": multiclass_confusion_matrix(preds, labels, **kw).tolist(),
+        "confusion_matrix": confusion,  # rows: true class, columns: predicted
+        # the class pairs most often mistaken, by count: [{"true", "pred", "count", "share"}]
+        "most_confused": confused_pairs(confusion, class_names),
         "classes": list(class_names),
         "binary": _binary(probs, labels, preds, malignant) if malignant is not None else None,
         "by_magnification": {},
@@ -175,15 +185,16 @@ def dataset_metrics(
     class_names: Sequence[str],
 ) -> dict[str, Any]:
     """Metrics of a predicted split; patients and magnifications from `dataset.records`."""
-    records = [dataset.records[i] for i in indices.tolist()]
+    patients, magnifications = record_metadata(indices, dataset)
     return compute_metrics(
-        probs,
-        labels,
-        class_names,
-        [r.patient for r in records],
-        [int(r.magnification) for r in records],
-        malignant_flags(class_names),
+        probs, labels, class_names, patients, magnifications, malignant_flags(class_names)
     )
+
+
+def record_metadata(indices: torch.Tensor, dataset: Any) -> tuple[list[str], list[int]]:
+    """The patient and magnification of each predicted example, from `dataset.records`."""
+    records = [dataset.records[i] for i in indices.tolist()]
+    return [r.patient for r in records], [int(r.magnification) for r in records]
 
 
 def _field(row: Any, key: str) -> Any:
@@ -196,25 +207,32 @@ def write_predictions(
     probs: torch.Tensor,
     preds: torch.Tensor,
     class_names: Sequence[str],
+    extra: Mapping[str, Sequence[str]] | None = None,
 ) -> None:
     """Write one CSV row per image: path, patient, magnification, label, pred, prob_<class>...
 
     `rows` are mappings (or objects) with `path`, `patient`, `magnification` and `label` (a class
     index or name), in the order of `probs`; `preds` are class indices. Probabilities are written
-    with round-trip precision so the metrics recompute exactly.
+    with round-trip precision so the metrics recompute exactly. `extra`: more columns, one value
+    per row (e.g. the generated `raw_answer`), after the probabilities.
     """
     probs = torch.as_tensor(probs, dtype=torch.float32).cpu()
     preds = torch.as_tensor(preds).cpu()
-    if not len(rows) == len(probs) == len(preds):
+    extra = dict(extra or {})
+    if not len(rows) == len(probs) == len(preds) or any(
+        len(v) != len(rows) for v in extra.values()
+    ):
         raise ValueError(
-            f"{len(rows)} rows, {len(probs)} prob rows, {len(preds)} preds: must match"
+            f"{len(rows)} rows, {len(probs)} prob rows, {len(preds)} preds, extra columns of "
+            f"{[len(v) for v in extra.values()]}: must match"
         )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow([*PREDICTION_COLUMNS, *(f"prob_{c}" for c in class_names)])
-        for row, p, pred in zip(rows, probs.tolist(), preds.tolist(), strict=True):
+        writer.writerow([*PREDICTION_COLUMNS, *(f"prob_{c}" for c in class_names), *extra])
+        columns = list(zip(*extra.values(), strict=True)) if extra else [()] * len(rows)
+        for row, p, pred, more in zip(rows, probs.tolist(), preds.tolist(), columns, strict=True):
             label = _field(row, "label")
             label = class_names[label] if isinstance(label, int) else str(label)
             writer.writerow(
@@ -225,6 +243,7 @@ def write_predictions(
                     label,
                     class_names[int(pred)],
                     *(repr(x) for x in p),
+                    *more,
                 ]
             )
 

@@ -3,6 +3,7 @@ of the MedGemma classifier that the model group names (`model.builder`)."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -12,7 +13,9 @@ from typing import Any
 
 import torch
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+from packaging.version import Version
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
@@ -36,21 +39,38 @@ log = logging.getLogger(__name__)
 LANGUAGE_MODEL_TARGETS = (
     r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 )
+BNB_CPU_MIN = "0.49"  # the first bitsandbytes with 4-bit layers and 8-bit optimizers on the CPU
+
+
+def kbit_device() -> torch.device:
+    """Where 4-bit weights are placed at load: this process's accelerate device (its GPU under
+    DDP, the CPU with trainer.cpu=true) once a run's Accelerator exists, else the current GPU, else
+    the CPU."""
+    from accelerate.state import PartialState, is_initialized
+
+    if is_initialized():
+        return PartialState().device
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def qlora_quantization(dtype: torch.dtype) -> BitsAndBytesConfig:
-    """The 4-bit NF4 config of QLoRA; a clear error where bitsandbytes or CUDA is missing."""
+    """The 4-bit NF4 config of Google's QLoRA notebook; a clear error where it cannot run."""
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ModelLoadError(
             "peft=qlora needs bitsandbytes, which is not installed: "
-            "pip install 'breakhis-ft[quant]' on a machine with a CUDA GPU, or use peft=lora"
-        )
-    if not torch.cuda.is_available():
-        raise ModelLoadError(
-            "peft=qlora needs a CUDA GPU (bitsandbytes 4-bit); none is visible here. Use peft=lora"
+            "pip install 'breakhis-ft[quant]', or use peft=lora"
         )
     if dtype == torch.float32:
         raise ConfigError("config error: peft.method: qlora computes in 16-bit; use precision=bf16")
+    device = kbit_device()
+    installed = importlib.metadata.version("bitsandbytes")
+    if device.type == "cpu" and Version(installed) < Version(BNB_CPU_MIN):
+        raise ModelLoadError(
+            f"peft=qlora on the CPU needs bitsandbytes >= {BNB_CPU_MIN} (4-bit CPU kernels); "
+            f"{installed} is installed: pip install 'bitsandbytes>={BNB_CPU_MIN}', or use peft=lora"
+        )
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -58,6 +78,38 @@ def qlora_quantization(dtype: torch.dtype) -> BitsAndBytesConfig:
         bnb_4bit_compute_dtype=dtype,
         bnb_4bit_quant_storage=dtype,
     )
+
+
+def prepare_kbit_model(model: PreTrainedModel) -> PreTrainedModel:
+    """QLoRA's preparation of a 4-bit model before its adapters: the base frozen, nothing upcast."""
+    # Google's notebook did not prepare the model itself; trl 0.18's SFTTrainer called peft's
+    # prepare_model_for_kbit_training, which freezes the base, upcasts every weight left in 16 bit
+    # to float32 and turns on checkpointing. We do as trl 1.x does (trl PRs 4335, 4457): freeze,
+    # no upcast. The upcast buys nothing for Gemma 3 (its RMSNorm computes in float32; the frozen
+    # embedding is only looked up; the tiny model's losses agree, see the README) and costs 1.3 GB
+    # on MedGemma (the tied 262,208 x 2,560 embedding in float32), memory QLoRA is there to save.
+    # peft's adapters stay float32 (trl 1.x casts them to bf16): AdamW updates in float32, as in
+    # every other run. Checkpointing is the engine's (trainer.gradient_checkpointing), and
+    # non-reentrant, so no input-gradient hook is needed.
+    if not getattr(model, "is_loaded_in_4bit", False):
+        raise ModelLoadError("prepare_kbit_model: the model was not loaded in 4 bit")
+    model.requires_grad_(False)
+    _keep_4bit_layers_differentiable(model)
+    return model
+
+
+def _keep_4bit_layers_differentiable(model: torch.nn.Module) -> None:
+    """Turn off bitsandbytes' CPU inference repacking of 4-bit weights (AVX512-BF16 CPUs)."""
+    # bitsandbytes repacks a Linear4bit's weight for its CPU inference kernel the first time it
+    # runs in eval mode without autograd, and keeps that kernel after model.train() until a
+    # state_dict() (a checkpoint) unpacks it. The kernel has no backward: after an evaluation that
+    # no checkpoint follows (trainer.eval_every_steps) the gradient stopped at every 4-bit layer
+    # (torch only warns) and the vision tower's biased layers failed. So the repacking stays off.
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def load_model_and_processor(
@@ -70,8 +122,8 @@ def load_model_and_processor(
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation}
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
-        # 4-bit weights are placed at load time, on this process's GPU.
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+        # 4-bit weights are quantized as they load, on the device that computes with them.
+        kwargs["device_map"] = {"": str(kbit_device())}
     try:
         processor = AutoProcessor.from_pretrained(name_or_path)
         model = AutoModelForImageTextToText.from_pretrained(name_or_path, **kwargs)
@@ -82,6 +134,8 @@ def load_model_and_processor(
             f"model.name_or_path={name_or_path!r} is a {type(model).__name__}; model.kind=medgemma "
             "expects a Gemma 3 image-text checkpoint (Gemma3ForConditionalGeneration)"
         )
+    if quantization_config is not None:
+        model = prepare_kbit_model(model)
     return model, processor
 
 
@@ -118,6 +172,20 @@ def apply_peft(
         lora, target_modules=resolve_target_modules(target_modules), task_type="CAUSAL_LM"
     )
     return get_peft_model(model, lora)
+
+
+def merge_dequantized(model: PeftModel) -> PreTrainedModel:
+    """A QLoRA model merged for export: its NF4 base dequantized to float32, plus W + BA."""
+    # peft's merge into 4-bit layers re-quantizes W + BA and rounds most of the adapter away; and
+    # the original 16-bit checkpoint is not the base the adapter learned on: the 4-bit layers
+    # compute with the dequantized NF4 weights, so those are the base it is added to.
+    config = model.peft_config[model.active_adapter]
+    adapter = get_peft_model_state_dict(model)
+    base = model.unload()  # the adapters removed, the Linear4bit layers back in place
+    base.dequantize(dtype=torch.float32)  # nn.Linear layers; the quantization config is dropped
+    merged = get_peft_model(base.float(), config)
+    set_peft_model_state_dict(merged, adapter)
+    return merged.merge_and_unload()
 
 
 def medgemma_4b_config() -> Gemma3Config:

@@ -1,9 +1,11 @@
 """MedGemma (Gemma 3) as a Classifier: prompt -> answer, answer-only loss, label scoring.
 
 Training batches hold the prompt and the class's answer, right padded; the loss counts the answer
-and the end of turn (`loss_on=answer`) or all text but image and padding (`loss_on=all_text`, the
-blog's masking). Evaluation scores every class's answer from one forward pass over the prompt. A
-frozen vision tower and projector run without autograd, whatever gradient checkpointing does.
+and the end of turn (`loss_on=answer`) or, as the blog notebook's collator did, every token but
+padding, `<start_of_image>` and the image soft tokens, on the templated text stripped of its final
+newline (`loss_on=all_text`). Evaluation scores every class's answer from one forward pass over
+the prompt. A frozen vision tower and projector run without autograd, whatever gradient
+checkpointing does.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ class MedGemmaClassifier(Classifier):
         self.max_new_tokens = max_new_tokens
         tok = processor.tokenizer
         self.end_of_turn_id = tok.convert_tokens_to_ids(END_OF_TURN)
-        self.image_token_ids = {tok.image_token_id, tok.boi_token_id, tok.eoi_token_id}
+        # what all_text leaves out of the loss: the blog masked these two, not <end_of_image>
+        self.image_token_ids = {tok.image_token_id, tok.boi_token_id}
         self.prompt_text = processor.apply_chat_template(
             prompt.messages(), add_generation_prompt=True, tokenize=False
         )
@@ -65,6 +68,8 @@ class MedGemmaClassifier(Classifier):
         self.answer_ids: list[list[int]] = []  # answer + end of turn: the trained tokens
         for answer in prompt.answers:
             text = processor.apply_chat_template(prompt.messages(answer), tokenize=False)
+            if loss_on == "all_text":  # the blog collator's `.strip()`: no newline trained
+                text = text.rstrip()
             if not text.startswith(self.prompt_text):
                 raise ValueError("the chat template does not extend the prompt with the answer")
             tail = tok(text[len(self.prompt_text) :], add_special_tokens=False)["input_ids"]

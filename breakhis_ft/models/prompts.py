@@ -5,6 +5,9 @@ Two styles, chosen by `model.prompt.style`:
   number (0-7):"; the target is the digit.
 - `letters` (Google's MedGemma notebook): options `A: adenosis` ..., the target is the whole option.
 Both give answers whose first tokens differ (a digit or a letter), which label scoring relies on.
+The options name the classes in words (`plain`: `ductal carcinoma`) or as the blog notebook did
+(`blog`: `malignant_ductal_carcinoma`, its folder-derived names); `model.prompt.parse` maps a
+generated answer back to a class (`key_or_name`, or the notebook's `blog_regex`).
 """
 
 from __future__ import annotations
@@ -15,14 +18,24 @@ from dataclasses import dataclass
 from typing import Any
 
 from breakhis_ft.config import PromptConfig
+from breakhis_ft.data.records import SUBTYPES
 from breakhis_ft.errors import ConfigError
 
 STYLES = ("numbered", "letters")
+WORDINGS = ("plain", "blog")
+PARSERS = ("key_or_name", "blog_regex")
 
 
 def display_name(class_name: str) -> str:
     """A class name as words in a prompt: `ductal_carcinoma` -> `ductal carcinoma`."""
     return class_name.replace("_", " ")
+
+
+def blog_name(class_name: str) -> str:
+    """The blog notebook's option text: `ductal_carcinoma` -> `malignant_ductal_carcinoma`."""
+    if class_name in SUBTYPES:
+        return f"{SUBTYPES[class_name][1]}_{class_name}"
+    return class_name  # benign / malignant: already the notebook's words
 
 
 @dataclass(frozen=True)
@@ -33,12 +46,24 @@ class ClassPrompt:
     instruction: str
     class_names: tuple[str, ...]
     system: str | None = None
+    wording: str = "plain"  # model.prompt.class_names
+    parser: str = "key_or_name"  # model.prompt.parse
 
     def __post_init__(self) -> None:
-        if self.style not in STYLES:
+        for key, value, allowed in (
+            ("style", self.style, STYLES),
+            ("class_names", self.wording, WORDINGS),
+            ("parse", self.parser, PARSERS),
+        ):
+            if value not in allowed:
+                raise ConfigError(
+                    f"config error: model.prompt.{key}: got {value!r}, "
+                    f"allowed: {', '.join(allowed)}"
+                )
+        if self.parser == "blog_regex" and self.style != "numbered":
             raise ConfigError(
-                f"config error: model.prompt.style: got {self.style!r}, "
-                f"allowed: {', '.join(STYLES)}"
+                "config error: model.prompt.parse: blog_regex reads a digit, it needs "
+                "model.prompt.style=numbered"
             )
         limit = 10 if self.style == "numbered" else 26
         if not 2 <= len(self.class_names) <= limit:
@@ -57,19 +82,23 @@ class ClassPrompt:
             else tuple(string.ascii_uppercase[:n])
         )
 
+    def option_name(self, class_name: str) -> str:
+        """How the options (and letter answers) name a class under `wording`."""
+        return blog_name(class_name) if self.wording == "blog" else display_name(class_name)
+
     def _options(self) -> list[tuple[str, str]]:
-        return list(zip(self.keys, self.class_names, strict=True))
+        return list(zip(self.keys, map(self.option_name, self.class_names), strict=True))
 
     @property
     def answers(self) -> tuple[str, ...]:
         """The target answer string of each class, in class order."""
         if self.style == "numbered":
             return self.keys
-        return tuple(f"{k}: {display_name(c)}" for k, c in self._options())
+        return tuple(f"{k}: {name}" for k, name in self._options())
 
     def user_text(self) -> str:
         """The text of the user turn (the image comes before it)."""
-        options = "\n".join(f"{k}: {display_name(c)}" for k, c in self._options())
+        options = "\n".join(f"{k}: {name}" for k, name in self._options())
         if self.style == "numbered":
             last = len(self.class_names) - 1
             return (
@@ -96,6 +125,9 @@ class ClassPrompt:
     def parse(self, text: str) -> int:
         """The class index a generated answer names, or -1 when it names none (never guessed)."""
         text = text.strip()
+        if self.parser == "blog_regex":  # the notebook: a lone digit 0-(n-1), else unparseable
+            match = re.search(rf"\b([0-{len(self.class_names) - 1}])\b", text)
+            return int(match.group(1)) if match else -1
         if self.style == "numbered":
             match = re.search(r"\d+", text)
             if match and int(match.group()) < len(self.class_names):
@@ -106,7 +138,7 @@ class ClassPrompt:
                 return self.keys.index(match.group(1))
         # The answer may name the class in words instead; accept it only when exactly one matches.
         lowered = text.lower()
-        named = [i for i, c in enumerate(self.class_names) if display_name(c) in lowered]
+        named = [i for i, c in enumerate(self.class_names) if self.option_name(c) in lowered]
         return named[0] if len(named) == 1 else -1
 
     def corpus(self) -> str:
@@ -122,4 +154,6 @@ def make_prompt(cfg: PromptConfig | Any, class_names: tuple[str, ...] | list[str
         instruction=str(cfg.instruction),
         class_names=tuple(class_names),
         system=None if cfg.system in (None, "") else str(cfg.system),
+        wording=str(cfg.class_names),
+        parser=str(cfg.parse),
     )

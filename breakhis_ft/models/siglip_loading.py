@@ -60,22 +60,52 @@ def checkpoint_identity(name: str, config: Any) -> dict[str, Any]:
     return identity
 
 
+RESIZE_MODES = ("pad", "stretch", "shorter_side_crop")
+
+
+def input_side(image_processor: Any) -> int:
+    """The square input size of a SigLIP image processor (448 for MedSigLIP)."""
+    size = getattr(image_processor, "size", None) or {}
+    side = size.get("height") or size.get("shortest_edge")
+    if not side or size.get("width", side) != side:
+        raise ValueError(f"model.resize=shorter_side_crop needs a square input size, got {size}")
+    return int(side)
+
+
+def shorter_side_crop(image: Image.Image, side: int) -> Image.Image:
+    """eva's ResizeAndCrop: the shorter side to `side` (bilinear, antialiased as torchvision's
+    v2.Resize), then the centred `side` x `side` crop (700x460 -> 682x448 -> 448x448)."""
+    width, height = image.size
+    scale = side / min(width, height)
+    new = (max(side, round(width * scale)), max(side, round(height * scale)))
+    image = image.resize(new, Image.Resampling.BILINEAR)
+    left, top = (new[0] - side) // 2, (new[1] - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
 class SiglipPreprocessor:
-    """Images -> pixel values by the checkpoint's processor; non-square: padded or stretched."""
+    """Images -> pixel values by the checkpoint's processor; non-square: padded, stretched, or
+    resized on the shorter side and centre-cropped (eva's preprocessing)."""
 
     def __init__(self, image_processor: Any, resize: str) -> None:
-        if resize not in ("pad", "stretch"):
-            raise ConfigError(f"config error: model.resize: got {resize!r}, allowed: pad, stretch")
+        if resize not in RESIZE_MODES:
+            raise ConfigError(
+                f"config error: model.resize: got {resize!r}, allowed: {', '.join(RESIZE_MODES)}"
+            )
         self.image_processor = image_processor
         self.resize = resize
+        self.side = input_side(image_processor) if resize == "shorter_side_crop" else None
         # Pad with the processor's mean colour: after normalisation it is 0, a neutral input.
         mean = getattr(image_processor, "image_mean", None) or [0.5, 0.5, 0.5]
         self.fill = tuple(int(round(255 * m)) for m in mean)
 
     def square(self, image: Image.Image) -> Image.Image:
-        """Pad an image to a centred square (pad mode); stretch mode leaves it to the processor."""
+        """A square image for the processor: padded (pad), cropped (shorter_side_crop), or left
+        for the processor to stretch (stretch)."""
         image = image.convert("RGB")
         width, height = image.size
+        if self.side is not None:
+            return shorter_side_crop(image, self.side)
         if self.resize == "stretch" or width == height:
             return image
         side = max(width, height)

@@ -28,7 +28,7 @@ from transformers import (
 
 from breakhis_ft.config import PromptConfig
 from breakhis_ft.data.records import SUBTYPES, TUMOR_CLASSES
-from breakhis_ft.models.prompts import STYLES, make_prompt
+from breakhis_ft.models.prompts import STYLES, WORDINGS, make_prompt
 from breakhis_ft.models.tiny_checkpoint import (
     RECIPE_FILE,
     ensure_checkpoint,
@@ -103,7 +103,9 @@ def _corpus_words() -> list[str]:
     text = ["user model system assistant image images tissue class classes answer"]
     for names in (tuple(SUBTYPES), TUMOR_CLASSES):
         for style in STYLES:
-            text.append(make_prompt(PromptConfig(style=style), names).corpus())
+            for wording in WORDINGS:
+                cfg = PromptConfig(style=style, class_names=wording)
+                text.append(make_prompt(cfg, names).corpus())
     words = re.findall(r"[A-Za-z]+", "\n".join(text))
     return sorted(set(words))
 
@@ -129,7 +131,11 @@ def _vocab_and_merges(words: list[str]) -> tuple[dict[str, int], list[tuple[str,
 
 def build_tiny_tokenizer(words: list[str]) -> GemmaTokenizer:
     """A small Gemma tokenizer with the Gemma 3 special tokens and the given words."""
-    vocab, merges = _vocab_and_merges(words)
+    return gemma_tokenizer(*_vocab_and_merges(words))
+
+
+def gemma_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]]) -> GemmaTokenizer:
+    """A Gemma BPE tokenizer of `vocab` (holding the Gemma 3 specials) with the chat template."""
     tokenizer = GemmaTokenizer(
         vocab=vocab,
         merges=merges,

@@ -4,7 +4,11 @@ Composes the Hydra config, validates it, then hands over to `experiment.run_expe
 imports (torch, transformers) happen inside the run, so `--help` and `--cfg job` answer fast.
 
 Past runs: `breakhis-ft rerun=<run folder>` composes that run's saved config into a new folder;
-`breakhis-ft resume=<run folder>` continues it in its own folder from its last checkpoint.
+`breakhis-ft resume=<run folder>` continues it in its own folder from its last checkpoint, leaving
+its `.hydra/` record as the first command wrote it (each resume is listed in run_info.json).
+
+Ctrl-C and SIGTERM end a run as `interrupted` (checkpoint saved) with exit status 128 + the
+signal's number: 130 and 143, as a shell reports a process the signal ended.
 """
 
 from __future__ import annotations
@@ -16,11 +20,15 @@ from importlib.resources import files
 from pathlib import Path
 
 import hydra
+import yaml
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from breakhis_ft.config import register_configs
 from breakhis_ft.errors import ConfigError
+from breakhis_ft.run.run_folder import mask_saved_config, set_command_line
+from breakhis_ft.run.secrets import mask_secrets
 from breakhis_ft.run.summary import configure_console, log_config_tree
 from breakhis_ft.validate import validate_config
 
@@ -36,6 +44,7 @@ def _run(cfg: DictConfig) -> float | None:
     except ConfigError as err:
         print(err, file=sys.stderr)
         sys.exit(2)
+    _mask_hydra_record()
     configure_console()  # after Hydra configured this job's logging
     log_config_tree(cfg, HydraConfig.get().runtime.choices)
     from breakhis_ft.run.experiment import run_experiment  # heavy: torch, transformers
@@ -43,9 +52,33 @@ def _run(cfg: DictConfig) -> float | None:
     return run_experiment(cfg)
 
 
+def _mask_hydra_record() -> None:
+    """Mask secret-looking values in the files Hydra just wrote, before anything reads them
+    (Hydra writes .hydra/ and the sweep's multirun.yaml before the task function runs), and in
+    sys.argv, which Hydra has parsed and which W&B records as the run's arguments."""
+    sys.argv = mask_secrets(sys.argv)
+    hydra_cfg = HydraConfig.get()
+    files = []
+    if hydra_cfg.output_subdir is not None:
+        saved = Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir
+        files += [saved / name for name in ("config.yaml", "hydra.yaml", "overrides.yaml")]
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        files.append(Path(hydra_cfg.sweep.dir) / "multirun.yaml")
+    mask_saved_config(*files)
+
+
 def _config_groups() -> set[str]:
     """The config groups (folders of conf/), as installed."""
     return {p.name for p in files(CONFIG_PACKAGE).iterdir() if p.is_dir() and p.name[0] != "_"}
+
+
+def _saved_job_name(hydra_dir: Path) -> str:
+    """The job name (and so the log file) a run was started with; train.yaml's by default."""
+    try:
+        saved = yaml.safe_load((hydra_dir / "hydra.yaml").read_text())
+        return str(saved["hydra"]["job"]["name"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return "breakhis-ft"
 
 
 def _past_run_argv(argv: list[str]) -> list[str]:
@@ -71,8 +104,13 @@ def _past_run_argv(argv: list[str]) -> list[str]:
     # flags first: argparse takes the overrides as one positional run that flags may not split
     rest = ["--config-path", str(saved.parent), "--config-name", "config"]
     rest += [a for a in argv if not a.startswith(("rerun=", "resume="))]
-    if key == "resume":
-        return rest + [f"hydra.run.dir={run_dir}", f"resume={run_dir}"]
+    if key == "resume":  # nothing written to .hydra/: the run's record stays as it was
+        return rest + [
+            f"hydra.run.dir={run_dir}",
+            "hydra.output_subdir=null",
+            f"hydra.job.name={_saved_job_name(saved.parent)}",  # its log file goes on
+            f"resume={run_dir}",
+        ]
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
     return rest + [f"hydra.run.dir={run_dir.parent}/{run_dir.name}-rerun-{stamp}", "resume=null"]
 
@@ -107,10 +145,14 @@ def _refuse_used_run_dir(argv: list[str]) -> None:
 def main() -> None:
     """Console-script entry: prepare argv, register the schema, run Hydra."""
     register_configs()
+    set_command_line(sys.argv)
     argv = _fixed_run_dir_argv(_past_run_argv(sys.argv[1:]))
     _refuse_used_run_dir(argv)
     sys.argv = [sys.argv[0], *argv]
-    _run()
+    try:
+        _run()
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the run folder says where it stopped
+        sys.exit(getattr(err, "exit_code", 130))
 
 
 if __name__ == "__main__":

@@ -17,8 +17,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from breakhis_ft.data.breakhis import BreakhisScan, data_stats, scan_from_config, write_bad_files
 from breakhis_ft.data.records import ImageRecord, Task, label_of
-from breakhis_ft.data.splits import assign_splits, split_rows, split_summary
-from breakhis_ft.run.run_folder import is_main_process, write_json, write_run_info, write_splits_csv
+from breakhis_ft.data.splits import assign_splits, duplicate_leaks, split_rows, split_summary
+from breakhis_ft.engine.stop import sigterm_interrupts
+from breakhis_ft.run.run_folder import (
+    is_main_process,
+    record_resume,
+    write_json,
+    write_run_info,
+    write_splits_csv,
+)
+from breakhis_ft.run.secrets import mask_secrets
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +40,20 @@ def prepare_data(cfg: DictConfig, run_dir: Path) -> tuple[BreakhisScan, dict[str
     )
     if cfg.trainer.overfit_batches > 0:
         splits = overfit_splits(splits, cfg.trainer.overfit_batches * cfg.trainer.batch_size, task)
+    stats = data_stats(scan)
+    if "both" in scan.duplicate_kept.values():  # data.duplicate_keep=both: the notebook's leak
+        stats["duplicate_leak"] = leaks = duplicate_leaks(splits)
+        log.warning(
+            "data.duplicate_keep=both: %d test and %d val images have an identical copy, filed "
+            "under another subtype, in train (slides %s)",
+            leaks["test"],
+            leaks["val"],
+            ", ".join(sorted(scan.duplicate_kept)),
+        )
     if is_main_process():
         if write_bad_files(scan, run_dir):
             log.warning("skipped %d bad files (listed in bad_files.csv)", len(scan.bad_files))
-        write_json(run_dir / "data_stats.json", data_stats(scan))
+        write_json(run_dir / "data_stats.json", stats)
         write_splits_csv(run_dir / "splits.csv", split_rows(splits, task), task.classes)
     for split, summary in split_summary(splits, task).items():
         log.info("%s: %d images, %d patients", split, summary["images"], summary["patients"])
@@ -79,7 +97,7 @@ def _job_identity(cfg: DictConfig) -> tuple[str, str]:
     hydra_cfg = HydraConfig.get()
     # paths and logging settings say nothing about the experiment: they stay out of the name
     unnamed = ("experiment=", "hydra", "paths.", "data.root=", "logger.")
-    overrides = [o for o in hydra_cfg.overrides.task if not o.startswith(unnamed)]
+    overrides = [mask_secrets(o) for o in hydra_cfg.overrides.task if not o.startswith(unnamed)]
     name = ",".join(overrides) or cfg.experiment_name
     if hydra_cfg.mode == RunMode.MULTIRUN:
         group = f"{cfg.experiment_name}/{Path(hydra_cfg.sweep.dir).name}"
@@ -93,14 +111,39 @@ def _set_status(run_dir: Path, status: str, **extra: object) -> None:
         write_run_info(run_dir, status, **extra)
 
 
+def _resume_step(cfg: DictConfig, run_dir: Path) -> int | None:
+    """On `resume=`: the step of the run folder's latest complete checkpoint (0 when none)."""
+    if cfg.resume is None:
+        return None
+    from breakhis_ft.engine.checkpoint import list_checkpoints  # heavy: torch, accelerate
+
+    found = list_checkpoints(run_dir)
+    return found[-1][0] if found else 0
+
+
 def run_experiment(cfg: DictConfig) -> float | None:
-    """Run one configured experiment in Hydra's run folder; return `optimized_metric`'s value."""
+    """Run one configured experiment in Hydra's run folder; return `optimized_metric`'s value.
+
+    SIGTERM anywhere in the run acts as Ctrl-C: the status becomes `interrupted` with the step of
+    the checkpoint saved, and RunInterrupted (a KeyboardInterrupt) goes up to the entrypoint.
+    """
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    resume_step = _resume_step(cfg, run_dir)
+    if resume_step is not None and is_main_process():
+        record_resume(run_dir, resume_step)
     _set_status(run_dir, "running")
     try:
-        value = _run(cfg, run_dir)
-    except KeyboardInterrupt:
-        _set_status(run_dir, "interrupted")
+        with sigterm_interrupts():
+            value = _run(cfg, run_dir, resume_step)
+    except KeyboardInterrupt as err:
+        step, name = getattr(err, "step", None), getattr(err, "signal_name", "SIGINT")
+        _set_status(run_dir, "interrupted", step=step, signal=name)
+        log.warning(
+            "%s: the run stopped%s; continue it with: breakhis-ft resume=%s",
+            name,
+            f" with a checkpoint at step {step}" if step is not None else "",
+            run_dir,
+        )
         raise
     except BaseException:
         _set_status(run_dir, "failed")
@@ -109,7 +152,7 @@ def run_experiment(cfg: DictConfig) -> float | None:
     return value
 
 
-def _run(cfg: DictConfig, run_dir: Path) -> float | None:
+def _run(cfg: DictConfig, run_dir: Path, resume_step: int | None) -> float | None:
     scan, splits = prepare_data(cfg, run_dir)
     if not cfg.train and not cfg.test:
         log.info("train=false test=false: data prepared in %s", run_dir)
@@ -119,4 +162,4 @@ def _run(cfg: DictConfig, run_dir: Path) -> float | None:
     group, name = _job_identity(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
     config["hydra"] = hydra_record()  # a dashboard groups and filters by what was swept
-    return train_and_evaluate(cfg, config, run_dir, scan, splits, group, name)
+    return train_and_evaluate(cfg, config, run_dir, scan, splits, group, name, resume_step)

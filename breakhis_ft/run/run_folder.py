@@ -14,6 +14,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
+from breakhis_ft.run.secrets import mask_secrets
+
 _PACKAGES = (
     "breakhis-ft",
     "torch",
@@ -28,6 +32,10 @@ _PACKAGES = (
     "pillow",
 )
 SPLITS_COLUMNS = ("path", "split", "label", "subtype", "patient", "stem", "magnification")
+FINAL_STATUSES = ("completed", "failed", "interrupted")
+# what the last end wrote; a resume moves it into its history entry
+_END_KEYS = ("status", "step", "signal", "end_time", "optimized_metric", "value")
+_command_line: list[str] | None = None  # the command as typed (cli.main rewrites sys.argv)
 
 
 def _git_state() -> dict[str, Any]:
@@ -76,27 +84,87 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def set_command_line(argv: list[str]) -> None:
+    """Record the command line as the user typed it, before the entrypoint rewrites sys.argv."""
+    global _command_line
+    _command_line = [Path(argv[0]).name, *argv[1:]]
+
+
+def command_line() -> list[str]:
+    """The command of this process, with the values of secret-looking overrides masked."""
+    return mask_secrets(_command_line or [Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
+def read_run_info(run_dir: Path) -> dict[str, Any]:
+    """run_info.json of a run folder ({} when absent)."""
+    path = Path(run_dir) / "run_info.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def update_run_info(run_dir: Path, **fields: Any) -> dict[str, Any]:
+    """Set top-level fields of run_info.json (atomically); returns the whole record."""
+    info = {**read_run_info(run_dir), **fields}
+    write_json(Path(run_dir) / "run_info.json", info)
+    return info
+
+
 def write_run_info(run_dir: Path, status: str, **extra: Any) -> dict[str, Any]:
     """Create or update run_info.json (git state, versions, command line, host, times, status)."""
-    path = Path(run_dir) / "run_info.json"
-    info: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    info = read_run_info(run_dir)
     if "start_time" not in info:
         info.update(
             start_time=now_iso(),
             git=_git_state(),
             versions=_versions(),
-            command=[Path(sys.argv[0]).name, *sys.argv[1:]],
+            command=command_line(),
             host=socket.gethostname(),
             python=platform.python_version(),
             pid=os.getpid(),
         )
     info.update(status=status, **extra)
-    if status in ("completed", "failed", "interrupted"):
+    if status in FINAL_STATUSES:
         info["end_time"] = now_iso()
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(info, indent=2, default=str))
-    tmp.replace(path)
+    write_json(Path(run_dir) / "run_info.json", info)
     return info
+
+
+def record_resume(run_dir: Path, from_step: int) -> dict[str, Any]:
+    """Append this resume to run_info.json's `history` (time, command, step it continues from and
+    how the previous attempt ended); the original command and start time stay as they were."""
+    info = read_run_info(run_dir)
+    previous = {k: info.pop(k) for k in _END_KEYS if k in info}
+    info.setdefault("history", []).append(
+        {
+            "time": now_iso(),
+            "command": command_line(),
+            "from_step": from_step,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "git": _git_state(),
+            "previous": previous,
+        }
+    )
+    info.update(status="running", host=socket.gethostname(), pid=os.getpid())  # alive again
+    write_json(Path(run_dir) / "run_info.json", info)
+    return info
+
+
+def mask_saved_config(*files: Path) -> list[Path]:
+    """Mask secret-looking values in the YAML files Hydra saved (.hydra/config.yaml,
+    overrides.yaml, hydra.yaml, multirun.yaml); a file without any is left byte-identical.
+    Returns the files rewritten."""
+    changed = []
+    for path in files:
+        if not path.is_file():
+            continue
+        saved = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+        masked = mask_secrets(saved)
+        if masked != saved:
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # sweep jobs may race
+            tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(masked)))
+            tmp.replace(path)
+            changed.append(path)
+    return changed
 
 
 def write_splits_csv(path: Path, rows: list[dict], class_names: tuple[str, ...]) -> None:

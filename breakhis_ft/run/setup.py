@@ -1,14 +1,18 @@
 """Run setup: the composed config turned into the objects a run needs, once.
 
-Precision (dtype and accelerate's mode), the Accelerator, the Classifier (through the model
-group's builder), the datasets and the optimizer factory are built here and handed down; the
-engine and the models never re-read the config to decide these again.
+Precision (dtype and accelerate's mode), the Accelerator, the stain normaliser, the Classifier
+(through the model group's builder), the datasets and the optimizer factory are built here and
+handed down; the engine and the models never re-read the config to decide these again.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
+from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,12 +20,21 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from breakhis_ft.data.breakhis import BreakhisScan
-from breakhis_ft.data.dataset import ImageDataset, build_image_cache, labels_for
+from breakhis_ft.config import EvaluateConfig, Fusion
+from breakhis_ft.data.breakhis import BreakhisScan, load_image
+from breakhis_ft.data.dataset import ImageDataset, build_image_cache, cache_info, labels_for
 from breakhis_ft.data.records import ImageRecord, Task
+from breakhis_ft.data.stain import (
+    StainNormalizer,
+    fit_stain_normalizer,
+    load_normalizer,
+    save_normalizer,
+)
 from breakhis_ft.engine.recipe import MetricsFn, OptimizerFactory
+from breakhis_ft.errors import ConfigError
+from breakhis_ft.evaluate.final import dataset_final_metrics
 from breakhis_ft.evaluate.metrics import dataset_metrics
 from breakhis_ft.models.base import Classifier
 from breakhis_ft.models.factory import build_classifier
@@ -37,8 +50,19 @@ class RunSetup:
     precision: Precision
     accelerator: Accelerator
     optimizer_factory: OptimizerFactory
-    metrics_fn: MetricsFn
+    metrics_fn: MetricsFn  # every validation during training: cheap
     class_names: tuple[str, ...]
+    final_metrics_fn: MetricsFn  # the final evaluation: + intervals, calibration, patient level
+    evaluate: EvaluateConfig  # the final evaluation's statistics settings
+    stain: StainNormalizer | None = None  # data.stain_norm fitted (make_stain_normalizer)
+
+
+def evaluate_settings(cfg: DictConfig) -> EvaluateConfig:
+    """The `evaluate` group as its schema dataclass (the fusion method as its Enum)."""
+    values = OmegaConf.to_container(cfg.evaluate, resolve=True)
+    settings = EvaluateConfig(**values)  # type: ignore[arg-type]
+    settings.patient_fusion = Fusion(settings.patient_fusion)
+    return settings
 
 
 def make_run_setup(cfg: DictConfig) -> RunSetup:
@@ -51,12 +75,17 @@ def make_run_setup(cfg: DictConfig) -> RunSetup:
         cpu=cfg.trainer.cpu,
     )
     names = tuple(cfg.task.classes)
+    settings = evaluate_settings(cfg)
     return RunSetup(
         precision=precision,
         accelerator=accelerator,
         optimizer_factory=instantiate(cfg.trainer.optimizer),
         metrics_fn=functools.partial(dataset_metrics, class_names=names),
         class_names=names,
+        final_metrics_fn=functools.partial(
+            dataset_final_metrics, class_names=names, settings=settings
+        ),
+        evaluate=settings,
     )
 
 
@@ -73,8 +102,105 @@ def make_classifier(cfg: DictConfig, setup: RunSetup) -> Classifier:
     if medgemma:
         from breakhis_ft.models.vision_cache import configure_feature_cache
 
-        configure_feature_cache(classifier, cfg)  # cached soft tokens where valid (`auto`)
+        # cached soft tokens where valid (`auto`); those of stain-normalised images apart
+        configure_feature_cache(classifier, _stain_paths(cfg, setup.stain))
     return classifier
+
+
+def _stain_paths(cfg: DictConfig, stain: StainNormalizer | None) -> DictConfig:
+    """The config with paths.vision_features in a subfolder per stain normaliser (features are
+    keyed by image file, and the same file gives other pixels under another normaliser)."""
+    if stain is None:
+        return cfg
+    folder = f"{cfg.paths.vision_features}/stain-{stain.identity()}"
+    return OmegaConf.merge(cfg, {"paths": {"vision_features": folder}})  # type: ignore[return-value]
+
+
+def _hashed(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def stain_reference_records(train: Sequence[ImageRecord], n: int) -> list[ImageRecord]:
+    """Up to `n` training images for a stain reference: round robin over the patients, so each
+    patient's stain counts; patients and their images in a fixed pseudo-random order (a hash of
+    the name), the same on every machine and independent of the run's seed."""
+    by_patient: dict[str, list[ImageRecord]] = defaultdict(list)
+    for record in sorted(train, key=lambda r: _hashed(r.path)):
+        by_patient[record.patient].append(record)
+    queues = [by_patient[p] for p in sorted(by_patient, key=_hashed)]
+    chosen: list[ImageRecord] = []
+    for k in range(max(map(len, queues), default=0)):
+        chosen += [queue[k] for queue in queues if k < len(queue)]
+    return chosen[:n]
+
+
+def make_stain_normalizer(
+    cfg: DictConfig,
+    splits: dict[str, list[ImageRecord]],
+    root: str | Path,
+    run_dir: Path,
+    main_process: bool = True,
+) -> StainNormalizer | None:
+    """The run's stain normaliser (data.stain_norm; None for none), fitted to data.stain_reference
+    and saved as stain_normalizer.json in the run folder; a resumed run reuses its saved one."""
+    method = str(cfg.data.stain_norm)
+    if method == "none":
+        return None
+    saved = load_normalizer(run_dir) if cfg.resume is not None else None
+    if saved is not None and saved.method == method:
+        return saved
+    reference = str(cfg.data.stain_reference)
+    if reference == "train":  # training images only: val or test colour must not leak in
+        records = stain_reference_records(splits.get("train", []), cfg.data.stain_reference_images)
+        if not records:
+            raise ConfigError(
+                "config error: data.stain_reference=train: the training split is empty; give a "
+                "reference image file instead"
+            )
+        names = [r.path for r in records]
+        images = [load_image(Path(root) / name) for name in names]
+    else:
+        path = Path(reference).expanduser().resolve()
+        names, images = [str(path)], [load_image(path)]
+    try:
+        normalizer = fit_stain_normalizer(method, images, names)
+    except ValueError as err:
+        raise ConfigError(f"config error: data.stain_reference={reference}: {err}") from err
+    log.info(
+        "stain normalisation %s (%s), reference: %d image(s) of %s",
+        method,
+        normalizer.identity(),
+        len(normalizer.reference),
+        reference,
+    )
+    if main_process:
+        save_normalizer(normalizer, run_dir)
+    return normalizer
+
+
+def _record_stain(cache: Any, stain: StainNormalizer, run_dir: Path | None) -> None:
+    """Log the images the normaliser passed through unchanged; count them in data_stats.json."""
+    passed = cache_info(cache).get("stain_passed_through", [])
+    if passed:
+        log.warning(
+            "stain normalisation passed %d of %d image(s) through unchanged (no stain to "
+            "estimate), e.g. %s: %s",
+            len(passed),
+            len(cache),
+            *passed[0],
+        )
+    stats_file = None if run_dir is None else run_dir / "data_stats.json"
+    if stats_file is None or not stats_file.is_file():
+        return
+    stats = json.loads(stats_file.read_text())
+    stats["stain_normalization"] = {
+        "method": stain.method,
+        "identity": stain.identity(),
+        "reference_images": len(stain.reference),
+        "passed_through": len(passed),
+        "passed_through_files": [{"path": p, "reason": r} for p, r in passed[:100]],
+    }
+    stats_file.write_text(json.dumps(stats, indent=2, default=str))
 
 
 def make_datasets(
@@ -82,13 +208,23 @@ def make_datasets(
     scan: BreakhisScan,
     splits: dict[str, list[ImageRecord]],
     needs_images: bool,
+    stain: StainNormalizer | None = None,
+    run_dir: Path | None = None,
 ) -> dict[str, ImageDataset]:
-    """One dataset per non-empty split over one shared image cache; augmentation on train only."""
+    """One dataset per non-empty split over one shared image cache; augmentation on train only.
+
+    `stain`: the cache holds normalised images; `run_dir`: the main process's run folder, whose
+    data_stats.json then counts the images the normaliser passed through.
+    """
     used = [r for records in splits.values() for r in records]
     source: Any = scan.root
     if needs_images and used:
         unique = list({r.path: r for r in used}.values())
-        source = build_image_cache(unique, scan.root, cfg.data.image_size, cfg.paths.images)
+        source = build_image_cache(
+            unique, scan.root, cfg.data.image_size, cfg.paths.images, stain=stain
+        )
+        if stain is not None:
+            _record_stain(source, stain, run_dir)
     task = Task.from_config(cfg.task)
     return {
         split: ImageDataset(
@@ -98,6 +234,7 @@ def make_datasets(
             augment=cfg.data.augment if split == "train" else None,
             with_images=needs_images,
             image_size=cfg.data.image_size,  # how `load` resizes when decoding from the root
+            stain=stain,
         )
         for split, records in splits.items()
         if records

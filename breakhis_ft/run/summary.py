@@ -17,12 +17,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from breakhis_ft.run.secrets import mask_secrets
+
 log = logging.getLogger(__name__)
 
 BARE = {"bare": True}  # `extra=` of a record printed on the console without the log prefix
 # below WARNING these loggers only say where a checkpoint's files went (.tmp-step_* folders)
 QUIET_ON_CONSOLE = ("accelerate.checkpointing", "accelerate.accelerator")
-HEADLINE = ("balanced_accuracy", "accuracy", "f1_macro", "auroc_macro", "patient_accuracy")
+HEADLINE = ("balanced_accuracy", "accuracy", "f1_macro", "auroc_macro", "patient_recognition_rate")
 WIDTH = 100
 
 
@@ -92,6 +94,7 @@ def config_tree(cfg: DictConfig, choices: Mapping[str, Any] | None = None) -> st
         config = OmegaConf.to_container(cfg, resolve=True)
     except Exception:  # noqa: BLE001 - outside a Hydra job ${hydra:...} cannot resolve: show as is
         config = OmegaConf.to_container(cfg, resolve=False)
+    config = mask_secrets(config)  # a `+hf_token=...` override is shown as ***
     choices = {k: v for k, v in (choices or {}).items() if not k.startswith("hydra/")}
     picked = ", ".join(f"{k}={v}" for k, v in choices.items() if v and "/" not in k)
     tree = Tree(escape(f"config ({picked})" if picked else "config"))

@@ -5,17 +5,27 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
 
-from breakhis_ft.run.run_folder import write_json
+from breakhis_ft.run.run_folder import read_run_info, update_run_info, write_json
+from breakhis_ft.run.secrets import mask_secrets
 from breakhis_ft.validate import BINARY_METRICS, SCALAR_METRICS
 
 log = logging.getLogger(__name__)
 
-# keys whose values never leave the process: tokens, API keys, passwords
-_SECRET_KEY = re.compile(r"(token|api_?key|secret|password)", re.IGNORECASE)
+ERROR_TABLE_ROWS = 32  # test/errors: the most confident errors, kept small for the dashboard
+ERROR_THUMBNAIL = 128  # their longest side in pixels
+# WANDB_MODE values W&B accepts, as the mode they mean
+_ENV_MODES = {
+    "online": "online",
+    "run": "online",
+    "offline": "offline",
+    "dryrun": "offline",
+    "disabled": "disabled",
+}
 # W&B history holds the headline scalars only (a dashboard compares runs on a handful of keys);
 # per-class and per-magnification values go to the summary and to tables, all to metrics.jsonl
 _NOT_HISTORY = re.compile(r"/(per_class|by_magnification)/|^model/|/n$")
@@ -24,13 +34,18 @@ _SPLIT_COLUMNS = ("n", *SCALAR_METRICS)
 _BINARY_COLUMNS = BINARY_METRICS
 
 
-def strip_secrets(value: Any) -> Any:
-    """A copy of a nested config dict without any key that looks like a secret."""
-    if isinstance(value, dict):
-        return {k: strip_secrets(v) for k, v in value.items() if not _SECRET_KEY.search(str(k))}
-    if isinstance(value, list):
-        return [strip_secrets(v) for v in value]
-    return value
+def wandb_mode(configured: str) -> str:
+    """The W&B mode of a run: WANDB_MODE from the environment when set (as W&B users expect),
+    else `logger.mode`."""
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if not env:
+        return str(configured)
+    if env not in _ENV_MODES:
+        log.warning("WANDB_MODE=%s is not a W&B mode; using logger.mode=%s", env, configured)
+        return str(configured)
+    if _ENV_MODES[env] != str(configured):
+        log.info("WANDB_MODE=%s from the environment replaces logger.mode=%s", env, configured)
+    return _ENV_MODES[env]
 
 
 def _json_safe(value: Any) -> Any:
@@ -59,35 +74,78 @@ class RunTracker:
         run_name: str,
         group: str,
         active: bool = True,
+        resume_step: int | None = None,
+        resumed: bool = False,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.active = active
         self._wandb_run = None
         self._metrics_file = self.run_dir / "metrics.jsonl"
         self._history: list[dict[str, Any]] = []  # the rows of metrics.jsonl, for the curves
-        if active and logger_cfg.kind == "wandb" and logger_cfg.mode != "disabled":
-            self._start_wandb(strip_secrets(config), logger_cfg, run_name, group)
+        self._logged: set[tuple[int, str]] = set()  # (step, key) already in metrics.jsonl
+        if active and resume_step is not None:
+            self._keep_rows_until(resume_step)
+        mode = wandb_mode(logger_cfg.mode) if logger_cfg.kind == "wandb" else "disabled"
+        if active and mode != "disabled":
+            self._start_wandb(mask_secrets(config), logger_cfg, mode, run_name, group, resumed)
 
-    def _start_wandb(self, config: dict, logger_cfg: Any, run_name: str, group: str) -> None:
+    def _keep_rows_until(self, step: int) -> None:
+        """On resume: keep metrics.jsonl's rows up to the checkpoint's step and drop the later
+        ones, which the resumed training logs again (a step is never logged twice)."""
+        if not self._metrics_file.exists():
+            return
+        rows = []
+        for line in self._metrics_file.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+        self._history = [r for r in rows if isinstance(r, dict) and r.get("step", 0) <= step]
+        self._logged = {(r["step"], k) for r in self._history for k in r if k != "step"}
+        tmp = self._metrics_file.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self._history))
+        tmp.replace(self._metrics_file)
+        if len(rows) > len(self._history):
+            log.info(
+                "resume: %d metrics.jsonl rows after step %d dropped; training logs them again",
+                len(rows) - len(self._history),
+                step,
+            )
+
+    def _start_wandb(
+        self, config: dict, logger_cfg: Any, mode: str, run_name: str, group: str, resumed: bool
+    ) -> None:
         try:
             import wandb
 
-            self._wandb_run = wandb.init(
-                project=logger_cfg.project,
-                entity=logger_cfg.entity,
-                group=logger_cfg.group or group,
-                job_type=logger_cfg.job_type,
-                tags=list(logger_cfg.tags),
-                name=run_name,
-                config=config,
-                mode=logger_cfg.mode,
-                dir=str(self.run_dir),
-                reinit="create_new",
-            )
+            previous = read_run_info(self.run_dir).get("wandb") if resumed else None
+            kwargs: dict[str, Any] = {
+                "project": logger_cfg.project,
+                "entity": logger_cfg.entity,
+                "group": logger_cfg.group or group,
+                "job_type": logger_cfg.job_type,
+                "tags": list(logger_cfg.tags),
+                "name": run_name,
+                "config": config,
+                "dir": str(self.run_dir),
+                "reinit": "create_new",
+                "settings": wandb.Settings(init_timeout=float(logger_cfg.init_timeout)),
+            }
+            if previous:  # the same W&B run continues (its first name and group kept)
+                kwargs.update(
+                    id=previous["id"],
+                    resume="allow",
+                    name=previous["name"],
+                    group=previous["group"],
+                )
+            run, mode = self._init_wandb(wandb, mode, kwargs)
+            names = {"name": kwargs["name"], "group": kwargs["group"]}
+            update_run_info(self.run_dir, wandb={"id": run.id, **names, "mode": mode})
             # best-value summaries, so the dashboard compares runs by their best epoch
-            self._wandb_run.define_metric("train/*", step_metric="trainer/step")
-            self._wandb_run.define_metric("val/loss", summary="min", step_metric="trainer/step")
-            self._wandb_run.define_metric("val/*", summary="max", step_metric="trainer/step")
+            run.define_metric("train/*", step_metric="trainer/step")
+            run.define_metric("val/loss", summary="min", step_metric="trainer/step")
+            run.define_metric("val/*", summary="max", step_metric="trainer/step")
+            self._wandb_run = run
         except Exception as err:  # noqa: BLE001 - any W&B failure must not stop training
             log.warning(
                 "W&B is off for this run (%s: %s); local files are still written",
@@ -95,6 +153,23 @@ class RunTracker:
                 err,
             )
             self._wandb_run = None
+
+    def _init_wandb(self, wandb: Any, mode: str, kwargs: dict[str, Any]) -> tuple[Any, str]:
+        """(wandb.init's run, its mode); online without an answer within logger.init_timeout
+        seconds (no network, server down) goes on offline."""
+        if mode != "online":
+            return wandb.init(mode=mode, **kwargs), mode
+        try:
+            return wandb.init(mode="online", **kwargs), mode
+        except wandb.errors.Error as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            log.warning(
+                "W&B online did not start (%s): this run continues offline; sync it later with: "
+                "wandb sync %s",
+                reason,
+                self.run_dir / "wandb" / "offline-run-*",
+            )
+            return wandb.init(mode="offline", **kwargs), "offline"
 
     @property
     def wandb_run(self) -> Any:
@@ -106,6 +181,10 @@ class RunTracker:
         summary."""
         if not self.active:
             return
+        metrics = {k: v for k, v in metrics.items() if (step, k) not in self._logged}
+        if not metrics:  # all of it is already in the log (a resumed run's step 0)
+            return
+        self._logged.update((step, k) for k in metrics)
         row = _json_safe({"step": step, **metrics})
         self._history.append(row)
         with self._metrics_file.open("a") as f:
@@ -134,6 +213,10 @@ class RunTracker:
             self._safe_wandb(lambda run, s=scalars: run.summary.update(_json_safe(s)))
             self._log_split_tables(split, split_metrics, predictions.get(split))
 
+    def log_summary(self, values: dict[str, float]) -> None:
+        """Put values into the W&B run's summary (the final statistics); nothing without W&B."""
+        self._safe_wandb(lambda run: run.summary.update(_json_safe(values)))
+
     def log_plots(self, metrics: dict[str, dict], title: str | None = None) -> None:
         """With W&B on: plot the finished run (per-class F1, curves; `title` names the run) into
         its folder and log the PNGs; the confusion matrix is W&B's own chart (log_final), so its
@@ -144,6 +227,7 @@ class RunTracker:
             from breakhis_ft.evaluate.figures import plot_run_figures
 
             paths = plot_run_figures(self.run_dir, metrics, self._history, title=title)
+            paths += sorted(self.run_dir.glob("reliability_*.png"))  # written by the run
         except ImportError as err:
             log.warning("no plots for W&B (%s); pip install -e '.[plots]'", err)
             return
@@ -183,6 +267,25 @@ class RunTracker:
                 title=f"{split} confusion matrix",
             )
         self._safe_wandb(lambda run: run.log(tables))
+
+    def log_errors(self, predictions: Path, image_root: Path, n: int = ERROR_TABLE_ROWS) -> None:
+        """W&B table `test/errors`: thumbnails of the run's `n` most confident test errors, with
+        true and predicted class, probability, patient and magnification (W&B on only)."""
+        if self._wandb_run is None or not Path(predictions).is_file():
+            return
+        import wandb
+
+        from breakhis_ft.evaluate.errors import most_confident_errors, thumbnail
+
+        columns = ["image", "true", "pred", "prob", "prob_true", "patient", "magnification", "path"]
+        table = wandb.Table(columns=columns)
+        for e in most_confident_errors(predictions, n):
+            picture = thumbnail(Path(image_root) / e.path, ERROR_THUMBNAIL)
+            image = None if picture is None else wandb.Image(picture, caption=f"{e.true}->{e.pred}")
+            table.add_data(
+                image, e.true, e.pred, e.prob, e.prob_true, e.patient, e.magnification, e.path
+            )
+        self._safe_wandb(lambda run: run.log({"test/errors": table}))
 
     def _safe_wandb(self, action: Any) -> None:
         if self._wandb_run is None:

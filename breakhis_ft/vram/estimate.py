@@ -135,127 +135,179 @@ def estimate_vram(cfg: Any, device: str = "cuda", optimizer: str = "adamw") -> V
     raise ConfigError(f"config error: model.kind: got {kind!r}, allowed: medgemma, siglip")
 
 
-def _estimate_gemma(cfg: Any, device: str, optimizer: str) -> VramEstimate:
+@dataclass
+class _GemmaShapes:
+    """What the MedGemma estimate computes with: sizes, batch, precision, attention, tokens."""
+
+    model: Any
+    pb: ParamBytes
+    config: Any
+    flavor: Flavor
+    batch: int
+    gc: bool
+    attn: str
+    tok: Any
+    dropout: float
+    qlora: bool
+
+    @property
+    def eager(self) -> bool:
+        """Eager attention materialises the score tensors."""
+        return self.attn == "eager"
+
+
+def _gemma_shapes(cfg: Any, device: str) -> _GemmaShapes:
     model, pb, config, folder = build_meta_gemma(cfg)
-    text, vision = config.text_config, config.vision_config
     qlora = cfg.peft.method == "qlora"
-    flavor = Flavor.of("bf16" if qlora else str(cfg.precision.name), device)
-    a, b, gc = flavor.act, int(cfg.trainer.batch_size), bool(cfg.trainer.gradient_checkpointing)
-    tok = count_tokens(cfg, config, folder)
-    seq, rows, dropout = tok.seq, tok.labelled, float(cfg.peft.dropout)
-    t_lm = b * seq
-    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _GemmaShapes(
+        model=model,
+        pb=pb,
+        config=config,
+        flavor=Flavor.of("bf16" if qlora else str(cfg.precision.name), device),
+        batch=int(cfg.trainer.batch_size),
+        gc=bool(cfg.trainer.gradient_checkpointing),
+        attn=str(cfg.model.attn_implementation),
+        tok=count_tokens(cfg, config, folder),
+        dropout=float(cfg.peft.dropout),
+        qlora=qlora,
+    )
+
+
+def _gemma_lm(s: _GemmaShapes, full: bool) -> dict[str, Any]:
+    """The language model's stored activations (held, recomputed) with and without checkpoints."""
+    text, a, b, seq = s.config.text_config, s.flavor.act, s.batch, s.tok.seq
+    h, hd, n_layers = text.hidden_size, text.head_dim, text.num_hidden_layers
+    sites = lora_sites(s.model, "language_model")
+    per_token = [
+        gemma_layer_bytes_per_token(text, s.flavor, sites.get(i, []), s.dropout, seq, s.attn, full)
+        for i in range(n_layers)
+    ]
+    const = [
+        lora_layer_constant(sites.get(i, []), s.flavor) + 16 * h + 8 * hd for i in range(n_layers)
+    ]
+    # final norm; the sliding + global masks (sdpa: bool, eager: additive in the compute dtype)
+    outside = b * seq * (4 * h + 4) + 2 * b * seq * seq * (a if s.eager else 1)
+    stacks = {g: _stack(per_token, const, b * seq, h, a, g) for g in (False, True)}
+    return {"stacks": stacks, "outside": outside, "per_token": per_token}
+
+
+def _gemma_vision(s: _GemmaShapes, trains: bool, full: bool) -> dict[str, Any]:
+    """The vision tower's stored activations, its backward and (frozen) its no_grad forward."""
+    vision, b, a = s.config.vision_config, s.batch, s.flavor.act
+    patches = vision_tokens(vision)
+    t_v, hv, iv = b * patches, vision.hidden_size, vision.intermediate_size
+    nhv = vision.num_attention_heads
+    out = {"stacks": {False: (0.0, 0.0), True: (0.0, 0.0)}, "patches": patches}
+    out.update(output=0.0, backward=0.0, transient=0.0)
+    if trains:
+        sites = lora_sites(s.model, "vision_tower")
+        per = [
+            siglip_layer_bytes_per_token(
+                vision, s.flavor, sites.get(i, []), s.dropout, full, s.attn
+            )
+            for i in range(vision.num_hidden_layers)
+        ]
+        const = [lora_layer_constant(sites.get(i, []), s.flavor) for i in range(len(per))]
+        tokens = s.config.mm_tokens_per_image
+        out["output"] = t_v * (s.flavor.ln * hv + 2 * s.flavor.ln) + b * tokens * 4 * hv
+        # checkpointing covers the tower only when it trains (medgemma.py)
+        out["stacks"] = {g: _stack(per, const, t_v, hv, a, g) for g in (False, True)}
+        out["backward"] = t_v * a * (2 * hv + 2 * iv)
+        if s.eager:
+            out["backward"] += b * eager_scores_transient(nhv, patches, s.flavor, False)
+    else:  # frozen: run under no_grad, one layer's tensors at a time (eager: its scores too)
+        out["transient"] = t_v * (a * hv + s.flavor.ln * hv + 3 * a * hv + 2 * a * iv)
+        if s.eager:
+            out["transient"] += b * eager_scores_transient(nhv, patches, s.flavor, True)
+    return out
+
+
+def _gemma_notes(
+    cfg: Any,
+    s: _GemmaShapes,
+    vis: dict[str, Any],
+    per_token: list[float],
+    vision_trains: bool,
+    recomputed_name: str,
+    optimizer: str,
+) -> dict[str, str]:
+    """What each component of the MedGemma estimate counts, in words."""
+    text, config, b, gc, seq = s.config.text_config, s.config, s.batch, s.gc, s.tok.seq
+    h = text.hidden_size
+    return {
+        "weights": f"frozen base, {'bf16 + NF4' if s.qlora else cfg.precision.name}"
+        + (f", {s.pb.quantized:,} in NF4" if s.qlora else ""),
+        "trainable weights": f"{s.pb.trainable:,} params ({cfg.peft.method}, adapters fp32)",
+        "gradients": "one per trainable param, its dtype",
+        "optimizer states": f"{optimizer}: exp_avg + exp_avg_sq (+ step)",
+        "activations: language model": (
+            f"{text.num_hidden_layers} layers x {b} x {seq} tokens, "
+            f"{'checkpointed' if gc else f'k={per_token[-1] / h:.1f} h bytes/token/layer'}"
+        ),
+        "activations: vision tower": (
+            f"{'trains' if vision_trains else 'frozen (no_grad)'}: {vis['patches']} patches x "
+            f"{b}{', checkpointed' if gc and vision_trains else ''}"
+            f" + {config.mm_tokens_per_image} soft tokens"
+        ),
+        "activations: recomputed layer": (
+            f"one {recomputed_name} layer recomputed in the backward ({s.attn})"
+            if gc
+            else "none: no checkpointing, every layer is counted above"
+        ),
+    }
+
+
+def _estimate_gemma(cfg: Any, device: str, optimizer: str) -> VramEstimate:
+    s = _gemma_shapes(cfg, device)
+    text, config, b, gc, a = s.config.text_config, s.config, s.batch, s.gc, s.flavor.act
+    seq, rows = s.tok.seq, s.tok.labelled
+    core = s.model.get_base_model() if hasattr(s.model, "get_base_model") else s.model
     lm_full = any(p.requires_grad for p in core.model.language_model.layers.parameters()) and (
         cfg.peft.method == "none"
     )
     vis_modules = (core.model.vision_tower, core.model.multi_modal_projector)
     vision_trains = any(p.requires_grad for m in vis_modules for p in m.parameters())
-
-    h, hd, n_layers = text.hidden_size, text.head_dim, text.num_hidden_layers
-    attn = str(cfg.model.attn_implementation)
-    sites = lora_sites(model, "language_model")
-    per_token = [
-        gemma_layer_bytes_per_token(text, flavor, sites.get(i, []), dropout, seq, attn, lm_full)
-        for i in range(n_layers)
-    ]
-    const = [
-        lora_layer_constant(sites.get(i, []), flavor) + 16 * h + 8 * hd for i in range(n_layers)
-    ]
-    eager = attn == "eager"
-    # final norm; the sliding + global masks (sdpa: bool, eager: additive in the compute dtype)
-    outside = t_lm * (4 * h + 4) + 2 * b * seq * seq * (a if eager else 1)
-    lm = {g: _stack(per_token, const, t_lm, h, a, g) for g in (False, True)}
-    lm_eager = b * eager_scores_transient(text.num_attention_heads, seq, flavor, False)
-
-    patches = vision_tokens(vision)
-    t_v, hv, iv = b * patches, vision.hidden_size, vision.intermediate_size
-    nhv = vision.num_attention_heads
+    lm = _gemma_lm(s, lm_full)
+    vis = _gemma_vision(s, vision_trains, cfg.peft.method == "none")
+    h = text.hidden_size
     features = b * config.mm_tokens_per_image * h * a  # projected soft tokens fed to the LM
-    vis = {False: (0.0, 0.0), True: (0.0, 0.0)}
-    vout, vision_backward, vision_transient = 0.0, 0.0, 0.0
-    if vision_trains:
-        vsites = lora_sites(model, "vision_tower")
-        vfull = cfg.peft.method == "none"
-        vper = [
-            siglip_layer_bytes_per_token(vision, flavor, vsites.get(i, []), dropout, vfull, attn)
-            for i in range(vision.num_hidden_layers)
-        ]
-        vconst = [lora_layer_constant(vsites.get(i, []), flavor) for i in range(len(vper))]
-        vout = t_v * (flavor.ln * hv + 2 * flavor.ln) + b * config.mm_tokens_per_image * 4 * hv
-        # checkpointing covers the tower only when it trains (medgemma.py)
-        vis = {g: _stack(vper, vconst, t_v, hv, a, g) for g in (False, True)}
-        vision_backward = t_v * a * (2 * hv + 2 * iv)
-        if eager:
-            vision_backward += b * eager_scores_transient(nhv, patches, flavor, False)
-    else:  # frozen: run under no_grad, one layer's tensors at a time (eager: its scores too)
-        vision_transient = t_v * (a * hv + flavor.ln * hv + 3 * a * hv + 2 * a * iv)
-        if eager:
-            vision_transient += b * eager_scores_transient(nhv, patches, flavor, True)
 
     # Checkpointed, the LM's and the tower's layers are recomputed in turn: one layer at the peak.
-    recomputed = {g: max(lm[g][1], vis[g][1]) for g in (False, True)}
-    recomputed_name = "vision tower" if vis[gc][1] > lm[gc][1] else "language model"
-    lm_held = {g: lm[g][0] + outside for g in (False, True)}
-    vis_held = {g: features + vis[g][0] + vout for g in (False, True)}
+    lms, viss = lm["stacks"], vis["stacks"]
+    recomputed = {g: max(lms[g][1], viss[g][1]) for g in (False, True)}
+    recomputed_name = "vision tower" if viss[gc][1] > lms[gc][1] else "language model"
+    lm_held = {g: lms[g][0] + lm["outside"] for g in (False, True)}
+    vis_held = {g: features + viss[g][0] + vis["output"] for g in (False, True)}
 
     vocab = text.vocab_size
-    logits = b * rows * vocab * 12
-    backward = t_lm * a * (2 * h + 2 * text.intermediate_size) + (lm_eager if eager else 0)
-    work = {"loss logits": logits, "backward": backward, "vision backward": vision_backward}
+    lm_eager = b * eager_scores_transient(text.num_attention_heads, seq, s.flavor, False)
+    backward = b * seq * a * (2 * h + 2 * text.intermediate_size) + (lm_eager if s.eager else 0)
+    work = {"loss logits": b * rows * vocab * 12, "backward": backward}
+    work["vision backward"] = vis["backward"]
     work_name = max(work, key=work.get)
     working = work[work_name]
     work_note = f"largest transient: {work_name} (loss: {b} x {rows} positions x {vocab:,})"
     # A frozen tower runs before the LM saves anything: its forward's peak is not on top of the
     # activations; it sets the peak only where it exceeds them + the training working set.
     activations = lm_held[gc] + vis_held[gc] + recomputed[gc]
-    if vision_transient > activations + working:
-        working = vision_transient - activations
+    if vis["transient"] > activations + working:
+        working = vis["transient"] - activations
         work_note = (
-            f"frozen vision forward, {vision_transient / GIB:.3f} GiB ({attn}), the peak: it "
+            f"frozen vision forward, {vis['transient'] / GIB:.3f} GiB ({s.attn}), the peak: it "
             "runs before the LM saves anything, counted as its excess over the activations"
         )
-    components = _static(model, pb, optimizer)
+    components = _static(s.model, s.pb, optimizer)
     components["activations: language model"] = int(lm_held[gc])
     components["activations: vision tower"] = int(vis_held[gc])
     components["activations: recomputed layer"] = int(recomputed[gc])
     components["working set"] = int(working)
-    quant = f", {pb.quantized:,} in NF4" if qlora else ""
-    notes = {
-        "weights": f"frozen base, {'bf16 + NF4' if qlora else cfg.precision.name}{quant}",
-        "trainable weights": f"{pb.trainable:,} params ({cfg.peft.method}, adapters fp32)",
-        "gradients": "one per trainable param, its dtype",
-        "optimizer states": f"{optimizer}: exp_avg + exp_avg_sq (+ step)",
-        "activations: language model": (
-            f"{n_layers} layers x {b} x {seq} tokens, "
-            f"{'checkpointed' if gc else f'k={per_token[-1] / h:.1f} h bytes/token/layer'}"
-        ),
-        "activations: vision tower": (
-            f"{'trains' if vision_trains else 'frozen (no_grad)'}: {patches} patches x {b}"
-            f"{', checkpointed' if gc and vision_trains else ''}"
-            f" + {config.mm_tokens_per_image} soft tokens"
-        ),
-        "activations: recomputed layer": (
-            f"one {recomputed_name} layer recomputed in the backward ({attn})"
-            if gc
-            else "none: no checkpointing, every layer is counted above"
-        ),
-        "working set": work_note,
-    }
+    per_token = lm["per_token"]
+    notes = _gemma_notes(cfg, s, vis, per_token, vision_trains, recomputed_name, optimizer)
+    notes["working set"] = work_note
     params = {
-        "base_params": pb.base,
-        "total_params": pb.total,
-        "trainable_params": pb.trainable,
-    }
-    settings = {
-        "model": str(cfg.model.name_or_path),
-        "peft": str(cfg.peft.method),
-        "r": int(cfg.peft.r),
-        "precision": "bf16+nf4" if qlora else str(cfg.precision.name),
-        "batch_size": b,
-        "seq": f"{tok.prompt}+{tok.image}+{tok.answer}={seq}{'' if tok.exact else ' (approx.)'}",
-        "gradient_checkpointing": gc,
-        "attn": attn,
-        "device": device,
+        "base_params": s.pb.base,
+        "total_params": s.pb.total,
+        "trainable_params": s.pb.trainable,
     }
     extra = {
         "activations_no_gc_bytes": lm_held[False] + vis_held[False],
@@ -263,10 +315,27 @@ def _estimate_gemma(cfg: Any, device: str, optimizer: str) -> VramEstimate:
         "lm_layer_bytes_per_token": per_token[-1],
         "lm_layer_k_times_hidden": per_token[-1] / h,
         "full_sequence_logits_bytes": b * seq * vocab * 12,
-        "frozen_vision_forward_bytes": vision_transient,
+        "frozen_vision_forward_bytes": vis["transient"],
         "seq_tokens": seq,
     }
-    return VramEstimate(components, notes, params, settings, extra)
+    return VramEstimate(components, notes, params, _gemma_settings(cfg, s, device), extra)
+
+
+def _gemma_settings(cfg: Any, s: _GemmaShapes, device: str) -> dict[str, Any]:
+    """The settings the MedGemma estimate was made for (shown in its table)."""
+    tok = s.tok
+    approx = "" if tok.exact else " (approx.)"
+    return {
+        "model": str(cfg.model.name_or_path),
+        "peft": str(cfg.peft.method),
+        "r": int(cfg.peft.r),
+        "precision": "bf16+nf4" if s.qlora else str(cfg.precision.name),
+        "batch_size": s.batch,
+        "seq": f"{tok.prompt}+{tok.image}+{tok.answer}={tok.seq}{approx}",
+        "gradient_checkpointing": s.gc,
+        "attn": s.attn,
+        "device": device,
+    }
 
 
 def _estimate_siglip(cfg: Any, device: str, optimizer: str) -> VramEstimate:

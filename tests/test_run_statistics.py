@@ -1,0 +1,47 @@
+"""The statistics of a tiny run through the entrypoint: metrics.json, calibration.json, W&B."""
+
+from __future__ import annotations
+
+import json
+
+from cli_runs import read_metrics
+
+
+def test_final_metrics_hold_intervals_calibration_and_patient_level(first_run) -> None:
+    run_dir, _ = first_run
+    metrics = read_metrics(run_dir)
+    calibration = json.loads((run_dir / "calibration.json").read_text())
+    assert calibration == json.loads((run_dir / "best" / "calibration.json").read_text())
+    temperature = calibration["temperature"]
+    assert calibration["fitted_on"] == "val" and temperature > 0
+    for split in ("val", "test"):
+        m = metrics[split]
+        for name in ("accuracy", "balanced_accuracy", "f1_macro", "f1_weighted", "auroc_macro"):
+            lo, hi = m[f"{name}_ci95"]
+            assert 0.0 <= lo <= hi <= 1.0, (split, name)
+        assert len(m["patient_recognition_rate_ci95"]) == 2
+        assert {"accuracy_ci95", "f1_ci95", "auroc_ci95"} <= set(m["binary"])
+        assert m["bootstrap"]["resamples"] == 1000 and m["bootstrap"]["unit"] == "patient"
+        cal = m["calibration"]
+        assert set(cal["before"]) == {"ece", "mce", "brier", "nll"} and cal["n_bins"] == 15
+        assert cal["temperature"] == temperature and set(cal["after"]) == set(cal["before"])
+        patient = m["patient_level"]
+        assert patient["fusion"] == "mean_log_prob"
+        assert patient["n_patients"] == m["bootstrap"]["n_patients"] == len(patient["diagnoses"])
+        assert (
+            len(patient["accuracy_ci95"]) == len(patient["binary"]["balanced_accuracy_ci95"]) == 2
+        )
+        assert sum(map(sum, patient["confusion_matrix"])) == patient["n_patients"]
+        assert (run_dir / f"reliability_{split}.png").stat().st_size > 1000
+    # fitted on val: the validation NLL cannot rise (T=1 was a candidate)
+    val = metrics["val"]["calibration"]
+    assert val["after"]["nll"] <= val["before"]["nll"] + 1e-9
+
+
+def test_wandb_summary_holds_the_statistics_and_reliability_plots(first_run) -> None:
+    run_dir, _ = first_run
+    (offline,) = run_dir.glob("wandb/offline-run-*")
+    log = next(offline.glob("run-*.wandb")).read_bytes()
+    assert b"test/balanced_accuracy_ci95_lo" in log and b"test/calibration/after/ece" in log
+    assert b"test/patient_level/balanced_accuracy" in log
+    assert b"plots/reliability_test" in log
