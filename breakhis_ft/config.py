@@ -311,6 +311,12 @@ class TrainerConfig:
     num_workers: int = 0
     log_every_steps: int = 10
     cpu: bool = False  # force CPU even where a GPU is present
+    # debug presets (conf/debug/): 0 turns each off
+    limit_train_batches: int = 0  # >0: an epoch ends after this many training batches
+    limit_eval_batches: int = 0  # >0: evaluations (val and test) predict only this many batches
+    # >0: train and validate on the same batch_size x this many training images (can it learn?)
+    overfit_batches: int = 0
+    profile_steps: int = 0  # >0: the PyTorch profiler records this many updates (run/profile/)
 
 
 @dataclass
@@ -340,6 +346,7 @@ class LoggerConfig:
     job_type: str = "train"
     # seconds mode=online waits for the W&B server before the run goes on offline (W&B: 90)
     init_timeout: float = 20.0
+    log_model: bool = False  # log the best adapter (best/) as a W&B model artifact at the end
 
 
 @dataclass

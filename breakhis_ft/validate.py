@@ -51,6 +51,7 @@ def _check(ok: bool, key: str, message: str) -> None:
 def monitorable(cfg: DictConfig) -> list[str]:
     """The validation metrics a run of this config logs, by the names `trainer.monitor` takes."""
     names = [f"val/{key}" for key in SCALAR_METRICS]
+    names.append("val/loss")  # the true class's NLL under predict_proba (monitor_mode=min)
     names += [f"val/binary/{key}" for key in BINARY_METRICS]
     names += [f"val/per_class/{c}/{m}" for c in cfg.task.classes for m in ("f1", "recall")]
     return names
@@ -154,6 +155,8 @@ def _check_trainer(cfg: DictConfig) -> None:
         f"{target} needs bitsandbytes: pip install 'breakhis-ft[quant]' "
         "(or trainer/optimizer=adamw)",
     )
+    for key in ("limit_train_batches", "limit_eval_batches", "overfit_batches", "profile_steps"):
+        _check(t[key] >= 0, f"trainer.{key}", f"must be >= 0 (0 turns it off), got {t[key]}")
     allowed = monitorable(cfg)
     _check(
         not str(t.monitor).endswith("patient_accuracy"),

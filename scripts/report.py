@@ -168,8 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.plots:
         from breakhis_ft.analysis.plots import plot_run, plot_sweep
 
-        for run in runs:
-            written += plot_run(run, args.plot_split)
+        settings = report.columns[3 : len(report.columns) - len(report.metrics)]
+        for run in runs:  # titles name what differs between the runs (peft.r=8), not job1
+            written += plot_run(run, args.plot_split, settings)
         sweep = plot_sweep(runs, report.sort_by, Path(out) / "sweep.png")
         written += [sweep] if sweep else []
     print(to_markdown(report, galleries) + cv_markdown(cv, report.metrics))

@@ -58,6 +58,7 @@ def first_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     args = ["model=tiny_gemma3", "logger.mode=offline", *FAST, "=".join(SECRET_OVERRIDE)]
     done = run_cli([*args, f"paths.output_dir={base / 'a'}"], base / "cache", **SECRET_ENV)
     assert done.returncode == 0, done.stderr[-3000:]
+    (base / "first_run.stdout").write_text(done.stdout)  # what the terminal showed
     return single_run_dir(base / "a"), base / "cache"
 
 

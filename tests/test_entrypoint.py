@@ -110,15 +110,16 @@ def test_qlora_without_bitsandbytes_names_the_extra(monkeypatch) -> None:
 def test_monitorable_metrics_are_what_the_metrics_produce() -> None:
     import torch
 
+    from breakhis_ft.engine.loop_state import true_class_nll
     from breakhis_ft.evaluate.metrics import compute_metrics, malignant_flags
     from breakhis_ft.validate import monitorable
 
     cfg = compose_train([])
     names = list(cfg.task.classes)
     probs = torch.softmax(torch.randn(16, 8, generator=torch.Generator().manual_seed(0)), 1)
-    metrics = compute_metrics(
-        probs, torch.arange(16) % 8, names, ["p"] * 16, None, malignant_flags(names)
-    )
+    labels = torch.arange(16) % 8
+    metrics = compute_metrics(probs, labels, names, ["p"] * 16, None, malignant_flags(names))
+    metrics["loss"] = true_class_nll(probs, labels)  # as the recipe's evaluate adds it
     for name in monitorable(cfg):
         value = metrics
         for key in name.split("/")[1:]:

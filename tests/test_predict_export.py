@@ -287,3 +287,82 @@ def test_adapter_logged_as_wandb_artifact_offline(
     content = log.read_bytes()
     for expected in (b"tiny-adapter", b"adapter_model.safetensors", b"export_info.json"):
         assert expected in content
+
+
+# ---- exports that describe themselves -----------------------------------------------------------
+
+
+def card_snippet(out: Path) -> str:
+    """The Python block of an export's model card."""
+    return (out / "README.md").read_text().split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.parametrize(
+    ("kind", "fmt"), [("medgemma", "merged"), ("medgemma", "adapter"), ("probe", "merged")]
+)
+def test_model_card_snippet_alone_reproduces_the_run(
+    kind: str, fmt: str, runs: dict[str, Path], images: Path, tmp_path: Path, capsys
+) -> None:
+    import yaml
+
+    out = (export_merged if fmt == "merged" else export_adapter)(runs[kind], tmp_path / fmt)
+    card = (out / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---\n")[1])
+    tag = "image-text-to-text" if kind == "medgemma" else "image-classification"
+    assert meta["pipeline_tag"] == tag and "breakhis" in meta["tags"]
+    assert meta["library_name"] == ("peft" if fmt == "adapter" else "transformers")
+    assert "base_model" not in meta  # the tiny base is a local folder, not a hub id
+    for section in ("## Classes", "## Data and split", "## Results", "## Usage"):
+        assert section in card
+    test = json.loads((runs[kind] / "metrics.json").read_text())["test"]
+    assert f"| test (n={test['n']}) | balanced_accuracy | {test['balanced_accuracy']:.4f} |" in card
+    code = card_snippet(out)
+    assert "breakhis_ft" not in code  # plain transformers (and peft): no project code
+    expected = run_predictions(runs[kind])
+    names = tuple(json.loads((out / "export_info.json").read_text())["class_names"])
+    temperature = read_temperature(runs[kind])  # fitted on val: the snippet applies it
+    assert temperature is not None and f"TEMPERATURE = {temperature!r}" in code
+    checked = 0
+    for image in find_images([images]):
+        if image.name not in expected:
+            continue
+        namespace: dict = {}
+        exec(code.replace("path/to/image.png", str(image)), namespace)  # noqa: S102
+        want = scaled(probs_of(expected[image.name], names), temperature)
+        assert torch.allclose(namespace["probs"], want, atol=TOL)
+        checked += 1
+    assert checked == N_COPIED
+    assert names[int(namespace["probs"].argmax())] in capsys.readouterr().out  # it prints
+
+
+def test_export_info_holds_the_exact_prompt_preprocessing_and_temperature(
+    runs: dict[str, Path], tmp_path: Path, caplog
+) -> None:
+    import logging
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["medgemma"], run)
+    (run / "calibration.json").write_text(json.dumps({"temperature": 1.7}))
+    with caplog.at_level(logging.INFO):
+        out = export_merged(run, tmp_path / "merged")
+    assert "trainable" not in caplog.text  # a merged inference model trains nothing
+    info = read_export_info(out)
+    clf = load_predictor(run_dir=runs["medgemma"]).classifier
+    assert info["user_text"] == clf.prompt.user_text()
+    assert info["messages"] == clf.prompt.messages()
+    assert [(a["class"], a["answer"]) for a in info["answers"]] == list(
+        zip(clf.class_names, clf.prompt.answers, strict=True)
+    )
+    rendered = clf.processor.apply_chat_template(
+        info["messages"], add_generation_prompt=True, tokenize=False
+    )
+    assert rendered == clf.prompt_text
+    assert info["preprocessing"] == {
+        "convert": "RGB",
+        "resize": "longest_side",
+        "size": 32,
+        "resample": "bicubic",
+        "stain_norm": "none",
+        "then": info["preprocessing"]["then"],
+    }
+    assert info["temperature"] == 1.7 and "TEMPERATURE = 1.7" in card_snippet(out)

@@ -358,3 +358,61 @@ def test_failed_run_with_partial_metrics_never_wins_its_group(sweep: Path) -> No
     report = build_report([load_run(p) for p in find_runs([sweep])])
     assert report.rows[0]["run"] == "job2" and report.rows[0]["status"] == "failed"
     assert [(b["group"], b["run"]) for b in report.best] == [("demo", "job1")]
+
+
+def _keep_figures(monkeypatch) -> list:
+    """Capture the figures the plot functions would save (open, to inspect), by file stem."""
+    from breakhis_ft.analysis import plots
+    from breakhis_ft.evaluate import figures
+
+    kept: list = []
+
+    def keep(fig, path):
+        kept.append((Path(path).stem, fig))
+        return Path(path)
+
+    monkeypatch.setattr(figures, "_save", keep)
+    monkeypatch.setattr(plots, "_save", keep)
+    return kept
+
+
+def _titles(fig) -> str:
+    texts = [ax.get_title() for ax in fig.axes]
+    if fig._suptitle is not None:
+        texts.append(fig._suptitle.get_text())
+    return " | ".join(texts)
+
+
+def test_plot_titles_name_what_differs_not_the_job_folder(sweep: Path, monkeypatch) -> None:
+    from breakhis_ft.analysis.plots import plot_run, run_label
+
+    kept = _keep_figures(monkeypatch)
+    runs = [load_run(p) for p in find_runs([sweep])]
+    report = build_report(runs)
+    settings = report.columns[3 : len(report.columns) - len(report.metrics)]
+    job1 = next(r for r in runs if r.path.name == "job1")
+    assert run_label(job1, settings) == "peft.alpha=32, peft.r=16"
+    assert run_label(job1) == "experiment=demo, peft.r=16"  # alone: its overrides
+    plot_run(job1, "test", settings)
+    assert {stem for stem, _ in kept} == {"confusion_matrix_test", "per_class_f1_test", "curves"}
+    for _, fig in kept:
+        assert "peft.r=16" in _titles(fig) and "job1" not in _titles(fig)
+
+
+def test_sweep_plot_starts_at_zero_and_shows_intervals(sweep: Path, monkeypatch) -> None:
+    from breakhis_ft.analysis.plots import plot_sweep
+
+    metrics = json.loads((sweep / "job1" / "metrics.json").read_text())
+    value = metrics["val"]["balanced_accuracy"]
+    metrics["val"]["balanced_accuracy_ci95"] = [value - 0.1, value + 0.05]
+    (sweep / "job1" / "metrics.json").write_text(json.dumps(metrics))
+    kept = _keep_figures(monkeypatch)
+    runs = [load_run(p) for p in find_runs([sweep])]
+    plot_sweep(runs, "val/balanced_accuracy", "s.png", beside=None)
+    ((_, fig),) = kept
+    ax = fig.axes[0]
+    assert ax.get_ylim() == (0.0, 1.02)  # not a 0.002 gap stretched to the full height
+    (bars,) = ax.containers  # one line: r=4 (no interval) and r=16 (its interval)
+    segments = bars.lines[2][0].get_segments()
+    spans = sorted((float(s[0][1]), float(s[1][1])) for s in segments)
+    assert spans[-1] == pytest.approx((value - 0.1, value + 0.05))

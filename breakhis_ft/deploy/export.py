@@ -36,6 +36,7 @@ from breakhis_ft.deploy.loading import (
     load_run_config,
     preprocess_size,
 )
+from breakhis_ft.deploy.model_card import describe, model_card
 from breakhis_ft.evaluate.calibration import read_temperature
 from breakhis_ft.models.base import Classifier
 from breakhis_ft.models.gemma_loading import merge_dequantized
@@ -67,7 +68,8 @@ def _prepare_out(out_dir: Path, overwrite: bool) -> None:
 def export_info(
     cfg: DictConfig, run_dir: Path, fmt: str, precision: str, image_size: int | None
 ) -> dict[str, Any]:
-    """What `export_info.json` holds: format, classes, prompt, preprocessing, source run, config."""
+    """What `export_info.json` holds: format, classes, the exact prompt (user text, chat messages,
+    each class's answer), preprocessing, temperature, source run, config."""
     best = Path(run_dir) / "best" / "best.json"
     best_info = json.loads(best.read_text()) if best.is_file() else {}
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -90,13 +92,16 @@ def export_info(
         # fitted on the run's validation split; predict divides log-probabilities by it
         "temperature": read_temperature(run_dir),
         "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        **describe(cfg, image_size),
         "config": config,
     }
 
 
 def _write_info(out_dir: Path, info: dict[str, Any], run_dir: Path) -> None:
-    """export_info.json, and the run's stain normaliser beside it (predict.py applies it)."""
+    """export_info.json, the model card (README.md; replaces peft's blank template), and the run's
+    stain normaliser beside them (predict.py applies it)."""
     (out_dir / EXPORT_INFO).write_text(json.dumps(info, indent=2, default=str))
+    (out_dir / "README.md").write_text(model_card(info, run_dir, out_dir))
     if (run_dir / NORMALIZER_FILE).is_file():
         shutil.copy2(run_dir / NORMALIZER_FILE, out_dir / NORMALIZER_FILE)
 

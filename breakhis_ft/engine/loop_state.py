@@ -73,6 +73,7 @@ class StepWindow:
     def reset(self) -> None:
         """Start a new window."""
         self.losses: list[float] = []
+        self.grad_norms: list[float] = []
         self.images = 0
         self.start = time.perf_counter()
 
@@ -80,6 +81,10 @@ class StepWindow:
         """One batch's mean loss and image count."""
         self.losses.append(loss)
         self.images += images
+
+    def add_grad_norm(self, norm: float) -> None:
+        """One update's gradient norm, before clipping."""
+        self.grad_norms.append(norm)
 
     def step(self, lr: float, epoch_progress: float, due: bool) -> dict[str, float] | None:
         """Advance the bar one update; when `due`, the window's stats (then reset)."""
@@ -93,6 +98,8 @@ class StepWindow:
             "train/images_per_s": self.images / elapsed,
             "train/epoch": epoch_progress,
         }
+        if self.grad_norms:  # the mean over the window's updates, before clipping
+            stats["train/grad_norm"] = sum(self.grad_norms) / len(self.grad_norms)
         self.bar.set_postfix(
             loss=f"{stats['train/loss']:.4f}",
             lr=f"{stats['train/lr']:.2e}",
@@ -114,6 +121,33 @@ def lookup_metric(metrics: dict[str, Any], monitor: str) -> float | None:
             raise KeyError(f"trainer.monitor: no metric {monitor!r} in the validation metrics")
         value = value[key]
     return None if value is None or not math.isfinite(float(value)) else float(value)
+
+
+def true_class_nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """The validation loss: mean negative log-probability of the true class under predict_proba.
+
+    The cross-entropy of the predicted class distribution (for MedGemma: over the classes'
+    answers), so it compares across models; it is not the token-level training loss.
+    """
+    picked = probs.float()[torch.arange(len(labels)), labels.long()]
+    return float(-picked.clamp_min(1e-12).log().mean())
+
+
+def eval_line(
+    state: LoopState, value: float | None, loss: float, improved: bool, split: str = "val"
+) -> str:
+    """One terminal line per evaluation: the monitored value and the best so far."""
+    head = f"eval step {state.global_step}: "
+    if state.monitor is None:
+        return head + f"{split}/loss {loss:.4f} (no model selection on {split})"
+    shown = "undefined" if value is None else f"{value:.4f}"
+    if improved:
+        best = "new best"
+    elif state.best_value is None:
+        best = "no best yet"
+    else:
+        best = f"best {state.best_value:.4f} at step {state.best_step}"
+    return head + f"{state.monitor} {shown} ({best}), {split}/loss {loss:.4f}"
 
 
 def scalars(metrics: dict[str, Any], prefix: str) -> dict[str, float]:

@@ -8,7 +8,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.data_loader import prepare_data_loader
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
 
 
 class ClassifierForward(nn.Module):
@@ -69,13 +70,18 @@ def predict(
     accelerator: Accelerator,
     batch_size: int,
     forward: nn.Module | None = None,
+    max_batches: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Probabilities [N, C] (float32), labels [N] and dataset indices [N], sorted by index.
 
     Each process predicts its shard; `gather_for_metrics` per batch drops the padding that evens the
     shards, so every example appears exactly once. Every process gets the full result. `forward`:
     the wrapper a training recipe prepared (DDP/FSDP); without it the classifier runs as it is.
+    `max_batches` (per process; debug presets): only the first examples, in index order.
     """
+    if max_batches is not None:  # a prefix of the dataset: the loader still runs to its end
+        n = min(len(dataset), max_batches * batch_size * accelerator.num_processes)
+        dataset = Subset(dataset, range(n))
     if forward is None:
         forward = ClassifierForward(classifier)
         on_device(classifier, accelerator)
@@ -83,8 +89,9 @@ def predict(
     was_training = classifier.training
     classifier.eval()
     chunks: list[tuple[torch.Tensor, ...]] = []
+    main = accelerator.is_main_process
     try:
-        for batch in loader:
+        for batch in tqdm(loader, desc="eval", leave=False, dynamic_ncols=True, disable=not main):
             with accelerator.autocast():
                 probs = forward(batch, mode="proba")
             gathered = accelerator.gather_for_metrics(

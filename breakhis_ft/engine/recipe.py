@@ -38,12 +38,15 @@ from breakhis_ft.engine.loop_state import (
     LoopState,
     StepWindow,
     check_class_weights_supported,
+    eval_line,
     first_nonfinite_grad,
     lookup_metric,
     scalars,
+    true_class_nll,
 )
 from breakhis_ft.engine.optim import param_groups
 from breakhis_ft.engine.predict import ClassifierForward, make_loader, predict
+from breakhis_ft.engine.profiling import step_profiler
 from breakhis_ft.engine.sampling import EpochSampler, dataset_labels, inverse_frequency_weights
 from breakhis_ft.engine.stop import RunInterrupted, StopSignal
 from breakhis_ft.errors import NonFiniteError
@@ -97,6 +100,7 @@ class TrainingRecipe:
             sign=1.0 if trainer_cfg.monitor_mode == "max" else -1.0,
         )
         self.forward: nn.Module | None = None
+        self.profiler: Any = None  # torch.profiler.profile while trainer.profile_steps > 0
         self.last_ckpt_step = -1
         self.stop = StopSignal()
 
@@ -130,7 +134,11 @@ class TrainingRecipe:
         )
         if len(self.loader) == 0:
             raise ValueError("the training split gives no batches (is it empty?)")
-        steps_per_epoch = math.ceil(len(self.loader) / acc.gradient_accumulation_steps)
+        # debug=limit: an epoch of limit_train_batches, rounded up to whole updates
+        limit, accum = cfg.limit_train_batches, acc.gradient_accumulation_steps
+        whole = math.ceil(limit / accum) * accum
+        self.batches_per_epoch = min(len(self.loader), whole) if limit > 0 else len(self.loader)
+        steps_per_epoch = math.ceil(self.batches_per_epoch / acc.gradient_accumulation_steps)
         self.total = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
         warmup = math.ceil(cfg.warmup_ratio * self.total)
         self.scheduler = acc.prepare(
@@ -186,8 +194,10 @@ class TrainingRecipe:
             self.resume()
         self.window = StepWindow(total=self.total, initial=self.state.global_step, acc=self.acc)
         self.forward.train()
+        profile_dir = self.run_dir / "profile"
         try:
-            with self.stop:
+            with self.stop, step_profiler(profile_dir, self.cfg.profile_steps, self.acc) as prof:
+                self.profiler = prof
                 while self.state.global_step < self.total and not self.state.stopped_early:
                     self.train_epoch()
             self.finish()
@@ -229,12 +239,12 @@ class TrainingRecipe:
             if not acc.sync_gradients:
                 continue
             # the state only moves at updates: a checkpoint always sits on an update boundary
-            end_of_epoch = consumed >= len(self.loader)
+            end_of_epoch = consumed >= self.batches_per_epoch
             st.advance(epoch, consumed, end_of_epoch)
             self.after_update(end_of_epoch)
             if self.stop.requested:  # SIGTERM: stop here, at an update boundary
                 raise KeyboardInterrupt(self.stop.requested)
-            if st.global_step >= self.total or st.stopped_early:
+            if st.global_step >= self.total or st.stopped_early or end_of_epoch:
                 return
 
     def train_step(self, batch: dict[str, Any], epoch: int, consumed: int) -> float:
@@ -249,7 +259,9 @@ class TrainingRecipe:
             )
         acc.backward(loss)
         if acc.sync_gradients:
-            norm = acc.clip_grad_norm_(self.params, self.max_norm)
+            norm = acc.clip_grad_norm_(self.params, self.max_norm)  # the norm before clipping
+            if norm is not None:
+                self.window.add_grad_norm(float(norm))
             # with fp16 the grad scaler skips inf steps itself: not an error there
             if acc.scaler is None and norm is not None and not torch.isfinite(norm):
                 raise NonFiniteError(
@@ -266,11 +278,13 @@ class TrainingRecipe:
         """Log, evaluate and checkpoint where due after an optimizer update."""
         st, cfg = self.state, self.cfg
         step = st.global_step
-        epoch_progress = st.epoch + st.batch_in_epoch / len(self.loader)
+        epoch_progress = st.epoch + st.batch_in_epoch / self.batches_per_epoch
         due = step % max(cfg.log_every_steps, 1) == 0 or step == self.total
         stats = self.window.step(self.scheduler.get_last_lr()[0], epoch_progress, due)
         if stats is not None:
             self.log(stats, step)
+        if self.profiler is not None:
+            self.profiler.step()
         final = step >= self.total
         due = (step % cfg.eval_every_steps == 0) if cfg.eval_every_steps > 0 else end_of_epoch
         if self.val_ds is not None and (due or final):
@@ -327,15 +341,20 @@ class TrainingRecipe:
         st = self.state
         probs, labels, indices = self.predict(self.val_ds, self.cfg.eval_batch_size)
         metrics = self.metrics_fn(probs, labels, indices, self.val_ds)
+        metrics["loss"] = true_class_nll(probs, labels)
         flat = scalars(metrics, self.eval_name)
         st.history.append({"step": st.global_step, "epoch": st.epoch, **flat})
         st.last_eval_step = st.global_step
         self.log(flat, st.global_step)
-        if st.monitor is None:
-            return
-        value = lookup_metric(metrics, self.cfg.monitor)
-        if st.improves(value):
+        value = lookup_metric(metrics, self.cfg.monitor) if st.monitor else None
+        improved = st.monitor is not None and st.improves(value)
+        if improved:
             st.best_value, st.best_step, st.bad_evals = value, st.global_step, 0
+        if self.acc.is_main_process:
+            log.info(eval_line(st, value, metrics["loss"], improved, self.eval_name))
+        if st.monitor is None:  # curves only (trainer.eval_split=test): nothing is selected
+            return
+        if improved:
             self.save_best(metrics)
             return
         if value is None:
@@ -355,7 +374,10 @@ class TrainingRecipe:
         self, dataset: Dataset, batch_size: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Probabilities, labels and indices of `dataset`, through the prepared wrapper."""
-        return predict(self.classifier, dataset, self.acc, batch_size, forward=self.forward)
+        limit = self.cfg.limit_eval_batches if self.cfg.limit_eval_batches > 0 else None
+        return predict(
+            self.classifier, dataset, self.acc, batch_size, forward=self.forward, max_batches=limit
+        )
 
     def save_checkpoint(self) -> None:
         """A resumable checkpoint of the current step (trainable weights, optimizer, RNG, data)."""

@@ -166,11 +166,18 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str | Path, title: str)
 
 
 def plot_run_figures(
-    run_dir: Path, metrics: dict[str, Any], history: Sequence[dict[str, Any]], split: str = "test"
+    run_dir: Path,
+    metrics: dict[str, Any],
+    history: Sequence[dict[str, Any]],
+    split: str = "test",
+    title: str | None = None,
 ) -> list[Path]:
-    """Confusion matrix, per-class F1 (of `split`) and curves, written into the run folder."""
+    """Confusion matrix, per-class F1 (of `split`) and curves, written into the run folder.
+
+    `title` names the run in the titles (what differs, e.g. `peft.r=8`); default its folder name.
+    """
     written = []
-    name = Path(run_dir).name
+    name = title or Path(run_dir).name
     split_metrics = metrics.get(split)
     if isinstance(split_metrics, dict) and split_metrics.get("confusion_matrix"):
         written.append(

@@ -224,14 +224,6 @@ def build_medgemma_classifier(
         loss_on=str(model_cfg.loss_on),
         max_new_tokens=int(model_cfg.max_new_tokens),
     )
-    trainable, total = classifier.parameter_counts()
-    log.info(
-        "%s: trainable parameters %s of %s (%.3f%%), peft=%s, dtype=%s",
-        checkpoint,
-        f"{trainable:,}",
-        f"{total:,}",
-        100.0 * trainable / max(total, 1),
-        peft_method,
-        precision.name,
-    )
+    # what trains is logged by the training run: an inference model (predict, export) trains nothing
+    log.info("loaded %s (peft=%s, dtype=%s)", checkpoint, peft_method, precision.name)
     return classifier

@@ -259,13 +259,6 @@ def build_siglip_classifier(
         encoder = get_peft_model(encoder, lora)  # adapters in float32 (autocast_adapter_dtype)
     embeddings = None if cache_dirs is None else cache_dirs.embeddings
     classifier = SiglipClassifier(encoder, preprocessor, class_names, mode, identity, embeddings)
-    trainable, total = classifier.parameter_counts()
-    log.info(
-        "siglip %s from %s: %s trainable of %s parameters (%.2f%%)",
-        mode,
-        checkpoint,
-        f"{trainable:,}",
-        f"{total:,}",
-        100 * trainable / max(total, 1),
-    )
+    # what trains is logged by the training run: an inference model (predict, export) trains nothing
+    log.info("loaded siglip %s from %s", mode, checkpoint)
     return classifier

@@ -29,6 +29,7 @@ from breakhis_ft.config import register_configs
 from breakhis_ft.errors import ConfigError
 from breakhis_ft.run.run_folder import mask_saved_config, set_command_line
 from breakhis_ft.run.secrets import mask_secrets
+from breakhis_ft.run.summary import configure_console, log_config_tree
 from breakhis_ft.validate import validate_config
 
 # conf/ installs as the package breakhis_ft.conf (pyproject.toml), so wheels carry the configs
@@ -44,6 +45,8 @@ def _run(cfg: DictConfig) -> float | None:
         print(err, file=sys.stderr)
         sys.exit(2)
     _mask_hydra_record()
+    configure_console()  # after Hydra configured this job's logging
+    log_config_tree(cfg, HydraConfig.get().runtime.choices)
     from breakhis_ft.run.experiment import run_experiment  # heavy: torch, transformers
 
     return run_experiment(cfg)

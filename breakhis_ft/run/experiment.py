@@ -7,14 +7,16 @@ the run produces goes into its own folder (Hydra's run dir).
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from breakhis_ft.data.breakhis import BreakhisScan, data_stats, scan_from_config, write_bad_files
-from breakhis_ft.data.records import Task
+from breakhis_ft.data.records import ImageRecord, Task, label_of
 from breakhis_ft.data.splits import assign_splits, duplicate_leaks, split_rows, split_summary
 from breakhis_ft.engine.stop import sigterm_interrupts
 from breakhis_ft.run.run_folder import (
@@ -36,6 +38,8 @@ def prepare_data(cfg: DictConfig, run_dir: Path) -> tuple[BreakhisScan, dict[str
     splits = assign_splits(
         scan.records, cfg.split, task, list(cfg.magnification.factors), folds=scan.folds
     )
+    if cfg.trainer.overfit_batches > 0:
+        splits = overfit_splits(splits, cfg.trainer.overfit_batches * cfg.trainer.batch_size, task)
     stats = data_stats(scan)
     if "both" in scan.duplicate_kept.values():  # data.duplicate_keep=both: the notebook's leak
         stats["duplicate_leak"] = leaks = duplicate_leaks(splits)
@@ -54,6 +58,38 @@ def prepare_data(cfg: DictConfig, run_dir: Path) -> tuple[BreakhisScan, dict[str
     for split, summary in split_summary(splits, task).items():
         log.info("%s: %d images, %d patients", split, summary["images"], summary["patients"])
     return scan, splits
+
+
+def overfit_splits(
+    splits: dict[str, list[ImageRecord]], n: int, task: Task
+) -> dict[str, list[ImageRecord]]:
+    """debug=overfit: train and val become the same `n` training images, taken in turn from each
+    class; test is kept. A check that the model can learn at all, never a result."""
+    by_label: dict[Any, list[ImageRecord]] = defaultdict(list)
+    for record in splits["train"]:
+        by_label[label_of(record, task)].append(record)
+    queues = [by_label[k] for k in sorted(by_label)]
+    chosen = [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
+    chosen = chosen[:n]
+    log.warning(
+        "trainer.overfit_batches: train and val are the same %d training images (a check that "
+        "the model can learn, not a result)",
+        len(chosen),
+    )
+    return {**splits, "train": chosen, "val": list(chosen)}
+
+
+def hydra_record() -> dict[str, Any]:
+    """What Hydra knows of this job, for the W&B config: overrides, sweep job number, choices."""
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    choices = hydra_cfg.runtime.choices
+    return {
+        "overrides": list(hydra_cfg.overrides.task),
+        "job_num": int(hydra_cfg.job.num) if multirun else None,
+        "sweep_dir": str(hydra_cfg.sweep.dir) if multirun else None,
+        "choices": {k: v for k, v in choices.items() if not k.startswith("hydra/")},
+    }
 
 
 def _job_identity(cfg: DictConfig) -> tuple[str, str]:
@@ -125,4 +161,5 @@ def _run(cfg: DictConfig, run_dir: Path, resume_step: int | None) -> float | Non
 
     group, name = _job_identity(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
+    config["hydra"] = hydra_record()  # a dashboard groups and filters by what was swept
     return train_and_evaluate(cfg, config, run_dir, scan, splits, group, name, resume_step)

@@ -6,11 +6,13 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 from breakhis_ft.run.run_folder import read_run_info, update_run_info, write_json
 from breakhis_ft.run.secrets import mask_secrets
+from breakhis_ft.validate import BINARY_METRICS, SCALAR_METRICS
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +26,12 @@ _ENV_MODES = {
     "dryrun": "offline",
     "disabled": "disabled",
 }
+# W&B history holds the headline scalars only (a dashboard compares runs on a handful of keys);
+# per-class and per-magnification values go to the summary and to tables, all to metrics.jsonl
+_NOT_HISTORY = re.compile(r"/(per_class|by_magnification)/|^model/|/n$")
+# the columns of the by-magnification table: a split's scalars, then its binary collapse
+_SPLIT_COLUMNS = ("n", *SCALAR_METRICS)
+_BINARY_COLUMNS = BINARY_METRICS
 
 
 def wandb_mode(configured: str) -> str:
@@ -169,7 +177,8 @@ class RunTracker:
         return self._wandb_run
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        """Append one line to metrics.jsonl and send the values to W&B."""
+        """Append one line to metrics.jsonl; headline scalars to W&B history, the rest to its
+        summary."""
         if not self.active:
             return
         metrics = {k: v for k, v in metrics.items() if (step, k) not in self._logged}
@@ -180,7 +189,12 @@ class RunTracker:
         self._history.append(row)
         with self._metrics_file.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        self._safe_wandb(lambda run: run.log({**metrics, "trainer/step": step}))
+        history = {k: v for k, v in metrics.items() if not _NOT_HISTORY.search(k)}
+        rest = _json_safe({k: v for k, v in metrics.items() if k not in history})
+        if history:
+            self._safe_wandb(lambda run: run.log({**history, "trainer/step": step}))
+        if rest:
+            self._safe_wandb(lambda run: run.summary.update(rest))
 
     def log_final(
         self, metrics: dict[str, dict], predictions: dict[str, tuple[list, list]]
@@ -195,52 +209,64 @@ class RunTracker:
         if self._wandb_run is None:
             return
         for split, split_metrics in metrics.items():
-            scalars = {
-                f"{split}/{k}": v
-                for k, v in split_metrics.items()
-                if isinstance(v, int | float) and not isinstance(v, bool)
-            }
+            scalars = _flat_scalars(split_metrics, split)
             self._safe_wandb(lambda run, s=scalars: run.summary.update(_json_safe(s)))
-            if split in predictions:
-                self._log_split_tables(split, split_metrics, *predictions[split])
+            self._log_split_tables(split, split_metrics, predictions.get(split))
 
     def log_summary(self, values: dict[str, float]) -> None:
         """Put values into the W&B run's summary (the final statistics); nothing without W&B."""
         self._safe_wandb(lambda run: run.summary.update(_json_safe(values)))
 
-    def log_plots(self, metrics: dict[str, dict]) -> None:
-        """With W&B on: plot the finished run (confusion matrix, per-class F1, curves) into its
-        folder and log the PNGs; matplotlib is the optional `plots` extra."""
+    def log_plots(self, metrics: dict[str, dict], title: str | None = None) -> None:
+        """With W&B on: plot the finished run (per-class F1, curves; `title` names the run) into
+        its folder and log the PNGs; the confusion matrix is W&B's own chart (log_final), so its
+        PNG stays in the folder only. matplotlib is the optional `plots` extra."""
         if self._wandb_run is None:
             return
         try:
             from breakhis_ft.evaluate.figures import plot_run_figures
 
-            paths = plot_run_figures(self.run_dir, metrics, self._history)
+            paths = plot_run_figures(self.run_dir, metrics, self._history, title=title)
             paths += sorted(self.run_dir.glob("reliability_*.png"))  # written by the run
         except ImportError as err:
             log.warning("no plots for W&B (%s); pip install -e '.[plots]'", err)
             return
+        paths = [p for p in paths if not p.name.startswith("confusion_matrix")]
         self._safe_wandb(lambda run: _log_images(run, paths))
 
-    def _log_split_tables(self, split: str, metrics: dict, y_true: list, y_pred: list) -> None:
+    def log_model(self, best_dir: Path, metadata: dict[str, Any]) -> None:
+        """Log the best adapter (or head) folder as a W&B `model` artifact, alias `best`."""
+        if self._wandb_run is None or not Path(best_dir).is_dir():
+            return
         import wandb
 
-        classes = list(metrics["classes"])
-        rows = [
-            [name, pc["precision"], pc["recall"], pc["f1"], pc["support"]]
-            for name, pc in metrics["per_class"].items()
-        ]
-        table = wandb.Table(columns=["class", "precision", "recall", "f1", "support"], data=rows)
-        chart = wandb.plot.confusion_matrix(
-            y_true=list(y_true),
-            preds=list(y_pred),
-            class_names=classes,
-            title=f"{split} confusion matrix",
-        )
-        self._safe_wandb(
-            lambda run: run.log({f"{split}/per_class": table, f"{split}/confusion_matrix": chart})
-        )
+        def upload(run: Any) -> None:
+            artifact = wandb.Artifact(
+                f"model-{run.id}", type="model", metadata=_json_safe(metadata)
+            )
+            artifact.add_dir(str(best_dir))
+            run.log_artifact(artifact, aliases=["best"])
+
+        self._safe_wandb(upload)
+
+    def _log_split_tables(self, split: str, metrics: dict, predicted: tuple | None) -> None:
+        """Per-class (overall and per magnification), by-magnification and binary tables, and
+        W&B's confusion matrix chart (from the predictions) of one split."""
+        import wandb
+
+        tables = {
+            f"{split}/{name}": wandb.Table(columns=list(cols), data=rows)
+            for name, cols, rows in split_tables(metrics)
+            if rows
+        }
+        if predicted is not None:
+            tables[f"{split}/confusion_matrix"] = wandb.plot.confusion_matrix(
+                y_true=list(predicted[0]),
+                preds=list(predicted[1]),
+                class_names=list(metrics["classes"]),
+                title=f"{split} confusion matrix",
+            )
+        self._safe_wandb(lambda run: run.log(tables))
 
     def log_errors(self, predictions: Path, image_root: Path, n: int = ERROR_TABLE_ROWS) -> None:
         """W&B table `test/errors`: thumbnails of the run's `n` most confident test errors, with
@@ -278,6 +304,48 @@ class RunTracker:
             except Exception as err:  # noqa: BLE001
                 log.warning("W&B finish failed: %s", err)
             self._wandb_run = None
+
+
+def _flat_scalars(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
+    """Every numeric leaf as `prefix/key/...` (per class and per magnification included)."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            out.update(_flat_scalars(value, f"{prefix}/{key}"))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[f"{prefix}/{key}"] = value
+    return out
+
+
+def split_tables(metrics: dict[str, Any]) -> list[tuple[str, tuple[str, ...], list[list]]]:
+    """(name, columns, rows) of a split's tables: per_class, by_magnification, binary."""
+    scopes = [("all", metrics), *(metrics.get("by_magnification") or {}).items()]
+    per_class = [
+        [str(mag), name, pc["precision"], pc["recall"], pc["f1"], pc["support"]]
+        for mag, scope in scopes
+        for name, pc in (scope.get("per_class") or {}).items()
+    ]
+    by_mag = []
+    for mag, scope in scopes:
+        binary = scope.get("binary") or {}
+        by_mag.append(
+            [str(mag), *(scope.get(k) for k in _SPLIT_COLUMNS)]
+            + [binary.get(k) for k in _BINARY_COLUMNS]
+        )
+    binary = metrics.get("binary")
+    return [
+        (
+            "per_class",
+            ("magnification", "class", "precision", "recall", "f1", "support"),
+            per_class,
+        ),
+        (
+            "by_magnification",
+            ("magnification", *_SPLIT_COLUMNS, *(f"binary_{k}" for k in _BINARY_COLUMNS)),
+            by_mag,
+        ),
+        ("binary", _BINARY_COLUMNS, [[binary.get(k) for k in _BINARY_COLUMNS]] if binary else []),
+    ]
 
 
 def _log_images(run: Any, paths: list[Path]) -> None:

@@ -18,7 +18,7 @@ from breakhis_ft.data.breakhis import BreakhisScan
 from breakhis_ft.data.dataset import ImageDataset
 from breakhis_ft.data.records import ImageRecord
 from breakhis_ft.engine.predict import predict
-from breakhis_ft.engine.recipe import TrainingRecipe
+from breakhis_ft.engine.recipe import FitResult, TrainingRecipe
 from breakhis_ft.evaluate.final import summary_scalars
 from breakhis_ft.evaluate.generation import (
     UNPARSEABLE,
@@ -39,6 +39,7 @@ from breakhis_ft.run.setup import (
     make_stain_normalizer,
     prepare_cached_inputs,
 )
+from breakhis_ft.run.summary import log_summary
 from breakhis_ft.run.tracking import RunTracker
 
 log = logging.getLogger(__name__)
@@ -96,15 +97,20 @@ def evaluate_split(
     batch_size: int,
     eval_mode: str = "score",
     recipe: TrainingRecipe | None = None,
+    max_batches: int | None = None,
 ) -> SplitResult:
-    """Score (label likelihoods) and/or generate (parsed answers) one split, by `eval_mode`."""
+    """Score (label likelihoods) and/or generate (parsed answers) one split, by `eval_mode`.
+
+    `max_batches`: score only the first batches (trainer.limit_eval_batches, debug presets)."""
     acc, names = setup.accelerator, list(setup.class_names)
     result = None
     if eval_mode in ("score", "both"):
-        if recipe is not None:  # through the wrapper training prepared (DDP/FSDP)
+        if recipe is not None:  # through the wrapper training prepared (DDP/FSDP); its limit
             probs, labels, indices = recipe.predict(dataset, batch_size)
         else:
-            probs, labels, indices = predict(classifier, dataset, acc, batch_size)
+            probs, labels, indices = predict(
+                classifier, dataset, acc, batch_size, None, max_batches
+            )
         metrics = setup.final_metrics_fn(probs, labels, indices, dataset)
         result = SplitResult(metrics, probs, probs.argmax(dim=1), labels, indices, names)
     if eval_mode in ("generate", "both"):
@@ -125,6 +131,7 @@ def evaluate_splits(
     run_dir: Path,
     recipe: TrainingRecipe | None = None,
     eval_mode: str = "score",
+    max_batches: int | None = None,
 ) -> tuple[dict[str, dict], dict[str, tuple]]:
     """Final metrics of val and test (with intervals, calibration, patient level); writes
     predictions_<split>.csv on the main process."""
@@ -134,7 +141,7 @@ def evaluate_splits(
         if split not in data:
             continue
         dataset = data[split]
-        res = evaluate_split(classifier, dataset, setup, batch_size, eval_mode, recipe)
+        res = evaluate_split(classifier, dataset, setup, batch_size, eval_mode, recipe, max_batches)
         metrics[split] = res.metrics
         predictions[split] = (res.labels.tolist(), res.preds.tolist())
         if setup.accelerator.is_main_process:
@@ -160,8 +167,16 @@ def _final_statistics(
 
 def _train(
     cfg: DictConfig, setup: RunSetup, classifier: Classifier, data: dict, run_dir: Path, log_fn
-) -> tuple[TrainingRecipe, float | None]:
+) -> tuple[TrainingRecipe, FitResult]:
     """Fit with the recipe; the best model is loaded back into the classifier."""
+    trainable, total = classifier.parameter_counts()
+    log.info(
+        "training %s of %s parameters (%.3f%%), peft=%s",
+        f"{trainable:,}",
+        f"{total:,}",
+        100.0 * trainable / max(total, 1),
+        cfg.peft.method,
+    )
     recipe = TrainingRecipe(
         classifier,
         data["train"],
@@ -178,7 +193,60 @@ def _train(
     if cfg.trainer.select == "best" and result.best_dir is not None:
         classifier.load_trained(result.best_dir)
     # trainer.select=last: the classifier holds the final model already
-    return recipe, result.best_value
+    return recipe, result
+
+
+def _model_metadata(cfg: DictConfig, result: FitResult) -> dict[str, Any]:
+    """What the W&B model artifact says about the adapter it holds."""
+    return {
+        "base_model": str(cfg.model.name_or_path),
+        "peft": str(cfg.peft.method),
+        "classes": list(cfg.task.classes),
+        "monitor": str(cfg.trainer.monitor),
+        "value": result.best_value,
+        "step": result.best_step,
+    }
+
+
+def _fit_or_load(
+    cfg: DictConfig, setup: RunSetup, classifier: Classifier, data: dict, run_dir: Path, tracker
+) -> tuple[TrainingRecipe | None, tuple[str, float | None, int | None] | None]:
+    """Train (or load resume's best model); (recipe, (monitor, best value, best step))."""
+    if not cfg.train:
+        if cfg.resume is not None and (Path(cfg.resume) / "best").is_dir():
+            classifier.load_trained(Path(cfg.resume) / "best")
+        return None, None
+    recipe, result = _train(cfg, setup, classifier, data, run_dir, tracker.log)
+    if cfg.logger.log_model and result.best_dir is not None:
+        tracker.log_model(result.best_dir, _model_metadata(cfg, result))
+    return recipe, (str(cfg.trainer.monitor), result.best_value, result.best_step)
+
+
+def _evaluate_and_track(
+    cfg: DictConfig,
+    setup: RunSetup,
+    classifier: Classifier,
+    data: dict,
+    run_dir: Path,
+    recipe: TrainingRecipe | None,
+    tracker: RunTracker,
+    scan: BreakhisScan,
+    name: str,
+) -> dict[str, dict]:
+    """The final evaluation of val and test, its statistics, files and W&B record."""
+    batch, mode = cfg.trainer.eval_batch_size, str(cfg.model.eval_mode)
+    limit = cfg.trainer.limit_eval_batches if cfg.trainer.limit_eval_batches > 0 else None
+    if cfg.model.merge_for_eval and merge_adapter(classifier):
+        log.info("LoRA adapter merged into the weights for the final evaluation")
+        recipe = None  # the prepared wrapper holds the unmerged modules
+    metrics, predictions = evaluate_splits(
+        classifier, data, setup, batch, run_dir, recipe, mode, limit
+    )
+    _final_statistics(metrics, run_dir, setup, tracker)
+    tracker.log_final(metrics, predictions)
+    tracker.log_errors(run_dir / "predictions_test.csv", scan.root)
+    tracker.log_plots(metrics, title=name)
+    return metrics
 
 
 def train_and_evaluate(
@@ -194,23 +262,18 @@ def train_and_evaluate(
     """Train (unless train=false), evaluate the best model on val and test; return the metric.
 
     `resume_step` (on `resume=`): the checkpoint training continues from; the tracker keeps the
-    metrics logged up to it and continues the run's W&B run.
+    metrics logged up to it and continues the run's W&B run. The terminal's last lines are the
+    summary block (run/summary.py), printed after W&B has closed.
     """
     setup = make_run_setup(cfg)
     acc = setup.accelerator
-    tracker = RunTracker(
-        run_dir,
-        config,
-        cfg.logger,
-        name,
-        group,
-        active=acc.is_main_process,
-        resume_step=resume_step if cfg.train else None,  # what training will log again
-        resumed=cfg.resume is not None,
-    )
+    main = acc.is_main_process  # read now: the accelerator's state is reset at the end
+    # on resume, training logs again what followed resume_step
+    resume_step = resume_step if cfg.train else None
+    resumed = cfg.resume is not None
+    tracker = RunTracker(run_dir, config, cfg.logger, name, group, main, resume_step, resumed)
     failed = True
     try:
-        main = acc.is_main_process
         setup.stain = make_stain_normalizer(cfg, splits, scan.root, run_dir, main)
         classifier = make_classifier(cfg, setup)
         trainable, total = classifier.parameter_counts()
@@ -219,28 +282,16 @@ def train_and_evaluate(
             cfg, scan, splits, classifier.needs_images, setup.stain, run_dir if main else None
         )
         prepare_cached_inputs(classifier, data, scan.root, acc)
-        recipe, best_value = None, None
-        if cfg.train:
-            recipe, best_value = _train(cfg, setup, classifier, data, run_dir, tracker.log)
-        elif cfg.resume is not None and (Path(cfg.resume) / "best").is_dir():
-            classifier.load_trained(Path(cfg.resume) / "best")
+        recipe, best = _fit_or_load(cfg, setup, classifier, data, run_dir, tracker)
         selected = cfg.trainer.select == "best" and cfg.optimized_metric == cfg.trainer.monitor
-        value = best_value if selected else None
+        value = best[1] if best and selected else None
+        metrics: dict[str, dict] = {}
         if cfg.test:
-            batch, mode = cfg.trainer.eval_batch_size, str(cfg.model.eval_mode)
-            if cfg.model.merge_for_eval and merge_adapter(classifier):
-                log.info("LoRA adapter merged into the weights for the final evaluation")
-                recipe = None  # the prepared wrapper holds the unmerged modules
-            metrics, predictions = evaluate_splits(
-                classifier, data, setup, batch, run_dir, recipe, mode
+            metrics = _evaluate_and_track(
+                cfg, setup, classifier, data, run_dir, recipe, tracker, scan, name
             )
-            _final_statistics(metrics, run_dir, setup, tracker)
-            tracker.log_final(metrics, predictions)
-            tracker.log_errors(run_dir / "predictions_test.csv", scan.root)
-            tracker.log_plots(metrics)
             value = metric_value(metrics, cfg.optimized_metric)
         failed = False
-        return value
     finally:
         tracker.finish(failed=failed)
         acc.wait_for_everyone()  # gloo ranks may abort at exit without it
@@ -250,3 +301,6 @@ def train_and_evaluate(
             AcceleratorState._reset_state(reset_partial_state=True)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    if main:
+        log_summary(run_dir, metrics, best)
+    return value

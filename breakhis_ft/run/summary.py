@@ -1,0 +1,183 @@
+"""What the terminal shows: the composed config at start, the result block at the end, and a console
+that leaves accelerate's per-checkpoint INFO lines to the log file.
+
+Everything goes through logging, so Hydra's file handler (`<run>/breakhis-ft.log`) keeps it all; the
+config tree and the summary block are marked `bare` and reach the console without the log prefix.
+Imports stay light (no torch): the entrypoint calls this before the heavy imports.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from breakhis_ft.run.secrets import mask_secrets
+
+log = logging.getLogger(__name__)
+
+BARE = {"bare": True}  # `extra=` of a record printed on the console without the log prefix
+# below WARNING these loggers only say where a checkpoint's files went (.tmp-step_* folders)
+QUIET_ON_CONSOLE = ("accelerate.checkpointing", "accelerate.accelerator")
+HEADLINE = ("balanced_accuracy", "accuracy", "f1_macro", "auroc_macro", "patient_recognition_rate")
+WIDTH = 100
+
+
+class ConsoleFilter(logging.Filter):
+    """Drops accelerate's checkpoint INFO lines from the console (the file handler keeps them)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Whether the console shows the record."""
+        return record.levelno >= logging.WARNING or not record.name.startswith(QUIET_ON_CONSOLE)
+
+
+class ConsoleFormatter(logging.Formatter):
+    """The handler's own format, except records marked `bare`: their message alone."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as the console shows it."""
+        if getattr(record, "bare", False):
+            return record.getMessage()
+        return self.inner.format(record)
+
+
+def _console_handlers() -> list[logging.Handler]:
+    return [
+        h
+        for h in logging.getLogger().handlers
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+    ]
+
+
+def configure_console() -> None:
+    """Quieten accelerate's checkpoint lines and print bare records bare on the console handlers
+    Hydra configured (once per job: Hydra reconfigures logging for each job of a multirun)."""
+    for handler in _console_handlers():
+        if not any(isinstance(f, ConsoleFilter) for f in handler.filters):
+            handler.addFilter(ConsoleFilter())
+        if not isinstance(handler.formatter, ConsoleFormatter):
+            handler.setFormatter(ConsoleFormatter(handler.formatter))
+
+
+# ---- the config at start ------------------------------------------------------------------------
+
+
+def _leaves(value: Any, prefix: str = "") -> list[str]:
+    """`key=value` of every leaf; an instantiated node shows its target's name."""
+    if isinstance(value, Mapping):
+        if "_target_" in value:
+            args = [a for k, v in value.items() if k[0] != "_" for a in _leaves(v, k)]
+            target = str(value["_target_"]).rpartition(".")[2]
+            return [f"{prefix}={target}" + (f"({', '.join(args)})" if args else "")]
+        return [
+            leaf for k, v in value.items() for leaf in _leaves(v, f"{prefix}.{k}" if prefix else k)
+        ]
+    return [f"{prefix}={value}"]
+
+
+def config_tree(cfg: DictConfig, choices: Mapping[str, Any] | None = None) -> str:
+    """The composed config as a compact tree: one node per section, its group choice, its keys."""
+    from rich.console import Console
+    from rich.markup import escape  # values such as tags=[demo] are not markup
+    from rich.tree import Tree
+
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # noqa: BLE001 - outside a Hydra job ${hydra:...} cannot resolve: show as is
+        config = OmegaConf.to_container(cfg, resolve=False)
+    config = mask_secrets(config)  # a `+hf_token=...` override is shown as ***
+    choices = {k: v for k, v in (choices or {}).items() if not k.startswith("hydra/")}
+    picked = ", ".join(f"{k}={v}" for k, v in choices.items() if v and "/" not in k)
+    tree = Tree(escape(f"config ({picked})" if picked else "config"))
+    top = [f"{k}={v}" for k, v in config.items() if not isinstance(v, Mapping)]
+    if top:
+        tree.add(escape("run: " + "  ".join(top)))
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            label = f"{key} ({choices[key]})" if choices.get(key) else key
+            tree.add(escape(f"{label}: " + "  ".join(_leaves(value))))
+    out = io.StringIO()
+    Console(file=out, width=WIDTH, no_color=True, highlight=False).print(tree)
+    return out.getvalue().rstrip()
+
+
+def log_config_tree(cfg: DictConfig, choices: Mapping[str, Any] | None = None) -> None:
+    """Show the composed config on the console and in the log file (main process only)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        log.info("%s", config_tree(cfg, choices), extra=BARE)
+
+
+# ---- the result at the end ----------------------------------------------------------------------
+
+
+def format_metric(split_metrics: Mapping[str, Any], name: str) -> str | None:
+    """`0.6200 [0.4800, 0.7500]`: the value and its 95% interval (`<name>_ci95`) when recorded."""
+    value = split_metrics.get(name)
+    if not isinstance(value, int | float):
+        return None
+    text = f"{value:.4f}"
+    ci = split_metrics.get(f"{name}_ci95")
+    if isinstance(ci, Sequence) and len(ci) == 2 and all(isinstance(v, int | float) for v in ci):
+        text += f" [{ci[0]:.4f}, {ci[1]:.4f}]"
+    return text
+
+
+def _split_line(split: str, split_metrics: Mapping[str, Any]) -> str:
+    shown = [(name, format_metric(split_metrics, name)) for name in HEADLINE]
+    binary = split_metrics.get("binary")
+    if isinstance(binary, Mapping):
+        shown.append(("binary accuracy", format_metric(binary, "accuracy")))
+    parts = [f"{name} {text}" for name, text in shown if text is not None]
+    return f"  {split} (n={split_metrics.get('n', '?')}): " + "; ".join(parts)
+
+
+def _shown_path(path: Path) -> str:
+    """A path relative to the working folder when it lies below it (shorter to copy)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def summary_block(
+    run_dir: Path,
+    metrics: Mapping[str, Mapping[str, Any]],
+    best: tuple[str, float | None, int | None] | None = None,
+) -> str:
+    """The end-of-run block: headline metrics per split, the best step, the folder, what next.
+
+    `best`: (monitored metric, its best value, the step) when the run trained.
+    """
+    folder = _shown_path(run_dir)
+    rule = "-" * WIDTH
+    lines = [rule, f"breakhis-ft: run finished, metrics of the best model ({folder})"]
+    lines += [_split_line(s, m) for s, m in metrics.items() if isinstance(m, Mapping)]
+    if best is not None:
+        monitor, value, step = best
+        shown = "undefined" if value is None else f"{value:.4f}"
+        lines.append(f"  best step: {step} ({monitor} {shown})")
+    lines += [
+        f"  run folder: {folder}",
+        f"  compare: python scripts/report.py {folder}",
+        f"  predict: python scripts/predict.py {folder} IMAGES --out predictions.csv",
+        rule,
+    ]
+    return "\n".join(lines)
+
+
+def log_summary(
+    run_dir: Path,
+    metrics: Mapping[str, Mapping[str, Any]],
+    best: tuple[str, float | None, int | None] | None = None,
+) -> None:
+    """Show the end-of-run block on the console and in the log file."""
+    log.info("%s", summary_block(run_dir, metrics, best), extra=BARE)
