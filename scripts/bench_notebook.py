@@ -71,6 +71,14 @@ def user_message(prompt: str) -> dict[str, Any]:
     return {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
 
 
+def format_messages(prompt: str, answer: str) -> list[dict[str, Any]]:
+    """The notebooks' `format_data`: user (image + prompt), then the assistant's answer."""
+    return [
+        user_message(prompt),
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+    ]
+
+
 def notebook_dataset(paths: Sequence[str], labels: Sequence[int], google: bool = False):
     """A `datasets` Image column over the PNG files plus chat messages (decoded on each access)."""
     features = datasets.Features(
@@ -83,10 +91,7 @@ def notebook_dataset(paths: Sequence[str], labels: Sequence[int], google: bool =
 
     def format_data(example: dict) -> dict:
         answer = GOOGLE_OPTIONS[example["label"]] if google else str(example["label"])
-        example["messages"] = [
-            user_message(prompt),
-            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
-        ]
+        example["messages"] = format_messages(prompt, answer)
         return example
 
     return data.map(format_data)

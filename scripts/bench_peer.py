@@ -16,9 +16,9 @@ split and image cache of the full 7,909-image replica. Peak memory is the peak r
 from __future__ import annotations
 
 import ctypes
+import gc
 import hashlib
 import json
-import gc
 import shutil
 import time
 from pathlib import Path
@@ -26,15 +26,16 @@ from typing import Any
 
 import bench_notebook as nb
 import bench_project as bp
-from bench_models import proportional_sizes
+from bench_models import build_checkpoint, pretrain_vision_tower, proportional_sizes
 from bench_peer_report import write_report
 
 from breakhis_ft.config import SplitConfig
-from breakhis_ft.data.breakhis import BreakhisScan, scan_breakhis
-from breakhis_ft.data.dataset import build_image_cache, labels_for
+from breakhis_ft.data.breakhis import BreakhisScan, load_image, scan_breakhis
+from breakhis_ft.data.dataset import ImageDataset, build_image_cache, labels_for
 from breakhis_ft.data.records import class_names
 from breakhis_ft.data.splits import assign_splits
 from breakhis_ft.data.synthetic import ensure_replica
+from breakhis_ft.models.tiny import SIZES, ensure_tiny_gemma3
 
 # MedGemma 4B (REFERENCE.md): output layer (= embedding) parameters over the language model's other
 # parameters; the peer model's vocabulary is widened to the same share
@@ -74,28 +75,42 @@ def balanced_accuracy(labels: list[int], preds: list[int]) -> float:
     return sum(recalls) / len(recalls)
 
 
-def peer_checkpoint(work: Path, item: dict) -> tuple[Path, dict]:
-    """The proportional model (bench_models) with MedGemma's output-layer share; built once."""
-    from bench_models import build_checkpoint  # noqa: PLC0415
-
+def peer_checkpoint(work: Path, replicas: Path, item: dict, pretrain_epochs: int) -> tuple:
+    """The proportional model (bench_models) with MedGemma's output-layer share and a vision
+    tower pretrained on another replica (seed 1, never used by the benchmark); built once."""
     sizes, _ = proportional_sizes(work / "proportional_probe", class_names("subtype8"), item)
     h, i, n = sizes["hidden_size"], sizes["intermediate_size"], sizes["num_hidden_layers"]
     q, kv = sizes["num_attention_heads"] * sizes["head_dim"], sizes["num_key_value_heads"]
     body = n * (2 * h * q + 2 * h * kv * sizes["head_dim"] + 3 * h * i)  # attention + MLP
     sizes["vocab_size"] = round(HEAD_SHARE * body / h)
-    digest = hashlib.sha256(json.dumps(sizes, sort_keys=True).encode()).hexdigest()[:10]
+    recipe = {**sizes, "pretrain_epochs": pretrain_epochs, "pretrain_replica": [0.05, 1]}
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     path = work / f"peer_model_{digest}"
-    if not (path / "config.json").is_file():
-        build_checkpoint(path, sizes)
-    return path, sizes
+    if (path / "pretrain.json").is_file():
+        return path, json.loads((path / "pretrain.json").read_text())
+    build_checkpoint(path, sizes)
+    if pretrain_epochs > 0:
+        root = ensure_replica(replicas, 0.05, (700, 460), 1)
+        records = scan_breakhis(root).records
+        labels = labels_for(records, "subtype8")
+        data = ImageDataset(records, labels, root, image_size=sizes["image_size"])
+        images = [data.load(i) for i in range(len(data))]
+        recipe["pretrain_accuracy"] = pretrain_vision_tower(path, images, labels, pretrain_epochs)
+        recipe["pretrain_images"] = len(images)
+    (path / "pretrain.json").write_text(json.dumps(recipe, indent=1))
+    return path, recipe
 
 
-def replica_splits(work: Path, fraction: float, magnification: int):
-    """The full-size replica at `fraction`, scanned, patient split (70/15/15 by stem)."""
-    root = ensure_replica(work, fraction, (700, 460), 0)
+def replica_splits(replicas: Path, fraction: float, args) -> tuple[BreakhisScan, dict]:
+    """The replica at `fraction` (700x460 unless told), scanned and patient split (70/15/15 by
+    stem) at one magnification; train thinned to `--peer-max-train` images when given."""
+    root = ensure_replica(replicas, fraction, tuple(args.peer_replica_size), 0)
     scan = scan_breakhis(root)
-    splits = assign_splits(scan.records, SplitConfig(), "subtype8", [magnification])
-    return scan, {"train": splits["train"], "test": splits["test"]}
+    splits = assign_splits(scan.records, SplitConfig(), "subtype8", [args.peer_magnification])
+    train = splits["train"]
+    if args.peer_max_train:
+        train = subset(train, args.peer_max_train)
+    return scan, {"train": train, "test": splits["test"]}
 
 
 def subset(records: list, n: int) -> list:
@@ -192,21 +207,25 @@ def speed_section(paths: Paths, scan, splits: dict, args) -> dict:
     return {"images": n, "repeats": args.peer_repeats, "configs": rows}
 
 
-def run_fraction(paths: Paths, scan, splits: dict, args) -> dict:
-    """Every path trained `peer_epochs` epochs, then evaluated on the test split once."""
-    out: dict[str, Any] = {"train_images": len(splits["train"]), "test_images": len(splits["test"])}
+def run_fraction(paths: Paths, scan, splits: dict, epochs: int, google: bool) -> tuple:
+    """Each path trained `epochs` epochs, then evaluated on the test split once."""
+    out: dict[str, Any] = {
+        "train_images": len(splits["train"]),
+        "test_images": len(splits["test"]),
+        "epochs": epochs,
+    }
     defaults = bp.step_settings()[-1][1]
     makers = {
-        "notebook": lambda: paths.notebook(scan, splits, args.peer_epochs, False),
-        "breakhis-ft": lambda: paths.project(scan, splits, args.peer_epochs, defaults, True),
+        "notebook": lambda: paths.notebook(scan, splits, epochs, False),
+        "breakhis-ft": lambda: paths.project(scan, splits, epochs, defaults, True),
     }
-    if not args.peer_no_google:
-        makers["google"] = lambda: paths.notebook(scan, splits, args.peer_epochs, True)
+    if google:
+        makers["google"] = lambda: paths.notebook(scan, splits, epochs, True)
+    labels = labels_for(splits["test"], "subtype8")
     runs = {}
     for name, make in makers.items():
         run = runs[name] = make()
         ev = paths.evaluate(run, scan, splits["test"], first=True)
-        labels = labels_for(splits["test"], "subtype8")
         out[name] = {
             "times": run["times"],
             "peak_rss_mib": run["peak_rss_mib"],
@@ -258,26 +277,30 @@ def run_peer_section(replicas: Path, out: Path, args) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"settings": {k: v for k, v in vars(args).items() if "peer" in k}}
     fractions = sorted(args.peer_fractions)
-    scan, splits = replica_splits(replicas, fractions[-1], args.peer_magnification)
-    item = {"image": scan_image(scan, splits["train"][0]), "label": 0, "index": 0}
-    checkpoint, sizes = peer_checkpoint(work, item)
+    scan, splits = replica_splits(replicas, fractions[-1], args)
+    if args.peer_tiny:  # the tests' tiny Gemma 3: only checks that the code path works
+        checkpoint, sizes = ensure_tiny_gemma3(work / "tiny_gemma3", work), dict(SIZES)
+    else:
+        item = {"image": load_image(scan.root / splits["train"][0].path), "label": 0, "index": 0}
+        checkpoint, sizes = peer_checkpoint(work, replicas, item, args.peer_pretrain_epochs)
     results["model"] = sizes
     paths = Paths(checkpoint, work, sizes["image_size"])
     results["speed"] = speed_section(paths, scan, splits, args)
     results["runs"] = {}
-    for fraction in fractions:
-        f_scan, f_splits = replica_splits(replicas, fraction, args.peer_magnification)
-        results["runs"][str(fraction)], runs = run_fraction(paths, f_scan, f_splits, args)
+    for fraction in fractions:  # scaling: one epoch; the largest: `peer_epochs`, every path
+        last = fraction == fractions[-1]
+        f_scan, f_splits = replica_splits(replicas, fraction, args)
+        results["runs"][str(fraction)], runs = run_fraction(
+            paths,
+            f_scan,
+            f_splits,
+            args.peer_epochs if last else 1,
+            last and not args.peer_no_google,
+        )
     results["evaluation"] = eval_section(paths, runs, f_scan, f_splits["test"], args.peer_repeats)
     results["evaluation"]["test_images"] = len(f_splits["test"])
+    results["medgemma_vram_gib"] = bp.medgemma_vram()
     if not args.peer_no_full:
         results["full_replica"] = full_replica_section(replicas, args.peer_full_image_size)
     write_report(results, out)
     return results
-
-
-def scan_image(scan: BreakhisScan, record) -> Any:
-    """One replica image, decoded (for the FLOP probe of the proportional model)."""
-    from breakhis_ft.data.breakhis import load_image  # noqa: PLC0415
-
-    return load_image(scan.root / record.path)
