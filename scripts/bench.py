@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     if "peer" in sections:  # writes its own peer.json / peer.md
         from bench_peer import run_peer_section  # trl: the optional `bench` extra
 
-        run_peer_section(work, args.out, args)
+        run_peer_section(work, args.out, args, meta=dict(results))
     if not sections - {"peer"}:
         return 0
     results["targets"] = TARGETS

@@ -114,34 +114,3 @@ def proportional_sizes(work: Path, names: tuple[str, ...], item: dict) -> tuple[
     lm = counts[0]["lm_fwd_bwd_gflop"]
     layers = max(1, round((TARGET_RATIO * lm - fixed) / per_layer))
     return {**PROPORTIONAL, "vision_layers": layers}, counts[0]
-
-
-def pretrain_vision_tower(
-    path: Path, images: list, labels: list[int], epochs: int = 4, batch: int = 16
-) -> list[float]:
-    """A stand-in for MedGemma's pretrained SigLIP tower: the random tower at `path` is trained
-    (with a linear probe on its mean-pooled patches, dropped afterwards) on labelled images that
-    the benchmark never uses, then saved back. Returns the probe's accuracy in each epoch."""
-    model = Gemma3ForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
-    processor = Gemma3Processor.from_pretrained(path)
-    tower = model.model.vision_tower
-    head = torch.nn.Linear(tower.config.hidden_size, max(labels) + 1)
-    pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
-    targets = torch.tensor(labels)
-    params = [*tower.parameters(), *head.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=1e-3)
-    generator = torch.Generator().manual_seed(0)
-    accuracy = []
-    tower.train()
-    for _ in range(epochs):
-        correct = 0
-        for rows in torch.randperm(len(targets), generator=generator).split(batch):
-            pooled = tower(pixel_values=pixels[rows]).last_hidden_state.mean(dim=1)
-            logits = head(pooled)
-            torch.nn.functional.cross_entropy(logits, targets[rows]).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            correct += int((logits.argmax(dim=1) == targets[rows]).sum())
-        accuracy.append(correct / len(targets))
-    model.save_pretrained(path)
-    return accuracy

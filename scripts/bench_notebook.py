@@ -266,7 +266,8 @@ def parse_google(text: str) -> int:
 
 @torch.inference_mode()
 def predict(model, processor, eval_ds, batch_size: int = 16, google: bool = False):
-    """The notebook's batch_predict (greedy, answer parsed); returns (predictions, seconds)."""
+    """The notebook's batch_predict (greedy, answer parsed); returns (predictions, seconds,
+    the generated texts)."""
     start = time.perf_counter()
     tok = processor.tokenizer
     tok.padding_side = "left" if google else "right"
@@ -278,6 +279,7 @@ def predict(model, processor, eval_ds, batch_size: int = 16, google: bool = Fals
     images = eval_ds["image"]  # the notebook reads (decodes) every test image here
     parse = parse_google if google else parse_blog
     predictions: list[int] = []
+    texts: list[str] = []
     for i in range(0, len(images), batch_size):
         batch = [[img.convert("RGB") if google else img] for img in images[i : i + batch_size]]
         inputs = processor(
@@ -294,6 +296,7 @@ def predict(model, processor, eval_ds, batch_size: int = 16, google: bool = Fals
         if google:
             lengths = [inputs["input_ids"].shape[1]] * len(batch)
         for seq, length in zip(outputs, lengths, strict=True):
-            predictions.append(parse(processor.decode(seq[length:], skip_special_tokens=True)))
+            texts.append(processor.decode(seq[length:], skip_special_tokens=True))
+            predictions.append(parse(texts[-1]))
     tok.padding_side = "right"
-    return predictions, time.perf_counter() - start
+    return predictions, time.perf_counter() - start, texts

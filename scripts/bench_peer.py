@@ -26,8 +26,9 @@ from typing import Any
 
 import bench_notebook as nb
 import bench_project as bp
-from bench_models import build_checkpoint, pretrain_vision_tower, proportional_sizes
+from bench_models import build_checkpoint, proportional_sizes
 from bench_peer_report import write_report
+from bench_pretrain import pretrain
 
 from breakhis_ft.config import SplitConfig
 from breakhis_ft.data.breakhis import BreakhisScan, load_image, scan_breakhis
@@ -75,28 +76,35 @@ def balanced_accuracy(labels: list[int], preds: list[int]) -> float:
     return sum(recalls) / len(recalls)
 
 
-def peer_checkpoint(work: Path, replicas: Path, item: dict, pretrain_epochs: int) -> tuple:
-    """The proportional model (bench_models) with MedGemma's output-layer share and a vision
-    tower pretrained on another replica (seed 1, never used by the benchmark); built once."""
+def peer_checkpoint(work: Path, replicas: Path, item: dict, args) -> tuple:
+    """The proportional model (bench_models) with MedGemma's output-layer share, pretrained
+    (bench_pretrain) on another replica (seed 1, never used by the benchmark); built once."""
     sizes, _ = proportional_sizes(work / "proportional_probe", class_names("subtype8"), item)
     h, i, n = sizes["hidden_size"], sizes["intermediate_size"], sizes["num_hidden_layers"]
     q, kv = sizes["num_attention_heads"] * sizes["head_dim"], sizes["num_key_value_heads"]
     body = n * (2 * h * q + 2 * h * kv * sizes["head_dim"] + 3 * h * i)  # attention + MLP
     sizes["vocab_size"] = round(HEAD_SHARE * body / h)
-    recipe = {**sizes, "pretrain_epochs": pretrain_epochs, "pretrain_replica": [0.05, 1]}
+    recipe = {
+        **sizes,
+        "pretrain_vision_epochs": args.peer_pretrain_epochs,
+        "pretrain_language_steps": args.peer_pretrain_steps,
+        "pretrain_replica": {"fraction": 0.05, "seed": 1},
+    }
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     path = work / f"peer_model_{digest}"
     if (path / "pretrain.json").is_file():
         return path, json.loads((path / "pretrain.json").read_text())
     build_checkpoint(path, sizes)
-    if pretrain_epochs > 0:
-        root = ensure_replica(replicas, 0.05, (700, 460), 1)
-        records = scan_breakhis(root).records
-        labels = labels_for(records, "subtype8")
-        data = ImageDataset(records, labels, root, image_size=sizes["image_size"])
-        images = [data.load(i) for i in range(len(data))]
-        recipe["pretrain_accuracy"] = pretrain_vision_tower(path, images, labels, pretrain_epochs)
-        recipe["pretrain_images"] = len(images)
+    root = ensure_replica(replicas, 0.05, (700, 460), 1)
+    records = scan_breakhis(root).records
+    labels = labels_for(records, "subtype8")
+    data = ImageDataset(records, labels, root, image_size=sizes["image_size"])
+    images = [data.load(i) for i in range(len(data))]
+    start = time.perf_counter()
+    recipe["pretrain"] = pretrain(
+        path, images, labels, args.peer_pretrain_epochs, args.peer_pretrain_steps
+    )
+    recipe["pretrain"].update(images=len(images), seconds=time.perf_counter() - start)
     (path / "pretrain.json").write_text(json.dumps(recipe, indent=1))
     return path, recipe
 
@@ -175,8 +183,15 @@ class Paths:
                 [scan.root / r.path for r in test], labels, run["google"]
             )
             one_off = time.perf_counter() - start
-        preds, secs = nb.predict(run["model"], run["processor"], run["test_ds"], 16, run["google"])
-        return {"preds": preds, "seconds": secs, "one_off_s": one_off if first else 0.0}
+        preds, secs, texts = nb.predict(
+            run["model"], run["processor"], run["test_ds"], 16, run["google"]
+        )
+        return {
+            "preds": preds,
+            "seconds": secs,
+            "one_off_s": one_off if first else 0.0,
+            "answers": texts[:3],
+        }
 
 
 def speed_section(paths: Paths, scan, splits: dict, args) -> dict:
@@ -233,6 +248,7 @@ def run_fraction(paths: Paths, scan, splits: dict, epochs: int, google: bool) ->
             "unparsed": sum(p < 0 for p in ev["preds"]),
             "eval_s": ev["seconds"],
             "eval_one_off_s": ev["one_off_s"],
+            "example_answers": ev.get("answers"),
         }
     return out, runs
 
@@ -269,20 +285,21 @@ def full_replica_section(work: Path, image_size: int) -> dict:
     }
 
 
-def run_peer_section(replicas: Path, out: Path, args) -> dict:
+def run_peer_section(replicas: Path, out: Path, args, meta: dict | None = None) -> dict:
     """Every peer section; writes peer.json, peer.md and peer_scaling.png into `out`.
 
     Replicas are built (once) under `replicas`, the rest under `replicas/peer`."""
     work = replicas / "peer"
     work.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"settings": {k: v for k, v in vars(args).items() if "peer" in k}}
+    results: dict[str, Any] = {**(meta or {}), "threads": args.threads}
+    results["settings"] = {k: v for k, v in vars(args).items() if "peer" in k}
     fractions = sorted(args.peer_fractions)
     scan, splits = replica_splits(replicas, fractions[-1], args)
     if args.peer_tiny:  # the tests' tiny Gemma 3: only checks that the code path works
         checkpoint, sizes = ensure_tiny_gemma3(work / "tiny_gemma3", work), dict(SIZES)
     else:
         item = {"image": load_image(scan.root / splits["train"][0].path), "label": 0, "index": 0}
-        checkpoint, sizes = peer_checkpoint(work, replicas, item, args.peer_pretrain_epochs)
+        checkpoint, sizes = peer_checkpoint(work, replicas, item, args)
     results["model"] = sizes
     paths = Paths(checkpoint, work, sizes["image_size"])
     results["speed"] = speed_section(paths, scan, splits, args)

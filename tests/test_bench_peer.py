@@ -85,3 +85,14 @@ def test_peer_benchmark_runs_every_recipe(tmp_path: Path) -> None:
     assert steps[0] == "notebook recipe (trl)" and steps[-1].endswith("(= default)")
     assert set(result["scaling"]) == {"notebook", "breakhis-ft", "google"}
     assert (out / "peer.md").is_file() and (out / "peer_scaling.png").stat().st_size > 0
+
+
+def test_pretraining_stand_in_teaches_the_answer_format(tmp_path: Path) -> None:
+    from bench_pretrain import pretrain
+    from PIL import Image
+
+    path = ensure_tiny_gemma3(tmp_path / "tiny", tmp_path)
+    images = [Image.new("RGB", (40, 30), (40 * i, 90, 160)) for i in range(4)]
+    out = pretrain(path, images, [0, 1, 2, 3], epochs=1, steps=30)
+    assert len(out["vision_probe_accuracy"]) == 1
+    assert out["language_loss"][-1] < out["language_loss"][0]  # it learns the prompts' text
