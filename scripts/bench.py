@@ -3,12 +3,15 @@
   python scripts/bench.py --out benchmarks                 # the CPU sections (about 5-10 min)
   python scripts/bench.py --gpu --only gpu --out benchmarks/h200   # MedGemma 4B on a CUDA GPU
   python scripts/bench.py --gpu-section-on-cpu --only gpu  # test the GPU code path on the CPU
+  python scripts/bench.py --only peer --out benchmarks     # vs the notebooks' trl recipes
 
 Sections: (1) evaluation: label scoring vs greedy generation (max_new_tokens 40, answer parsed) on
 a briefly fine-tuned tiny Gemma 3; (2) a training epoch with and without cached vision features,
 on the tiny model and on a "proportional" tiny model whose vision : language FLOP ratio matches
 MedGemma 4B at 896 px; (3) a data epoch decoding PNGs vs reading the Arrow image cache, on a
-full-size (700x460) replica; (4) GPU: scripts/bench_gpu.py. Targets are reported, never asserted.
+full-size (700x460) replica; (4) GPU: scripts/bench_gpu.py; (5) peer: the project against the
+blog's and Google's trl recipes (scripts/bench_peer.py, writes peer.json). Targets are reported,
+never asserted.
 """
 
 from __future__ import annotations
@@ -24,88 +27,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
-from transformers import Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil, Gemma3Processor
 
-from breakhis_ft.config import ModelConfig, PeftConfig
 from breakhis_ft.data.breakhis import scan_breakhis
 from breakhis_ft.data.dataset import ImageDataset, build_image_cache, labels_for
 from breakhis_ft.data.records import class_names
 from breakhis_ft.data.synthetic import ensure_replica
-from breakhis_ft.models.gemma_loading import build_medgemma_classifier
-from breakhis_ft.models.lora import lora_config
 from breakhis_ft.models.medgemma import MedGemmaClassifier
-from breakhis_ft.models.precision import Precision
-from breakhis_ft.models.tiny import (
-    CHAT_TEMPLATE,
-    SIZES,
-    _corpus_words,
-    build_tiny_tokenizer,
-    ensure_tiny_gemma3,
-    tiny_gemma3_config,
-)
+from breakhis_ft.models.tiny import ensure_tiny_gemma3
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpu import TFLOP, run_gpu_section  # noqa: E402
+from bench_gpu import run_gpu_section  # noqa: E402
+from bench_models import (  # noqa: E402
+    TARGET_RATIO,
+    build_checkpoint,
+    flop_ratio,
+    make_classifier,
+    proportional_sizes,
+)
+from bench_peer_report import add_peer_arguments  # noqa: E402
 
-# MedGemma 4B at 896 px (REFERENCE.md): vision forward / (LM forward + backward), LoRA on the LM
-TARGET_RATIO = TFLOP["vision"] / (TFLOP["lm_forward"] + TFLOP["lm_backward"])
-# The proportional model: a wider, deeper language model than the tiny one (so CPU time follows
-# FLOPs rather than per-op overhead) and a SigLIP tower whose depth is solved for TARGET_RATIO.
-PROPORTIONAL = {
-    **SIZES,
-    "hidden_size": 256,
-    "intermediate_size": 1024,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 64,
-    "vision_hidden_size": 256,
-    "vision_intermediate_size": 1024,
-    "vision_heads": 4,
-    "image_size": 224,
-    "patch_size": 14,
-    "mm_tokens_per_image": 64,
-}
 REPEATS = 3  # timed repetitions per side (best counts)
 TARGETS = {"label_scoring_vs_generation": 2.0, "cached_proportional": 1.6, "data_cache": 3.0}
-
-
-def build_checkpoint(path: Path, sizes: dict[str, int]) -> Path:
-    """A random Gemma 3 checkpoint with the tiny tokenizer and the given sizes (as tiny.py)."""
-    tokenizer = build_tiny_tokenizer(_corpus_words())
-    side = sizes["image_size"]
-    processor = Gemma3Processor(
-        image_processor=Gemma3ImageProcessorPil(size={"height": side, "width": side}),
-        tokenizer=tokenizer,
-        chat_template=CHAT_TEMPLATE,
-        image_seq_length=sizes["mm_tokens_per_image"],
-    )
-    torch.manual_seed(0)
-    model = Gemma3ForConditionalGeneration(tiny_gemma3_config(tokenizer, sizes))
-    with torch.no_grad():  # a zero projector would hide the image (see tiny.py)
-        model.model.multi_modal_projector.mm_input_projection_weight.normal_(
-            0, sizes["vision_hidden_size"] ** -0.5
-        )
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
-
-
-def make_classifier(path: Path, names: tuple[str, ...]) -> MedGemmaClassifier:
-    """LoRA r=16 on the language model (vision frozen), fp32 on the CPU."""
-    torch.manual_seed(0)
-    model_cfg = ModelConfig(kind="medgemma", name_or_path=str(path))
-    peft_cfg = PeftConfig(r=16, alpha=32, dropout=0.0, target_modules="language_model")
-    return build_medgemma_classifier(
-        model_cfg,
-        str(model_cfg.name_or_path),
-        "lora",
-        lora_config(peft_cfg),
-        peft_cfg.target_modules,
-        Precision.of("fp32"),
-        names,
-    )
 
 
 def train_epoch(clf: MedGemmaClassifier, items: list[dict], batch_size: int, lr: float) -> float:
@@ -119,32 +61,6 @@ def train_epoch(clf: MedGemmaClassifier, items: list[dict], batch_size: int, lr:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return time.perf_counter() - start
-
-
-def flop_ratio(clf: MedGemmaClassifier, item: dict) -> dict[str, float]:
-    """Counted FLOPs of one sample: vision forward vs language-model forward + backward."""
-    batch = clf.collate([item], train=True)
-    with FlopCounterMode(display=False) as vision:
-        features = clf.image_features(batch["pixel_values"])
-    with FlopCounterMode(display=False) as lm:
-        clf.loss({**batch, "image_features": features}).backward()
-    clf.zero_grad(set_to_none=True)
-    v, lang = vision.get_total_flops(), lm.get_total_flops()
-    return {"vision_gflop": v / 1e9, "lm_fwd_bwd_gflop": lang / 1e9, "ratio": v / lang}
-
-
-def proportional_sizes(work: Path, names: tuple[str, ...], item: dict) -> tuple[dict, dict]:
-    """PROPORTIONAL with the vision depth whose counted FLOP ratio is closest to TARGET_RATIO."""
-    counts = []
-    for layers in (1, 2):
-        sizes = {**PROPORTIONAL, "vision_layers": layers}
-        clf = make_classifier(build_checkpoint(work / f"probe_{layers}", sizes), names)
-        counts.append(flop_ratio(clf, item))
-    per_layer = counts[1]["vision_gflop"] - counts[0]["vision_gflop"]
-    fixed = counts[0]["vision_gflop"] - per_layer
-    lm = counts[0]["lm_fwd_bwd_gflop"]
-    layers = max(1, round((TARGET_RATIO * lm - fixed) / per_layer))
-    return {**PROPORTIONAL, "vision_layers": layers}, counts[0]
 
 
 def eval_section(clf: MedGemmaClassifier, train: list[dict], test: list[dict], bs: int) -> dict:
@@ -323,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         "--only",
         nargs="*",
         default=["eval", "train", "data"],
-        choices=["eval", "train", "data", "gpu"],
+        choices=["eval", "train", "data", "gpu", "peer"],
     )
     parser.add_argument("--data-fraction", type=float, default=0.1)
     parser.add_argument("--data-image-size", type=int, default=896)
@@ -332,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-section-on-cpu", action="store_true")
     parser.add_argument("--gpu-batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
+    add_peer_arguments(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     work = args.work
@@ -378,6 +295,12 @@ def main(argv: list[str] | None = None) -> int:
         results["gpu"] = run_gpu_section(
             on_cpu=args.gpu_section_on_cpu, batch=args.gpu_batch, tiny_path=str(tiny)
         )
+    if "peer" in sections:  # writes its own peer.json / peer.md
+        from bench_peer import run_peer_section  # trl: the optional `bench` extra
+
+        run_peer_section(work, args.out, args, meta=dict(results))
+    if not sections - {"peer"}:
+        return 0
     results["targets"] = TARGETS
     text = table(results)
     print(text)
