@@ -35,13 +35,14 @@ def test_summary_block_shows_metrics_with_intervals_best_step_and_commands(
     run = tmp_path / "outputs" / "runs" / "demo" / "t1"
     lines = summary.summary_block(run, METRICS, ("val/balanced_accuracy", 0.5, 12)).splitlines()
     assert lines[0] == lines[-1] == "-" * 100
-    assert lines[2] == "  val (n=30): balanced_accuracy 0.5000; accuracy 0.6000"
-    assert lines[3] == (
-        "  test (n=40): balanced_accuracy 0.6200 [0.4800, 0.7500]; accuracy 0.7000; "
-        "binary accuracy 0.9000"
-    )
-    assert lines[4] == "  best step: 12 (val/balanced_accuracy 0.5000)"
-    assert lines[5:8] == [
+    assert lines[2:6] == [
+        "                     val (n=30)               test (n=40)",
+        "  balanced_accuracy  0.5000                   0.6200 [0.4800, 0.7500]",
+        "  accuracy           0.6000                   0.7000",  # f1_macro undefined: no row
+        "  binary accuracy    -                        0.9000",
+    ]
+    assert lines[6] == "  best step: 12 (val/balanced_accuracy 0.5000)"
+    assert lines[7:10] == [
         "  run folder: outputs/runs/demo/t1",  # relative to where the command ran
         "  compare: python scripts/report.py outputs/runs/demo/t1",
         "  predict: python scripts/predict.py outputs/runs/demo/t1 IMAGES --out predictions.csv",
@@ -117,7 +118,17 @@ def test_split_tables_hold_per_class_per_magnification_and_binary() -> None:
     assert tables["binary"][1] == [[0.75, 0.7, None]]
 
 
-def test_best_model_logged_as_a_wandb_artifact(tmp_path, monkeypatch) -> None:
+@pytest.fixture
+def fresh_wandb():
+    """W&B keeps process-wide settings (WANDB_DIR, the mode) after an init: later tests in this
+    process get a fresh W&B."""
+    yield
+    import wandb
+
+    wandb.teardown()
+
+
+def test_best_model_logged_as_a_wandb_artifact(tmp_path, monkeypatch, fresh_wandb) -> None:
     from wandb_records import records
 
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -131,13 +131,24 @@ def format_metric(split_metrics: Mapping[str, Any], name: str) -> str | None:
     return text
 
 
-def _split_line(split: str, split_metrics: Mapping[str, Any]) -> str:
-    shown = [(name, format_metric(split_metrics, name)) for name in HEADLINE]
-    binary = split_metrics.get("binary")
-    if isinstance(binary, Mapping):
-        shown.append(("binary accuracy", format_metric(binary, "accuracy")))
-    parts = [f"{name} {text}" for name, text in shown if text is not None]
-    return f"  {split} (n={split_metrics.get('n', '?')}): " + "; ".join(parts)
+def metrics_table(metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The headline metrics (rows) of each split (columns), with intervals where recorded."""
+    splits = {s: m for s, m in metrics.items() if isinstance(m, Mapping)}
+    if not splits:
+        return []
+    rows = [(name, [format_metric(m, name) for m in splits.values()]) for name in HEADLINE]
+    binary = [
+        m.get("binary") if isinstance(m.get("binary"), Mapping) else {} for m in splits.values()
+    ]
+    rows.append(("binary accuracy", [format_metric(b, "accuracy") for b in binary]))
+    rows = [(name, cells) for name, cells in rows if any(c is not None for c in cells)]
+    heads = [f"{s} (n={m.get('n', '?')})" for s, m in splits.items()]
+    first = max(len(n) for n, _ in rows)
+    width = max(len(h) for h in heads + [c or "" for _, cells in rows for c in cells])
+    lines = ["  " + " " * first + "".join(f"  {h:<{width}}" for h in heads)]
+    for name, cells in rows:
+        lines.append(f"  {name:<{first}}" + "".join(f"  {c or '-':<{width}}" for c in cells))
+    return [line.rstrip() for line in lines]
 
 
 def _shown_path(path: Path) -> str:
@@ -160,7 +171,7 @@ def summary_block(
     folder = _shown_path(run_dir)
     rule = "-" * WIDTH
     lines = [rule, f"breakhis-ft: run finished, metrics of the best model ({folder})"]
-    lines += [_split_line(s, m) for s, m in metrics.items() if isinstance(m, Mapping)]
+    lines += metrics_table(metrics)
     if best is not None:
         monitor, value, step = best
         shown = "undefined" if value is None else f"{value:.4f}"
