@@ -111,6 +111,7 @@ def test_help_shows_the_app_groups_presets_and_past_runs(tmp_path) -> None:
     assert "Powered by Hydra" not in done.stdout  # not Hydra's bare default
 
 
+@pytest.mark.slow
 def test_debug_fdr_runs_the_pipeline_on_one_batch_each(tmp_path) -> None:
     done = run_cli(["model=tiny_gemma3", "debug=fdr", *FAST, f"paths.output_dir={tmp_path}"],
                tmp_path / "cache")  # fmt: skip

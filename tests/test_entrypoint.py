@@ -343,6 +343,7 @@ def test_a_run_folder_is_never_reused(first_run) -> None:
     assert (run_dir / ".hydra" / "config.yaml").read_text() == saved
 
 
+@pytest.mark.slow
 def test_a_failing_sweep_job_is_reported_and_its_wandb_run_closed(first_run, tmp_path) -> None:
     _, cache = first_run
     tiny = cache / "models" / "tiny_gemma3"

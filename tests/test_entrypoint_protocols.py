@@ -42,6 +42,7 @@ def _optimizer_state_keys(run_dir: Path) -> set[str]:
     return keys
 
 
+@pytest.mark.slow
 def test_blog_notebook_preset_runs_end_to_end_on_the_tiny_model(tmp_path, cache) -> None:
     done = run_cli(
         [

@@ -110,6 +110,7 @@ def _logged_a_train_step(parent: Path) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_resume_continues_exactly(first_run, tmp_path) -> None:
     """SIGTERM mid-training: exit 143, status interrupted at step N with its checkpoint; resume=
     leaves .hydra/ as it was, lists itself in the history, continues the W&B run, logs no step
@@ -265,6 +266,7 @@ def _damaged_copy(replica_root: Path, dest: Path) -> tuple[str, str]:
     return truncated.name, empty.name
 
 
+@pytest.mark.slow
 def test_bad_files_are_skipped_or_named_before_any_model_loads(replica_root, tmp_path) -> None:
     truncated, empty = _damaged_copy(replica_root, tmp_path / "data")
     common = ["data=breakhis", f"data.root={tmp_path / 'data'}", "model=tiny_siglip", "peft=none"]

@@ -47,6 +47,8 @@ RUN = [
 ]
 TOL = 1e-5
 
+pytestmark = pytest.mark.slow  # one tiny stain-normalised run trained for the module (minutes)
+
 
 @pytest.fixture(scope="module")
 def run(module_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
