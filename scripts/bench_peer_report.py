@@ -125,7 +125,7 @@ def table(results: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "| path | train images | epoch s | ms per image | one-off s |",
+        "| path | train images | best epoch s | ms per image | one-off s |",
         "|---|---|---|---|---|",
     ]
     for name, points in results["scaling"].items():
