@@ -7,9 +7,11 @@ Three paths on the same MedGemma-proportioned model, replica images and patient 
 path through its own engine, bench_project.py) and `google` (Google's QLoRA notebook, 4-bit base).
 Sections: speed (one epoch over the same images, every configuration in turn, best of repeats,
 including the breakdown STEPS from the notebook's settings to the project's defaults); runs (each
-path trained `epochs` epochs at each replica fraction: test balanced accuracy, epoch time per
-image, one-off costs); evaluation (best of repeats on the largest fraction's test split); the scan,
-split and image cache of the full 7,909-image replica. Peak memory is the peak resident set size
+path trained at each replica fraction, `--peer-epochs` at the largest (Google's recipe only there)
+and `--peer-scaling-epochs` at the others: test balanced accuracy, best epoch time per image,
+one-off costs); evaluation (best of repeats on the largest fraction's test split); MedGemma 4B's
+peak memory under each recipe's settings by breakhis_ft.vram; the scan, split and image cache of
+the full 7,909-image replica. Peak memory is the peak resident set size
 (VmHWM, reset through /proc/self/clear_refs) minus the resident size before the model loads.
 """
 
@@ -302,21 +304,25 @@ def run_peer_section(replicas: Path, out: Path, args, meta: dict | None = None) 
         checkpoint, sizes = peer_checkpoint(work, replicas, item, args)
     results["model"] = sizes
     paths = Paths(checkpoint, work, sizes["image_size"])
+    partial = work / "peer_partial.json"  # what is done so far, should a long run be cut short
+
+    def save() -> None:
+        partial.write_text(json.dumps(results, indent=1, default=str))
+
     results["speed"] = speed_section(paths, scan, splits, args)
+    save()
     results["runs"] = {}
-    for fraction in fractions:  # scaling: one epoch; the largest: `peer_epochs`, every path
+    for fraction in fractions:  # scaling: a few epochs; the largest: `peer_epochs`, every path
         last = fraction == fractions[-1]
         f_scan, f_splits = replica_splits(replicas, fraction, args)
-        results["runs"][str(fraction)], runs = run_fraction(
-            paths,
-            f_scan,
-            f_splits,
-            args.peer_epochs if last else 1,
-            last and not args.peer_no_google,
-        )
+        epochs = args.peer_epochs if last else args.peer_scaling_epochs
+        google = last and not args.peer_no_google
+        results["runs"][str(fraction)], runs = run_fraction(paths, f_scan, f_splits, epochs, google)
+        save()
     results["evaluation"] = eval_section(paths, runs, f_scan, f_splits["test"], args.peer_repeats)
     results["evaluation"]["test_images"] = len(f_splits["test"])
     results["medgemma_vram_gib"] = bp.medgemma_vram()
+    save()
     if not args.peer_no_full:
         results["full_replica"] = full_replica_section(replicas, args.peer_full_image_size)
     write_report(results, out)

@@ -73,6 +73,7 @@ def test_peer_benchmark_runs_every_recipe(tmp_path: Path) -> None:
     out = tmp_path / "out"
     args = ["--only", "peer", "--out", str(out), "--work", str(tmp_path / "work")]
     args += ["--peer-tiny", "--peer-fractions", "0.02", "0.03", "--peer-epochs", "1"]
+    args += ["--peer-scaling-epochs", "1"]
     args += ["--peer-speed-images", "8", "--peer-repeats", "1", "--peer-max-train", "16"]
     args += ["--peer-replica-size", "96", "64", "--peer-no-full"]
     assert bench.main(args) == 0
