@@ -25,11 +25,15 @@ demo: setup
 demo-record: setup
 	$(BIN)/python scripts/demo_metrics.py --record
 
+# two pytest workers, one file each at a time (module fixtures are built once), one thread per
+# process: the tests are mostly single-threaded, so two workers halve the wall time on 2 cores
+PYTEST = OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
+
 test: setup
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-all: setup
-	$(BIN)/python -m pytest -q -m "slow or not slow"
+	$(PYTEST) -m "slow or not slow"
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -211,6 +211,7 @@ def test_no_secret_is_written_anywhere_in_the_run_folder(first_run) -> None:
     assert yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())["hf_token"] == "***"
 
 
+@pytest.mark.slow  # two runs; determinism is also checked by the rerun test below
 def test_same_command_twice_gives_identical_metrics(first_run, tmp_path: Path) -> None:
     run_dir, cache = first_run
     done = run_cli(
