@@ -24,6 +24,7 @@ from breakhis_ft.errors import ConfigError
 from breakhis_ft.models.base import Batch, Classifier
 from breakhis_ft.models.siglip_loading import (
     SiglipPreprocessor,
+    contiguous_pooling,
     labels_and_indices,
     load_config,
     load_error,
@@ -138,4 +139,6 @@ def build_zero_shot_classifier(
     preprocessor = load_preprocessor(name, model_cfg.resize)
     templates = list(model_cfg.zero_shot_templates)
     log.info("siglip zero-shot from %s with templates %s", name, templates)
-    return ZeroShotClassifier(model, tokenizer, preprocessor, class_names, templates)
+    return ZeroShotClassifier(
+        contiguous_pooling(model), tokenizer, preprocessor, class_names, templates
+    )
