@@ -25,6 +25,7 @@ from cli_runs import (
 )
 from hydra import compose, initialize_config_dir
 
+from breakhis_ft.analysis.runs import load_run
 from breakhis_ft.config import register_configs
 from breakhis_ft.errors import ConfigError
 from breakhis_ft.validate import validate_config
@@ -238,6 +239,9 @@ def test_rerun_from_folder_gives_identical_metrics_in_a_new_folder(first_run) ->
     assert len(reruns) == 1
     assert read_metrics(reruns[0]) == read_metrics(run_dir)
     assert (run_dir / "metrics.json").stat().st_mtime < (reruns[0] / "metrics.json").stat().st_mtime
+    # composed from the saved config (no groups), the rerun still reports the source's choices
+    choices = load_run(run_dir).choices
+    assert choices["model"] == "tiny_gemma3" and load_run(reruns[0]).choices == choices
 
 
 def test_multirun_writes_one_complete_folder_per_job(first_run, tmp_path: Path) -> None:

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from breakhis_ft.run.run_folder import group_choices
+
 # folders inside a run that never hold another run: skipping them keeps the scan fast
 _NOT_RUNS = {"checkpoints", "best", "wandb", ".hydra", "__pycache__"}
 
@@ -114,14 +116,12 @@ def _status(run_dir: Path, info: dict[str, Any]) -> str:
 
 
 def _choices(run_dir: Path, overrides: list[str], config: dict[str, Any]) -> dict[str, str]:
-    """Hydra group choices: hydra.yaml's runtime.choices, else the group overrides given."""
+    """Hydra group choices: hydra.yaml's (a rerun's: its source run's), else the group overrides."""
     choices: dict[str, str] = {}
     hydra_file = run_dir / ".hydra" / "hydra.yaml"
     if hydra_file.exists():
         runtime = ((_read_yaml(hydra_file) or {}).get("hydra") or {}).get("runtime") or {}
-        for group, choice in (runtime.get("choices") or {}).items():
-            if not str(group).startswith("hydra/") and choice is not None:
-                choices[str(group)] = str(choice)
+        choices = group_choices(runtime)
     for text in overrides:
         key, sep, value = text.lstrip("+~").partition("=")
         # a group override names a config node (model=...), not a leaf (peft.r=...)

@@ -23,11 +23,11 @@ import hydra
 import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from breakhis_ft.config import register_configs
 from breakhis_ft.errors import ConfigError
-from breakhis_ft.run.run_folder import mask_saved_config, set_command_line
+from breakhis_ft.run.run_folder import group_choices, mask_saved_config, set_command_line
 from breakhis_ft.run.secrets import mask_secrets
 from breakhis_ft.run.summary import configure_console, log_config_tree
 from breakhis_ft.validate import validate_config
@@ -46,7 +46,7 @@ def _run(cfg: DictConfig) -> float | None:
         sys.exit(2)
     _mask_hydra_record()
     configure_console()  # after Hydra configured this job's logging
-    log_config_tree(cfg, HydraConfig.get().runtime.choices)
+    log_config_tree(cfg, group_choices(OmegaConf.to_container(HydraConfig.get().runtime)))
     from breakhis_ft.run.experiment import run_experiment  # heavy: torch, transformers
 
     return run_experiment(cfg)

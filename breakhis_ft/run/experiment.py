@@ -20,6 +20,7 @@ from breakhis_ft.data.records import ImageRecord, Task, label_of
 from breakhis_ft.data.splits import assign_splits, duplicate_leaks, split_rows, split_summary
 from breakhis_ft.engine.stop import sigterm_interrupts
 from breakhis_ft.run.run_folder import (
+    group_choices,
     is_main_process,
     record_resume,
     write_json,
@@ -83,12 +84,11 @@ def hydra_record() -> dict[str, Any]:
     """What Hydra knows of this job, for the W&B config: overrides, sweep job number, choices."""
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    choices = hydra_cfg.runtime.choices
     return {
         "overrides": list(hydra_cfg.overrides.task),
         "job_num": int(hydra_cfg.job.num) if multirun else None,
         "sweep_dir": str(hydra_cfg.sweep.dir) if multirun else None,
-        "choices": {k: v for k, v in choices.items() if not k.startswith("hydra/")},
+        "choices": group_choices(OmegaConf.to_container(hydra_cfg.runtime)),
     }
 
 

@@ -9,6 +9,7 @@ import platform
 import socket
 import subprocess
 import sys
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -182,3 +183,23 @@ def write_json(path: Path, payload: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str))
     tmp.replace(path)
+
+
+def group_choices(runtime: Mapping[str, Any], depth: int = 0) -> dict[str, str]:
+    """The config-group choices in Hydra's `runtime` record (hydra.yaml's `hydra.runtime`).
+
+    A `rerun=` / `resume=` job is composed from a saved config.yaml, which has no groups: its
+    choices are those of the run whose .hydra folder it was composed from (followed, 5 deep)."""
+    choices = {
+        str(group): str(choice)
+        for group, choice in (runtime.get("choices") or {}).items()
+        if not str(group).startswith("hydra/") and choice is not None
+    }
+    if choices or depth >= 5:
+        return choices
+    for source in runtime.get("config_sources") or []:
+        saved = Path(str(source.get("path", ""))) / "hydra.yaml"
+        if source.get("provider") == "main" and source.get("schema") == "file" and saved.is_file():
+            record = OmegaConf.to_container(OmegaConf.load(saved)).get("hydra") or {}
+            return group_choices(record.get("runtime") or {}, depth + 1)
+    return {}
