@@ -10,15 +10,19 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# a small, fast run: a few images per patient at a tiny size, a handful of steps
-FAST = [
+# a tiny replica (a few images per patient, 48x32, read at 32 px), a handful of fp32 steps
+TINY_RUN = [
     "data.synthetic_fraction=0.03",
     "data.synthetic_size=[48,32]",
     "data.image_size=32",
     "trainer.max_steps=4",
+    "precision=fp32",
+]
+# the entrypoint tests' run: TINY_RUN with its batch sizes spelled out
+FAST = [
+    *TINY_RUN,
     "trainer.batch_size=8",
     "trainer.eval_batch_size=32",
-    "precision=fp32",
 ]
 # secrets the first run is given (environment and a secret-looking override): none may be written
 SECRET_ENV = {"HF_TOKEN": f"hf_{secrets.token_hex(20)}", "WANDB_API_KEY": secrets.token_hex(20)}

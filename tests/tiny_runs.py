@@ -14,20 +14,14 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+from cli_runs import TINY_RUN
 from omegaconf import DictConfig, OmegaConf
 
 from breakhis_ft.config import TrainRunConfig
 from breakhis_ft.data.breakhis import scan_from_config
 
 REPO = Path(__file__).resolve().parent.parent
-COMMON = [
-    "logger=none",
-    "data.synthetic_fraction=0.03",
-    "data.synthetic_size=[48,32]",
-    "data.image_size=32",
-    "trainer.max_steps=4",
-    "precision=fp32",
-]
+COMMON = ["logger=none", *TINY_RUN]
 
 
 def with_common(overrides: list[str]) -> list[str]:
