@@ -154,6 +154,32 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_exactly(first_run, tmp_
     assert len(offline) == 2 and all(name.endswith(f"-{wandb_id}") for name in offline)
 
 
+def test_sigterm_then_resume_ends_with_the_uninterrupted_metrics(first_run, tmp_path) -> None:
+    """The fast tier's SIGTERM + resume (the slow test above also checks W&B and the record):
+    SIGTERM after the first update, exit 143 with a checkpoint, resume= to the first run's
+    metrics."""
+    uninterrupted, cache = first_run
+    out = tmp_path / "out"
+    args = ["model=tiny_gemma3", "logger=none", *FAST, "trainer.log_every_steps=1"]
+    proc = start_cli([*args, f"paths.output_dir={out}"], cache, tmp_path / "log.txt")
+    deadline = time.monotonic() + 300
+    while not _logged_a_train_step(out):
+        assert proc.poll() is None, (tmp_path / "log.txt").read_text()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 143, (tmp_path / "log.txt").read_text()[-3000:]
+    run_dir = single_run_dir(out)
+    info = run_info(run_dir)
+    assert (info["status"], info["signal"]) == ("interrupted", "SIGTERM")
+    assert 1 <= info["step"] < 4, "stopped too late: the run had finished training"
+    assert (run_dir / "checkpoints" / f"step_{info['step']:06d}" / "trainer_state.json").is_file()
+    done = run_cli([f"resume={run_dir}"], cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert run_info(run_dir)["status"] == "completed"
+    assert read_metrics(run_dir) == read_metrics(uninterrupted)
+
+
 def test_interruptions_exit_as_a_shell_reports_the_signal() -> None:
     assert RunInterrupted(5, "SIGTERM").exit_code == 143
     assert RunInterrupted(None, "SIGINT").exit_code == 130
