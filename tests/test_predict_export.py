@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from tiny_runs import load_script, train_runs
+from tiny_runs import train_runs
 
 from breakhis_ft.config import PromptConfig
 from breakhis_ft.data.breakhis import scan_from_config
@@ -159,7 +159,8 @@ def test_other_sizes_get_the_training_resize(tmp_path: Path) -> None:
 
 
 def test_predict_cli_and_clear_errors(runs: dict[str, Path], images: Path, tmp_path: Path) -> None:
-    cli = load_script("predict")
+    from breakhis_ft.tools import predict as cli
+
     out = tmp_path / "cli.csv"
     argv = [str(runs["probe"]), str(images / "a"), str(images / "corrupt.png"), "--out", str(out)]
     assert cli.main([*argv, "--cpu", "--workers", "0", "--no-progress"]) == 0

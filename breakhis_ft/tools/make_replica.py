@@ -1,4 +1,8 @@
-"""Build the synthetic BreakHis replica: python scripts/make_replica.py DEST [--fraction F] ..."""
+"""Build the synthetic BreakHis replica (BreakHis's folders, names and per-patient counts).
+
+breakhis-ft-make-replica /data/replica                  # all 7,909 images at 700 x 460
+breakhis-ft-make-replica /tmp/small --fraction 0.05 --size 96 64
+"""
 
 from __future__ import annotations
 
@@ -8,19 +12,30 @@ import time
 
 from breakhis_ft.data.breakhis import data_stats, scan_breakhis
 from breakhis_ft.data.synthetic import build_replica
+from breakhis_ft.tools import user_errors
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line options."""
+    parser = argparse.ArgumentParser(
+        prog="breakhis-ft-make-replica",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("dest", help="folder to write (it becomes data.root)")
+    parser.add_argument("--fraction", type=float, default=1.0, help="share of the 7,909 images")
+    parser.add_argument("--size", type=int, nargs=2, default=[700, 460], metavar=("W", "H"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: automatic)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
     """Parse the arguments, build the replica and print its data.root and counts."""
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("dest", help="folder to write (it becomes data.root)")
-    p.add_argument("--fraction", type=float, default=1.0, help="share of the 7,909 images")
-    p.add_argument("--size", type=int, nargs=2, default=[700, 460], metavar=("W", "H"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=None, help="processes (default: automatic)")
-    args = p.parse_args()
+    args = build_parser().parse_args(argv)
     start = time.time()
-    root = build_replica(args.dest, args.fraction, tuple(args.size), args.seed, args.workers)
+    with user_errors(ValueError, FileExistsError):
+        root = build_replica(args.dest, args.fraction, tuple(args.size), args.seed, args.workers)
     stats = data_stats(scan_breakhis(root))
     print(
         json.dumps(
@@ -38,7 +53,8 @@ def main() -> None:
         )
     )
     print(f"built in {time.time() - start:.1f} s; use data.root={root}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,11 +1,11 @@
 """Classify new images with a trained run (or an exported model); write a CSV of probabilities.
 
-python scripts/predict.py outputs/runs/demo/<time> /path/to/images --out preds.csv
-python scripts/predict.py RUN a.png b.tif --list more_files.txt --cpu
-python scripts/predict.py --model exports/medgemma_merged /path/to/images --out preds.csv
-python scripts/predict.py RUN images/ --set model.name_or_path=/models/medgemma-4b-it
+breakhis-ft-predict outputs/runs/demo/<time> /path/to/images --out preds.csv
+breakhis-ft-predict RUN a.png b.tif --list more_files.txt --cpu
+breakhis-ft-predict --model exports/medgemma_merged /path/to/images --out preds.csv
+breakhis-ft-predict RUN images/ --set model.name_or_path=/models/medgemma-4b-it
 
-python scripts/predict.py RUN patient_17/ --patient --out patient_17.csv   # one fused diagnosis
+breakhis-ft-predict RUN patient_17/ --patient --out patient_17.csv   # one fused diagnosis
 
 Folders are searched recursively for png/jpg/tif. The CSV has `path`, `pred`, `prob_<class>` per
 image and an `error` column: an unreadable image gets its error there and no prediction. Runs on
@@ -18,7 +18,6 @@ or --fusion), and the per-image rows go to <out>_images.csv.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -31,18 +30,21 @@ from breakhis_ft.deploy.predict import (
     resolve_source,
 )
 from breakhis_ft.evaluate.fusion import METHODS
+from breakhis_ft.tools import log_to_stderr, user_errors
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options."""
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="breakhis-ft-predict",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "source", nargs="?", help="a run folder (outputs/runs/<experiment>/<time>); or use --model"
     )
     parser.add_argument("inputs", nargs="*", help="image files and folders (searched recursively)")
-    parser.add_argument("--model", help="an exported model folder (scripts/export_model.py)")
+    parser.add_argument("--model", help="an exported model folder (breakhis-ft-export)")
     parser.add_argument("--list", action="append", default=[], help="a text file, one path a line")
     parser.add_argument("--out", default="predictions.csv", help="the CSV to write")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -81,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Classify the images and write the CSV; 0 on success (unreadable images are in the CSV)."""
     args = build_parser().parse_args(argv)
+    log_to_stderr()
+    with user_errors(PredictError, ValueError, FileNotFoundError):
+        return predict(args)
+
+
+def predict(args: argparse.Namespace) -> int:
+    """Load the run or export, classify every image (or fuse one patient's) and write the CSV."""
     run_dir, inputs = resolve_source(args.source, args.inputs, args.model)
     predictor = load_predictor(
         run_dir, args.model, args.set, args.precision, temperature=not args.no_temperature
@@ -107,8 +116,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        sys.exit(main())
-    except (PredictError, ValueError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
+    raise SystemExit(main())
