@@ -41,4 +41,4 @@ lint: setup
 
 # the manual (docs/, mkdocs.yml) into site/; --strict: a broken link or a missing page fails
 docs: setup
-	$(BIN)/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict  # (the theme's notice about MkDocs 2)

@@ -15,7 +15,7 @@ from breakhis_ft.data.breakhis import data_stats, load_image, scan_breakhis
 from breakhis_ft.data.records import label_of
 from breakhis_ft.data.splits import assign_splits
 
-# REFERENCE.md: images per subtype and magnification, and patients per subtype (both 13412 copies)
+# docs/references.md: images per subtype and magnification, patients per subtype (both 13412 copies)
 TABLE = {
     "adenosis": (4, 114, 113, 111, 106),
     "fibroadenoma": (10, 253, 260, 264, 237),
