@@ -10,7 +10,7 @@ import argparse
 import json
 
 from breakhis_ft.data.breakhis import BadDataError, data_stats, scan_breakhis
-from breakhis_ft.tools import user_errors
+from breakhis_ft.tools import tool_parser, user_errors
 
 MAGS = ("40X", "100X", "200X", "400X")
 
@@ -41,11 +41,7 @@ def table(stats: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options."""
-    parser = argparse.ArgumentParser(
-        prog="breakhis-ft-data-stats",
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = tool_parser("breakhis-ft-data-stats", __doc__)
     parser.add_argument("root", help="a BreakHis tree (official or Kaggle layout) or a replica")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument(

@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from breakhis_ft.tools import user_errors
+from breakhis_ft.tools import run_tool, tool_parser
 
 RECORD = Path("benchmarks/results/demo_metrics.json")  # relative to the repository's root
 README = Path("README.md")
@@ -80,11 +80,7 @@ def write_readme(readme: Path, test: str, val: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options."""
-    parser = argparse.ArgumentParser(
-        prog="breakhis-ft-demo-metrics",
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = tool_parser("breakhis-ft-demo-metrics", __doc__)
     parser.add_argument("run", nargs="?", type=Path, help="a demo run folder (default: newest)")
     parser.add_argument("--outputs", type=Path, default=Path("outputs"), help="paths.output_dir")
     parser.add_argument("--record", action="store_true", help="write the record and the README")
@@ -95,9 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Compare (0: same figures, 1: different) or, with --record, write record and README."""
-    args = build_parser().parse_args(argv)
-    with user_errors(ValueError, FileNotFoundError, KeyError):
-        return compare_or_record(args)
+    errors = (ValueError, FileNotFoundError, KeyError)
+    return run_tool(build_parser(), compare_or_record, argv, errors)
 
 
 def compare_or_record(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 
 from breakhis_ft.data.breakhis import BadDataError, data_stats, scan_breakhis
-from breakhis_ft.tools import user_errors
+from breakhis_ft.tools import tool_parser, user_errors
 
 OFFICIAL_URL = "http://www.inf.ufpr.br/vri/databases/BreaKHis_v1.tar.gz"
 KAGGLE_DATASET = "ambarish/breakhis"  # the copy with Folds.csv (used by the MedGemma blog)
@@ -58,11 +58,7 @@ def download_kaggle() -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options."""
-    parser = argparse.ArgumentParser(
-        prog="breakhis-ft-download-breakhis",
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = tool_parser("breakhis-ft-download-breakhis", __doc__)
     parser.add_argument("dest", type=Path, help="folder to download into")
     parser.add_argument(
         "--kaggle", action="store_true", help=f"use the Kaggle copy {KAGGLE_DATASET}"

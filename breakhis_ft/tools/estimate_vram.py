@@ -17,18 +17,14 @@ from omegaconf.errors import OmegaConfBaseException
 
 from breakhis_ft.config import register_configs
 from breakhis_ft.errors import ConfigError
-from breakhis_ft.tools import user_errors
+from breakhis_ft.tools import tool_parser, user_errors
 from breakhis_ft.validate import validate_config
 from breakhis_ft.vram import estimate_vram
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options."""
-    parser = argparse.ArgumentParser(
-        prog="breakhis-ft-estimate-vram",
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = tool_parser("breakhis-ft-estimate-vram", __doc__)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for breakhis-ft")
     parser.add_argument("--json", type=Path, help="also write the estimate to this JSON file")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))

@@ -39,23 +39,15 @@ from breakhis_ft.deploy.predict import (
     resolve_source,
 )
 from breakhis_ft.evaluate.errors import most_confident_errors
-from breakhis_ft.tools import log_to_stderr, user_errors
+from breakhis_ft.tools import add_model_arguments, run_tool, tool_parser
 
 log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options."""
-    parser = argparse.ArgumentParser(
-        prog="breakhis-ft-explain",
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "source", nargs="?", help="a run folder (outputs/runs/<experiment>/<time>); or use --model"
-    )
-    parser.add_argument("inputs", nargs="*", help="image files and folders (searched recursively)")
-    parser.add_argument("--model", help="an exported model folder (breakhis-ft-export)")
+    parser = tool_parser("breakhis-ft-explain", __doc__)
+    add_model_arguments(parser)
     parser.add_argument("--split", help="explain images of the run's split (train, val, test)")
     parser.add_argument(
         "--errors",
@@ -74,15 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--level", choices=LEVELS, default="tokens", help="MedGemma: soft tokens or patches"
     )
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--cpu", action="store_true", help="run on the CPU even with a GPU")
-    parser.add_argument("--precision", choices=("bf16", "fp32", "fp16"), help="default: the run's")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override the run's config, e.g. model.name_or_path=/local/medgemma-4b-it",
-    )
     return parser
 
 
@@ -197,10 +180,8 @@ def explain_to_folder(
 
 def main(argv: list[str] | None = None) -> int:
     """Explain the images and write the overlays, their JSON records and explanations.csv."""
-    args = build_parser().parse_args(argv)
-    log_to_stderr()
-    with user_errors(PredictError, ValueError, FileNotFoundError):
-        return explain(args)
+    errors = (PredictError, ValueError, FileNotFoundError)
+    return run_tool(build_parser(), explain, argv, errors, log=True)
 
 
 def explain(args: argparse.Namespace) -> int:

@@ -24,16 +24,12 @@ from breakhis_ft.deploy.export import (
     upload_adapter_artifact,
 )
 from breakhis_ft.deploy.predict import PredictError
-from breakhis_ft.tools import log_to_stderr, user_errors
+from breakhis_ft.tools import run_tool, tool_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options."""
-    parser = argparse.ArgumentParser(
-        prog="breakhis-ft-export",
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = tool_parser("breakhis-ft-export", __doc__)
     parser.add_argument("run", help="a run folder (outputs/runs/<experiment>/<time>)")
     parser.add_argument("out", help="the folder to write (must be empty unless --overwrite)")
     parser.add_argument("--adapter-only", action="store_true", help="copy the adapter, no merge")
@@ -54,10 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Export the run (and log the artifact when asked); 0 on success."""
-    args = build_parser().parse_args(argv)
-    log_to_stderr()
-    with user_errors(ExportError, PredictError, FileNotFoundError):
-        return export(args)
+    errors = (ExportError, PredictError, FileNotFoundError)
+    return run_tool(build_parser(), export, argv, errors, log=True)
 
 
 def export(args: argparse.Namespace) -> int:

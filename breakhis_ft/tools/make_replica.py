@@ -12,16 +12,12 @@ import time
 
 from breakhis_ft.data.breakhis import data_stats, scan_breakhis
 from breakhis_ft.data.synthetic import build_replica
-from breakhis_ft.tools import user_errors
+from breakhis_ft.tools import tool_parser, user_errors
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options."""
-    parser = argparse.ArgumentParser(
-        prog="breakhis-ft-make-replica",
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = tool_parser("breakhis-ft-make-replica", __doc__)
     parser.add_argument("dest", help="folder to write (it becomes data.root)")
     parser.add_argument("--fraction", type=float, default=1.0, help="share of the 7,909 images")
     parser.add_argument("--size", type=int, nargs=2, default=[700, 460], metavar=("W", "H"))

@@ -30,34 +30,17 @@ from breakhis_ft.deploy.predict import (
     resolve_source,
 )
 from breakhis_ft.evaluate.fusion import METHODS
-from breakhis_ft.tools import log_to_stderr, user_errors
+from breakhis_ft.tools import add_model_arguments, run_tool, tool_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options."""
-    parser = argparse.ArgumentParser(
-        prog="breakhis-ft-predict",
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "source", nargs="?", help="a run folder (outputs/runs/<experiment>/<time>); or use --model"
-    )
-    parser.add_argument("inputs", nargs="*", help="image files and folders (searched recursively)")
-    parser.add_argument("--model", help="an exported model folder (breakhis-ft-export)")
+    parser = tool_parser("breakhis-ft-predict", __doc__)
+    add_model_arguments(parser)
     parser.add_argument("--list", action="append", default=[], help="a text file, one path a line")
     parser.add_argument("--out", default="predictions.csv", help="the CSV to write")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2, help="image-decoding processes")
-    parser.add_argument("--cpu", action="store_true", help="run on the CPU even with a GPU")
-    parser.add_argument("--precision", choices=("bf16", "fp32", "fp16"), help="default: the run's")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override the run's config, e.g. model.name_or_path=/local/medgemma-4b-it",
-    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--no-temperature",
@@ -82,10 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Classify the images and write the CSV; 0 on success (unreadable images are in the CSV)."""
-    args = build_parser().parse_args(argv)
-    log_to_stderr()
-    with user_errors(PredictError, ValueError, FileNotFoundError):
-        return predict(args)
+    errors = (PredictError, ValueError, FileNotFoundError)
+    return run_tool(build_parser(), predict, argv, errors, log=True)
 
 
 def predict(args: argparse.Namespace) -> int:

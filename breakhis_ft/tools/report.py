@@ -38,16 +38,12 @@ from breakhis_ft.analysis.report import (
     write_report,
 )
 from breakhis_ft.analysis.runs import find_runs, load_run
-from breakhis_ft.tools import user_errors
+from breakhis_ft.tools import run_tool, tool_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options."""
-    parser = argparse.ArgumentParser(
-        prog="breakhis-ft-report",
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = tool_parser("breakhis-ft-report", __doc__)
     parser.add_argument(
         "paths",
         nargs="*",
@@ -147,9 +143,8 @@ def compare(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Build the report, write it, print the Markdown; 0 on success."""
-    args = build_parser().parse_args(argv)
-    with user_errors(ValueError, FileNotFoundError, ImportError):
-        return compare(args) if args.compare else report(args)
+    errors = (ValueError, FileNotFoundError, ImportError)
+    return run_tool(build_parser(), lambda a: compare(a) if a.compare else report(a), argv, errors)
 
 
 def report(args: argparse.Namespace) -> int:
