@@ -15,7 +15,7 @@ from breakhis_ft.data.breakhis import data_stats, load_image, scan_breakhis
 from breakhis_ft.data.records import label_of
 from breakhis_ft.data.splits import assign_splits
 
-# REFERENCE.md: images per subtype and magnification, and patients per subtype (both 13412 copies)
+# docs/references.md: images per subtype and magnification, patients per subtype (both 13412 copies)
 TABLE = {
     "adenosis": (4, 114, 113, 111, 106),
     "fibroadenoma": (10, 253, 260, 264, 237),
@@ -172,3 +172,18 @@ def test_class_signal_is_learnable_across_patients(replica_scan):
     pred = ((((xs - mu) / sd)[:, None] - centroids[None]) ** 2).sum(-1).argmin(1)
     balanced = np.mean([(pred[ys == c] == c).mean() for c in np.unique(ys)])
     assert 0.25 < balanced < 0.9, balanced  # chance is 0.125
+
+
+def test_replica_is_never_written_into_a_folder_of_other_files(tmp_path):
+    from breakhis_ft.tools import make_replica
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="is not empty and holds no replica"):
+        make_replica.main([str(theirs), "--fraction", "0.01", "--size", "16", "10"])
+    assert [p.name for p in theirs.iterdir()] == ["notes.txt"]
+    built = tmp_path / "replica"
+    assert make_replica.main([str(built), "--fraction", "0.01", "--size", "16", "10"]) == 0
+    assert make_replica.main([str(built), "--fraction", "0.01", "--size", "16", "10"]) == 0  # again
+    assert (built / synthetic.MARKER).is_file()

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
-from tiny_runs import load_script
 
 from breakhis_ft.config import TrainRunConfig
 from breakhis_ft.data.breakhis import load_image
@@ -158,7 +157,7 @@ def test_predict_refuses_a_folder_without_the_runs_normaliser(tmp_path, normaliz
 
 
 def test_stain_effect_summary_pairs_seeds() -> None:
-    effect = load_script("stain_effect")
+    from benchmarks import stain_effect as effect
 
     def result(value):
         return {"status": "completed", "test": {"balanced_accuracy": value}}

@@ -132,7 +132,7 @@ def find_breast_dir(root: Path) -> Path:
     if not root.exists():
         raise BadDataError(
             f"data.root={root} does not exist (download BreakHis with "
-            "scripts/download_breakhis.py, or use data=synthetic)"
+            "breakhis-ft-download-breakhis, or use data=synthetic)"
         )
     if not root.is_dir():
         raise BadDataError(f"data.root={root} is not a folder")

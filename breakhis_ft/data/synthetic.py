@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from breakhis_ft.data.records import SUBTYPES
+from breakhis_ft.errors import BadDataError
 
 GENERATOR_VERSION = 1  # bump when images or Folds.csv change, so cached replicas are rebuilt
 TREE = Path("BreaKHis_v1", "histology_slides", "breast")
@@ -325,8 +326,14 @@ def build_replica(
     seed: int = 0,
     workers: int | None = None,
 ) -> Path:
-    """Write a replica (official tree under BreaKHis_v1/ + a Kaggle Folds.csv) into `dest`."""
+    """Write a replica (official tree under BreaKHis_v1/ + a Kaggle Folds.csv) into `dest`: a new
+    or empty folder, or one holding an earlier replica (never a folder of the user's files)."""
     dest = Path(dest)
+    if dest.is_dir() and any(dest.iterdir()) and not (dest / MARKER).is_file():
+        raise BadDataError(
+            f"{dest} is not empty and holds no replica ({MARKER}); a replica is written only into "
+            "a new or empty folder: give another one"
+        )
     size = (int(size[0]), int(size[1]))
     if min(size) < 1:
         raise ValueError(f"data.synthetic_size={list(size)}: width and height must be positive")

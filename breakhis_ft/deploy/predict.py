@@ -246,7 +246,7 @@ def predict_files(
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by accelerate launch / torchrun
         raise PredictError(
             "predict runs in one process (each rank would write the whole CSV): start it with "
-            "python scripts/predict.py, not accelerate launch"
+            "breakhis-ft-predict, not accelerate launch"
         )
     accelerator = Accelerator(cpu=cpu, mixed_precision=MIXED_PRECISION[predictor.precision])
     classifier = predictor.classifier

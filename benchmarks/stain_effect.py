@@ -1,8 +1,8 @@
 """Measure what stain normalisation does to the demo: test balanced accuracy with and without it.
 
-python scripts/stain_effect.py                           # none vs macenko, seeds 1 2 3: 6 demo runs
-python scripts/stain_effect.py --methods none macenko reinhard --seeds 1 2 3 4 5
-python scripts/stain_effect.py --quick                   # tiny runs: checks the script, not stain
+python -m benchmarks stain-effect                 # none vs macenko, seeds 1 2 3: 6 demo runs
+python -m benchmarks stain-effect --methods none macenko reinhard --seeds 1 2 3 4 5
+python -m benchmarks stain-effect --quick         # tiny runs: checks the code, not stain
 
 Each run is `breakhis-ft experiment=demo seed=S data.stain_norm=M logger=none` in its own
 process, in <work>/<method>_seed<S> (default work folder: outputs/stain_effect/<time>). The
@@ -10,7 +10,8 @@ replica varies stain colour per patient, and the split holds patients out, so th
 stains are ones training never saw: what normalisation is for. The same seeds serve every
 method, so each seed also gives a paired difference against `none`. Printed: a Markdown table
 of mean +- std (sample std, n - 1) of test/balanced_accuracy per method and the per-seed values;
-written: benchmarks/stain_effect.json (every run's metrics, wall time, the command, the machine).
+written: benchmarks/results/stain_effect.json (every run's metrics, wall time, the command, the
+machine).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--experiment", default="demo")
     parser.add_argument("--work", type=Path, help="folder for the runs (default: outputs/...)")
     parser.add_argument(
-        "--json", type=Path, help="results file (default: benchmarks/stain_effect.json)"
+        "--json", type=Path, help="results file (default: benchmarks/results/stain_effect.json)"
     )
     parser.add_argument("--quick", action="store_true", help="tiny runs, results in --work only")
     parser.add_argument(
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     work = args.work or Path("outputs") / "stain_effect" / stamp
     out_json = args.json or (work / "stain_effect_quick.json" if args.quick else None)
-    out_json = out_json or Path("benchmarks") / "stain_effect.json"
+    out_json = out_json or Path("benchmarks/results/stain_effect.json")
     extra = [*(QUICK if args.quick else []), "logger=none", *args.set]
     info = {"started": stamp, "machine": machine(), "argv": sys.argv, "extra_overrides": extra}
     runs: dict[str, dict[int, dict]] = {m: {} for m in args.methods}

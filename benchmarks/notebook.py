@@ -1,6 +1,6 @@
 """The published recipes re-created with trl, for the peer benchmark (no breakhis_ft imports).
 
-- The seed blog notebook (MedGemma 4B on BreakHis; research.md §3): `SFTTrainer` + `SFTConfig`
+- The seed blog notebook (MedGemma 4B on BreakHis; docs/references.md): `SFTTrainer` + `SFTConfig`
   with its settings (batch 1 x grad accumulation 8, lr 5e-4 cosine, warmup 3%, max_grad_norm 0.3,
   gradient checkpointing without reentrancy, paged 8-bit AdamW), LoRA r=8 / alpha 16 / dropout 0.1
   on all linear layers, its collator (chat template + processor on the PNGs every step, labels
@@ -8,7 +8,7 @@
   greedy generation (max_new_tokens 40, right padding) parsed with the regex `\\b([0-7])\\b`
   (unparseable = wrong). Images come as a `datasets` Image column over the PNG files, as the
   notebook's Kaggle loader builds it, so every access decodes the PNG.
-- Google's QLoRA notebook (research.md §2): a 4-bit NF4 base (bitsandbytes, CPU-capable from
+- Google's QLoRA notebook (docs/references.md): a 4-bit NF4 base (bitsandbytes, CPU-capable from
   0.49), eager attention, LoRA r=16 / alpha 16 / dropout 0.05 on all linear layers with
   `modules_to_save=["lm_head", "embed_tokens"]`, batch 4 x 4, lr 2e-4 linear, fused AdamW, the
   same collator pattern (`.convert("RGB")`), lettered options with the full option as target,

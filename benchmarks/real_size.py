@@ -1,7 +1,7 @@
 """The real architectures, one real step each, on the CPU: MedGemma 4B and MedSigLIP-448.
 
-  python scripts/smoke_real_size.py --out benchmarks             # full size: ~10 GB RSS, 2 cores
-  python scripts/smoke_real_size.py --reduced --out /tmp/smoke   # 6 + 2 layers: checks the script
+  python -m benchmarks real-size                          # full size: ~18 GiB RAM, 2 cores
+  python -m benchmarks real-size --reduced --out /tmp/rs  # 6 + 2 layers: checks the code
 
 MedGemma: `google/medgemma-4b-it`'s architecture from the packaged config, random weights in bf16,
 nothing downloaded, a stand-in tokenizer with the real vocabulary size and special-token ids. On two
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,19 +33,7 @@ from hydra import compose, initialize_config_dir
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil, Gemma3Processor
 
-from breakhis_ft.config import PeftConfig, PromptConfig, register_configs
-from breakhis_ft.data.dataset import resize_longest
-from breakhis_ft.data.records import class_names
-from breakhis_ft.data.synthetic import STYLE, patient_stain, render_batch
-from breakhis_ft.engine.optim import adamw, param_groups
-from breakhis_ft.models.gemma_loading import apply_peft, medgemma_4b_config
-from breakhis_ft.models.lora import lora_config
-from breakhis_ft.models.medgemma import MedGemmaClassifier
-from breakhis_ft.models.prompts import make_prompt
-from breakhis_ft.vram import estimate_vram
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from smoke_measure import (  # noqa: E402
+from benchmarks.real_size_measure import (
     GIB,
     LayerInputs,
     SavedTensors,
@@ -57,7 +44,17 @@ from smoke_measure import (  # noqa: E402
     standin_tokenizer,
     static_bytes,
 )
-from smoke_siglip import siglip_section  # noqa: E402
+from benchmarks.real_size_siglip import siglip_section
+from breakhis_ft.config import PeftConfig, PromptConfig, register_configs
+from breakhis_ft.data.dataset import resize_longest
+from breakhis_ft.data.records import class_names
+from breakhis_ft.data.synthetic import STYLE, patient_stain, render_batch
+from breakhis_ft.engine.optim import adamw, param_groups
+from breakhis_ft.models.gemma_loading import apply_peft, medgemma_4b_config
+from breakhis_ft.models.lora import lora_config
+from breakhis_ft.models.medgemma import MedGemmaClassifier
+from breakhis_ft.models.prompts import make_prompt
+from breakhis_ft.vram import estimate_vram
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 IMAGE_SIZE = 896  # data.image_size of a real run (config.py): the cached images' longest side
@@ -301,13 +298,13 @@ def write(report: dict, out: Path) -> None:
     print(text)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     """Parse the options, run both sections, write the report."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--reduced", action="store_true", help="6 LM + 2 vision layers (a check)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     peak = matmul_flops_per_s()
@@ -333,6 +330,7 @@ def main() -> None:
         "measured_at": time.strftime("%Y-%m-%d %H:%M"),
     }
     write(report, args.out)
+    return 0
 
 
 def _cpu_name() -> str:
@@ -343,4 +341,4 @@ def _cpu_name() -> str:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

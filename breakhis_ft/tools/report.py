@@ -1,19 +1,19 @@
 """Compare runs: a table of what differs between runs against their metrics, and plots.
 
-python scripts/report.py                          # every run under outputs/
-python scripts/report.py outputs/sweeps/demo/2025-01-01_10-00-00-000000 --plots
-python scripts/report.py outputs/runs/a/1 outputs/runs/b/2 --metrics val/f1_macro test/f1_macro
-python scripts/report.py --by-magnification --group-by magnification --out reports/
-python scripts/report.py outputs/runs/demo/1 --gallery --explanations explanations/  # errors page
-python scripts/report.py outputs/sweeps/demo_cv3       # + mean ± std over folds, pooled, per fold
-python scripts/report.py --compare RUN_A RUN_B         # paired patient bootstrap of A - B
+breakhis-ft-report                          # every run under outputs/
+breakhis-ft-report outputs/sweeps/demo/2025-01-01_10-00-00-000000 --plots
+breakhis-ft-report outputs/runs/a/1 outputs/runs/b/2 --metrics val/f1_macro test/f1_macro
+breakhis-ft-report --by-magnification --group-by magnification --out reports/
+breakhis-ft-report outputs/runs/demo/1 --gallery --explanations explanations/  # errors page
+breakhis-ft-report outputs/sweeps/demo_cv3       # + mean ± std over folds, pooled, per fold
+breakhis-ft-report --compare RUN_A RUN_B         # paired patient bootstrap of A - B
 
 Runs are ranked, and the best run per group picked, by each run's optimized_metric (validation);
 test metrics are shown beside it, never used to select. --gallery writes, per run,
 gallery/<run>/index.html (and gallery.md) beside the report: the test images the run got wrong,
 most confident first, with thumbnails, true and predicted class, probabilities, patient and
-magnification, and the heatmaps of scripts/explain.py's output for that run (--explanations, e.g.
-from `scripts/explain.py RUN --errors --out DIR`). Metrics with a stored interval show as
+magnification, and the heatmaps of breakhis-ft-explain's output for that run (--explanations,
+e.g. from `breakhis-ft-explain RUN --errors --out DIR`). Metrics with a stored interval show as
 `0.62 [0.48, 0.75]`; runs whose interval of the criterion overlaps the best run's are marked
 `not separable`.
 """
@@ -38,11 +38,12 @@ from breakhis_ft.analysis.report import (
     write_report,
 )
 from breakhis_ft.analysis.runs import find_runs, load_run
+from breakhis_ft.tools import run_tool, tool_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = tool_parser("breakhis-ft-report", __doc__)
     parser.add_argument(
         "paths",
         nargs="*",
@@ -96,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="DIR",
-        help="scripts/explain.py output folder(s) whose heatmaps the galleries show",
+        help="breakhis-ft-explain output folder(s) whose heatmaps the galleries show",
     )
     parser.add_argument(
         "--compare",
@@ -142,9 +143,12 @@ def compare(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Build the report, write it, print the Markdown; 0 on success."""
-    args = build_parser().parse_args(argv)
-    if args.compare:
-        return compare(args)
+    errors = (ValueError, FileNotFoundError, ImportError)
+    return run_tool(build_parser(), lambda a: compare(a) if a.compare else report(a), argv, errors)
+
+
+def report(args: argparse.Namespace) -> int:
+    """The table of the runs under args.paths (with galleries, folds and plots as asked)."""
     runs = [load_run(p) for p in find_runs(args.paths)]
     if not runs:
         raise ValueError(
@@ -179,7 +183,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        sys.exit(f"error: {err}")
+    raise SystemExit(main())

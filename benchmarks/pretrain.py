@@ -15,12 +15,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import bench_notebook as nb
 import torch
 from PIL import Image
 from transformers import Gemma3ForConditionalGeneration, Gemma3Processor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from benchmarks import notebook as nb
 from breakhis_ft.config import PromptConfig
 from breakhis_ft.data.records import class_names
 from breakhis_ft.models.prompts import make_prompt

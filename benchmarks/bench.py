@@ -1,16 +1,16 @@
 """Benchmarks, side by side in one run: prints a table and writes bench.json (+ bench.md).
 
-  python scripts/bench.py --out benchmarks                 # the CPU sections (about 5-10 min)
-  python scripts/bench.py --gpu --only gpu --out benchmarks/h200   # MedGemma 4B on a CUDA GPU
-  python scripts/bench.py --gpu-section-on-cpu --only gpu  # test the GPU code path on the CPU
-  python scripts/bench.py --only peer --out benchmarks     # vs the notebooks' trl recipes
+  python -m benchmarks bench                           # the CPU sections (about 5-10 min)
+  python -m benchmarks bench --gpu --only gpu --out benchmarks/results/h200   # MedGemma 4B, CUDA
+  python -m benchmarks bench --gpu-section-on-cpu --only gpu  # the GPU code path on the CPU
+  python -m benchmarks bench --only peer               # vs the notebooks' trl recipes
 
 Sections: (1) evaluation: label scoring vs greedy generation (max_new_tokens 40, answer parsed) on
 a briefly fine-tuned tiny Gemma 3; (2) a training epoch with and without cached vision features,
 on the tiny model and on a "proportional" tiny model whose vision : language FLOP ratio matches
 MedGemma 4B at 896 px; (3) a data epoch decoding PNGs vs reading the Arrow image cache, on a
-full-size (700x460) replica; (4) GPU: scripts/bench_gpu.py; (5) peer: the project against the
-blog's and Google's trl recipes (scripts/bench_peer.py, writes peer.json). Targets are reported,
+full-size (700x460) replica; (4) GPU: benchmarks/gpu.py; (5) peer: the project against the
+blog's and Google's trl recipes (benchmarks/peer.py, writes peer.json). Targets are reported,
 never asserted.
 """
 
@@ -21,30 +21,27 @@ import datetime
 import json
 import platform
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from breakhis_ft.data.breakhis import scan_breakhis
-from breakhis_ft.data.dataset import ImageDataset, build_image_cache, labels_for
-from breakhis_ft.data.records import class_names
-from breakhis_ft.data.synthetic import ensure_replica
-from breakhis_ft.models.medgemma import MedGemmaClassifier
-from breakhis_ft.models.tiny import ensure_tiny_gemma3
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpu import run_gpu_section  # noqa: E402
-from bench_models import (  # noqa: E402
+from benchmarks.gpu import run_gpu_section
+from benchmarks.models import (
     TARGET_RATIO,
     build_checkpoint,
     flop_ratio,
     make_classifier,
     proportional_sizes,
 )
-from bench_peer_report import add_peer_arguments  # noqa: E402
+from benchmarks.peer_report import add_peer_arguments
+from breakhis_ft.data.breakhis import scan_breakhis
+from breakhis_ft.data.dataset import ImageDataset, build_image_cache, labels_for
+from breakhis_ft.data.records import class_names
+from breakhis_ft.data.synthetic import ensure_replica
+from breakhis_ft.models.medgemma import MedGemmaClassifier
+from breakhis_ft.models.tiny import ensure_tiny_gemma3
 
 REPEATS = 3  # timed repetitions per side (best counts)
 TARGETS = {"label_scoring_vs_generation": 2.0, "cached_proportional": 1.6, "data_cache": 3.0}
@@ -233,7 +230,7 @@ def table(results: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the chosen sections, print the table, write bench.json and bench.md to --out."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks"))
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--work", type=Path, default=Path("outputs/bench_work"))
     parser.add_argument(
         "--only",
@@ -296,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             on_cpu=args.gpu_section_on_cpu, batch=args.gpu_batch, tiny_path=str(tiny)
         )
     if "peer" in sections:  # writes its own peer.json / peer.md
-        from bench_peer import run_peer_section  # trl: the optional `bench` extra
+        from benchmarks.peer import run_peer_section  # trl: the optional `bench` extra
 
         run_peer_section(work, args.out, args, meta=dict(results))
     if not sections - {"peer"}:

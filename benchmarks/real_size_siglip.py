@@ -1,4 +1,4 @@
-"""The MedSigLIP-448 part of scripts/smoke_real_size.py: its vision tower (random, bf16) embeds two
+"""The MedSigLIP-448 part of the real-size benchmark: its vision tower (random, bf16) embeds two
 images as a linear-probe run does, then the probe's head takes one optimizer step."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from smoke_measure import SavedTensors, phase, rate, static_bytes
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
+from benchmarks.real_size_measure import SavedTensors, phase, rate, static_bytes
 from breakhis_ft.data.records import class_names
 from breakhis_ft.engine.optim import adamw, param_groups
 from breakhis_ft.models.siglip import SiglipClassifier

@@ -1,11 +1,11 @@
 """Classify new images with a trained run (or an exported model); write a CSV of probabilities.
 
-python scripts/predict.py outputs/runs/demo/<time> /path/to/images --out preds.csv
-python scripts/predict.py RUN a.png b.tif --list more_files.txt --cpu
-python scripts/predict.py --model exports/medgemma_merged /path/to/images --out preds.csv
-python scripts/predict.py RUN images/ --set model.name_or_path=/models/medgemma-4b-it
+breakhis-ft-predict outputs/runs/demo/<time> /path/to/images --out preds.csv
+breakhis-ft-predict RUN a.png b.tif --list more_files.txt --cpu
+breakhis-ft-predict --model exports/medgemma_merged /path/to/images --out preds.csv
+breakhis-ft-predict RUN images/ --set model.name_or_path=/models/medgemma-4b-it
 
-python scripts/predict.py RUN patient_17/ --patient --out patient_17.csv   # one fused diagnosis
+breakhis-ft-predict RUN patient_17/ --patient --out patient_17.csv   # one fused diagnosis
 
 Folders are searched recursively for png/jpg/tif. The CSV has `path`, `pred`, `prob_<class>` per
 image and an `error` column: an unreadable image gets its error there and no prediction. Runs on
@@ -18,7 +18,6 @@ or --fusion), and the per-image rows go to <out>_images.csv.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -31,31 +30,17 @@ from breakhis_ft.deploy.predict import (
     resolve_source,
 )
 from breakhis_ft.evaluate.fusion import METHODS
+from breakhis_ft.tools import add_model_arguments, run_tool, tool_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "source", nargs="?", help="a run folder (outputs/runs/<experiment>/<time>); or use --model"
-    )
-    parser.add_argument("inputs", nargs="*", help="image files and folders (searched recursively)")
-    parser.add_argument("--model", help="an exported model folder (scripts/export_model.py)")
+    parser = tool_parser("breakhis-ft-predict", __doc__)
+    add_model_arguments(parser)
     parser.add_argument("--list", action="append", default=[], help="a text file, one path a line")
     parser.add_argument("--out", default="predictions.csv", help="the CSV to write")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2, help="image-decoding processes")
-    parser.add_argument("--cpu", action="store_true", help="run on the CPU even with a GPU")
-    parser.add_argument("--precision", choices=("bf16", "fp32", "fp16"), help="default: the run's")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override the run's config, e.g. model.name_or_path=/local/medgemma-4b-it",
-    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--no-temperature",
@@ -80,7 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Classify the images and write the CSV; 0 on success (unreadable images are in the CSV)."""
-    args = build_parser().parse_args(argv)
+    errors = (PredictError, ValueError, FileNotFoundError)
+    return run_tool(build_parser(), predict, argv, errors, log=True)
+
+
+def predict(args: argparse.Namespace) -> int:
+    """Load the run or export, classify every image (or fuse one patient's) and write the CSV."""
     run_dir, inputs = resolve_source(args.source, args.inputs, args.model)
     predictor = load_predictor(
         run_dir, args.model, args.set, args.precision, temperature=not args.no_temperature
@@ -107,8 +97,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        sys.exit(main())
-    except (PredictError, ValueError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
+    raise SystemExit(main())

@@ -1,6 +1,7 @@
-"""Measuring tools of scripts/smoke_real_size.py: phases (wall time, peak RSS), the bytes autograd
-saves, the layer inputs gradient checkpointing keeps, tensor bytes, the CPU's bf16 matmul rate, and
-the stand-in Gemma 3 tokenizer with the real vocabulary size and special-token ids."""
+"""Measuring tools of the real-size benchmark (real_size.py): phases (wall time, peak RSS), the
+bytes autograd saves, the layer inputs gradient checkpointing keeps, tensor bytes, the CPU's bf16
+matmul rate, and the stand-in Gemma 3 tokenizer with the real vocabulary size and special-token
+ids."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from transformers import GemmaTokenizer
 from breakhis_ft.models.tiny import _corpus_words, _vocab_and_merges, gemma_tokenizer
 
 GIB = 2**30
-VOCAB = 262_208  # google/medgemma-4b-it's vocabulary (REFERENCE.md)
-# the ids google/medgemma-4b-it's tokenizer gives these tokens (REFERENCE.md, the config's eos)
+VOCAB = 262_208  # google/medgemma-4b-it's vocabulary (docs/references.md)
+# the ids google/medgemma-4b-it's tokenizer gives these tokens (docs/references.md; the config's
+# eos)
 REAL_IDS = {
     "<pad>": 0,
     "<eos>": 1,

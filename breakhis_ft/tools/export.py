@@ -1,12 +1,13 @@
 """Export a trained run: the adapter merged into a standard transformers checkpoint, or alone.
 
-python scripts/export_model.py outputs/runs/demo/2025-01-01_10-00-00-000000 exports/demo_merged
-python scripts/export_model.py RUN exports/demo_adapter --adapter-only
-python scripts/export_model.py RUN exports/demo_merged --precision bf16 --wandb-artifact
+breakhis-ft-export outputs/runs/demo/2025-01-01_10-00-00-000000 exports/demo_merged
+breakhis-ft-export RUN exports/demo_adapter --adapter-only
+breakhis-ft-export RUN exports/demo_merged --precision bf16 --wandb-artifact
 
 Merged (MedGemma): loads with AutoModelForImageTextToText.from_pretrained(DIR) and
 AutoProcessor.from_pretrained(DIR). Both kinds hold export_info.json (class names, prompt,
-preprocessing, source run); classify with `scripts/predict.py --model DIR images/`.
+preprocessing, source run) and a model card (README.md, the Hub's metadata); classify with
+`breakhis-ft-predict --model DIR images/`.
 --wandb-artifact logs the adapter as a W&B `model` artifact (WANDB_API_KEY from the environment;
 WANDB_MODE=offline or --wandb-mode offline to keep it local).
 """
@@ -14,7 +15,6 @@ WANDB_MODE=offline or --wandb-mode offline to keep it local).
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from breakhis_ft.deploy.export import (
@@ -24,13 +24,12 @@ from breakhis_ft.deploy.export import (
     upload_adapter_artifact,
 )
 from breakhis_ft.deploy.predict import PredictError
+from breakhis_ft.tools import run_tool, tool_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = tool_parser("breakhis-ft-export", __doc__)
     parser.add_argument("run", help="a run folder (outputs/runs/<experiment>/<time>)")
     parser.add_argument("out", help="the folder to write (must be empty unless --overwrite)")
     parser.add_argument("--adapter-only", action="store_true", help="copy the adapter, no merge")
@@ -51,7 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Export the run (and log the artifact when asked); 0 on success."""
-    args = build_parser().parse_args(argv)
+    errors = (ExportError, PredictError, FileNotFoundError)
+    return run_tool(build_parser(), export, argv, errors, log=True)
+
+
+def export(args: argparse.Namespace) -> int:
+    """Write the merged model or the adapter into args.out; log the W&B artifact if asked."""
     if args.adapter_only:
         out = export_adapter(args.run, args.out, overwrite=args.overwrite)
     else:
@@ -68,8 +72,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        sys.exit(main())
-    except (ExportError, PredictError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
+    raise SystemExit(main())

@@ -4,13 +4,13 @@ classifier on them, and the "proportional" sizes whose vision : language FLOPs m
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil, Gemma3Processor
 
+from benchmarks.gpu import TFLOP
 from breakhis_ft.config import ModelConfig, PeftConfig
 from breakhis_ft.models.gemma_loading import build_medgemma_classifier
 from breakhis_ft.models.lora import lora_config
@@ -24,10 +24,7 @@ from breakhis_ft.models.tiny import (
     tiny_gemma3_config,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpu import TFLOP  # noqa: E402
-
-# MedGemma 4B at 896 px (REFERENCE.md): vision forward / (LM forward + backward), LoRA on the LM
+# MedGemma 4B at 896 px (docs/references.md): vision forward / (LM forward + backward), LoRA on LM
 TARGET_RATIO = TFLOP["vision"] / (TFLOP["lm_forward"] + TFLOP["lm_backward"])
 # The proportional model: a wider, deeper language model than the tiny one (so CPU time follows
 # FLOPs rather than per-op overhead) and a SigLIP tower whose depth is solved for TARGET_RATIO.

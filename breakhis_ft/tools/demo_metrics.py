@@ -1,12 +1,13 @@
 """The demo's figures: compare a `make demo` run with the recorded ones, or record them.
 
-python scripts/demo_metrics.py                     # newest completed outputs/runs/demo/* vs record
-python scripts/demo_metrics.py RUN_DIR             # a given demo run folder
-python scripts/demo_metrics.py --record            # write benchmarks/demo_metrics.json and the
-                                                   # README's figure from the newest demo run
+breakhis-ft-demo-metrics                 # the newest completed outputs/runs/demo/* vs the record
+breakhis-ft-demo-metrics RUN_DIR         # a given demo run folder
+breakhis-ft-demo-metrics --record        # write the record and the README's figure from the
+                                         # newest demo run (make demo-record)
 
-The README quotes the demo's test and validation balanced accuracy; a test checks that the quote
-equals benchmarks/demo_metrics.json, which only `--record` (make demo-record) writes, from a run.
+Run from the repository's root (or give --record-file and --readme): the README quotes the demo's
+test and validation balanced accuracy, and a test checks that the quote equals the record,
+benchmarks/results/demo_metrics.json, which only `--record` writes, from a run.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ import json
 import os
 import platform
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-RECORD = REPO / "benchmarks" / "demo_metrics.json"
-README = REPO / "README.md"
+from breakhis_ft.tools import run_tool, tool_parser
+
+RECORD = Path("benchmarks/results/demo_metrics.json")  # relative to the repository's root
+README = Path("README.md")
 # the README's sentence: "... a test balanced accuracy of 0.350 (validation 0.477) ..."
 README_FIGURE = re.compile(r"test balanced accuracy of (\d\.\d{3}) \(validation (\d\.\d{3})\)")
 
@@ -77,32 +78,47 @@ def write_readme(readme: Path, test: str, val: str) -> None:
     readme.write_text(new)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line options."""
+    parser = tool_parser("breakhis-ft-demo-metrics", __doc__)
+    parser.add_argument("run", nargs="?", type=Path, help="a demo run folder (default: newest)")
+    parser.add_argument("--outputs", type=Path, default=Path("outputs"), help="paths.output_dir")
+    parser.add_argument("--record", action="store_true", help="write the record and the README")
+    parser.add_argument("--record-file", type=Path, default=RECORD, help="the recorded figures")
+    parser.add_argument("--readme", type=Path, default=README, help="the README quoting them")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     """Compare (0: same figures, 1: different) or, with --record, write record and README."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", nargs="?", type=Path, help="a demo run folder (default: newest)")
-    parser.add_argument("--outputs", type=Path, default=REPO / "outputs")
-    parser.add_argument("--record", action="store_true", help="write the record and the README")
-    args = parser.parse_args(argv)
+    errors = (ValueError, FileNotFoundError, KeyError)
+    return run_tool(build_parser(), compare_or_record, argv, errors)
+
+
+def compare_or_record(args: argparse.Namespace) -> int:
+    """Print this run's figures beside the README's (1 if they differ), or record them."""
+    if not args.readme.is_file():
+        raise FileNotFoundError(
+            f"{args.readme}: no README here; run from the repository's root or give --readme"
+        )
     run_dir = args.run or newest_demo_run(args.outputs)
     record = record_of(run_dir)
     test, val = recorded_figures(record)
     if args.record:
-        RECORD.write_text(json.dumps(record, indent=1) + "\n")
-        write_readme(README, test, val)
-        print(f"recorded {run_dir}: test {test}, validation {val} -> {RECORD}, {README}")
+        args.record_file.parent.mkdir(parents=True, exist_ok=True)
+        args.record_file.write_text(json.dumps(record, indent=1) + "\n")
+        write_readme(args.readme, test, val)
+        written = f"{args.record_file}, {args.readme}"
+        print(f"recorded {run_dir}: test {test}, validation {val} -> {written}")
         return 0
-    quoted = readme_figures(README.read_text())
+    quoted = readme_figures(args.readme.read_text())
     same = quoted == (test, val)
     print(
         f"this demo run ({run_dir}): test balanced accuracy {test}, validation {val}; "
-        f"the README quotes {quoted[0]} / {quoted[1]}: {'the same' if same else 'different'}"
+        f"{args.readme} quotes {quoted[0]} / {quoted[1]}: {'the same' if same else 'different'}"
     )
     return 0 if same else 1
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        sys.exit(f"error: {err}")
+    raise SystemExit(main())

@@ -1,18 +1,18 @@
 """Explanation heatmaps of a trained run's predictions: an overlay PNG and a JSON per image.
 
-python scripts/explain.py outputs/runs/demo/<time> a.png b.tif folder/ --out explanations/
-python scripts/explain.py RUN --split test --n 32 --out explanations/   # with the true classes
-python scripts/explain.py RUN --errors --n 32 --out explanations/  # the most confident test errors
-python scripts/explain.py --model exports/medgemma_merged images/ --out explanations/
-python scripts/explain.py RUN --split test --n 8 --level patches --method integrated_gradients
+breakhis-ft-explain outputs/runs/demo/<time> a.png b.tif folder/ --out explanations/
+breakhis-ft-explain RUN --split test --n 32 --out explanations/   # with the true classes
+breakhis-ft-explain RUN --errors --n 32 --out explanations/  # the most confident test errors
+breakhis-ft-explain --model exports/medgemma_merged images/ --out explanations/
+breakhis-ft-explain RUN --split test --n 8 --level patches --method integrated_gradients
 
 Each image gets <out>/<NNN>_<name>.png (the image, the image with the map of the predicted class
 or of --target, prediction, probability and, with --split, the true class) and a .json beside it
 (grid, signed attribution, probabilities); <out>/explanations.csv lists them all, with the run
-they explain (`source`); `scripts/report.py RUN --gallery --explanations <out>` shows them beside
-the run's errors. Method and its sanity checks: breakhis_ft/deploy/explain.py. Runs on the GPU
-when there is one; --cpu forces the CPU. Images are preprocessed as in training (the run's stain
-normaliser, then resized to data.image_size), as predict.py does.
+they explain (`source`); `breakhis-ft-report RUN --gallery --explanations <out>` shows them
+beside the run's errors. Method and its sanity checks: breakhis_ft/deploy/explain.py. Runs on the
+GPU when there is one; --cpu forces the CPU. Images are preprocessed as in training (the run's
+stain normaliser, then resized to data.image_size), as breakhis-ft-predict does.
 """
 
 from __future__ import annotations
@@ -39,20 +39,15 @@ from breakhis_ft.deploy.predict import (
     resolve_source,
 )
 from breakhis_ft.evaluate.errors import most_confident_errors
+from breakhis_ft.tools import add_model_arguments, run_tool, tool_parser
 
-log = logging.getLogger("explain")
+log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "source", nargs="?", help="a run folder (outputs/runs/<experiment>/<time>); or use --model"
-    )
-    parser.add_argument("inputs", nargs="*", help="image files and folders (searched recursively)")
-    parser.add_argument("--model", help="an exported model folder (scripts/export_model.py)")
+    parser = tool_parser("breakhis-ft-explain", __doc__)
+    add_model_arguments(parser)
     parser.add_argument("--split", help="explain images of the run's split (train, val, test)")
     parser.add_argument(
         "--errors",
@@ -71,15 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--level", choices=LEVELS, default="tokens", help="MedGemma: soft tokens or patches"
     )
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--cpu", action="store_true", help="run on the CPU even with a GPU")
-    parser.add_argument("--precision", choices=("bf16", "fp32", "fp16"), help="default: the run's")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override the run's config, e.g. model.name_or_path=/local/medgemma-4b-it",
-    )
     return parser
 
 
@@ -194,7 +180,12 @@ def explain_to_folder(
 
 def main(argv: list[str] | None = None) -> int:
     """Explain the images and write the overlays, their JSON records and explanations.csv."""
-    args = build_parser().parse_args(argv)
+    errors = (PredictError, ValueError, FileNotFoundError)
+    return run_tool(build_parser(), explain, argv, errors, log=True)
+
+
+def explain(args: argparse.Namespace) -> int:
+    """Load the run or export, choose the images, explain them and index them in a CSV."""
     run_dir, inputs = resolve_source(args.source, args.inputs, args.model)
     if (args.split or args.errors) and (run_dir is None or inputs):
         raise PredictError("--split and --errors take a run folder and no image arguments")
@@ -216,8 +207,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        sys.exit(main())
-    except (PredictError, ValueError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
+    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""The GPU section of scripts/bench.py: MedGemma 4B's architecture, random weights, bf16, LoRA.
+"""The GPU section of `python -m benchmarks bench`: MedGemma 4B's architecture, random bf16, LoRA.
 
 Measures training images/s, model FLOP utilisation, peak memory with and without the vision
 feature cache and gradient checkpointing, beside the VRAM estimator's prediction. No tokenizer or
@@ -27,13 +27,14 @@ from breakhis_ft.models.medgemma import MedGemmaClassifier
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 H200_BF16_PEAK = 989e12  # dense bf16 FLOP/s (NVIDIA H200 SXM datasheet, without sparsity)
-# REFERENCE.md, per training sample at 896 px, 339 tokens, LoRA r=16 on the language model
+# MedGemma 4B per training sample at 896 px, 339 tokens, LoRA r=16 on the language model
+# (docs/references.md)
 TFLOP = {"vision": 5.46, "lm_forward": 2.67, "lm_backward": 2.73, "recompute": 2.24}
 PROMPT_TOKENS, ANSWER_TOKENS = 80, 3
 
 
 def sample_flops(cached: bool, checkpointing: bool) -> float:
-    """Model FLOPs of one training sample (REFERENCE.md's FLOP model)."""
+    """Model FLOPs of one training sample (the FLOP model of docs/references.md)."""
     total = TFLOP["lm_forward"] + TFLOP["lm_backward"]
     total += 0.0 if cached else TFLOP["vision"]
     total += TFLOP["recompute"] if checkpointing else 0.0

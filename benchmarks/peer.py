@@ -1,10 +1,11 @@
 """The peer benchmark: breakhis-ft against the recipe a user would otherwise run.
 
-  python scripts/bench.py --only peer --out benchmarks       # writes peer.json, peer.md, PNG
+  python -m benchmarks bench --only peer          # writes peer.json, peer.md, PNG into --out
 
 Three paths on the same MedGemma-proportioned model, replica images and patient split:
-`notebook` (the seed blog's trl recipe, bench_notebook.py), `breakhis-ft` (the project's default
-path through its own engine, bench_project.py) and `google` (Google's QLoRA notebook, 4-bit base).
+`notebook` (the seed blog's trl recipe, benchmarks/notebook.py), `breakhis-ft` (the project's
+default path through its own engine, benchmarks/project.py) and `google` (Google's QLoRA
+notebook, 4-bit base).
 Sections: speed (one epoch over the same images, every configuration in turn, best of repeats,
 including the breakdown STEPS from the notebook's settings to the project's defaults); runs (each
 path trained at each replica fraction, `--peer-epochs` at the largest (Google's recipe only there)
@@ -26,12 +27,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import bench_notebook as nb
-import bench_project as bp
-from bench_models import build_checkpoint, proportional_sizes
-from bench_peer_report import write_report
-from bench_pretrain import pretrain
-
+from benchmarks import notebook as nb
+from benchmarks import project as bp
+from benchmarks.models import build_checkpoint, proportional_sizes
+from benchmarks.peer_report import write_report
+from benchmarks.pretrain import pretrain
 from breakhis_ft.config import SplitConfig
 from breakhis_ft.data.breakhis import BreakhisScan, load_image, scan_breakhis
 from breakhis_ft.data.dataset import ImageDataset, build_image_cache, labels_for
@@ -40,8 +40,8 @@ from breakhis_ft.data.splits import assign_splits
 from breakhis_ft.data.synthetic import ensure_replica
 from breakhis_ft.models.tiny import SIZES, ensure_tiny_gemma3
 
-# MedGemma 4B (REFERENCE.md): output layer (= embedding) parameters over the language model's other
-# parameters; the peer model's vocabulary is widened to the same share
+# MedGemma 4B (docs/references.md): output layer (= embedding) parameters over the language
+# model's other parameters; the peer model's vocabulary is widened to the same share
 HEAD_SHARE = 671_252_480 / (3_880_263_168 - 671_252_480)
 
 
@@ -79,8 +79,8 @@ def balanced_accuracy(labels: list[int], preds: list[int]) -> float:
 
 
 def peer_checkpoint(work: Path, replicas: Path, item: dict, args) -> tuple:
-    """The proportional model (bench_models) with MedGemma's output-layer share, pretrained
-    (bench_pretrain) on another replica (seed 1, never used by the benchmark); built once."""
+    """The proportional model (benchmarks/models.py) with MedGemma's output-layer share,
+    pretrained (benchmarks/pretrain.py) on another replica (seed 1, unused by the benchmark)."""
     sizes, _ = proportional_sizes(work / "proportional_probe", class_names("subtype8"), item)
     h, i, n = sizes["hidden_size"], sizes["intermediate_size"], sizes["num_hidden_layers"]
     q, kv = sizes["num_attention_heads"] * sizes["head_dim"], sizes["num_key_value_heads"]

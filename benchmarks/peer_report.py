@@ -14,7 +14,7 @@ MODULES_TO_SAVE_PARAMS = 1_342_504_960
 
 
 def add_peer_arguments(parser: argparse.ArgumentParser) -> None:
-    """The peer section's options (bench.py --only peer)."""
+    """The peer section's options (python -m benchmarks bench --only peer)."""
     group = parser.add_argument_group("peer (--only peer)")
     group.add_argument("--peer-fractions", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     group.add_argument("--peer-magnification", type=int, default=100)
