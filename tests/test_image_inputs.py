@@ -18,7 +18,7 @@ from medgemma_toy import tiny_path
 from PIL import Image
 
 from breakhis_ft.data.breakhis import scan_breakhis
-from breakhis_ft.data.dataset import build_image_cache, cached_longest_side
+from breakhis_ft.data.dataset import build_image_cache
 from breakhis_ft.data.png import load_image, png_problem
 from breakhis_ft.data.synthetic import build_replica
 from breakhis_ft.deploy.predict import ImageFiles, Predictor, find_images, predict_to_csv
@@ -88,8 +88,7 @@ def test_prediction_names_the_oversized_file_and_predicts_the_others(
     tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     model = medgemma_classifier(tiny_path(tmp_path_factory))
-    assert model.input_side == 112  # the tiny Gemma 3's processor square
-    predictor = Predictor(model, 32, "tiny", model_side=model.input_side)
+    predictor = Predictor(model, 32, "tiny")
     Image.new("RGB", (70, 46), (200, 120, 170)).save(tmp_path / "a.png")
     write_bomb(tmp_path / "b.png")
     Image.new("RGB", (46, 70), (120, 80, 170)).save(tmp_path / "c.png")
@@ -99,6 +98,7 @@ def test_prediction_names_the_oversized_file_and_predicts_the_others(
     rows = {Path(r.split(",")[0]).name: r for r in out.read_text().splitlines()[1:]}
     assert "image too large (20000x20000" in rows["b.png"]
     assert all(rows[n].split(",")[1] in predictor.class_names for n in ("a.png", "c.png"))
+    assert model.input_side == 112  # the tiny Gemma 3's processor square (caps the resize)
 
 
 def test_16bit_images_are_scaled_by_their_range_alike_in_training_and_prediction(
@@ -133,6 +133,8 @@ def test_a_corrupt_byte_inside_the_image_data_is_found_at_the_scan(tree) -> None
 
 
 def test_images_are_cached_no_larger_than_the_model_reads() -> None:
+    from breakhis_ft.data.dataset import cached_longest_side
+
     # BreakHis's 700x460 for MedGemma (896), MedSigLIP (448) and the tiny models (112, 64)
     assert cached_longest_side(700, 460, 896, 896) == 896
     assert cached_longest_side(700, 460, 896, 448) == 682  # shorter side 448: nothing lost
