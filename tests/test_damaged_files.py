@@ -251,3 +251,13 @@ def test_a_live_builders_temporary_is_left_alone(tmp_path: Path) -> None:
     child.wait()
     thread.join(timeout=30)
     assert entered.is_set() and not live.exists()
+
+
+def test_the_replica_build_removes_temporaries_of_dead_builds(tmp_path: Path) -> None:
+    from breakhis_ft.data.synthetic import ensure_replica, replica_key
+
+    synthetic = tmp_path / "synthetic"
+    stale = synthetic / f".tmp-{replica_key(0.01, (16, 10), 0)}-deadbeef"
+    (stale / "BreaKHis_v1").mkdir(parents=True)  # what a SIGKILLed build left
+    root = ensure_replica(synthetic, 0.01, (16, 10), 0)
+    assert root.is_dir() and not stale.exists() and temporaries(synthetic) == []
