@@ -186,6 +186,9 @@ class DataConfig:
     duplicate_keep: DuplicateKeep = DuplicateKeep.ductal_carcinoma  # which copy of 13412 stays
     on_bad_file: OnBadFile = OnBadFile.error
     verify_images: bool = False  # decode every image up front
+    # images above this many pixels are bad files (on_bad_file), never decoded: BreakHis images
+    # are 0.32 megapixels, whole-slide tiles up to ~16; at most 178956970 (PIL's bomb limit)
+    max_image_pixels: int = 25_000_000
     image_size: int = 896  # longest side of the cached, resized images (MedGemma's input size)
     # H&E stain normalisation (data/stain.py), applied to the full-size image before it is resized
     # into the image cache (its identity is part of the cache key) and again at prediction; the

@@ -424,6 +424,7 @@ def test_export_info_holds_the_exact_prompt_preprocessing_and_temperature(
         "convert": "RGB",
         "resize": "longest_side",
         "size": 32,
+        "model_side": 112,  # the tiny Gemma 3's square: the cache's size cap
         "resample": "bicubic",
         "stain_norm": "none",
         "then": info["preprocessing"]["then"],

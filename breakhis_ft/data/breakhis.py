@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from breakhis_ft.data.png import load_image, png_problem
+from breakhis_ft.data.png import MAX_IMAGE_PIXELS, check_pixel_limit, load_image, png_problem
 from breakhis_ft.data.records import SUBTYPES, ImageRecord
 from breakhis_ft.errors import BadDataError
 
@@ -254,10 +254,17 @@ def scan_breakhis(
     duplicate_keep: str = "ductal_carcinoma",
     on_bad_file: str = "error",
     verify_images: bool = False,
+    max_pixels: int | None = MAX_IMAGE_PIXELS,
 ) -> BreakhisScan:
-    """Scan a BreakHis tree (official or Kaggle layout) into records; see the module docstring."""
+    """Scan a BreakHis tree (official or Kaggle layout) into records; see the module docstring.
+
+    Every PNG's chunks are checked (CRCs, end chunk, size against `max_pixels`): a corrupt,
+    truncated or oversized file is refused (`on_bad_file=error`) or left out and listed
+    (`skip`) here, before any model loads. `verify_images` also decodes every image.
+    """
     if on_bad_file not in ("error", "skip"):
         raise ValueError(f"data.on_bad_file={on_bad_file!r}: allowed values are error, skip")
+    check_pixel_limit(max_pixels)
     root = Path(root).expanduser().resolve()
     breast = find_breast_dir(root)
     folds, layout = find_folds(root, breast)
@@ -272,11 +279,10 @@ def scan_breakhis(
                 continue
             try:
                 records.append(record_from_path(full.relative_to(breast).parts, rel))
-                # empty and truncated files are found before any model loads; skip checks CRCs too
-                if problem := png_problem(full, checksums=on_bad_file == "skip"):
+                if problem := png_problem(full, max_pixels=max_pixels):
                     raise BadDataError(f"{full}: {problem}")
                 if verify_images:
-                    load_image(full)
+                    load_image(full, max_pixels)
             except BadDataError as e:
                 bad.append((rel, str(e)))
     if bad and on_bad_file == "error":
@@ -369,7 +375,11 @@ def scan_from_config(data_cfg: Any, synthetic_dir: str | Path) -> BreakhisScan:
     else:
         raise ValueError(f"data.source={data_cfg.source!r}: allowed values are synthetic, breakhis")
     return scan_breakhis(
-        root, data_cfg.duplicate_keep, data_cfg.on_bad_file, data_cfg.verify_images
+        root,
+        data_cfg.duplicate_keep,
+        data_cfg.on_bad_file,
+        data_cfg.verify_images,
+        data_cfg.max_image_pixels,
     )
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
-import uuid
 import zlib
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
@@ -25,6 +23,7 @@ from PIL import Image
 
 from breakhis_ft.data.records import SUBTYPES
 from breakhis_ft.errors import BadDataError
+from breakhis_ft.files import build_once
 
 GENERATOR_VERSION = 1  # bump when images or Folds.csv change, so cached replicas are rebuilt
 TREE = Path("BreaKHis_v1", "histology_slides", "breast")
@@ -376,19 +375,10 @@ def ensure_replica(
     size: tuple[int, int] = (700, 460),
     seed: int = 0,
 ) -> Path:
-    """The replica in `synthetic_dir/<key>/`, built once (atomically) and reused."""
+    """The replica in `synthetic_dir/<key>/`, built once (atomically, under a lock) and reused."""
     final = Path(synthetic_dir).expanduser() / replica_key(fraction, size, seed)
-    if (final / MARKER).is_file():
-        return final
-    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
-    try:
-        build_replica(tmp, fraction, size, seed)
-        if final.exists() and not (final / MARKER).is_file():
-            shutil.rmtree(final)  # a half-written folder from an older, non-atomic build
-        os.rename(tmp, final)
-    except OSError:
-        if not (final / MARKER).is_file():  # not a lost race with another process: a real error
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return build_once(
+        final,
+        lambda tmp: build_replica(tmp, fraction, size, seed),
+        lambda path: (path / MARKER).is_file(),
+    )

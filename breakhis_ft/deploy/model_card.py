@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 
 from breakhis_ft.data.dataset import RESAMPLE
 from breakhis_ft.evaluate.bootstrap import ci_key
+from breakhis_ft.models.base import processor_side
 from breakhis_ft.models.prompts import make_prompt
 
 # metrics.json key -> the name the card shows
@@ -79,6 +80,9 @@ def preprocessing(cfg: DictConfig, image_size: int | None) -> dict[str, Any]:
         "convert": "RGB",
         "resize": None if image_size is None else "longest_side",
         "size": image_size,
+        # the processor's square: the longest side is also no larger than keeps the shorter side
+        # at it (data.dataset.cached_longest_side)
+        "model_side": None,
         "resample": RESAMPLE.name.lower(),
         # none, or the H&E normaliser (stain_normalizer.json, applied before the resize)
         "stain_norm": str(cfg.data.stain_norm),
@@ -91,6 +95,13 @@ def preprocessing(cfg: DictConfig, image_size: int | None) -> dict[str, Any]:
         pre = load_preprocessor(str(cfg.model.name_or_path), str(cfg.model.resize))
         steps["square"] = pre.resize  # pad: centred on a canvas of the processor's mean colour
         steps["fill"] = list(pre.fill)
+        image_processor = pre.image_processor
+    elif image_size is not None:
+        from transformers import AutoImageProcessor
+
+        image_processor = AutoImageProcessor.from_pretrained(str(cfg.model.name_or_path))
+    if image_size is not None:
+        steps["model_side"] = processor_side(image_processor)
     steps["then"] = "the checkpoint's own processor (in this folder, or the base model's)"
     return steps
 
@@ -108,8 +119,11 @@ def describe(cfg: DictConfig, image_size: int | None) -> dict[str, Any]:
 # ---- the usage snippet --------------------------------------------------------------------------
 
 _RESIZE = """image = Image.open(IMAGE).convert("RGB")
-if SIZE is not None and max(image.size) != SIZE:  # the longest side, as training's image cache
-    scale = SIZE / max(image.size)
+longest = SIZE  # the longest side, as training's image cache: at most SIZE, and no larger than
+if SIZE is not None and MODEL_SIDE is not None:  # keeps the shorter side at the model's square
+    longest = min(SIZE, max(1, round(max(image.size) * MODEL_SIDE / min(image.size))))
+if longest is not None and max(image.size) != longest:
+    scale = longest / max(image.size)
     new_size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     image = image.resize(new_size, Image.Resampling.BICUBIC)
 """
@@ -162,6 +176,7 @@ def _constants(info: dict[str, Any]) -> list[str]:
         'IMAGE = "path/to/image.png"',
         f"CLASSES = {info['class_names']!r}",
         f"SIZE = {size!r}  # longest side before the processor (None: as it is)",
+        f"MODEL_SIDE = {(info.get('preprocessing') or {}).get('model_side')!r}  # its square",
         f"TEMPERATURE = {info.get('temperature') or 1.0!r}  # fitted on validation (calibration)",
     ]
 

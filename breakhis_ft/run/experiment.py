@@ -112,13 +112,17 @@ def _set_status(run_dir: Path, status: str, **extra: object) -> None:
 
 
 def _resume_step(cfg: DictConfig, run_dir: Path) -> int | None:
-    """On `resume=`: the step of the run folder's latest complete checkpoint (0 when none)."""
+    """On `resume=`: the step of the run folder's newest checkpoint that verifies (0 when none);
+    a `best/` left between its two renames by a crash is put back first."""
     if cfg.resume is None:
         return None
-    from breakhis_ft.engine.checkpoint import list_checkpoints  # heavy: torch, accelerate
+    # heavy: torch, accelerate
+    from breakhis_ft.engine.checkpoint import recover_best, resumable_checkpoint
 
-    found = list_checkpoints(run_dir)
-    return found[-1][0] if found else 0
+    if is_main_process():
+        recover_best(run_dir / "best")
+    found = resumable_checkpoint(run_dir)
+    return found[0] if found else 0
 
 
 def run_experiment(cfg: DictConfig) -> float | None:

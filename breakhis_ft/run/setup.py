@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from breakhis_ft.config import EvaluateConfig, Fusion
 from breakhis_ft.data.breakhis import BreakhisScan, load_image
-from breakhis_ft.data.dataset import ImageDataset, build_image_cache, cache_info, labels_for
+from breakhis_ft.data.dataset import ImageCache, ImageDataset, build_image_cache, labels_for
 from breakhis_ft.data.records import ImageRecord, Task
 from breakhis_ft.data.stain import (
     StainNormalizer,
@@ -178,9 +178,9 @@ def make_stain_normalizer(
     return normalizer
 
 
-def _record_stain(cache: Any, stain: StainNormalizer, run_dir: Path | None) -> None:
+def _record_stain(cache: ImageCache, stain: StainNormalizer, run_dir: Path | None) -> None:
     """Log the images the normaliser passed through unchanged; count them in data_stats.json."""
-    passed = cache_info(cache).get("stain_passed_through", [])
+    passed = cache.passed_through
     if passed:
         log.warning(
             "stain normalisation passed %d of %d image(s) through unchanged (no stain to "
@@ -210,18 +210,30 @@ def make_datasets(
     needs_images: bool,
     stain: StainNormalizer | None = None,
     run_dir: Path | None = None,
+    model_side: int | None = None,
 ) -> dict[str, ImageDataset]:
     """One dataset per non-empty split over one shared image cache; augmentation on train only.
 
     `stain`: the cache holds normalised images; `run_dir`: the main process's run folder, whose
-    data_stats.json then counts the images the normaliser passed through.
+    data_stats.json then counts the images the normaliser passed through; `model_side`: the
+    square the model reads (`Classifier.input_side`), which caps the cached size.
     """
     used = [r for records in splits.values() for r in records]
     source: Any = scan.root
+    size = cfg.data.image_size
     if needs_images and used:
         unique = list({r.path: r for r in used}.values())
         source = build_image_cache(
-            unique, scan.root, cfg.data.image_size, cfg.paths.images, stain=stain
+            unique, scan.root, size, cfg.paths.images, stain=stain, model_side=model_side
+        )
+        log.info(
+            "image cache %s: %d images, %.1f MB (longest side <= %d px%s); %d built now",
+            source.directory,
+            len(source),
+            source.megabytes(),
+            size,
+            f", shorter side >= the model's {model_side} px" if model_side else "",
+            source.built,
         )
         if stain is not None:
             _record_stain(source, stain, run_dir)
@@ -233,8 +245,9 @@ def make_datasets(
             source,
             augment=cfg.data.augment if split == "train" else None,
             with_images=needs_images,
-            image_size=cfg.data.image_size,  # how `load` resizes when decoding from the root
+            image_size=size,  # how `load` resizes when decoding from the root
             stain=stain,
+            model_side=model_side,
         )
         for split, records in splits.items()
         if records
