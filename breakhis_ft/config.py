@@ -209,9 +209,13 @@ class SplitConfig:
     seed: int = 0
     n_folds: int = 0  # >1: k-fold cross-validation by group, `fold` picks the test fold
     fold: int = 1  # official_fold: Folds.csv fold 1-5; patient k-fold: test fold index 1..n_folds
-    val_fraction: float = 0.15  # official_fold: share of train groups carved out for validation
+    val_fraction: float = 0.15  # official_fold, patient k-fold: share of train moved to validation
     balance_binary: float | None = None  # undersample benign:malignant to 1:this (blog: 1.0)
     balance_splits: list[str] = field(default_factory=lambda: ["train"])
+    # a split that lacks a class of the task (a class with no training image, or too few patient
+    # groups to reach val or test): false warns at the start and records it in data_stats.json;
+    # true refuses to run, naming the split and the classes
+    require_all_classes: bool = False
 
 
 @dataclass
