@@ -189,9 +189,10 @@ class DataConfig:
     image_size: int = 896  # longest side of the cached, resized images (MedGemma's input size)
     # H&E stain normalisation (data/stain.py), applied to the full-size image before it is resized
     # into the image cache (its identity is part of the cache key) and again at prediction; the
-    # fitted normaliser is saved as stain_normalizer.json in the run folder and in exports. An image
-    # with no stain to estimate (blank, one flat colour, too little tissue) passes through unchanged
-    # and is counted in data_stats.json (stain_normalization.passed_through).
+    # fitted normaliser is saved as stain_normalizer.json in the run folder and in exports. Only
+    # tissue pixels change. An image with no stain to estimate (blank, one flat colour, too little
+    # tissue) or whose result fails a check (stains not H&E's, saturation collapsed) is kept as it
+    # is, counted in data_stats.json (stain_normalization) and listed in stain_fallbacks.csv.
     stain_norm: StainNorm = StainNorm.none
     # the reference the stains are mapped to: an image file, or `train`: the median of per-image
     # fits over stain_reference_images images of the TRAINING split (round robin over its
