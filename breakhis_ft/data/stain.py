@@ -56,6 +56,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from torchstain.numpy.normalizers import NumpyMacenkoNormalizer, NumpyReinhardNormalizer
+
+from breakhis_ft.data.records import ImageRecord
 
 log = logging.getLogger(__name__)
 
@@ -143,10 +146,11 @@ def _hue(rgb: np.ndarray) -> float:
 
 
 def _saturation(pixels: np.ndarray) -> float:
-    """Mean HSV saturation of N x 3 pixels."""
-    pixels = pixels.astype(np.float32)
-    top = pixels.max(axis=1)
-    return float(np.mean((top - pixels.min(axis=1)) / np.maximum(top, 1.0)))
+    """Mean HSV saturation of N x 3 uint8 pixels."""
+    r, g, b = pixels[:, 0], pixels[:, 1], pixels[:, 2]
+    top = np.maximum(np.maximum(r, g), b).astype(np.float32)
+    span = top - np.minimum(np.minimum(r, g), b)
+    return float(np.mean(span / np.maximum(top, np.float32(1))))
 
 
 def stain_hue(vector: Sequence[float]) -> float:
@@ -197,18 +201,19 @@ def colour_problem(before: np.ndarray, after: np.ndarray) -> str | None:
     return None
 
 
-def blank_reason(rgb: np.ndarray) -> str | None:
-    """Why an H x W x 3 uint8 image has no stain to estimate, or None when it has."""
-    std = rgb.reshape(-1, 3).std(axis=0)
+def blank_reason(rgb: np.ndarray, mask: np.ndarray | None = None) -> str | None:
+    """Why an H x W x 3 uint8 image has no stain to estimate, or None when it has (`mask`: its
+    tissue_mask, when already computed)."""
+    std = rgb.reshape(-1, 3).std(axis=0, dtype=np.float32)
     if std.max() < UNIFORM_STD:
         mean = np.round(rgb.reshape(-1, 3).mean(axis=0)).astype(int).tolist()
         return f"one flat colour (mean RGB {mean}, channel std < {UNIFORM_STD:g} grey levels)"
-    tissue = int(tissue_mask(rgb).sum())
+    tissue = int((tissue_mask(rgb) if mask is None else mask).sum())
     needed = max(MIN_TISSUE_PIXELS, int(np.ceil(MIN_TISSUE_FRACTION * rgb.shape[0] * rgb.shape[1])))
     if tissue < needed:
         return (
             f"too little tissue ({tissue} of {rgb.shape[0] * rgb.shape[1]} pixels have optical "
-            f"density >= {BETA:g} in every channel; at least {needed} needed)"
+            f"density above {BETA:g} in a channel; at least {needed} needed)"
         )
     return None
 
@@ -311,11 +316,14 @@ class StainNormalizer:
     def __hash__(self) -> int:
         return hash(self.identity())
 
-    def _apply(self, rgb: np.ndarray) -> tuple[np.ndarray | None, str | None]:
+    def tissue(self, rgb: np.ndarray) -> np.ndarray:
+        """The tissue mask this normaliser changes (Macenko: its own io and beta)."""
+        return tissue_mask(rgb, self.params.get("beta", BETA), self.params.get("io", IO))
+
+    def _apply(self, rgb: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray | None, str | None]:
         """(the normalised H x W x 3 array, None), or (None, the check that failed)."""
         p = self.params
-        io, alpha, beta = p.get("io", IO), p.get("alpha", ALPHA), p.get("beta", BETA)
-        mask = tissue_mask(rgb, beta, io)
+        io, alpha = p.get("io", IO), p.get("alpha", ALPHA)
         tissue = rgb[mask]
         # both methods: the image's own stains must be H&E's (Reinhard's statistics of a field
         # that is mostly lumen fluid would recolour the fluid as tissue)
@@ -326,7 +334,7 @@ class StainNormalizer:
             if problem := _scale_problem(max_c, p):
                 return None, problem
             od = optical_density(tissue, p["io"]).astype(np.float64)
-            conc = np.linalg.lstsq(he.T, od.T, rcond=None)[0]  # 2 x N, torchstain's unmixing
+            conc = np.linalg.pinv(he.T) @ od.T  # 2 x N: least squares, as torchstain unmixes
             conc *= (np.asarray(p["max_concentrations"]) / max_c)[:, None]
             out = p["io"] * np.exp(-np.asarray(p["stain_matrix"]).T @ conc)  # 3 x N
             new = np.minimum(out.T, 255).astype(np.uint8)  # truncated, as torchstain does
@@ -345,11 +353,12 @@ class StainNormalizer:
         """(the normalised RGB image, None), or (the image unchanged in RGB, why): no stain to
         estimate, a failed check (prefixed "stain check:") or a torchstain failure."""
         rgb = _rgb(image)
-        reason = blank_reason(rgb)
+        mask = self.tissue(rgb)
+        reason = blank_reason(rgb, mask)
         if reason is None:
             try:
                 with np.errstate(divide="raise", invalid="raise", over="ignore", under="ignore"):
-                    out, problem = self._apply(rgb)
+                    out, problem = self._apply(rgb, mask)
                 if out is not None:
                     return Image.fromarray(np.ascontiguousarray(out), "RGB"), None
                 reason = f"stain check: {problem}"
@@ -501,6 +510,22 @@ def fit_stain_normalizer(
     if method == "macenko":
         params.update(io=float(io), alpha=ALPHA, beta=float(beta))
     return StainNormalizer(method, params, tuple(used))
+
+
+def reference_records(records: Sequence[ImageRecord], n: int) -> list[ImageRecord]:
+    """Up to `n` records to fit a reference on: round robin over the slide folders, so each
+    folder's stain counts; folders and their images in a fixed pseudo-random order (a hash of the
+    name), the same on every machine."""
+
+    def order(text: str) -> str:
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    by_folder: dict[str, list[ImageRecord]] = defaultdict(list)
+    for record in sorted(records, key=lambda r: order(r.path)):
+        by_folder[record.patient].append(record)
+    queues = [by_folder[p] for p in sorted(by_folder, key=order)]
+    chosen = [q[k] for k in range(max(map(len, queues), default=0)) for q in queues if k < len(q)]
+    return chosen[:n]
 
 
 def save_normalizer(normalizer: StainNormalizer, folder: str | Path) -> Path:

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import csv
 import functools
-import hashlib
 import json
 import logging
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ from breakhis_ft.data.stain import (
     StainNormalizer,
     fit_stain_normalizer,
     load_normalizer,
+    reference_records,
     save_normalizer,
 )
 from breakhis_ft.engine.recipe import MetricsFn, OptimizerFactory
@@ -118,22 +117,10 @@ def _stain_paths(cfg: DictConfig, stain: StainNormalizer | None) -> DictConfig:
     return OmegaConf.merge(cfg, {"paths": {"vision_features": folder}})  # type: ignore[return-value]
 
 
-def _hashed(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def stain_reference_records(train: Sequence[ImageRecord], n: int) -> list[ImageRecord]:
-    """Up to `n` training images for a stain reference: round robin over the patients, so each
-    patient's stain counts; patients and their images in a fixed pseudo-random order (a hash of
-    the name), the same on every machine and independent of the run's seed."""
-    by_patient: dict[str, list[ImageRecord]] = defaultdict(list)
-    for record in sorted(train, key=lambda r: _hashed(r.path)):
-        by_patient[record.patient].append(record)
-    queues = [by_patient[p] for p in sorted(by_patient, key=_hashed)]
-    chosen: list[ImageRecord] = []
-    for k in range(max(map(len, queues), default=0)):
-        chosen += [queue[k] for queue in queues if k < len(queue)]
-    return chosen[:n]
+    """Up to `n` training images for a stain reference (`stain.reference_records`): round robin
+    over the patients, in a fixed order independent of the run's seed."""
+    return reference_records(train, n)
 
 
 def make_stain_normalizer(
