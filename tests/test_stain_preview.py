@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from breakhis_ft.data import stain_cost, stain_preview
+from benchmarks import stain_cost
 from breakhis_ft.data.stain_preview import MARK, PreviewRow, choose_rows
+from breakhis_ft.tools import stain_preview
 
 
 def test_preview_grid_shows_every_class_and_marks_the_fallbacks(replica_root, tmp_path, capsys):

@@ -1,20 +1,10 @@
 """A picture of what stain normalisation does, for people to look at: originals beside their
-normalised versions, N images of each class, the ones a check kept as they were marked in red.
-
-    python scripts/stain_preview.py --root /data/BreaKHis_v1 --out stain_preview.png
-    python scripts/stain_preview.py --replica 0.02 --hard-fields --out benchmarks/stain_preview.png
-    python scripts/stain_preview.py --root ... --run outputs/runs/x/2026-... (the run's normaliser)
-
-Per class, up to `scan` images (round robin over the slide folders, in a fixed order) are
-normalised; the N shown are those a check kept first, then the others. Without --run the reference
-is fitted as a run fits data.stain_reference=train, here on images of the whole tree (a preview,
-not a training run): the median of per-image fits over `reference_images` images.
+normalised versions, N images of each class, the ones a check kept as they were marked in red
+(the tool: breakhis-ft-stain-preview, breakhis_ft/tools/stain_preview.py).
 """
 
 from __future__ import annotations
 
-import argparse
-import tempfile
 import textwrap
 from collections import defaultdict
 from collections.abc import Sequence
@@ -23,16 +13,10 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from breakhis_ft.data.breakhis import load_image, scan_breakhis
+from breakhis_ft.data.breakhis import load_image
 from breakhis_ft.data.records import ImageRecord
-from breakhis_ft.data.stain import (
-    METHODS,
-    StainNormalizer,
-    fit_stain_normalizer,
-    load_normalizer,
-    reference_records,
-)
-from breakhis_ft.data.synthetic import HARD_FIELDS, _rng, build_replica, patient_stain, render_batch
+from breakhis_ft.data.stain import StainNormalizer, fit_stain_normalizer, reference_records
+from breakhis_ft.data.synthetic import HARD_FIELDS, _rng, patient_stain, render_batch
 
 THUMB_WIDTH = 260  # pixels of each image in the grid (default)
 CAPTION_LINES = 5  # text lines under each image (a fallback's reason, wrapped)
@@ -133,70 +117,35 @@ def hard_field_images(size: tuple[int, int] = (700, 460)) -> list[tuple[str, str
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command-line options."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--root", type=Path, help="a BreakHis tree (official or Kaggle layout)")
-    where.add_argument(
-        "--replica", type=float, metavar="FRACTION", help="a replica of this size at 700x460"
-    )
-    p.add_argument("--out", type=Path, required=True, help="the PNG to write")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--per-class", type=int, default=2, help="images shown per class")
-    p.add_argument("--scan", type=int, default=12, help="images tried per class")
-    p.add_argument("--magnification", type=int, default=None, help="e.g. 100 (default: all)")
-    p.add_argument("--reference-images", type=int, default=16)
-    p.add_argument("--run", type=Path, help="use this run's stain_normalizer.json (its method)")
-    p.add_argument("--hard-fields", action="store_true", help="add the renderer's hard fields")
-    p.add_argument("--width", type=int, default=THUMB_WIDTH, help="pixels of each image shown")
-    p.add_argument(
-        "--colors", type=int, help="save with a palette of this many colours (a smaller file)"
-    )
-    return p
+def candidates_by_class(
+    root: str | Path, records: Sequence[ImageRecord], n: int
+) -> list[tuple[str, str, Image.Image]]:
+    """Per class (subtype), up to `n` of its images as (class, path, image): round robin over
+    its slide folders, in a fixed order (`stain.reference_records`)."""
+    by_class: dict[str, list[ImageRecord]] = defaultdict(list)
+    for r in records:
+        by_class[r.subtype].append(r)
+    return [
+        (subtype, r.path, load_image(Path(root) / r.path))
+        for subtype in sorted(by_class)
+        for r in reference_records(by_class[subtype], n)
+    ]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Write the preview grid; print what it shows."""
-    args = build_parser().parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = args.root or build_replica(Path(tmp), args.replica, (700, 460), 0)
-        records = [
-            r
-            for r in scan_breakhis(root).records
-            if args.magnification is None or r.magnification == args.magnification
-        ]
-        if args.run is not None:
-            saved = load_normalizer(args.run)
-            if saved is None:
-                raise SystemExit(f"error: {args.run} has no stain_normalizer.json")
-            normalizers = {saved.method: saved}
-        else:
-            sample = reference_records(records, args.reference_images)
-            images = [load_image(Path(root) / r.path) for r in sample]
-            names = [r.path for r in sample]
-            normalizers = {m: fit_stain_normalizer(m, images, names) for m in args.methods}
-        by_class: dict[str, list[ImageRecord]] = defaultdict(list)
-        for r in records:
-            by_class[r.subtype].append(r)
-        candidates = [
-            (subtype, r.path, load_image(Path(root) / r.path))
-            for subtype in sorted(by_class)
-            for r in reference_records(by_class[subtype], args.scan)
-        ]
-        if args.hard_fields:
-            candidates += hard_field_images()
-        tried = preview_rows(candidates, normalizers)
-        rows = choose_rows(tried, args.per_class)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        grid = preview_grid(rows, list(normalizers), args.width)
-        if args.colors:
-            grid = grid.quantize(args.colors, Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
-        grid.save(args.out, optimize=True)
-    print(f"wrote {args.out}: {len(rows)} of the {len(tried)} images tried")
-    for method in normalizers:
-        kept = [(r.name, r.results[method][1]) for r in tried if r.results[method][1]]
-        print(f"{method}: {len(kept)} of {len(tried)} kept as they were")
-        for name, reason in kept:
-            print(f"  {name}: {reason}")
-    return 0
+def fit_preview_normalizers(
+    root: str | Path, records: Sequence[ImageRecord], methods: Sequence[str], n: int
+) -> dict[str, StainNormalizer]:
+    """Each method fitted as a run fits data.stain_reference=train, on `n` of these images."""
+    sample = reference_records(records, n)
+    images = [load_image(Path(root) / r.path) for r in sample]
+    return {m: fit_stain_normalizer(m, images, [r.path for r in sample]) for m in methods}
+
+
+def save_grid(grid: Image.Image, out: str | Path, colors: int | None = None) -> Path:
+    """Write the grid as a PNG, with a palette of `colors` colours when given (a smaller file)."""
+    if colors:
+        grid = grid.quantize(colors, Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out, optimize=True)
+    return out

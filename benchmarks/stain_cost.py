@@ -1,14 +1,14 @@
 """What stain normalisation costs per image: CPU seconds per 700x460 image, per method.
 
-    OMP_NUM_THREADS=1 python scripts/stain_cost.py            # 24 replica images, both methods
-    python scripts/stain_cost.py --images 48 --json benchmarks/stain_cost.json --md ...
+    OMP_NUM_THREADS=1 python -m benchmarks stain-cost     # 24 replica images, both methods
+    python -m benchmarks stain-cost --images 48           # results: benchmarks/results/stain_cost.*
 
 The images are the replica's (every subtype, one slide's stain each) rendered at 700x460, BreakHis'
 size; the normalisers are fitted on 8 others. Timed: `StainNormalizer.normalize` (the mask, the
 checks and the transfer: what building a stain-normalised cache or predicting adds per image),
 with `time.process_time` (CPU seconds of the whole process: all threads count) and wall time; and,
-for comparison, torchstain's own transfer of the whole image, as this package applied it before
-the checks (`torchstain_whole_image`).
+for comparison, torchstain's own transfer of the whole image, without mask or checks
+(`torchstain_whole_image`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -27,10 +26,12 @@ import numpy as np
 from PIL import Image
 from torchstain.numpy.normalizers import NumpyMacenkoNormalizer, NumpyReinhardNormalizer
 
+from benchmarks.stain_effect import machine
 from breakhis_ft.data.stain import ALPHA, IO, METHODS, StainNormalizer, fit_stain_normalizer
 from breakhis_ft.data.synthetic import STYLE, _rng, patient_stain, render_batch
 
 SIZE = (700, 460)  # BreakHis' image size
+RESULTS = Path("benchmarks/results")
 
 
 def replica_images(n: int, seed: int = 0, size: tuple[int, int] = SIZE) -> list[Image.Image]:
@@ -74,25 +75,6 @@ def _time(run: Callable[[Image.Image], Any], images: Sequence[Image.Image]) -> d
     }
 
 
-def machine() -> dict[str, Any]:
-    """The CPU, its cores, the load when measuring, the thread settings."""
-    model = platform.processor()
-    try:
-        for text in Path("/proc/cpuinfo").read_text().splitlines():
-            if text.startswith("model name"):
-                model = text.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": model,
-        "cpus": os.cpu_count(),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "platform": platform.platform(),
-    }
-
-
 def measure_cost(
     n_images: int = 24, seed: int = 0, size: tuple[int, int] = SIZE, n_reference: int = 8
 ) -> dict[str, Any]:
@@ -108,16 +90,18 @@ def measure_cost(
             "torchstain_whole_image": _time(_whole_image(normalizer), images),
             "kept_as_they_were": sum(normalizer.normalize(im)[1] is not None for im in images),
         }
-    return {"images": n_images, "size": list(size), "machine": machine(), "methods": results}
+    where = {**machine(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    return {"images": n_images, "size": list(size), "machine": where, "methods": results}
 
 
 def table(result: dict[str, Any]) -> str:
     """Markdown: per method, CPU seconds per image (median, mean) and wall seconds."""
+    where = result["machine"]
+    load = [round(x, 2) for x in where["load_average_at_start"]]
     lines = [
         f"CPU seconds per {result['size'][0]}x{result['size'][1]} image, {result['images']} "
-        f"replica images; {result['machine']['cpu']}, {result['machine']['cpus']} cores, "
-        f"load {result['machine']['load_average']}, OMP_NUM_THREADS="
-        f"{result['machine']['omp_num_threads']}",
+        f"replica images; {where['cpu']}, {where['cpus']} cores, load {load}, OMP_NUM_THREADS="
+        f"{where['omp_num_threads']}",
         "",
         "| method | what | CPU s (median) | CPU s (mean) | wall s (mean) |",
         "|---|---|---|---|---|",
@@ -133,17 +117,15 @@ def table(result: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Measure, print the table, write the JSON and Markdown files when asked."""
+    """Measure, print the table, write the JSON and Markdown results."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=24)
-    p.add_argument("--json", type=Path, help="write the results here")
-    p.add_argument("--md", type=Path, help="write the table here")
+    p.add_argument("--json", type=Path, default=RESULTS / "stain_cost.json")
+    p.add_argument("--md", type=Path, default=RESULTS / "stain_cost.md")
     args = p.parse_args(argv)
     result = measure_cost(args.images)
     text = table(result)
     print(text)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
-    if args.md:
-        args.md.write_text(text + "\n")
+    args.json.write_text(json.dumps(result, indent=1) + "\n")
+    args.md.write_text(text + "\n")
     return 0
