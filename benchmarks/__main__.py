@@ -3,6 +3,7 @@
 python -m benchmarks bench         # scoring, feature and image caches; --gpu; --only peer
 python -m benchmarks real-size     # MedGemma 4B and MedSigLIP-448: one real step on the CPU
 python -m benchmarks stain-effect  # the demo with and without stain normalisation, by seed
+python -m benchmarks stain-cost    # CPU seconds per 700x460 image of Macenko and Reinhard
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ COMMANDS = {
     "bench": "benchmarks.bench",
     "real-size": "benchmarks.real_size",
     "stain-effect": "benchmarks.stain_effect",
+    "stain-cost": "benchmarks.stain_cost",
 }
 
 

@@ -28,6 +28,7 @@ TOOLS = (
     "make-replica",
     "download-breakhis",
     "demo-metrics",
+    "stain-preview",
 )
 TORCH = "torch==2.13.0"  # as `make setup` installs it: the CPU build on CPU machines
 REPLICA = ["--fraction", "0.03", "--size", "48", "32"]  # the tiny run's data.synthetic_*

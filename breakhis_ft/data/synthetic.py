@@ -52,6 +52,15 @@ STYLE: dict[str, dict[str, float]] = {
 # Ruifrok & Johnston optical densities of haematoxylin and eosin (unit RGB vectors).
 H_OD = np.array([0.650, 0.704, 0.286])
 E_OD = np.array([0.072, 0.990, 0.105])
+# Fields of real slides that the replica's styles never draw, for the stain-normalisation checks
+# and previews (render_batch with one of these styles; the replica itself does not use them):
+# grey_lumen: share of the image under pale green-grey unstained fluid (RGB about 193-206);
+# blank: share of empty glass (a mucinous field that is 82% white, a few cells in the rest).
+HARD_FIELDS: dict[str, dict[str, float]] = {
+    "green_grey_lumen": {**STYLE["adenosis"], "grey_lumen": 0.6},
+    "mostly_white_mucinous": {**STYLE["mucinous_carcinoma"], "mucin": 0.0, "blank": 0.82},
+}
+LUMEN_OD = np.array([0.24, 0.17, 0.21])  # green-grey fluid: red absorbed most, green least
 
 
 @dataclass(frozen=True)
@@ -125,6 +134,12 @@ def _smooth_noise(rng: np.random.Generator, n: int, h: int, w: int, cells: int) 
     top = grid[:, y0][:, :, x0] * (1 - wx) + grid[:, y0][:, :, x0 + 1] * wx
     bottom = grid[:, y0 + 1][:, :, x0] * (1 - wx) + grid[:, y0 + 1][:, :, x0 + 1] * wx
     return top * (1 - wy) + bottom * wy
+
+
+def _share_mask(rng: np.random.Generator, n: int, h: int, w: int, share: float) -> np.ndarray:
+    """(n, h, w) smooth random regions covering `share` of each image's pixels."""
+    field = _smooth_noise(rng, n, h, w, 4)
+    return field < np.quantile(field.reshape(n, -1), share, axis=1)[:, None, None]
 
 
 def _splat(n: int, h: int, w: int, idx, ys, xs) -> np.ndarray:
@@ -241,6 +256,15 @@ def render_batch(style: dict, stain: dict, mag: int, size: tuple[int, int], n: i
     noise = rng.standard_normal(img.shape[1:], dtype=np.float32) * (4.0 / 255)
     for i in range(n):  # sensor noise: one field per batch, shifted per image (much cheaper)
         img[i] += np.roll(noise, (rng.integers(img.shape[1]), rng.integers(img.shape[2])), (0, 1))
+    if style.get("grey_lumen"):  # unstained fluid over part of the field, a little uneven
+        lumen = _share_mask(rng, n, img.shape[1], img.shape[2], style["grey_lumen"])
+        depth = 0.9 + 0.2 * _smooth_noise(rng, n, img.shape[1], img.shape[2], 8)
+        fluid = np.exp(-(depth[..., None] * LUMEN_OD + stain["bg"])).astype(np.float32)
+        img = np.where(lumen[..., None], fluid + noise * 0.5, img)
+    if style.get("blank"):  # empty glass: the background tint only
+        glass = _share_mask(rng, n, img.shape[1], img.shape[2], style["blank"])
+        empty = np.exp(-stain["bg"]).astype(np.float32)
+        img = np.where(glass[..., None], empty + noise * 0.5, img)
     img = (np.clip(img, 0, 1) * 255).astype(np.uint8)
     if f == 0:
         img = np.stack(

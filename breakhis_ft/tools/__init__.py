@@ -1,7 +1,8 @@
 """The user's command-line tools, installed as `breakhis-ft-<tool>` ([project.scripts] in
 pyproject.toml): report, predict, explain, export, estimate-vram, data-stats, make-replica,
-download-breakhis, demo-metrics. Each module holds one tool's options and its `main(argv)`; the
-work is done by the pipeline's stages (analysis, deploy, data, vram), which never import a tool.
+download-breakhis, demo-metrics, stain-preview. Each module holds one tool's options and its
+`main(argv)`; the work is done by the pipeline's stages (analysis, deploy, data, vram), which
+never import a tool.
 """
 
 from __future__ import annotations

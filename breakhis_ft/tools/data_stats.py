@@ -1,4 +1,4 @@
-"""Counts of a BreakHis tree: images by subtype and magnification, patients, duplicates, folds.
+"""Counts of a BreakHis tree: images by subtype and magnification, slide folders, stems, folds.
 
 breakhis-ft-data-stats /data/BreaKHis_v1
 breakhis-ft-data-stats /data/BreaKHis_v1 --json --verify-images
@@ -10,33 +10,8 @@ import argparse
 import json
 
 from breakhis_ft.data.breakhis import BadDataError, data_stats, scan_breakhis
+from breakhis_ft.data.breakhis import stats_table as table
 from breakhis_ft.tools import tool_parser, user_errors
-
-MAGS = ("40X", "100X", "200X", "400X")
-
-
-def table(stats: dict) -> str:
-    """The stats as a readable table (subtype x magnification) and a summary."""
-    lines = [f"{'subtype':<22}{'patients':>9}" + "".join(f"{m:>7}" for m in MAGS) + f"{'total':>8}"]
-    for sub, n in stats["by_subtype"].items():
-        row = stats["by_subtype_magnification"].get(sub, {})
-        lines.append(
-            f"{sub:<22}{stats['patients_by_subtype'].get(sub, 0):>9}"
-            + "".join(f"{row.get(m, 0):>7}" for m in MAGS)
-            + f"{n:>8}"
-        )
-    mags = stats["by_magnification"]
-    lines.append(
-        f"{'all':<22}{stats['slides']:>9}"
-        + "".join(f"{mags.get(m, 0):>7}" for m in MAGS)
-        + f"{stats['images']:>8}"
-    )
-    lines.append(
-        f"\n{stats['images']} images, {stats['slides']} slides ({stats['stems']} stems), layout "
-        f"{stats['layout']}; duplicates dropped: {stats['duplicates_dropped']} "
-        f"{stats['duplicate_folders_dropped']}; folds: {stats['folds']}"
-    )
-    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
