@@ -198,8 +198,8 @@ def test_last_step_counts_checkpoints_a_run_did_not_log(tmp_path: Path) -> None:
 
 def test_the_printed_commands_paste_into_a_shell() -> None:
     block = summary_block(Path("/data/my runs/run 1"), {})
-    assert "python scripts/report.py '/data/my runs/run 1'" in block
-    assert "python scripts/predict.py '/data/my runs/run 1' IMAGES" in block
+    assert "breakhis-ft-report '/data/my runs/run 1'" in block
+    assert "breakhis-ft-predict '/data/my runs/run 1' IMAGES" in block
 
 
 def test_make_demo_sets_the_threads() -> None:

@@ -64,6 +64,13 @@ class Classifier(nn.Module):
         """Whether batches need decoded images (False: they look up cached features)."""
         return True
 
+    @property
+    def input_side(self) -> int | None:
+        """The side of the square its image processor resizes every image to (None: unknown).
+
+        Images need not be cached or resized any larger than this (data/dataset.py)."""
+        return None
+
     def prepare_cached_inputs(self, datasets: Sequence[Any], data_root: str | Path) -> int:
         """Compute once what batches look up instead of images; returns how many were computed.
 
@@ -100,3 +107,11 @@ class Classifier(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return trainable, total
+
+
+def processor_side(image_processor: Any) -> int | None:
+    """The side of an image processor's square output size ({"height": S, "width": S}), or None
+    when it has no fixed square size."""
+    size = getattr(image_processor, "size", None) or {}
+    height, width = size.get("height"), size.get("width")
+    return int(height) if height and height == width else None

@@ -26,7 +26,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from breakhis_ft.models.base import Batch, Classifier
+from breakhis_ft.models.base import Batch, Classifier, processor_side
 from breakhis_ft.models.embedding_cache import EmbeddingCache, EmbeddingTable
 from breakhis_ft.models.precision import Precision
 from breakhis_ft.models.siglip_loading import (
@@ -130,6 +130,11 @@ class SiglipClassifier(Classifier):
         )
         self.embeddings = self.embeddings.merged(table)
         return computed
+
+    @property
+    def input_side(self) -> int | None:
+        """The square the SigLIP image processor resizes to (448 for MedSigLIP)."""
+        return processor_side(self.preprocessor.image_processor)
 
     @property
     def needs_images(self) -> bool:

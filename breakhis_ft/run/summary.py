@@ -180,8 +180,8 @@ def summary_block(
         lines.append(f"  best step: {step} ({monitor} {shown})")
     lines += [
         f"  run folder: {folder}",
-        f"  compare: python scripts/report.py {quoted}",
-        f"  predict: python scripts/predict.py {quoted} IMAGES --out predictions.csv",
+        f"  compare: breakhis-ft-report {quoted}",
+        f"  predict: breakhis-ft-predict {quoted} IMAGES --out predictions.csv",
         rule,
     ]
     return "\n".join(lines)

@@ -279,7 +279,13 @@ def train_and_evaluate(
         trainable, total = classifier.parameter_counts()
         tracker.log({"model/trainable_parameters": trainable, "model/parameters": total}, 0)
         data = make_datasets(
-            cfg, scan, splits, classifier.needs_images, setup.stain, run_dir if main else None
+            cfg,
+            scan,
+            splits,
+            classifier.needs_images,
+            setup.stain,
+            run_dir if main else None,
+            classifier.input_side,
         )
         prepare_cached_inputs(classifier, data, scan.root, acc)
         recipe, best = _fit_or_load(cfg, setup, classifier, data, run_dir, tracker)
