@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from breakhis_ft.data import stain
-from breakhis_ft.data.dataset import build_image_cache, cache_info, resize_longest
+from breakhis_ft.data.dataset import build_image_cache, resize_longest
 from breakhis_ft.data.stain import StainNormalizer, fit_stain_normalizer
 from breakhis_ft.data.synthetic import HARD_FIELDS, STYLE, _rng, patient_stain, render_batch
 from breakhis_ft.deploy.predict import ImageFiles
@@ -166,7 +166,7 @@ def test_the_run_folder_counts_and_lists_the_fallbacks(hard_tree, fitted, tmp_pa
     cache = build_image_cache(
         records, root, 64, tmp_path / "cache", progress=False, stain=fitted["macenko"]
     )
-    passed = dict(cache_info(cache)["stain_passed_through"])
+    passed = dict(cache.passed_through)
     assert list(passed) == ["green_grey_lumen.png"]
     run_dir = tmp_path / "run"
     run_dir.mkdir()
