@@ -13,7 +13,9 @@ from enum import StrEnum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
+
+from breakhis_ft.errors import ConfigError
 
 
 class DataSource(StrEnum):
@@ -383,6 +385,27 @@ class TrainRunConfig:
 MAGNIFICATIONS = (40, 100, 200, 400)
 
 
+def is_folder_name(name: str) -> bool:
+    """Whether `name` names one entry of a folder: not empty, `.` or `..`, no separator."""
+    return name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+
+
+def folder_name(value: Any) -> str:
+    """experiment_name as the folder it names under paths.output_dir (the `folder_name` resolver
+    of train.yaml's run and sweep folders): one folder name, never a path that leaves it."""
+    name = str(value)
+    if not is_folder_name(name):
+        raise ConfigError(
+            f"config error: experiment_name={name!r}: it names the run's folder under "
+            "paths.output_dir, so it must be one folder name (not empty, `.` or `..`, no / or \\); "
+            "e.g. experiment_name=lora_r8. Choose where runs go with paths.output_dir"
+        )
+    return name
+
+
 def register_configs() -> None:
-    """Register the schema as the base config `train_schema` in Hydra's ConfigStore."""
+    """Register the schema as the base config `train_schema` in Hydra's ConfigStore, and the
+    `folder_name` resolver the run folders' paths use."""
     ConfigStore.instance().store(name="train_schema", node=TrainRunConfig)
+    if not OmegaConf.has_resolver("folder_name"):
+        OmegaConf.register_new_resolver("folder_name", folder_name)
