@@ -21,6 +21,7 @@ from breakhis_ft.models.tiny import (
     SIZES,
     _corpus_words,
     build_tiny_tokenizer,
+    init_learnable_scale,
     tiny_gemma3_config,
 )
 
@@ -62,10 +63,8 @@ def build_checkpoint(path: Path, sizes: dict[str, int]) -> Path:
     config.text_config.vocab_size = max(len(tokenizer), sizes.get("vocab_size", 0))
     torch.manual_seed(0)
     model = Gemma3ForConditionalGeneration(config)
-    with torch.no_grad():  # a zero projector would hide the image (see tiny.py)
-        model.model.multi_modal_projector.mm_input_projection_weight.normal_(
-            0, sizes["vision_hidden_size"] ** -0.5
-        )
+    init_learnable_scale(model)  # as the tiny model: a projector that passes the image, logits
+    # that can grow (tiny.OUTPUT_SCALE)
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
