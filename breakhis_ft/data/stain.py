@@ -46,6 +46,8 @@ import numpy as np
 from PIL import Image
 from torchstain.numpy.normalizers import NumpyMacenkoNormalizer, NumpyReinhardNormalizer
 
+from breakhis_ft.errors import BadDataError
+
 log = logging.getLogger(__name__)
 
 METHODS = ("macenko", "reinhard")
@@ -71,6 +73,11 @@ _GATE = {  # part of identity(): which images pass through unchanged
     "uniform_std": UNIFORM_STD,
 }
 _FAILURES = (ArithmeticError, ValueError, IndexError, np.linalg.LinAlgError)
+
+
+class StainFitError(BadDataError):
+    """A stain reference no normaliser can be fitted to (no training images, no stain in them);
+    the message names `data.stain_reference` and what to give instead."""
 
 
 def _rgb(image: Image.Image) -> np.ndarray:

@@ -11,9 +11,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from breakhis_ft.config import TrainRunConfig
+from breakhis_ft.config import structured_run_config
 from breakhis_ft.models.base import Classifier
-from breakhis_ft.models.factory import build_classifier
+from breakhis_ft.models.factory import build_classifier, classifier_type
 from breakhis_ft.models.precision import Precision
 
 EXPORT_INFO = "export_info.json"
@@ -37,7 +37,7 @@ def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> DictC
             f"{run_dir}: no saved config at {saved}; give a run folder written by breakhis-ft "
             "(outputs/runs/<experiment>/<time>) or an exported model with --model"
         )
-    cfg = OmegaConf.merge(OmegaConf.structured(TrainRunConfig), OmegaConf.load(saved))
+    cfg = structured_run_config(OmegaConf.load(saved))
     if overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     return cfg  # type: ignore[return-value]
@@ -49,7 +49,7 @@ def classifier_from_run(cfg: DictConfig, run_dir: str | Path) -> Classifier:
     best = Path(run_dir) / "best"
     if best.is_dir():
         classifier.load_trained(best)
-    elif not (cfg.model.kind == "siglip" and cfg.model.zero_shot):
+    elif classifier_type(cfg.model).trains_weights(cfg.model):
         raise PredictError(
             f"{run_dir}: no best/ folder (trained weights); the run did not train or has not "
             "finished its first evaluation. Train it (breakhis-ft resume=<run folder>) or pick "
@@ -84,7 +84,7 @@ def load_exported_classifier(
     model_dir: Path, info: dict[str, Any], overrides: Sequence[str] = ()
 ) -> tuple[Classifier, DictConfig]:
     """The classifier of an exported folder (merged or adapter) and the config it was built from."""
-    cfg = OmegaConf.merge(OmegaConf.structured(TrainRunConfig), info["config"])
+    cfg = structured_run_config(info["config"])
     if overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     names = tuple(info["class_names"])
@@ -100,11 +100,7 @@ def load_exported_classifier(
     cfg.model.name_or_path = str(model_dir)
     cfg.model.build_tiny = False
     cfg.peft.method = "none"
-    if cfg.model.kind == "siglip":
-        cfg.model.freeze_encoder = True  # encoder + head: the probe path computes embeddings
-        classifier = classifier_of(cfg, names)
-        classifier.load_trained(model_dir)
-    else:
-        classifier = classifier_of(cfg, names)
-        classifier.requires_grad_(False)
+    cfg.model.merge_with(classifier_type(cfg.model).merged_overrides())
+    classifier = classifier_of(cfg, names)
+    classifier.load_merged(model_dir)
     return classifier, cfg

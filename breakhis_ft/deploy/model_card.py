@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from breakhis_ft.data.dataset import RESAMPLE
-from breakhis_ft.models.prompts import make_prompt
+from breakhis_ft.models.factory import classifier_type
 
 CARD_METRICS = (
     "balanced_accuracy",
@@ -27,22 +27,6 @@ CARD_METRICS = (
     "patient_recognition_rate",
 )
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-
-
-def prompt_details(cfg: DictConfig) -> dict[str, Any]:
-    """MedGemma's exact user text, chat messages (image first) and each class's answer string."""
-    prompt = make_prompt(cfg.model.prompt, tuple(cfg.task.classes))
-    return {
-        "user_text": prompt.user_text(),
-        "messages": prompt.messages(),
-        "answers": [
-            {"class": name, "answer": answer}
-            for name, answer in zip(prompt.class_names, prompt.answers, strict=True)
-        ],
-        # each class's probability: the softmax over the first tokens of the answers, read at the
-        # last prompt position (the answers start with distinct tokens: digits or letters)
-        "scoring": "softmax over the answers' first tokens after the generation prompt",
-    }
 
 
 def preprocessing(cfg: DictConfig, image_size: int | None) -> dict[str, Any]:
@@ -55,14 +39,7 @@ def preprocessing(cfg: DictConfig, image_size: int | None) -> dict[str, Any]:
         # none, or the H&E normaliser (stain_normalizer.json, applied before the resize)
         "stain_norm": str(cfg.data.stain_norm),
     }
-    if cfg.model.kind == "siglip":
-        from breakhis_ft.models.siglip_loading import (
-            load_preprocessor,
-        )  # the processor's files only
-
-        pre = load_preprocessor(str(cfg.model.name_or_path), str(cfg.model.resize))
-        steps["square"] = pre.resize  # pad: centred on a canvas of the processor's mean colour
-        steps["fill"] = list(pre.fill)
+    steps.update(classifier_type(cfg.model).preprocessing_steps(cfg.model))
     steps["then"] = "the checkpoint's own processor (in this folder, or the base model's)"
     return steps
 
@@ -70,10 +47,8 @@ def preprocessing(cfg: DictConfig, image_size: int | None) -> dict[str, Any]:
 def describe(cfg: DictConfig, image_size: int | None) -> dict[str, Any]:
     """The self-describing part of export_info.json (beside its temperature)."""
     info: dict[str, Any] = {"preprocessing": preprocessing(cfg, image_size)}
-    if cfg.model.kind == "medgemma":
-        info.update(prompt_details(cfg))
-    else:
-        info["answers"] = [{"class": name, "index": i} for i, name in enumerate(cfg.task.classes)]
+    family = classifier_type(cfg.model)
+    info.update(family.answer_details(cfg.model, tuple(cfg.task.classes)))
     return info
 
 
