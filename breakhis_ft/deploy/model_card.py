@@ -27,6 +27,8 @@ CARD_METRICS = (
     "patient_recognition_rate",
 )
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# the Hub's pipeline tag of each model family (export_info.json's model_kind)
+PIPELINE_TAGS = {"medgemma": "image-text-to-text", "siglip": "image-classification"}
 
 
 def preprocessing(cfg: DictConfig, image_size: int | None) -> dict[str, Any]:
@@ -155,9 +157,8 @@ def _siglip_snippet(info: dict[str, Any], out_dir: Path) -> str:
 
 def usage_snippet(info: dict[str, Any], out_dir: Path) -> str:
     """Python that classifies one image with this export: transformers (+ peft for an adapter)."""
-    if info["model_kind"] == "medgemma":
-        return _gemma_snippet(info, out_dir)
-    return _siglip_snippet(info, out_dir)
+    snippets = {"medgemma": _gemma_snippet, "siglip": _siglip_snippet}
+    return snippets[info["model_kind"]](info, out_dir)
 
 
 # ---- the card -----------------------------------------------------------------------------------
@@ -189,13 +190,12 @@ def _metrics_rows(run_dir: Path) -> list[str]:
 
 
 def _front_matter(info: dict[str, Any]) -> list[str]:
-    siglip = info["model_kind"] == "siglip"
     base = str(info["base_model"])
     lines = ["---"]
     if not base.startswith(("/", ".", "~")):  # a hub id (a local path means nothing on the hub)
         lines.append(f"base_model: {base}")
     lines.append(f"library_name: {'peft' if info['format'] == 'adapter' else 'transformers'}")
-    lines.append(f"pipeline_tag: {'image-classification' if siglip else 'image-text-to-text'}")
+    lines.append(f"pipeline_tag: {PIPELINE_TAGS[info['model_kind']]}")
     lines += ["tags:", "- histopathology", "- breakhis", "- breast-cancer", "- medical"]
     if info["peft"]["method"] != "none":
         lines.append("- lora")
