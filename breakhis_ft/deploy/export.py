@@ -72,12 +72,13 @@ def export_info(
     config = OmegaConf.to_container(cfg, resolve=True)
     config["precision"]["name"] = precision
     stain = load_normalizer(run_dir)
+    prompt = cfg.model.get("prompt")  # MedGemma's (model.prompt); a SigLIP classifier has none
     return {
         "format": fmt,  # merged | adapter
         "model_kind": str(cfg.model.kind),
         "task": str(cfg.task.name),
         "class_names": list(cfg.task.classes),
-        "prompt": OmegaConf.to_container(cfg.model.prompt, resolve=True),
+        "prompt": None if prompt is None else OmegaConf.to_container(prompt, resolve=True),
         "image_size": image_size,  # longest side before the processor; null: not resized
         # data.stain_norm's fitted normaliser (also stain_normalizer.json), applied before resizing
         "stain_normalizer": None if stain is None else stain.to_dict(),
