@@ -4,9 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # CPU machines take the CPU build of torch; on a CUDA machine: make setup TORCH_SPEC=torch
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,plots
+EXTRAS ?= dev,plots,docs
 
-.PHONY: setup demo demo-record test test-all lint bench
+.PHONY: setup demo demo-record test test-all lint docs
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,11 +19,12 @@ setup: $(VENV)/.installed
 
 demo: setup
 	$(BIN)/breakhis-ft experiment=demo
-	-$(BIN)/python scripts/demo_metrics.py  # this run's figures beside the README's
+	-$(BIN)/breakhis-ft-demo-metrics  # this run's figures beside the README's
 
-# after `make demo` on the reference machine: benchmarks/demo_metrics.json and the README's figure
+# after `make demo` on the reference machine: benchmarks/results/demo_metrics.json and the
+# README's figure
 demo-record: setup
-	$(BIN)/python scripts/demo_metrics.py --record
+	$(BIN)/breakhis-ft-demo-metrics --record
 
 # two pytest workers, one file each at a time (module fixtures are built once), one thread per
 # process: the tests are mostly single-threaded, so two workers halve the wall time on 2 cores
@@ -37,3 +38,7 @@ test-all: setup
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# the manual (docs/, mkdocs.yml) into site/; --strict: a broken link or a missing page fails
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict  # (the theme's notice about MkDocs 2)

@@ -186,12 +186,16 @@ class DataConfig:
     duplicate_keep: DuplicateKeep = DuplicateKeep.ductal_carcinoma  # which copy of 13412 stays
     on_bad_file: OnBadFile = OnBadFile.error
     verify_images: bool = False  # decode every image up front
+    # images above this many pixels are bad files (on_bad_file), never decoded: BreakHis images
+    # are 0.32 megapixels, whole-slide tiles up to ~16; at most 178956970 (PIL's bomb limit)
+    max_image_pixels: int = 25_000_000
     image_size: int = 896  # longest side of the cached, resized images (MedGemma's input size)
     # H&E stain normalisation (data/stain.py), applied to the full-size image before it is resized
     # into the image cache (its identity is part of the cache key) and again at prediction; the
-    # fitted normaliser is saved as stain_normalizer.json in the run folder and in exports. An image
-    # with no stain to estimate (blank, one flat colour, too little tissue) passes through unchanged
-    # and is counted in data_stats.json (stain_normalization.passed_through).
+    # fitted normaliser is saved as stain_normalizer.json in the run folder and in exports. Only
+    # tissue pixels change. An image with no stain to estimate (blank, one flat colour, too little
+    # tissue) or whose result fails a check (stains not H&E's, saturation collapsed) is kept as it
+    # is, counted in data_stats.json (stain_normalization) and listed in stain_fallbacks.csv.
     stain_norm: StainNorm = StainNorm.none
     # the reference the stains are mapped to: an image file, or `train`: the median of per-image
     # fits over stain_reference_images images of the TRAINING split (round robin over its
@@ -209,9 +213,13 @@ class SplitConfig:
     seed: int = 0
     n_folds: int = 0  # >1: k-fold cross-validation by group, `fold` picks the test fold
     fold: int = 1  # official_fold: Folds.csv fold 1-5; patient k-fold: test fold index 1..n_folds
-    val_fraction: float = 0.15  # official_fold: share of train groups carved out for validation
+    val_fraction: float = 0.15  # official_fold, patient k-fold: share of train moved to validation
     balance_binary: float | None = None  # undersample benign:malignant to 1:this (blog: 1.0)
     balance_splits: list[str] = field(default_factory=lambda: ["train"])
+    # a split that lacks a class of the task (a class with no training image, or too few patient
+    # groups to reach val or test): false warns at the start and records it in data_stats.json;
+    # true refuses to run, naming the split and the classes
+    require_all_classes: bool = False
 
 
 @dataclass

@@ -75,7 +75,7 @@ def _check_data(cfg: DictConfig) -> None:
     _check(
         cfg.data.source == "synthetic" or cfg.data.root is not None,
         "data.root",
-        "data=breakhis needs data.root=/path/to/BreaKHis_v1 (see scripts/download_breakhis.py)",
+        "data=breakhis needs data.root=/path/to/BreaKHis_v1 (see breakhis-ft-download-breakhis)",
     )
     for factor in cfg.magnification.factors:
         _check(

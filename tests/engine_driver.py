@@ -11,25 +11,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from engine_toy import (  # noqa: E402
+from engine_toy import (  # beside this file: on the path when run as a script and under pytest
     ToyClassifier,
     ToyDataset,
     fit,
     make_accelerator,
     trainer_config,
 )
-from safetensors.torch import save_file  # noqa: E402
+from safetensors.torch import save_file
 
-from breakhis_ft.engine.predict import predict  # noqa: E402
-from breakhis_ft.evaluate.metrics import (  # noqa: E402
+from breakhis_ft.engine.predict import predict
+from breakhis_ft.evaluate.metrics import (
     compute_metrics,
     malignant_flags,
     write_predictions,

@@ -1,4 +1,4 @@
-"""The peer benchmark's code path (scripts/bench.py --only peer) at a minimal size.
+"""The peer benchmark's code path (python -m benchmarks bench --only peer) at a minimal size.
 
 Timings are never asserted: only that every recipe trains, evaluates and reports.
 """
@@ -7,21 +7,15 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-pytest.importorskip("trl")
+from breakhis_ft.models.tiny import ensure_tiny_gemma3
+
 pytest.importorskip("bitsandbytes")
-
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
-sys.path.insert(0, str(SCRIPTS))
-
-import bench_notebook as nb  # noqa: E402
-from bench_peer import balanced_accuracy  # noqa: E402
-
-from breakhis_ft.models.tiny import ensure_tiny_gemma3  # noqa: E402
+nb = pytest.importorskip("benchmarks.notebook")  # trl: the `bench` extra
+peer = pytest.importorskip("benchmarks.peer")
 
 
 def test_notebook_collator_masks_only_padding_and_image_markers(tmp_path: Path) -> None:
@@ -63,12 +57,12 @@ def test_blog_parser_and_balanced_accuracy_count_unparsed_as_wrong() -> None:
     ]
     assert nb.parse_google("B: fibroadenoma") == 1
     assert nb.parse_google("B") == -1  # Google's fine-tuned parser wants the whole option
-    assert balanced_accuracy([0, 0, 1, 1], [0, -1, 1, 1]) == pytest.approx(0.75)
+    assert peer.balanced_accuracy([0, 0, 1, 1], [0, -1, 1, 1]) == pytest.approx(0.75)
 
 
 @pytest.mark.slow
 def test_peer_benchmark_runs_every_recipe(tmp_path: Path) -> None:
-    import bench
+    from benchmarks import bench
 
     out = tmp_path / "out"
     args = ["--only", "peer", "--out", str(out), "--work", str(tmp_path / "work")]
@@ -89,8 +83,9 @@ def test_peer_benchmark_runs_every_recipe(tmp_path: Path) -> None:
 
 
 def test_pretraining_stand_in_teaches_the_answer_format(tmp_path: Path) -> None:
-    from bench_pretrain import pretrain
     from PIL import Image
+
+    from benchmarks.pretrain import pretrain
 
     path = ensure_tiny_gemma3(tmp_path / "tiny", tmp_path)
     images = [Image.new("RGB", (40, 30), (40 * i, 90, 160)) for i in range(4)]

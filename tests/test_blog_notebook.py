@@ -11,7 +11,7 @@ from breakhis_ft.data.splits import assign_splits, duplicate_leaks
 from breakhis_ft.models.prompts import make_prompt
 from breakhis_ft.models.tiny import _corpus_words, build_tiny_tokenizer
 
-# research.md §3: the notebook's prompt, character for character
+# the notebook's prompt, character for character (docs/references.md)
 NOTEBOOK_PROMPT = """Analyze this breast tissue histopathology image and classify it.
 
 Classes (0-7):

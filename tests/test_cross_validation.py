@@ -36,7 +36,7 @@ def test_demo_cv3_is_one_command_and_the_report_averages_its_folds(tmp_path: Pat
     ]
     assert len(tested) == len(set(tested))
     report = subprocess.run(
-        [sys.executable, "scripts/report.py", str(sweep)],
+        [sys.executable, "-m", "breakhis_ft.tools.report", str(sweep)],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -34,7 +34,7 @@ def small(tmp_path, replica_scan):
 def test_cache_holds_the_resized_images(small):
     records, root, cache_dir = small
     cache = build_image_cache(records, root, 24, cache_dir, progress=False)
-    assert len(cache) == len(records) and cache["path"] == [r.path for r in records]
+    assert len(cache) == len(records) and set(cache.rows) == {r.path for r in records}
     data = ImageDataset(records, labels_for(records, "subtype8"), cache)
     direct = ImageDataset(records, labels_for(records, "subtype8"), root, image_size=24)
     for i in range(len(records)):
@@ -48,22 +48,22 @@ def test_cache_holds_the_resized_images(small):
 def test_cache_is_reused_and_invalidated(small, monkeypatch):
     records, root, cache_dir = small
     first = build_image_cache(records, root, 24, cache_dir, progress=False)
-    built = list((cache_dir / "images").iterdir())
+    assert first.built == len(records)
     calls = []
     real = ds_mod._decode
     monkeypatch.setattr(ds_mod, "_decode", lambda *a: calls.append(a) or real(*a))
     again = build_image_cache(records, root, 24, cache_dir, progress=False)
-    assert calls == [] and again["path"] == first["path"]  # reused: nothing decoded
+    assert calls == [] and again.built == 0 and again.rows.keys() == first.rows.keys()
     build_image_cache(records, root, 32, cache_dir, progress=False)  # preprocessing changed
     assert len(calls) == len(records)
-    build_image_cache(records[:5], root, 24, cache_dir, progress=False)  # file list changed
-    assert len(calls) == len(records) + 5
+    subset = build_image_cache(records[:5], root, 24, cache_dir, progress=False)
+    assert len(calls) == len(records) and subset.built == 0  # a subset: every image is cached
     path = root / records[0].path
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # file changed
-    build_image_cache(records, root, 24, cache_dir, progress=False)
-    assert len(calls) == 2 * len(records) + 5
-    dirs = list((cache_dir / "images").iterdir())
-    assert len(dirs) == 4 and set(built) <= set(dirs)
+    changed = build_image_cache(records, root, 24, cache_dir, progress=False)
+    assert len(calls) == len(records) + 1 and changed.built == 1  # only the changed file
+    dirs = [d for d in (cache_dir / "images").iterdir() if d.suffix != ".lock"]
+    assert len(dirs) == 2  # one folder per preprocessing
     assert not [d for d in dirs if d.name.startswith(".tmp")]
 
 
@@ -74,7 +74,8 @@ def test_cache_build_names_a_truncated_image(small):
     path.write_bytes(path.read_bytes()[:70])
     with pytest.raises(BadDataError, match=f"{path.name}: unreadable or truncated"):
         build_image_cache(records, root, 24, cache_dir, progress=False)
-    assert not list((cache_dir / "images").iterdir())  # nothing half-built is left to reuse
+    left = [p for p in (cache_dir / "images").rglob("*") if p.suffix != ".lock"]
+    assert not left  # nothing half-built is left to reuse
 
 
 def test_dataset_checks_its_inputs(small):

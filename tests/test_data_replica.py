@@ -15,7 +15,7 @@ from breakhis_ft.data.breakhis import data_stats, load_image, scan_breakhis
 from breakhis_ft.data.records import label_of
 from breakhis_ft.data.splits import assign_splits
 
-# REFERENCE.md: images per subtype and magnification, and patients per subtype (both 13412 copies)
+# docs/references.md: images per subtype and magnification, patients per subtype (both 13412 copies)
 TABLE = {
     "adenosis": (4, 114, 113, 111, 106),
     "fibroadenoma": (10, 253, 260, 264, 237),
@@ -123,7 +123,8 @@ def test_ensure_replica_builds_once_atomically(tmp_path, monkeypatch):
     root = synthetic.ensure_replica(tmp_path / "synthetic", 0.01, (16, 10), 0)
     assert root.parent == tmp_path / "synthetic" and (root / synthetic.MARKER).is_file()
     assert scan_breakhis(root).records
-    assert [p.name for p in root.parent.iterdir()] == [root.name]  # no temporary folder left
+    built = [p.name for p in root.parent.iterdir() if p.suffix != ".lock"]  # the build lock stays
+    assert built == [root.name]  # no temporary folder left
 
     def fail(*args, **kwargs):
         raise AssertionError("rebuilt a cached replica")
@@ -132,7 +133,8 @@ def test_ensure_replica_builds_once_atomically(tmp_path, monkeypatch):
     assert synthetic.ensure_replica(tmp_path / "synthetic", 0.01, (16, 10), 0) == root
     with pytest.raises(AssertionError, match="rebuilt"):  # other parameters: another replica
         synthetic.ensure_replica(tmp_path / "synthetic", 0.01, (16, 10), 1)
-    assert [p.name for p in root.parent.iterdir()] == [root.name]  # the failed build cleaned up
+    built = [p.name for p in root.parent.iterdir() if p.suffix != ".lock"]
+    assert built == [root.name]  # the failed build cleaned up
 
 
 def test_bad_replica_parameters():
@@ -172,3 +174,18 @@ def test_class_signal_is_learnable_across_patients(replica_scan):
     pred = ((((xs - mu) / sd)[:, None] - centroids[None]) ** 2).sum(-1).argmin(1)
     balanced = np.mean([(pred[ys == c] == c).mean() for c in np.unique(ys)])
     assert 0.25 < balanced < 0.9, balanced  # chance is 0.125
+
+
+def test_replica_is_never_written_into_a_folder_of_other_files(tmp_path):
+    from breakhis_ft.tools import make_replica
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="is not empty and holds no replica"):
+        make_replica.main([str(theirs), "--fraction", "0.01", "--size", "16", "10"])
+    assert [p.name for p in theirs.iterdir()] == ["notes.txt"]
+    built = tmp_path / "replica"
+    assert make_replica.main([str(built), "--fraction", "0.01", "--size", "16", "10"]) == 0
+    assert make_replica.main([str(built), "--fraction", "0.01", "--size", "16", "10"]) == 0  # again
+    assert (built / synthetic.MARKER).is_file()

@@ -13,7 +13,7 @@ import logging
 import numpy as np
 import pytest
 from PIL import Image
-from torchstain.numpy.normalizers import NumpyMacenkoNormalizer
+from torchstain.numpy.normalizers import NumpyMacenkoNormalizer, NumpyReinhardNormalizer
 
 from breakhis_ft.data import stain
 from breakhis_ft.data.stain import StainNormalizer, fit_stain_normalizer
@@ -55,10 +55,13 @@ def tissue_od(image: Image.Image) -> np.ndarray:
 
 
 def stain_vectors(image: Image.Image) -> np.ndarray:
-    """torchstain's Macenko estimate of the image's H and E vectors (2 x 3), at our settings."""
-    n = NumpyMacenkoNormalizer()
-    n.fit(np.asarray(image), Io=stain.IO, alpha=stain.ALPHA, beta=stain.BETA)
-    return n.HERef.T
+    """The Macenko estimate of the image's H and E vectors (2 x 3), from its tissue."""
+    return stain.macenko_estimate(np.asarray(image))[0]
+
+
+def max_concentrations(image: Image.Image) -> np.ndarray:
+    """The Macenko estimate of the 99th percentiles of the image's H and E concentrations."""
+    return stain.macenko_estimate(np.asarray(image))[1]
 
 
 @pytest.fixture(scope="module")
@@ -89,23 +92,22 @@ def test_normalising_the_reference_gives_it_back(method, reference, fitted):
 
 def test_macenko_moves_the_stains_of_another_patient_to_the_reference(reference, shifted, fitted):
     """Macenko replaces the stain vectors and rescales the concentrations: re-estimated on its
-    output, the stain vectors are the reference's, and so is the tissue's mean OD per channel.
-    Measured (before -> after): stain vectors 0.66 -> 0.05 and 0.54 -> 0.01; tissue OD 1.42 ->
-    0.10 and 0.34 -> 0.09. Not the whole image's mean OD: Macenko keeps each image's amount of
-    stain and lightens pale areas, so images whose content differs keep differing (0.34 -> 0.56).
+    output, the stain vectors are the reference's, and so are the 99th percentiles of the H and E
+    concentrations (what Macenko matches). Measured (before -> after): stain vectors 0.51 -> 0.08
+    and 0.35 -> 0.04; concentrations' largest relative gap 0.42 -> 0.12 and 0.23 -> 0.05. Not the
+    tissue's mean optical density: Macenko keeps each image's amount of stain (how many nuclei),
+    so images whose content differs keep differing there.
     """
-    ref_he, ref_od = stain_vectors(reference), tissue_od(reference)
+    ref_he, ref_c = stain_vectors(reference), max_concentrations(reference)
     for patient, image in zip(SHIFTED_PATIENTS, shifted, strict=True):
         out = fitted["macenko"](image)
         before = np.abs(stain_vectors(image) - ref_he).sum()
         after = np.abs(stain_vectors(out) - ref_he).sum()
-        assert before > 0.5, f"patient {patient}: stains too close to the reference for a test"
+        assert before > 0.3, f"patient {patient}: stains too close to the reference for a test"
         assert after < before / FACTOR, f"patient {patient}: {before:.3f} -> {after:.3f}"
-        before, after = (
-            np.abs(tissue_od(image) - ref_od).sum(),
-            np.abs(tissue_od(out) - ref_od).sum(),
-        )
-        assert after < before / 2, f"patient {patient}: tissue OD {before:.3f} -> {after:.3f}"
+        before = np.abs(max_concentrations(image) / ref_c - 1).max()
+        after = np.abs(max_concentrations(out) / ref_c - 1).max()
+        assert after < min(0.15, before / 2), f"patient {patient}: {before:.3f} -> {after:.3f}"
 
 
 def test_reinhard_moves_the_mean_optical_density_of_another_patient_to_the_reference(
@@ -153,8 +155,12 @@ def test_a_torchstain_failure_passes_the_image_through(method, fitted, shifted, 
     def fail(self, *args, **kwargs):
         raise np.linalg.LinAlgError("Singular matrix")
 
-    cls = type(fitted[method]._torchstain())
-    monkeypatch.setattr(cls, "normalize", fail)
+    # what each method calls on the image: Macenko's estimate, Reinhard's transfer
+    cls, name = {
+        "macenko": (NumpyMacenkoNormalizer, "fit"),
+        "reinhard": (NumpyReinhardNormalizer, "normalize"),
+    }[method]
+    monkeypatch.setattr(cls, name, fail)
     out, reason = fitted[method].normalize(shifted[0])
     assert out is shifted[0]
     assert reason == f"torchstain {method} failed: LinAlgError: Singular matrix"
@@ -226,7 +232,7 @@ def test_identity_differs_by_method_and_reference(fitted, shifted):
 def test_identity_is_stable_across_processes_and_versions():
     """A fixed normaliser's identity: if this changes, every stain-normalised cache is rebuilt."""
     n = StainNormalizer("reinhard", {"lab_mean": [60, 20, -10], "lab_std": [15, 8, 6]})
-    assert n.identity() == "a5d025bbad5633b6"
+    assert n.identity() == "363679a6b24ecfb5"
 
 
 def test_invalid_parameters_and_methods_are_refused():

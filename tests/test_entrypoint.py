@@ -282,9 +282,10 @@ def test_same_command_twice_gives_identical_metrics(first_run, tmp_path: Path) -
     second = single_run_dir(tmp_path)
     assert second != run_dir
     assert read_metrics(second) == read_metrics(run_dir)
-    # report.py --compare on the two identical runs: a difference of exactly 0, all ties
-    report = [sys.executable, "scripts/report.py", "--compare", str(run_dir), str(second)]
-    done = subprocess.run([*report, "--resamples", "200"], cwd=REPO, capture_output=True, text=True)
+    # breakhis-ft-report --compare on the two identical runs: a difference of exactly 0, all ties
+    report = [sys.executable, "-m", "breakhis_ft.tools.report", "--compare", str(run_dir)]
+    report += [str(second), "--resamples", "200"]
+    done = subprocess.run(report, cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("| +0.000 | [+0.000, +0.000] | 0.0% | 0.0% | 100.0% |") == 2
 

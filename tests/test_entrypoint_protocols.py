@@ -147,13 +147,12 @@ def test_eva_probe_runs_its_five_seeds_and_the_report_gives_mean_and_sd(tmp_path
 
 
 def run_cli_report(root: Path) -> str:
-    """The Markdown that scripts/report.py prints for the runs under `root`."""
+    """The Markdown that breakhis-ft-report prints for the runs under `root`."""
     import subprocess
     import sys
 
-    repo = Path(__file__).resolve().parent.parent
     done = subprocess.run(
-        [sys.executable, str(repo / "scripts" / "report.py"), str(root)],
+        [sys.executable, "-m", "breakhis_ft.tools.report", str(root)],
         capture_output=True,
         text=True,
         timeout=120,

@@ -126,7 +126,7 @@ def test_qlora_resumes_exactly(qlora_run, base) -> None:
 def test_qlora_run_predicts_and_exports(qlora_run, base, tmp_path) -> None:
     """Adapter export: 4-bit base + adapter, as the run. Merged: dequantized NF4 base + adapter
     in bf16; measured here max |dp| 0.0008 against the run (0.0046 onto the 16-bit checkpoint)."""
-    (root,) = (base / "cache" / "synthetic").iterdir()
+    (root,) = (base / "cache" / "synthetic").glob("f*")  # the replica (beside its build lock)
     test = pd.read_csv(qlora_run / "predictions_test.csv")
     paths = [root / p for p in test["path"]]
 

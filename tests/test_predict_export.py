@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from tiny_runs import load_script, train_runs
+from tiny_runs import train_runs
 
 from breakhis_ft.config import PromptConfig
 from breakhis_ft.data.breakhis import scan_from_config
@@ -159,7 +159,8 @@ def test_other_sizes_get_the_training_resize(tmp_path: Path) -> None:
 
 
 def test_predict_cli_and_clear_errors(runs: dict[str, Path], images: Path, tmp_path: Path) -> None:
-    cli = load_script("predict")
+    from breakhis_ft.tools import predict as cli
+
     out = tmp_path / "cli.csv"
     argv = [str(runs["probe"]), str(images / "a"), str(images / "corrupt.png"), "--out", str(out)]
     assert cli.main([*argv, "--cpu", "--workers", "0", "--no-progress"]) == 0
@@ -297,21 +298,39 @@ def card_snippet(out: Path) -> str:
     return (out / "README.md").read_text().split("```python\n", 1)[1].split("```", 1)[0]
 
 
+def machine_paths(*folders: Path) -> list[str]:
+    """Absolute paths of this machine a card must not show: the given folders, home, the cache."""
+    import os
+
+    roots = [*folders, Path.home(), Path(__file__).resolve().parents[1]]
+    roots.append(Path(os.environ.get("BREAKHIS_FT_CACHE", Path.home() / ".cache")))
+    return sorted({str(Path(p).resolve()) for p in roots} | {str(p) for p in roots})
+
+
 @pytest.mark.parametrize(
     ("kind", "fmt"), [("medgemma", "merged"), ("medgemma", "adapter"), ("probe", "merged")]
 )
 def test_model_card_snippet_alone_reproduces_the_run(
-    kind: str, fmt: str, runs: dict[str, Path], images: Path, tmp_path: Path, capsys
+    kind: str,
+    fmt: str,
+    runs: dict[str, Path],
+    images: Path,
+    tmp_path: Path,
+    capsys,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import yaml
+    from huggingface_hub import ModelCard
 
     out = (export_merged if fmt == "merged" else export_adapter)(runs[kind], tmp_path / fmt)
     card = (out / "README.md").read_text()
-    meta = yaml.safe_load(card.split("---\n")[1])
+    meta = ModelCard.load(out / "README.md").data
     tag = "image-text-to-text" if kind == "medgemma" else "image-classification"
-    assert meta["pipeline_tag"] == tag and "breakhis" in meta["tags"]
-    assert meta["library_name"] == ("peft" if fmt == "adapter" else "transformers")
-    assert "base_model" not in meta  # the tiny base is a local folder, not a hub id
+    assert meta.pipeline_tag == tag and "breakhis" in meta.tags
+    assert meta.library_name == ("peft" if fmt == "adapter" else "transformers")
+    assert meta.base_model is None and meta.license is None  # the tiny base is a local folder
+    assert meta.datasets == ["breakhis-synthetic-replica"]
+    for path in machine_paths(tmp_path, runs[kind], images):
+        assert path not in card, path
     for section in ("## Classes", "## Data and split", "## Results", "## Usage"):
         assert section in card
     test = json.loads((runs[kind] / "metrics.json").read_text())["test"]
@@ -323,6 +342,7 @@ def test_model_card_snippet_alone_reproduces_the_run(
     temperature = read_temperature(runs[kind])  # fitted on val: the snippet applies it
     assert temperature is not None and f"TEMPERATURE = {temperature!r}" in code
     checked = 0
+    monkeypatch.chdir(out)  # MODEL = ".": the snippet runs in the export's folder
     for image in find_images([images]):
         if image.name not in expected:
             continue
@@ -333,6 +353,49 @@ def test_model_card_snippet_alone_reproduces_the_run(
         checked += 1
     assert checked == N_COPIED
     assert names[int(namespace["probs"].argmax())] in capsys.readouterr().out  # it prints
+
+
+@pytest.mark.parametrize("fmt", ["merged", "adapter"])
+def test_model_card_of_a_hub_base_has_the_hubs_metadata_and_results(
+    fmt: str, runs: dict[str, Path], tmp_path: Path
+) -> None:
+    from huggingface_hub import ModelCard
+
+    from breakhis_ft.deploy.model_card import model_card
+
+    out = (export_merged if fmt == "merged" else export_adapter)(runs["medgemma"], tmp_path / fmt)
+    info = read_export_info(out)
+    info["base_model"] = "google/medgemma-4b-it"  # as a run on the real model records it
+    model_card(info, runs["medgemma"]).save(tmp_path / "README.md")
+    card = ModelCard.load(tmp_path / "README.md")
+    data = card.data
+    assert data.base_model == "google/medgemma-4b-it"
+    assert data.base_model_relation == ("adapter" if fmt == "adapter" else "finetune")
+    assert (data.license, data.license_name) == ("other", "health-ai-developer-foundations")
+    assert (
+        data.license_link == "https://developers.google.com/health-ai-developer-foundations/terms"
+    )
+    assert data.datasets == ["breakhis-synthetic-replica"]
+    assert data.pipeline_tag == "image-text-to-text"
+    test = json.loads((runs["medgemma"] / "metrics.json").read_text())["test"]
+    results = {r.metric_type: r for r in data.eval_results}
+    assert set(results) == {
+        "balanced_accuracy",
+        "accuracy",
+        "f1_macro",
+        "auroc_macro",
+        "patient_recognition_rate",
+    }
+    for name, result in results.items():
+        assert result.dataset_split == "test" and result.task_type == "image-classification"
+        assert result.metric_value == pytest.approx(test[name], abs=5e-5)
+        assert result.metric_args["interval"] == test[f"{name}_ci95"]
+        low, high = test[f"{name}_ci95"]
+        assert f"95% CI {low:.3f}-{high:.3f}, patient bootstrap" in result.metric_name
+    if fmt == "adapter":  # the snippet loads the base from the hub
+        assert 'BASE = "google/medgemma-4b-it"' in card.text
+    for path in machine_paths(tmp_path, runs["medgemma"]):
+        assert path not in card.content, path
 
 
 def test_export_info_holds_the_exact_prompt_preprocessing_and_temperature(
@@ -361,6 +424,7 @@ def test_export_info_holds_the_exact_prompt_preprocessing_and_temperature(
         "convert": "RGB",
         "resize": "longest_side",
         "size": 32,
+        "model_side": 112,  # the tiny Gemma 3's square: the cache's size cap
         "resample": "bicubic",
         "stain_norm": "none",
         "then": info["preprocessing"]["then"],

@@ -1,28 +1,19 @@
-"""The README's demo figure is the recorded one (benchmarks/demo_metrics.json, from a run)."""
+"""The README's demo figure is the recorded one (benchmarks/results/demo_metrics.json)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from breakhis_ft.tools import demo_metrics as tool
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location(
-        "demo_metrics", ROOT / "scripts" / "demo_metrics.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_readme_quotes_the_recorded_demo_figures() -> None:
-    tool = _tool()
-    record = json.loads((ROOT / "benchmarks" / "demo_metrics.json").read_text())
+    record = json.loads((ROOT / tool.RECORD).read_text())
     assert tool.readme_figures((ROOT / "README.md").read_text()) == tool.recorded_figures(record)
 
 
@@ -37,7 +28,6 @@ def _demo_run(outputs: Path, name: str, test: float, val: float, status: str = "
 
 
 def test_record_comes_from_the_newest_completed_run_and_rewrites_the_sentence(tmp_path) -> None:
-    tool = _tool()
     outputs = tmp_path / "outputs"
     _demo_run(outputs, "2026-01-01_10-00-00-000000", 0.30, 0.40)
     newest = _demo_run(outputs, "2026-01-02_10-00-00-000000", 0.3504, 0.4771)
@@ -55,3 +45,19 @@ def test_record_comes_from_the_newest_completed_run_and_rewrites_the_sentence(tm
         tool.newest_demo_run(tmp_path / "empty")
     with pytest.raises(ValueError, match="found 0"):
         tool.readme_figures("no figure")
+
+
+def test_installed_tool_compares_from_any_folder_given_the_files(tmp_path, monkeypatch, capsys):
+    run = _demo_run(tmp_path / "outputs", "2026-01-02_10-00-00-000000", 0.3504, 0.4771)
+    readme = tmp_path / "README.md"
+    readme.write_text("a test balanced accuracy of 0.350 (validation 0.477) here\n")
+    monkeypatch.chdir(tmp_path)  # README.md, outputs/ and the record relative to this folder
+    assert tool.main([]) == 0
+    assert "the same" in capsys.readouterr().out
+    assert tool.main(["--record"]) == 0  # writes benchmarks/results/demo_metrics.json here
+    assert json.loads((tmp_path / tool.RECORD).read_text())["run"] == run.name
+    readme.write_text("a test balanced accuracy of 0.470 (validation 0.477) here\n")
+    assert tool.main([str(run)]) == 1  # the quote differs from this run
+    monkeypatch.chdir(tmp_path / "outputs")
+    with pytest.raises(SystemExit, match="no README here; run from the repository's root"):
+        tool.main([str(run)])

@@ -1,9 +1,8 @@
-"""scripts/report.py over fake run folders written by the real producers' file formats."""
+"""breakhis-ft-report over fake run folders written by the real producers' file formats."""
 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import socket
@@ -22,8 +21,8 @@ from breakhis_ft.analysis.runs import find_runs, load_run
 from breakhis_ft.data.records import class_names
 from breakhis_ft.evaluate.metrics import compute_metrics, malignant_flags
 from breakhis_ft.run.tracking import RunTracker, TrackedJob
+from breakhis_ft.tools import report as report_tool
 
-ROOT = Path(__file__).resolve().parent.parent
 CLASSES = class_names("subtype8")
 
 
@@ -260,13 +259,6 @@ def test_markdown_and_csv_written(sweep: Path, tmp_path: Path) -> None:
         assert [r["run"] for r in csv.DictReader(f)] == ["job1"]
 
 
-def _cli():
-    spec = importlib.util.spec_from_file_location("report_cli", ROOT / "scripts" / "report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _png_size(path: Path) -> tuple[int, int]:
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
     with Image.open(path) as image:
@@ -278,7 +270,7 @@ def _png_size(path: Path) -> tuple[int, int]:
 def test_cli_writes_report_and_readable_plots(sweep: Path, tmp_path: Path, capsys) -> None:
     pytest.importorskip("matplotlib")
     out = tmp_path / "report"
-    code = _cli().main(
+    code = report_tool.main(
         [
             str(sweep),
             "--plots",

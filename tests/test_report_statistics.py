@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -22,8 +21,8 @@ from breakhis_ft.config import EvaluateConfig
 from breakhis_ft.data.records import class_names
 from breakhis_ft.evaluate.final import final_metrics
 from breakhis_ft.evaluate.metrics import write_predictions
+from breakhis_ft.tools import report as report_tool
 
-ROOT = Path(__file__).resolve().parent.parent
 CLASSES = class_names("subtype8")
 METRICS = ["test/balanced_accuracy", "test/auroc_macro", "test/patient_recognition_rate"]
 SETTINGS = {"bootstrap_resamples": 200, "ci_level": 0.95, "seed": 0}
@@ -111,8 +110,7 @@ def test_folds_give_mean_std_pooled_and_per_fold_rows(cv_sweep: Path) -> None:
 
 
 def test_cli_prints_the_cross_validation_table(cv_sweep: Path, tmp_path: Path, capsys) -> None:
-    cli = _report_cli()
-    assert cli.main([str(cv_sweep), "--out", str(tmp_path / "out")]) == 0
+    assert report_tool.main([str(cv_sweep), "--out", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out
     assert "## Runs that differ only in fold or seed" in printed
     assert "mean ± std (3 runs)" in printed
@@ -154,7 +152,7 @@ def test_compare_two_identical_runs_gives_a_difference_of_zero(tmp_path: Path, c
         assert r["difference"] == 0.0 and r["ci95"] == [0.0, 0.0]
         assert (r["share_a_wins"], r["share_ties"]) == (0.0, 1.0)
     assert result["n_images"] == 48 and result["n_patients"] == 12
-    assert _report_cli().main(["--compare", str(a), str(b), "--resamples", "50"]) == 0
+    assert report_tool.main(["--compare", str(a), str(b), "--resamples", "50"]) == 0
     out = capsys.readouterr().out
     assert (
         "| balanced_accuracy |" in out
@@ -172,10 +170,3 @@ def test_runs_written_before_the_rename_still_report_the_recognition_rate(tmp_pa
     (run / "metrics.json").write_text(json.dumps(metrics))
     value = metric_value(load_run(run), "test/patient_recognition_rate")
     assert value == metrics["test"]["patient_accuracy"]
-
-
-def _report_cli():
-    spec = importlib.util.spec_from_file_location("report_cli", ROOT / "scripts" / "report.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    return cli

@@ -41,8 +41,8 @@ def test_terminal_shows_config_evaluations_and_ends_with_the_summary(first_run) 
     assert block[-5].startswith("  best step: 4 (val/balanced_accuracy ")
     assert block[-4:] == [
         f"  run folder: {run_dir}",
-        f"  compare: python scripts/report.py {run_dir}",
-        f"  predict: python scripts/predict.py {run_dir} IMAGES --out predictions.csv",
+        f"  compare: breakhis-ft-report {run_dir}",
+        f"  predict: breakhis-ft-predict {run_dir} IMAGES --out predictions.csv",
         rule,
     ]
 

@@ -4,8 +4,8 @@ One tiny MedGemma run (data.stain_norm=macenko, reference estimated from trainin
 offline) is trained once for the module through the real entrypoint. Checked on it: the fitted
 normaliser in the run folder and its reference (training images only), the pass-through count in
 data_stats.json, prediction applying the normaliser (and matching the run's own predictions),
-the export carrying it, `scripts/explain.py` on the run's test images and errors, the error
-gallery of `scripts/report.py`, the most confused pairs in metrics.json, and the W&B
+the export carrying it, `breakhis-ft-explain` on the run's test images and errors, the error
+gallery of `breakhis-ft-report`, the most confused pairs in metrics.json, and the W&B
 `test/errors` table.
 """
 
@@ -20,7 +20,7 @@ import datasets
 import pytest
 import torch
 from PIL import Image
-from tiny_runs import load_script, train_runs
+from tiny_runs import train_runs
 
 from breakhis_ft.analysis.gallery import data_root
 from breakhis_ft.data.stain import NORMALIZER_FILE, StainNormalizer, load_normalizer
@@ -33,6 +33,8 @@ from breakhis_ft.deploy.predict import (
     read_export_info,
 )
 from breakhis_ft.evaluate.errors import confused_pairs, most_confident_errors
+from breakhis_ft.tools import explain as explain_tool
+from breakhis_ft.tools import report as report_tool
 
 REFERENCE_IMAGES = 12
 RUN = [
@@ -153,7 +155,8 @@ def test_export_carries_the_normalizer(run: Path, test_images: Path, tmp_path: P
 
 
 def test_explain_script_on_the_runs_test_images(run: Path, tmp_path: Path) -> None:
-    cli = load_script("explain")
+    from breakhis_ft.tools import explain as cli
+
     out = tmp_path / "split"
     assert cli.main([str(run), "--split", "test", "--n", "4", "--out", str(out), "--cpu"]) == 0
     rows = read_csv(out / "explanations.csv")
@@ -175,10 +178,10 @@ def test_explain_script_on_the_runs_test_images(run: Path, tmp_path: Path) -> No
 def test_report_gallery_and_confused_pairs(run: Path, tmp_path: Path) -> None:
     explained = tmp_path / "explained"
     explain = [str(run), "--errors", "--n", "2", "--out", str(explained), "--cpu"]
-    assert load_script("explain").main(explain) == 0
+    assert explain_tool.main(explain) == 0
     out = tmp_path / "report"
     argv = [str(run), "--gallery", "5", "--explanations", str(explained), "--out", str(out)]
-    assert load_script("report").main(argv) == 0
+    assert report_tool.main(argv) == 0
     metrics = json.loads((run / "metrics.json").read_text())["test"]
     pairs = confused_pairs(metrics["confusion_matrix"], metrics["classes"])
     assert metrics["most_confused"] == pairs and pairs

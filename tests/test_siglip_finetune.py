@@ -145,7 +145,8 @@ def test_missing_or_gated_model_error_says_how_to_get_it(tmp_path, monkeypatch):
 
 
 def test_medsiglip_448_architecture_counts_on_the_meta_device():
-    # MedSigLIP-448's vision tower (REFERENCE.md: 428,565,440 parameters, pooling head included).
+    # MedSigLIP-448's vision tower (docs/references.md: 428,565,440 parameters with the pooling
+    # head).
     config = SiglipVisionConfig(
         hidden_size=1152,
         intermediate_size=4304,

@@ -1,5 +1,5 @@
-"""scripts/smoke_real_size.py --reduced: MedGemma 4B's widths, vocabulary and image size with 6 + 2
-layers, one real step each on the CPU, measured against estimate_vram (a few minutes: slow)."""
+"""`python -m benchmarks real-size --reduced`: MedGemma 4B's widths, vocabulary and image size with
+6 + 2 layers, one real step each on the CPU, measured against estimate_vram (minutes: slow)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def test_reduced_real_size_smoke_matches_the_estimator(tmp_path: Path) -> None:
         "before\n<!-- real_size_cpu_reduced: begin -->\nold\n<!-- real_size_cpu_reduced: end -->\n"
     )
     done = subprocess.run(
-        [sys.executable, "scripts/smoke_real_size.py", "--reduced", "--threads", "1"]
+        [sys.executable, "-m", "benchmarks", "real-size", "--reduced", "--threads", "1"]
         + ["--out", str(tmp_path)],
         cwd=REPO,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},  # nothing is downloaded

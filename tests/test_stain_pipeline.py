@@ -14,14 +14,12 @@ import numpy as np
 import pytest
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
-from tiny_runs import load_script
 
 from breakhis_ft.config import MedGemmaConfig, TrainRunConfig
 from breakhis_ft.data.breakhis import load_image
 from breakhis_ft.data.dataset import (
     ImageDataset,
     build_image_cache,
-    cache_info,
     cache_key,
     preprocess_image,
     resize_longest,
@@ -71,25 +69,24 @@ def config(**data) -> DictConfig:
     return cfg
 
 
-def test_the_cache_key_changes_with_the_normaliser(small, normalizers) -> None:
-    records, root, _ = small
-    plain = cache_key(records, root, SIZE)
-    keys = {name: cache_key(records, root, SIZE, n) for name, n in normalizers.items()}
+def test_the_cache_key_changes_with_the_normaliser(normalizers) -> None:
+    plain = cache_key(SIZE)
+    keys = {name: cache_key(SIZE, n) for name, n in normalizers.items()}
     assert len({plain, *keys.values()}) == 4  # none, two methods, two references: four caches
     again = type(normalizers["macenko"]).from_dict(normalizers["macenko"].to_dict())
-    assert cache_key(records, root, SIZE, again) == keys["macenko"]  # the same fit: reused
-    assert cache_key(records, root, SIZE, None) == plain
+    assert cache_key(SIZE, again) == keys["macenko"]  # the same fit: reused
+    assert cache_key(SIZE, None) == plain
 
 
 def test_cache_holds_normalised_images_and_lists_the_blank_one(small, normalizers) -> None:
     records, root, cache_dir = small
     stain = normalizers["macenko"]
     cache = build_image_cache(records, root, SIZE, cache_dir, progress=False, stain=stain)
-    passed = dict(cache_info(cache)["stain_passed_through"])
+    passed = dict(cache.passed_through)
     assert records[5].path in passed and "one flat colour" in passed[records[5].path]
     from_root = ImageDataset(records, [0] * len(records), root, image_size=SIZE, stain=stain)
     for i, record in enumerate(records):
-        pixels = np.frombuffer(cache[i]["pixels"], np.uint8)
+        pixels = np.asarray(cache.image(record.path)).ravel()
         original = load_image(root / record.path)
         expected, reason = preprocess_image(original, SIZE, stain)
         assert np.array_equal(pixels, np.asarray(expected).ravel()), record.path
@@ -99,8 +96,8 @@ def test_cache_holds_normalised_images_and_lists_the_blank_one(small, normalizer
         assert (reason is not None) == (record.path in passed)
         assert np.array_equal(pixels, plain) == (record.path in passed), record.path
     plain_cache = build_image_cache(records, root, SIZE, cache_dir, progress=False)
-    assert "stain_passed_through" not in cache_info(plain_cache)
-    assert len(list((cache_dir / "images").iterdir())) == 2
+    assert plain_cache.passed_through == [] and plain_cache.built == len(records)
+    assert len([d for d in (cache_dir / "images").iterdir() if d.suffix != ".lock"]) == 2
 
 
 def test_train_reference_uses_training_images_round_robin_over_patients(replica_scan, tmp_path):
@@ -160,7 +157,7 @@ def test_predict_refuses_a_folder_without_the_runs_normaliser(tmp_path, normaliz
 
 
 def test_stain_effect_summary_pairs_seeds() -> None:
-    effect = load_script("stain_effect")
+    from benchmarks import stain_effect as effect
 
     def result(value):
         return {"status": "completed", "test": {"balanced_accuracy": value}}

@@ -44,8 +44,8 @@ def test_summary_block_shows_metrics_with_intervals_best_step_and_commands(
     assert lines[6] == "  best step: 12 (val/balanced_accuracy 0.5000)"
     assert lines[7:10] == [
         "  run folder: outputs/runs/demo/t1",  # relative to where the command ran
-        "  compare: python scripts/report.py outputs/runs/demo/t1",
-        "  predict: python scripts/predict.py outputs/runs/demo/t1 IMAGES --out predictions.csv",
+        "  compare: breakhis-ft-report outputs/runs/demo/t1",
+        "  predict: breakhis-ft-predict outputs/runs/demo/t1 IMAGES --out predictions.csv",
     ]
     untrained = summary.summary_block(Path("/elsewhere/run"), METRICS, None)
     assert "best step" not in untrained and "run folder: /elsewhere/run" in untrained

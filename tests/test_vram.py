@@ -283,7 +283,7 @@ def test_medsiglip_counts_and_probe_estimate() -> None:
         compose_cfg("model=medsiglip_448", "peft=none", "model.freeze_encoder=true", "task=binary")
     )
     head = 1152 * 2 + 2  # the linear classification head, binary task
-    assert probe.params["base_params"] == 428_565_440 + head  # REFERENCE.md's vision count
+    assert probe.params["base_params"] == 428_565_440 + head  # docs/references.md's vision count
     assert probe.params["trainable_params"] == head
     assert probe.extra["activations_no_gc_bytes"] < lora.extra["activations_no_gc_bytes"]
 
@@ -296,12 +296,12 @@ def test_checkpointed_layers_keep_tokens_x_hidden_inputs() -> None:
     assert _layers([100] * 3, [0] * 3, 10, 64, 2, True) == 3_840 + 1_000 == 4_840
 
 
-# MedGemma 4B as REFERENCE.md states it: the language model ...
+# MedGemma 4B as docs/references.md states it: the language model ...
 H, INTER, LAYERS, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 2560, 10240, 34, 8, 4, 256, 262_208
 # ... and the SigLIP tower: 896 px / patch 14 = 64 x 64 patches, pooled to 256 soft tokens
 HV, IV, LAYERS_V, HEADS_V, PATCHES, SOFT = 1152, 4304, 27, 16, 64 * 64, 256
-# the blog prompt without a local tokenizer: 80 prompt tokens (REFERENCE.md), the image block (256
-# soft tokens + 3 markers the processor adds around them), the answer digit + <end_of_turn> +
+# the blog prompt without a local tokenizer: 80 prompt tokens (docs/references.md), the image block
+# (256 soft tokens + 3 markers the processor adds around them), the answer digit + <end_of_turn> +
 # the template's newline; the loss projects the digit and <end_of_turn>
 SEQ, ROWS = 80 + (256 + 3) + (1 + 2), 2
 R = 8  # the blog's LoRA: r=8, dropout 0.1, all linear layers; bf16 (2 B) on CUDA

@@ -7,12 +7,10 @@ overrides (a small replica at 48x32 px, 4 steps, fp32) plus its own, which win.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 from cli_runs import TINY_RUN
 from omegaconf import DictConfig, OmegaConf
@@ -65,11 +63,3 @@ def train_runs(specs: dict[str, list[str]], out: Path, cache: Path) -> dict[str,
         assert proc.returncode == 0, f"{name} run failed:\n{log[-3000:]}"
         (found[name],) = (out / name / "runs" / "default").iterdir()
     return found
-
-
-def load_script(name: str) -> ModuleType:
-    """A script of scripts/ as a module (its `main(argv)` callable in the test's process)."""
-    spec = importlib.util.spec_from_file_location(f"{name}_cli", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module

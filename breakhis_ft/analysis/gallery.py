@@ -3,7 +3,7 @@
 `write_gallery(run_dir, out_dir)` writes `index.html` and `gallery.md` into `out_dir`: the test
 images the run got wrong, most confident first, each with a thumbnail, the true and predicted
 class, the probability the run gave its (wrong) answer and the true class, the patient and the
-magnification; beside it the explanation heatmap where `scripts/explain.py` computed one (its
+magnification; beside it the explanation heatmap where `breakhis-ft-explain` computed one (its
 `explanations.csv`, matched by image and by the run it explained). Above them, the class pairs
 the run confuses most, by count (from the confusion matrix of `metrics.json`).
 
@@ -74,11 +74,11 @@ def run_confused_pairs(
 
 
 def explanation_overlays(folder: str | Path, run_dir: str | Path) -> dict[Path, Path]:
-    """Overlay PNGs of `scripts/explain.py` output by resolved image path, for this run only."""
+    """Overlay PNGs of `breakhis-ft-explain` output by resolved image path, for this run only."""
     folder, run = Path(folder), Path(run_dir).resolve()
     index = folder / "explanations.csv"
     if not index.is_file():
-        raise FileNotFoundError(f"{index}: not found; give the --out folder of scripts/explain.py")
+        raise FileNotFoundError(f"{index}: not found; give the --out folder of breakhis-ft-explain")
     with index.open(newline="") as f:
         rows = list(csv.DictReader(f))
     return {

@@ -3,8 +3,8 @@
 eva reports each encoder's balanced accuracy on its 14 validation patients (BreakHis has no test
 split there) as the mean over 5 runs, with `statistics.stdev` (the sample SD) beside it
 (`eva.core.trainers._recorder`). `leaderboard_markdown` takes such summaries of our runs and
-places them among eva's published rows (REFERENCE.md). `eva_summaries` groups the completed runs
-of the eva protocol by experiment; runs differing in anything but the seed belong in separate
+places them among eva's published rows (docs/references.md). `eva_summaries` groups the completed
+runs of the eva protocol by experiment; runs differing in anything but the seed belong in separate
 experiments (the report's general seed aggregation can replace this grouping).
 """
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from breakhis_ft.analysis.runs import Run, metric_value
 
-# kaiko-ai/eva leaderboard, BreakHis (4 classes, 40X), balanced accuracy (REFERENCE.md)
+# kaiko-ai/eva leaderboard, BreakHis (4 classes, 40X), balanced accuracy (docs/references.md)
 EVA_LEADERBOARD: tuple[tuple[str, float], ...] = (
     ("UNI2-h", 0.859),
     ("kaiko ViT-L14", 0.837),

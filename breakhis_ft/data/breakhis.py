@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from breakhis_ft.data.png import load_image, png_problem
+from breakhis_ft.data.png import MAX_IMAGE_PIXELS, check_pixel_limit, load_image, png_problem
 from breakhis_ft.data.records import SUBTYPES, ImageRecord
 from breakhis_ft.errors import BadDataError
 
@@ -132,7 +132,7 @@ def find_breast_dir(root: Path) -> Path:
     if not root.exists():
         raise BadDataError(
             f"data.root={root} does not exist (download BreakHis with "
-            "scripts/download_breakhis.py, or use data=synthetic)"
+            "breakhis-ft-download-breakhis, or use data=synthetic)"
         )
     if not root.is_dir():
         raise BadDataError(f"data.root={root} is not a folder")
@@ -254,10 +254,17 @@ def scan_breakhis(
     duplicate_keep: str = "ductal_carcinoma",
     on_bad_file: str = "error",
     verify_images: bool = False,
+    max_pixels: int | None = MAX_IMAGE_PIXELS,
 ) -> BreakhisScan:
-    """Scan a BreakHis tree (official or Kaggle layout) into records; see the module docstring."""
+    """Scan a BreakHis tree (official or Kaggle layout) into records; see the module docstring.
+
+    Every PNG's chunks are checked (CRCs, end chunk, size against `max_pixels`): a corrupt,
+    truncated or oversized file is refused (`on_bad_file=error`) or left out and listed
+    (`skip`) here, before any model loads. `verify_images` also decodes every image.
+    """
     if on_bad_file not in ("error", "skip"):
         raise ValueError(f"data.on_bad_file={on_bad_file!r}: allowed values are error, skip")
+    check_pixel_limit(max_pixels)
     root = Path(root).expanduser().resolve()
     breast = find_breast_dir(root)
     folds, layout = find_folds(root, breast)
@@ -272,11 +279,10 @@ def scan_breakhis(
                 continue
             try:
                 records.append(record_from_path(full.relative_to(breast).parts, rel))
-                # empty and truncated files are found before any model loads; skip checks CRCs too
-                if problem := png_problem(full, checksums=on_bad_file == "skip"):
+                if problem := png_problem(full, max_pixels=max_pixels):
                     raise BadDataError(f"{full}: {problem}")
                 if verify_images:
-                    load_image(full)
+                    load_image(full, max_pixels)
             except BadDataError as e:
                 bad.append((rel, str(e)))
     if bad and on_bad_file == "error":
@@ -297,14 +303,16 @@ def scan_breakhis(
 
 
 def data_stats(scan: BreakhisScan) -> dict:
-    """Counts of a scan: images, slides, by subtype / magnification / class, dropped files."""
+    """Counts of a scan: images, slide folders, stems, by subtype / magnification / class, dropped
+    files."""
     recs = scan.records
     by_sub_mag: dict[str, dict[str, int]] = defaultdict(dict)
     for (sub, mag), n in sorted(Counter((r.subtype, r.magnification) for r in recs).items()):
         by_sub_mag[sub][f"{mag}X"] = n
-    patients_by_subtype = defaultdict(set)
+    folders_by_subtype, stems_by_subtype = defaultdict(set), defaultdict(set)
     for r in recs:
-        patients_by_subtype[r.subtype].add(r.patient)
+        folders_by_subtype[r.subtype].add(r.patient)
+        stems_by_subtype[r.subtype].add(r.stem)
     dropped_folders = sorted({str(Path(r.path).parent.parent) for r in scan.duplicates_dropped})
     return {
         "root": str(scan.root),
@@ -319,7 +327,10 @@ def data_stats(scan: BreakhisScan) -> dict:
             f"{m}X": n for m in MAGNIFICATIONS if (n := sum(r.magnification == m for r in recs))
         },
         "by_subtype_magnification": dict(by_sub_mag),
-        "patients_by_subtype": {s: len(p) for s, p in sorted(patients_by_subtype.items())},
+        # slide folders (22549AB, 22549CD: the unit of the official folds and eva) and their
+        # numeric stems (22549: split=patient's groups); a stem may be filed under two subtypes
+        "slide_folders_by_subtype": {s: len(p) for s, p in sorted(folders_by_subtype.items())},
+        "stems_by_subtype": {s: len(p) for s, p in sorted(stems_by_subtype.items())},
         "duplicates_dropped": len(scan.duplicates_dropped),
         "duplicate_folders_dropped": dropped_folders,
         "duplicate_kept": scan.duplicate_kept,
@@ -329,6 +340,37 @@ def data_stats(scan: BreakhisScan) -> dict:
         if scan.folds is None
         else {"source": scan.folds.source, "folds": scan.folds.folds, "rows": len(scan.folds.rows)},
     }
+
+
+def stats_table(stats: dict) -> str:
+    """`data_stats` as a table: per subtype its slide folders, stems, images per magnification."""
+    mags = [f"{m}X" for m in MAGNIFICATIONS]
+    lines = [
+        f"{'subtype':<22}{'slide folders':>14}{'stems':>7}"
+        + "".join(f"{m:>7}" for m in mags)
+        + f"{'total':>8}"
+    ]
+    for sub, n in stats["by_subtype"].items():
+        row = stats["by_subtype_magnification"].get(sub, {})
+        lines.append(
+            f"{sub:<22}{stats['slide_folders_by_subtype'].get(sub, 0):>14}"
+            f"{stats['stems_by_subtype'].get(sub, 0):>7}"
+            + "".join(f"{row.get(m, 0):>7}" for m in mags)
+            + f"{n:>8}"
+        )
+    by_mag = stats["by_magnification"]
+    lines.append(
+        f"{'all':<22}{stats['slides']:>14}{stats['stems']:>7}"
+        + "".join(f"{by_mag.get(m, 0):>7}" for m in mags)
+        + f"{stats['images']:>8}"
+    )
+    lines.append(
+        f"\n{stats['images']} images, {stats['slides']} slide folders, {stats['stems']} stems (a "
+        f"stem filed under two subtypes counts in both rows), layout {stats['layout']}; duplicates "
+        f"dropped: {stats['duplicates_dropped']} {stats['duplicate_folders_dropped']}; folds: "
+        f"{stats['folds']}"
+    )
+    return "\n".join(lines)
 
 
 def scan_from_config(data_cfg: Any, synthetic_dir: str | Path) -> BreakhisScan:
@@ -369,7 +411,11 @@ def scan_from_config(data_cfg: Any, synthetic_dir: str | Path) -> BreakhisScan:
     else:
         raise ValueError(f"data.source={data_cfg.source!r}: allowed values are synthetic, breakhis")
     return scan_breakhis(
-        root, data_cfg.duplicate_keep, data_cfg.on_bad_file, data_cfg.verify_images
+        root,
+        data_cfg.duplicate_keep,
+        data_cfg.on_bad_file,
+        data_cfg.verify_images,
+        data_cfg.max_image_pixels,
     )
 
 

@@ -1,11 +1,19 @@
 """Split records into train / val / test by patient group, under three protocols, leak-checked.
 
-- `patient`: groups (slide stems by default) dealt to train/val/test by the ratios, stratified by
-  each group's main subtype, seeded; with `n_folds > 1`, k-fold by group: fold `fold` is the test
-  set and validation is carved out of the rest (`val_fraction`), the ratios are then unused.
+- `patient`: a stratified group split. Groups (slide stems by default; a stem filed under two
+  classes is one group) are dealt whole to train/val/test so that each split's image share is
+  within RATIO_TOLERANCE of `ratios` where the groups allow, every class is in train, each class
+  reaches val and test as far as its groups allow, and the class mix of each split is close to
+  the whole's (`_Targets`): a seeded search (`_deal`), reproducible from `seed`. With
+  `n_folds > 1`, k-fold by group on the same footing: a class's only group stays in train in every
+  fold, the others are dealt to equal folds, each class in two folds or more (so in train whatever
+  the test fold); fold `fold` is the test set and validation (`val_fraction`) is dealt out of the
+  rest in the same way; the ratios are then unused. scikit-learn's StratifiedGroupKFold, the test
+  oracle, does not keep every class in train, nor deals unequal shares.
 - `official_fold`: Folds.csv fold k (its train/test groups), validation carved out of train by
-  group (`val_fraction`). The official folds split by patient folder, so sibling slides can straddle
-  train and test: with `group_by=stem` that is reported as a leak; `group_by=patient` accepts it.
+  group (`val_fraction`; `_carve_val`, kept exact: a published protocol's). The official folds
+  split by patient folder, so sibling slides can straddle train and test: with `group_by=stem`
+  that is reported as a leak; `group_by=patient` accepts it.
 - `eva`: kaiko-ai/eva's BreakHis protocol, 40X, TA/MC/F/DC, 14 fixed validation patients. eva has no
   test set: the validation set is `val` and `test` is left empty. Its patients are folder ids, so
   it needs `group_by=patient` (sibling slides such as 16184 / 16184CD straddle train and val).
@@ -15,6 +23,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,6 +32,11 @@ from breakhis_ft.data.breakhis import BadDataError, FoldsTable
 from breakhis_ft.data.records import ImageRecord, Task, as_task, label_of
 
 SPLITS = ("train", "val", "test")
+# split=patient: how far (absolute share of the images) each split's share may stray from the one
+# asked before the dealing gives up class coverage for it; measured on the replica reduced to a
+# few stems per class (tests/test_split_coverage.py) and on the full one
+RATIO_TOLERANCE = 0.05
+SEARCH_STARTS = 8  # seeded random starts of the search that deals groups to splits or folds
 EVA_VAL_PATIENTS = frozenset(
     {
         "18842D",
@@ -102,6 +116,11 @@ def _get(cfg: Any, key: str) -> Any:
     return cfg[key] if isinstance(cfg, dict) else getattr(cfg, key)
 
 
+def _get_or(cfg: Any, key: str, default: Any) -> Any:
+    """A config value, or `default` where the config lacks the key."""
+    return cfg.get(key, default) if isinstance(cfg, dict) else getattr(cfg, key, default)
+
+
 def _groups(records: Sequence[ImageRecord], group_by: str) -> dict[str, list[ImageRecord]]:
     out: dict[str, list[ImageRecord]] = defaultdict(list)
     for r in records:
@@ -112,7 +131,8 @@ def _groups(records: Sequence[ImageRecord], group_by: str) -> dict[str, list[Ima
 def _allocate(
     groups: dict[str, list[ImageRecord]], shares: dict[str, float], rng: np.random.Generator
 ) -> dict[str, str]:
-    """Deal groups to splits by image shares, within each stratum (the group's main subtype).
+    """official_fold's validation carve: groups to splits by image shares, within each stratum
+    (the group's main subtype).
 
     Each stratum's groups, in random order, go to the split furthest below its share; while a
     split with a share has none of the stratum and no more groups than such splits remain, the
@@ -157,25 +177,147 @@ def _carve_val(train: list[ImageRecord], fraction: float, group_by: str, rng) ->
     return parts["train"], parts["val"]
 
 
-def _kfold(groups, n_folds: int, rng) -> dict[str, int]:
-    """Deal groups to n folds, per stratum, biggest first, each to the fold with fewest images."""
-    strata: dict[str, list[str]] = defaultdict(list)
-    for g, recs in groups.items():
-        strata[Counter(r.subtype for r in recs).most_common(1)[0][0]].append(g)
-    fold_of, totals = {}, [0] * n_folds
-    for stratum in sorted(strata):
-        members = [strata[stratum][i] for i in rng.permutation(len(strata[stratum]))]
-        members.sort(key=lambda g: -len(groups[g]))  # stable: ties keep the random order
-        sizes = [0] * n_folds
-        for g in members:  # fewest of this stratum, then fewest overall (rare strata spread out)
-            k = min(range(n_folds), key=lambda j: (sizes[j], totals[j], j))
-            fold_of[g] = k + 1
-            sizes[k] += len(groups[g])
-            totals[k] += len(groups[g])
-    return fold_of
+def _class_counts(groups: dict[str, list[ImageRecord]], task: Task) -> np.ndarray:
+    """Images per (group, class of the task): groups x classes."""
+    counts = np.zeros((len(groups), len(task.classes)))
+    for i, recs in enumerate(groups.values()):
+        for r in recs:
+            counts[i, task.label_of(r)] += 1
+    return counts
 
 
-def _patient(records, cfg, group_by, rng) -> dict[str, list[ImageRecord]]:
+@dataclass(frozen=True)
+class _Targets:
+    """What a dealing of groups into bins aims at, and its score (lower is better).
+
+    By weight: a hard rule (ratio mode: every class in the train bin; k-fold: every class outside
+    each fold, i.e. in two folds or more), each bin's image share within RATIO_TOLERANCE of its
+    asked share, each class in as many bins as its groups allow, then the squared gaps to the
+    shares, per class and overall (the stratification). One number per dealing, so that every
+    possible move is scored at once.
+    """
+
+    shares: np.ndarray  # per bin: the asked share of the images (sums to 1)
+    totals: np.ndarray  # per class: its images in the groups dealt
+    reach: np.ndarray  # per class: the bins it can be in (its groups, at most the bins)
+    train_bin: int | None  # ratio mode: the bin that must hold every class; k-fold: None
+
+    def score(self, bins: np.ndarray) -> np.ndarray:
+        """Scores of dealings given as images per (bin, class), shape (..., bins, classes)."""
+        present = bins > 0
+        sizes = bins.sum(-1) / self.totals.sum()
+        if self.train_bin is not None:
+            hard = (~present[..., self.train_bin, :] & (self.totals > 0)).sum(-1)
+        else:
+            hard = ((present.sum(-2) < 2) & (self.reach >= 2)).sum(-1)
+        excess = np.clip(np.abs(sizes - self.shares) - RATIO_TOLERANCE, 0, None).sum(-1)
+        cover = np.clip(self.reach - present.sum(-2), 0, None).sum(-1)
+        gaps = (bins - self.shares[:, None] * self.totals) / np.maximum(self.totals, 1)
+        fine = (gaps**2).mean((-2, -1)) + ((sizes - self.shares) ** 2).sum(-1)
+        return 1e6 * hard + 1e5 * excess + 10.0 * cover + fine
+
+
+def _targets(counts: np.ndarray, shares: list[float], train_bin: int | None) -> _Targets:
+    """The targets of dealing the groups of `counts` (groups x classes) into `shares`."""
+    return _Targets(
+        shares=np.asarray(shares, dtype=float),
+        totals=counts.sum(0),
+        reach=np.minimum((counts > 0).sum(0), len(shares)),
+        train_bin=train_bin,
+    )
+
+
+def _descend(
+    counts: np.ndarray, targets: _Targets, assign: np.ndarray, swaps: bool
+) -> tuple[np.ndarray, float]:
+    """Steepest descent from a dealing: move one group to another bin (or, with `swaps`, where no
+    move helps, swap two groups' bins) while that lowers the score; (the dealing, its score)."""
+    n_groups, n_bins = counts.shape[0], len(targets.shares)
+    one_hot = np.eye(n_bins)
+    assign = assign.copy()
+    bins = one_hot[assign].T @ counts
+    score = float(targets.score(bins))
+    for _ in range(4 * n_groups):
+        # every group g moved to every bin b: (groups, bins, bins, classes)
+        change = (one_hot[None, :, :] - one_hot[assign][:, None, :])[..., None]
+        moves = targets.score(bins + change * counts[:, None, None, :])
+        g, b = np.unravel_index(int(np.argmin(moves)), moves.shape)
+        if moves[g, b] < score - 1e-12:
+            bins += change[g, b] * counts[g]
+            assign[g], score = b, float(moves[g, b])
+            continue
+        if not swaps:
+            break
+        # every pair of groups g, h swapping their bins: (groups, groups, bins, classes)
+        side = (one_hot[assign][:, None, :] - one_hot[assign][None, :, :])[..., None]
+        trial = targets.score(bins + side * (counts[None, :, None] - counts[:, None, None]))
+        g, h = np.unravel_index(int(np.argmin(trial)), trial.shape)
+        if trial[g, h] >= score - 1e-12:
+            break
+        bins += side[g, h] * (counts[h] - counts[g])
+        assign[g], assign[h] = assign[h], assign[g]
+        score = float(trial[g, h])
+    return assign, score
+
+
+def _deal(counts: np.ndarray, targets: _Targets, rng: np.random.Generator) -> np.ndarray:
+    """The bin of each group (row of `counts`), searched from SEARCH_STARTS seeded starts.
+
+    A start deals the groups roughly biggest first (sizes scaled by seeded random factors), each
+    to the bin that scores best so far (`_Targets.score`), then moves single groups while that
+    lowers the score. The best start is then improved by moves and swaps of two groups. The
+    random factors make the result depend on the seed, and only on it.
+    """
+    n_groups, n_bins = counts.shape[0], len(targets.shares)
+    one_hot = np.eye(n_bins)
+    best, best_score = np.zeros(n_groups, int), np.inf
+    for _ in range(SEARCH_STARTS):
+        assign = np.zeros(n_groups, int)
+        bins = np.zeros((n_bins, counts.shape[1]))
+        for g in np.argsort(-counts.sum(1) * rng.lognormal(0, 0.5, n_groups), kind="stable"):
+            b = int(np.argmin(targets.score(bins + one_hot[:, :, None] * counts[g])))
+            assign[g], bins[b] = b, bins[b] + counts[g]
+        assign, score = _descend(counts, targets, assign, swaps=False)
+        if score < best_score - 1e-12:
+            best, best_score = assign, score
+    return _descend(counts, targets, best, swaps=True)[0]
+
+
+def _stratified(
+    groups: dict[str, list[ImageRecord]], shares: dict[str, float], task: Task, rng
+) -> dict[str, list[ImageRecord]]:
+    """Whole groups dealt to the splits of `shares` (the first one is train): see `_Targets`."""
+    out: dict[str, list[ImageRecord]] = {s: [] for s in shares}
+    active = [s for s in shares if shares[s] > 0]
+    counts = _class_counts(groups, task)
+    bins = _deal(counts, _targets(counts, [shares[s] for s in active], 0), rng)
+    for b, recs in zip(bins, groups.values(), strict=True):
+        out[active[b]].extend(recs)
+    return out
+
+
+def _train_only(groups: dict[str, list[ImageRecord]], task: Task) -> set[str]:
+    """The groups holding a class that no other group has: k-fold keeps them in train."""
+    counts = _class_counts(groups, task)
+    single = (counts > 0).sum(0) == 1
+    return {g for g, row in zip(groups, counts, strict=True) if (row[single] > 0).any()}
+
+
+def _kfold(groups: dict[str, list[ImageRecord]], n_folds: int, task: Task, rng) -> dict[str, int]:
+    """The fold (1..n_folds) of each group; 0 for the groups kept in train (`_train_only`)."""
+    kept = _train_only(groups, task)
+    dealt = {g: recs for g, recs in groups.items() if g not in kept}
+    if len(dealt) < n_folds:
+        raise ValueError(
+            f"split.n_folds={n_folds}: only {len(dealt)} patient groups to deal to folds "
+            f"({len(kept)} more are kept in train: they hold a class no other group has)"
+        )
+    counts = _class_counts(dealt, task)
+    bins = _deal(counts, _targets(counts, [1 / n_folds] * n_folds, None), rng)
+    return {**dict.fromkeys(kept, 0), **{g: int(b) + 1 for g, b in zip(dealt, bins, strict=True)}}
+
+
+def _patient(records, cfg, group_by, task: Task, rng) -> dict[str, list[ImageRecord]]:
     groups = _groups(records, group_by)
     n_folds, fold = int(_get(cfg, "n_folds")), int(_get(cfg, "fold"))
     if n_folds > 1:
@@ -183,16 +325,16 @@ def _patient(records, cfg, group_by, rng) -> dict[str, list[ImageRecord]]:
             raise ValueError(f"split.fold={fold}: must be in 1..{n_folds} (split.n_folds)")
         if len(groups) < n_folds:
             raise ValueError(f"split.n_folds={n_folds}: only {len(groups)} patient groups")
-        fold_of = _kfold(groups, n_folds, rng)
+        fold_of = _kfold(groups, n_folds, task, rng)
         test = [r for g, recs in groups.items() if fold_of[g] == fold for r in recs]
-        rest = [r for g, recs in groups.items() if fold_of[g] != fold for r in recs]
-        train, val = _carve_val(rest, float(_get(cfg, "val_fraction")), group_by, rng)
-        return {"train": train, "val": val, "test": test}
+        rest = {g: recs for g, recs in groups.items() if fold_of[g] != fold}
+        fraction = float(_get(cfg, "val_fraction"))
+        parts = _stratified(rest, {"train": 1 - fraction, "val": fraction}, task, rng)
+        return {"train": parts["train"], "val": parts["val"], "test": test}
     ratios = [float(x) for x in _get(cfg, "ratios")]
     if len(ratios) != 3 or min(ratios) < 0 or abs(sum(ratios) - 1) > 1e-6:
         raise ValueError(f"split.ratios={ratios}: three non-negative shares summing to 1")
-    shares = {"train": ratios[0], "test": ratios[2], "val": ratios[1]}
-    return _by_assignment(groups, _allocate(groups, shares, rng))
+    return _stratified(groups, {"train": ratios[0], "val": ratios[1], "test": ratios[2]}, task, rng)
 
 
 def _official_fold(records, cfg, group_by, rng, folds: FoldsTable | None):
@@ -272,7 +414,7 @@ def assign_splits(
     rng = np.random.default_rng([int(_get(split_cfg, "seed")), 20160901])
     hint = ""
     if kind == "patient":
-        splits = _patient(chosen, split_cfg, group_by, rng)
+        splits = _patient(chosen, split_cfg, group_by, task, rng)
     elif kind == "official_fold":
         splits = _official_fold(chosen, split_cfg, group_by, rng, folds)
     elif kind == "eva":
@@ -292,7 +434,10 @@ def assign_splits(
         )
     if not splits["train"]:
         raise BadDataError(f"split={kind}: the training split is empty ({len(chosen)} images)")
-    return {s: sorted(splits[s], key=lambda r: r.path) for s in SPLITS}
+    out = {s: sorted(splits[s], key=lambda r: r.path) for s in SPLITS}
+    require = _get_or(split_cfg, "require_all_classes", False)  # absent from older saved configs
+    check_coverage(split_coverage(out, task, split_cfg), bool(require))
+    return out
 
 
 def split_rows(splits: dict[str, list[ImageRecord]], task: Task | str) -> list[dict]:
@@ -315,3 +460,92 @@ def split_summary(splits: dict[str, list[ImageRecord]], task: Task | str) -> dic
         }
         for name, recs in splits.items()
     }
+
+
+def asked_shares(split_cfg: Any) -> dict[str, float] | None:
+    """The image share each split was asked for (split=patient), or None for the protocols."""
+    if _get(split_cfg, "kind") != "patient":
+        return None
+    n_folds = int(_get(split_cfg, "n_folds"))
+    if n_folds > 1:
+        rest, fraction = 1 - 1 / n_folds, float(_get(split_cfg, "val_fraction"))
+        return {"train": rest * (1 - fraction), "val": rest * fraction, "test": 1 / n_folds}
+    return dict(zip(SPLITS, (float(x) for x in _get(split_cfg, "ratios")), strict=True))
+
+
+def _expected_splits(split_cfg: Any) -> list[str]:
+    """The splits a config fills: patient by its shares, eva train and val, official_fold all."""
+    kind, asked = _get(split_cfg, "kind"), asked_shares(split_cfg)
+    if asked is not None:
+        return [s for s in SPLITS if asked[s] > 0]
+    if kind == "eva":
+        return ["train", "val"]
+    return [s for s in SPLITS if s != "val" or float(_get(split_cfg, "val_fraction")) > 0]
+
+
+def split_coverage(
+    splits: dict[str, list[ImageRecord]], task: Task | str, split_cfg: Any
+) -> dict[str, Any]:
+    """What a split achieved, for data_stats.json: per split its images and groups (count and
+    share of all), the share asked, the classes it lacks; and the classes with no training image.
+
+    Groups are those of split.group_by (stems or patient folders). `expected` is False for a split
+    its config leaves empty (eva's test, a zero share), whose missing classes are no problem.
+    """
+    task = as_task(task)
+    group_by = str(_get(split_cfg, "group_by"))
+    asked = asked_shares(split_cfg)
+    expected = _expected_splits(split_cfg)
+    n_images = sum(len(splits.get(s, [])) for s in SPLITS) or 1
+    n_groups = len({group_key(r, group_by) for s in SPLITS for r in splits.get(s, [])}) or 1
+    out: dict[str, Any] = {"group_by": group_by, "tolerance": RATIO_TOLERANCE, "splits": {}}
+    for name in SPLITS:
+        recs = splits.get(name, [])
+        present = {task.label_of(r) for r in recs}
+        groups = len({group_key(r, group_by) for r in recs})
+        out["splits"][name] = {
+            "images": len(recs),
+            "image_share": round(len(recs) / n_images, 4),
+            "asked_share": None if asked is None else round(asked[name], 4),
+            "groups": groups,
+            "group_share": round(groups / n_groups, 4),
+            "expected": name in expected,
+            "missing_classes": [c for i, c in enumerate(task.classes) if i not in present],
+        }
+    out["classes_without_training_images"] = out["splits"]["train"]["missing_classes"]
+    return out
+
+
+def coverage_lines(coverage: dict[str, Any]) -> list[str]:
+    """One line per split: images and groups, their shares (and the asked one), what it lacks."""
+    lines = []
+    for name, s in coverage["splits"].items():
+        asked = "" if s["asked_share"] is None else f", asked {s['asked_share']:.0%}"
+        lacks = ", ".join(s["missing_classes"]) or "none"
+        lines.append(
+            f"{name}: {s['images']} images ({s['image_share']:.1%}{asked}), {s['groups']} "
+            f"{coverage['group_by']} groups ({s['group_share']:.1%}); classes lacking: {lacks}"
+        )
+    return lines
+
+
+def coverage_problems(coverage: dict[str, Any]) -> list[str]:
+    """The expected splits that lack a class, one message each (train first)."""
+    problems = []
+    for name, s in coverage["splits"].items():
+        if s["expected"] and s["missing_classes"]:
+            what = "no training image" if name == "train" else f"no image in {name}"
+            problems.append(f"{name} lacks {', '.join(s['missing_classes'])} ({what})")
+    return problems
+
+
+def check_coverage(coverage: dict[str, Any], require_all_classes: bool) -> None:
+    """With split.require_all_classes: BadDataError naming each split and the classes it lacks."""
+    problems = coverage_problems(coverage)
+    if require_all_classes and problems:
+        raise BadDataError(
+            "split.require_all_classes=true: " + "; ".join(problems) + ". These classes have "
+            "too few patient groups for every split: choose other split.ratios or split.seed, "
+            "a task or magnification with more groups, or set split.require_all_classes=false "
+            "(the run then warns and goes on)"
+        )

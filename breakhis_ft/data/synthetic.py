@@ -10,8 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
-import uuid
 import zlib
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
@@ -24,6 +22,8 @@ import numpy as np
 from PIL import Image
 
 from breakhis_ft.data.records import SUBTYPES
+from breakhis_ft.errors import BadDataError
+from breakhis_ft.files import build_once
 
 GENERATOR_VERSION = 1  # bump when images or Folds.csv change, so cached replicas are rebuilt
 TREE = Path("BreaKHis_v1", "histology_slides", "breast")
@@ -52,6 +52,15 @@ STYLE: dict[str, dict[str, float]] = {
 # Ruifrok & Johnston optical densities of haematoxylin and eosin (unit RGB vectors).
 H_OD = np.array([0.650, 0.704, 0.286])
 E_OD = np.array([0.072, 0.990, 0.105])
+# Fields of real slides that the replica's styles never draw, for the stain-normalisation checks
+# and previews (render_batch with one of these styles; the replica itself does not use them):
+# grey_lumen: share of the image under pale green-grey unstained fluid (RGB about 193-206);
+# blank: share of empty glass (a mucinous field that is 82% white, a few cells in the rest).
+HARD_FIELDS: dict[str, dict[str, float]] = {
+    "green_grey_lumen": {**STYLE["adenosis"], "grey_lumen": 0.6},
+    "mostly_white_mucinous": {**STYLE["mucinous_carcinoma"], "mucin": 0.0, "blank": 0.82},
+}
+LUMEN_OD = np.array([0.24, 0.17, 0.21])  # green-grey fluid: red absorbed most, green least
 
 
 @dataclass(frozen=True)
@@ -125,6 +134,12 @@ def _smooth_noise(rng: np.random.Generator, n: int, h: int, w: int, cells: int) 
     top = grid[:, y0][:, :, x0] * (1 - wx) + grid[:, y0][:, :, x0 + 1] * wx
     bottom = grid[:, y0 + 1][:, :, x0] * (1 - wx) + grid[:, y0 + 1][:, :, x0 + 1] * wx
     return top * (1 - wy) + bottom * wy
+
+
+def _share_mask(rng: np.random.Generator, n: int, h: int, w: int, share: float) -> np.ndarray:
+    """(n, h, w) smooth random regions covering `share` of each image's pixels."""
+    field = _smooth_noise(rng, n, h, w, 4)
+    return field < np.quantile(field.reshape(n, -1), share, axis=1)[:, None, None]
 
 
 def _splat(n: int, h: int, w: int, idx, ys, xs) -> np.ndarray:
@@ -241,6 +256,15 @@ def render_batch(style: dict, stain: dict, mag: int, size: tuple[int, int], n: i
     noise = rng.standard_normal(img.shape[1:], dtype=np.float32) * (4.0 / 255)
     for i in range(n):  # sensor noise: one field per batch, shifted per image (much cheaper)
         img[i] += np.roll(noise, (rng.integers(img.shape[1]), rng.integers(img.shape[2])), (0, 1))
+    if style.get("grey_lumen"):  # unstained fluid over part of the field, a little uneven
+        lumen = _share_mask(rng, n, img.shape[1], img.shape[2], style["grey_lumen"])
+        depth = 0.9 + 0.2 * _smooth_noise(rng, n, img.shape[1], img.shape[2], 8)
+        fluid = np.exp(-(depth[..., None] * LUMEN_OD + stain["bg"])).astype(np.float32)
+        img = np.where(lumen[..., None], fluid + noise * 0.5, img)
+    if style.get("blank"):  # empty glass: the background tint only
+        glass = _share_mask(rng, n, img.shape[1], img.shape[2], style["blank"])
+        empty = np.exp(-stain["bg"]).astype(np.float32)
+        img = np.where(glass[..., None], empty + noise * 0.5, img)
     img = (np.clip(img, 0, 1) * 255).astype(np.uint8)
     if f == 0:
         img = np.stack(
@@ -325,8 +349,14 @@ def build_replica(
     seed: int = 0,
     workers: int | None = None,
 ) -> Path:
-    """Write a replica (official tree under BreaKHis_v1/ + a Kaggle Folds.csv) into `dest`."""
+    """Write a replica (official tree under BreaKHis_v1/ + a Kaggle Folds.csv) into `dest`: a new
+    or empty folder, or one holding an earlier replica (never a folder of the user's files)."""
     dest = Path(dest)
+    if dest.is_dir() and any(dest.iterdir()) and not (dest / MARKER).is_file():
+        raise BadDataError(
+            f"{dest} is not empty and holds no replica ({MARKER}); a replica is written only into "
+            "a new or empty folder: give another one"
+        )
     size = (int(size[0]), int(size[1]))
     if min(size) < 1:
         raise ValueError(f"data.synthetic_size={list(size)}: width and height must be positive")
@@ -369,19 +399,10 @@ def ensure_replica(
     size: tuple[int, int] = (700, 460),
     seed: int = 0,
 ) -> Path:
-    """The replica in `synthetic_dir/<key>/`, built once (atomically) and reused."""
+    """The replica in `synthetic_dir/<key>/`, built once (atomically, under a lock) and reused."""
     final = Path(synthetic_dir).expanduser() / replica_key(fraction, size, seed)
-    if (final / MARKER).is_file():
-        return final
-    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
-    try:
-        build_replica(tmp, fraction, size, seed)
-        if final.exists() and not (final / MARKER).is_file():
-            shutil.rmtree(final)  # a half-written folder from an older, non-atomic build
-        os.rename(tmp, final)
-    except OSError:
-        if not (final / MARKER).is_file():  # not a lost race with another process: a real error
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return build_once(
+        final,
+        lambda tmp: build_replica(tmp, fraction, size, seed),
+        lambda path: (path / MARKER).is_file(),
+    )

@@ -99,7 +99,7 @@ def _write_info(out_dir: Path, info: dict[str, Any], run_dir: Path) -> None:
     """export_info.json, the model card (README.md; replaces peft's blank template), and the run's
     stain normaliser beside them (predict.py applies it)."""
     (out_dir / EXPORT_INFO).write_text(json.dumps(info, indent=2, default=str))
-    (out_dir / "README.md").write_text(model_card(info, run_dir, out_dir))
+    model_card(info, run_dir).save(out_dir / "README.md")
     if (run_dir / NORMALIZER_FILE).is_file():
         shutil.copy2(run_dir / NORMALIZER_FILE, out_dir / NORMALIZER_FILE)
 

@@ -71,7 +71,7 @@ def read_export_info(model_dir: Path) -> dict[str, Any]:
     path = model_dir / EXPORT_INFO
     if not path.is_file():
         raise PredictError(
-            f"{model_dir}: no {EXPORT_INFO}; export the run with scripts/export_model.py (it "
+            f"{model_dir}: no {EXPORT_INFO}; export the run with breakhis-ft-export (it "
             "records the class names and the prompt that classification needs)"
         )
     return json.loads(path.read_text())

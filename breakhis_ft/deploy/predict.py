@@ -2,9 +2,11 @@
 
 The classifier is rebuilt from the run's saved config (`.hydra/config.yaml`) and its best weights
 (`best/`), or from a folder written by `export.py` (its `export_info.json`). Images get the
-training's preprocessing: decoded as RGB, stain-normalised with the run's fitted normaliser when
-it used one (`stain_normalizer.json` in the run or export folder; data.stain_norm), resized so the
-longest side is `data.image_size` (as the image cache does), then the model's own processor. A
+training's preprocessing: decoded as RGB by the function training uses (16-bit greyscale scaled
+by its range, images above data.max_image_pixels refused), stain-normalised with the run's fitted
+normaliser when it used one (`stain_normalizer.json` in the run or export folder;
+data.stain_norm), resized as the image cache does (longest side at most `data.image_size`, shorter
+side kept at the model's input side), then the model's own processor. A
 SigLIP linear probe trained on embeddings of the original files, so its images are not resized
 first, and its embeddings of new images are computed with the encoder here. Unreadable images
 become rows with an `error` and no prediction. The probabilities are temperature-scaled with the
@@ -28,8 +30,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from breakhis_ft.data.breakhis import BadDataError, load_image
 from breakhis_ft.data.dataset import preprocess_image
+from breakhis_ft.data.png import MAX_IMAGE_PIXELS, load_image
 from breakhis_ft.data.stain import NORMALIZER_FILE, StainNormalizer, load_normalizer
 from breakhis_ft.deploy.loading import (
     PredictError,
@@ -39,6 +41,7 @@ from breakhis_ft.deploy.loading import (
     preprocess_size,
     read_export_info,
 )
+from breakhis_ft.errors import BadDataError
 from breakhis_ft.evaluate.calibration import apply_temperature, read_temperature
 from breakhis_ft.evaluate.fusion import fuse_by_patient
 from breakhis_ft.models.base import Classifier
@@ -59,10 +62,12 @@ class Predictor:
     stain: StainNormalizer | None = None  # the run's stain normaliser (data.stain_norm)
     temperature: float | None = None  # probabilities are softmax(log p / T); None: as the model
     fusion: str = "mean_log_prob"  # how predict_patient fuses images (the run's setting)
+    model_side: int | None = None  # the square the model reads: caps the resize, as in training
+    max_pixels: int | None = MAX_IMAGE_PIXELS  # larger images are refused (data.max_image_pixels)
 
     def prepare(self, image: Image.Image) -> Image.Image:
         """An RGB image preprocessed as in training: stain-normalised, then resized."""
-        out, reason = preprocess_image(image, self.image_size, self.stain)
+        out, reason = preprocess_image(image, self.image_size, self.stain, self.model_side)
         if reason is not None:
             name = getattr(image, "filename", "") or "an image"
             log.warning("stain normalisation left %s unchanged: %s", name, reason)
@@ -137,6 +142,8 @@ def load_predictor(
         stain=run_stain(Path(source), cfg),
         temperature=float(fitted) if temperature and fitted is not None else None,
         fusion=str(cfg.evaluate.patient_fusion),
+        model_side=None if size is None else classifier.input_side,
+        max_pixels=int(cfg.data.max_image_pixels),
     )
 
 
@@ -181,15 +188,24 @@ def find_images(inputs: Sequence[str | Path], list_files: Sequence[str | Path] =
 class ImageFiles(torch.utils.data.Dataset):
     """Items {"path", "index", "image" (PIL RGB, preprocessed) or None, "error" (str or None)}.
 
-    Preprocessed as in training: stain-normalised with `stain` (when given), then resized.
+    Decoded and preprocessed as in training: stain-normalised with `stain` (when given), then
+    resized by `image_size` and `model_side`; an unreadable, corrupt or oversized (above
+    `max_pixels`) file becomes an item with its error.
     """
 
     def __init__(
-        self, paths: Sequence[Path], image_size: int | None, stain: StainNormalizer | None = None
+        self,
+        paths: Sequence[Path],
+        image_size: int | None,
+        stain: StainNormalizer | None = None,
+        model_side: int | None = None,
+        max_pixels: int | None = MAX_IMAGE_PIXELS,
     ) -> None:
         self.paths = list(paths)
         self.image_size = image_size
         self.stain = stain
+        self.model_side = model_side
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -201,7 +217,9 @@ class ImageFiles(torch.utils.data.Dataset):
             item["error"] = f"{path}: file not found"
             return item
         try:
-            image, reason = preprocess_image(load_image(path), self.image_size, self.stain)
+            image, reason = preprocess_image(
+                load_image(path, self.max_pixels), self.image_size, self.stain, self.model_side
+            )
             item["image"] = image
             if reason is not None:  # no stain to estimate: classified as it is, with a warning
                 log.warning("stain normalisation left %s unchanged: %s", path, reason)
@@ -246,14 +264,20 @@ def predict_files(
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # started by accelerate launch / torchrun
         raise PredictError(
             "predict runs in one process (each rank would write the whole CSV): start it with "
-            "python scripts/predict.py, not accelerate launch"
+            "breakhis-ft-predict, not accelerate launch"
         )
     accelerator = Accelerator(cpu=cpu, mixed_precision=MIXED_PRECISION[predictor.precision])
     classifier = predictor.classifier
     classifier.to(accelerator.device)
     classifier.eval()
     loader = torch.utils.data.DataLoader(
-        ImageFiles(paths, predictor.image_size, predictor.stain),
+        ImageFiles(
+            paths,
+            predictor.image_size,
+            predictor.stain,
+            predictor.model_side,
+            predictor.max_pixels,
+        ),
         batch_size=batch_size,
         collate_fn=list,
         num_workers=num_workers,

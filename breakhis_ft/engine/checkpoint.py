@@ -3,14 +3,19 @@
 Layout of a run folder:
 
     run_dir/checkpoints/step_000120/   model.safetensors (trainable parameters only), optimizer.bin,
-                                       scheduler.bin, random_states_<rank>.pkl, trainer_state.json
+                                       scheduler.bin, random_states_<rank>.pkl, trainer_state.json,
+                                       SHA256SUMS (written last: the sha256 of every file)
     run_dir/checkpoints/.tmp-step_...  a save in progress (ignored and cleaned up)
-    run_dir/best/                      classifier.save_trained() of the best evaluation
+    run_dir/best/                      classifier.save_trained() of the best evaluation, SHA256SUMS
     run_dir/FAILED                     present when the run stopped on an error (non-finite loss)
 
 A checkpoint is complete when its folder has its final name and holds `trainer_state.json`; both
 happen only after every file is written and fsynced, so a crash while saving leaves the previous
-checkpoint as the latest complete one.
+checkpoint as the latest complete one. A checkpoint is checked against its SHA256SUMS before it is
+resumed from: a truncated or garbled file (a disk error, a copy cut short) is named and that
+checkpoint skipped for the newest one that verifies (`resumable_checkpoint`). `best/` is swapped
+in by two renames; a crash between them leaves `.old-best` (the previous copy, whole), which
+`recover_best` puts back at the next resume.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 from torch.utils.hooks import RemovableHandle
 
+from breakhis_ft.files import MANIFEST, fsync_dir, manifest_problem, write_folder_manifest
+
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
@@ -43,15 +50,11 @@ def _fsync_tree(directory: Path) -> None:
         for name in files:
             with open(os.path.join(root, name), "rb") as f:
                 os.fsync(f.fileno())
-        _fsync_dir(Path(root))
+        fsync_dir(Path(root))
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+class CheckpointError(RuntimeError):
+    """No checkpoint of a run folder can be resumed from; the message names the damaged files."""
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
@@ -76,6 +79,78 @@ def find_latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The latest complete checkpoint of a run folder, or None when it has none."""
     found = list_checkpoints(run_dir)
     return found[-1][1] if found else None
+
+
+_VERIFIED: dict[Path, tuple[tuple, str | None]] = {}  # folder -> (its files' stat, problem)
+
+
+def checkpoint_problem(checkpoint: str | Path) -> str | None:
+    """What is damaged in a checkpoint (or `best/`) folder, naming the file; None when every file
+    matches the SHA256SUMS written with it. A folder saved before checksums were recorded is not
+    verified (a warning says so). Checked once per process while its files are unchanged."""
+    folder = Path(checkpoint)
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    signature = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    cached = _VERIFIED.get(folder)
+    if cached is not None and cached[0] == signature:
+        return cached[1]
+    if not (folder / MANIFEST).is_file():
+        log.warning("%s has no %s (saved by an earlier version): not verified", folder, MANIFEST)
+        problem = None
+    else:
+        problem = manifest_problem(folder / MANIFEST)
+    _VERIFIED[folder] = (signature, problem)
+    return problem
+
+
+def resumable_checkpoint(run_dir: str | Path) -> tuple[int, Path] | None:
+    """The newest complete checkpoint that verifies, as (step, folder); None when the run has no
+    checkpoint. Damaged ones are skipped with a warning naming the file; when every checkpoint is
+    damaged, CheckpointError says which and how to start again."""
+    found = list_checkpoints(run_dir)
+    problems = []
+    for step, path in reversed(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if problems:
+                log.warning("resuming from %s instead (step %d)", path.name, step)
+            return step, path
+        log.warning("resume: skipping checkpoint %s: %s", path.name, problem)
+        problems.append(problem)
+    if problems:
+        listed = "\n  ".join(problems)
+        raise CheckpointError(
+            f"resume: no checkpoint of {run_dir} verifies:\n  {listed}\nThe run cannot continue "
+            f"from them; start it again as a new run, or move {Path(run_dir) / CHECKPOINTS} aside "
+            "to train this run from step 0"
+        )
+    return None
+
+
+def recover_best(best_dir: str | Path) -> Path | None:
+    """Put back a `best/` that a crash left between its two renames; returns the folder restored.
+
+    `.old-<name>` is the previous copy (whole: it was `best/`) and matches the state of the run's
+    latest checkpoint, which was saved before that evaluation: it is preferred. Without it, a
+    `.tmp-<name>` whose checksums verify (the first save) is used. Leftovers beside an existing
+    `best/` are removed.
+    """
+    best = Path(best_dir)
+    old, tmp = best.with_name(f".old-{best.name}"), best.with_name(f".tmp-{best.name}")
+    restored = None
+    if not best.exists():
+        if old.is_dir():
+            restored = old
+        elif tmp.is_dir() and (tmp / MANIFEST).is_file() and checkpoint_problem(tmp) is None:
+            restored = tmp
+        if restored is not None:
+            os.replace(restored, best)
+            fsync_dir(best.parent)
+            log.warning("recovered %s from %s (a save of it was interrupted)", best, restored.name)
+    for leftover in (old, tmp):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    return None if restored is None else best
 
 
 def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
@@ -138,11 +213,12 @@ class CheckpointManager:
         acc.wait_for_everyone()
         if acc.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
+            write_folder_manifest(tmp)  # last: the sha256 of every file, checked on resume
             _fsync_tree(tmp)
             if final.exists():  # a re-run of this step (e.g. resumed twice): replace it
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
             self.prune()
         acc.wait_for_everyone()
         return final
@@ -185,11 +261,12 @@ def save_trained_atomic(
     classifier.save_trained(tmp)
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(text)
+    write_folder_manifest(tmp)
     _fsync_tree(tmp)
     # two renames: the old copy stays whole until the new one has its final name
     if directory.exists():
         os.replace(directory, old)
     os.replace(tmp, directory)
-    _fsync_dir(directory.parent)
+    fsync_dir(directory.parent)
     shutil.rmtree(old, ignore_errors=True)
     return directory

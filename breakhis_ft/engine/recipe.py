@@ -33,6 +33,7 @@ from breakhis_ft.engine.checkpoint import (
     find_latest_checkpoint,
     mark_failed,
     register_trainable_hooks,
+    resumable_checkpoint,
     save_trained_atomic,
 )
 from breakhis_ft.engine.loop_state import (
@@ -175,17 +176,18 @@ class TrainingRecipe:
         return inverse_frequency_weights(labels, n_classes).to(self.acc.device)
 
     def resume(self) -> None:
-        """Continue from the run folder's latest complete checkpoint (clearing a FAILED mark)."""
+        """Continue from the newest checkpoint that verifies (clearing a FAILED mark)."""
         failed = self.run_dir / FAILED_FILE
         if self.acc.is_main_process and failed.exists():
             log.warning(
                 "resume: clearing the FAILED mark of %s: %s", self.run_dir, failed.read_text()
             )
             failed.unlink()
-        latest = find_latest_checkpoint(self.run_dir)
-        if latest is None:
+        found = resumable_checkpoint(self.run_dir)  # the newest that verifies
+        if found is None:
             log.warning("resume: no complete checkpoint in %s; starting from step 0", self.run_dir)
             return
+        latest = found[1]
         self.state.load(self.manager.load(latest))
         self.last_ckpt_step = self.state.global_step
         log.info("resumed from %s (step %d)", latest, self.state.global_step)

@@ -2,7 +2,7 @@
 
 Read from the files a run writes (`predictions_<split>.csv`, the confusion matrix of
 `metrics.json`), without torch, so the report, the W&B table at the end of a run and
-`scripts/explain.py --errors` pick the same images.
+`breakhis-ft-explain --errors` pick the same images.
 """
 
 from __future__ import annotations

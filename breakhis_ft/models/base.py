@@ -69,6 +69,13 @@ class Classifier(nn.Module):
         """Whether batches need decoded images (False: they look up cached features)."""
         return True
 
+    @property
+    def input_side(self) -> int | None:
+        """The side of the square its image processor resizes every image to (None: unknown).
+
+        Images need not be cached or resized any larger than this (data/dataset.py)."""
+        return None
+
     def prepare_cached_inputs(self, datasets: Sequence[Any], data_root: str | Path) -> int:
         """Compute once what batches look up instead of images; returns how many were computed.
 
@@ -129,9 +136,16 @@ class Classifier(nn.Module):
         return True
 
     @classmethod
-    def preprocessing_steps(cls, model_cfg: Any) -> dict[str, Any]:
-        """The family's own preprocessing steps before its processor, as an export states them."""
-        return {}
+    def preprocessing_steps(cls, model_cfg: Any, image_size: int | None) -> dict[str, Any]:
+        """The family's preprocessing steps as an export states them: by default `model_side`, the
+        square of the checkpoint's image processor (the cached longest side is capped so that the
+        shorter side keeps it), where images are resized to `image_size`."""
+        if image_size is None:
+            return {}
+        from transformers import AutoImageProcessor  # the processor's files only
+
+        processor = AutoImageProcessor.from_pretrained(str(model_cfg.name_or_path))
+        return {"model_side": processor_side(processor)}
 
     @classmethod
     def answer_details(cls, model_cfg: Any, class_names: Sequence[str]) -> dict[str, Any]:
@@ -151,3 +165,11 @@ class Classifier(nn.Module):
     def load_merged(self, model_dir: str | Path) -> None:
         """Finish a classifier built from a merged export (`merged_overrides`): for inference."""
         self.requires_grad_(False)
+
+
+def processor_side(image_processor: Any) -> int | None:
+    """The side of an image processor's square output size ({"height": S, "width": S}), or None
+    when it has no fixed square size."""
+    size = getattr(image_processor, "size", None) or {}
+    height, width = size.get("height"), size.get("width")
+    return int(height) if height and height == width else None

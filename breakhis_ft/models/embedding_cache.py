@@ -7,7 +7,8 @@ append-only shards `shard-*.safetensors`, each an `embeddings` (N, D) tensor who
 lists the N image keys `<path relative to the data root>|<file size>|<mtime ns>`: an edited or
 replaced image gets a new key and is recomputed, a changed preprocessing setting selects another
 folder. Shards are written to a temporary name and renamed, so concurrent runs never read half a
-file (at worst both compute an image).
+file (at worst both compute an image), and checked against their sha256 when loaded (a damaged
+one is named, removed and its embeddings computed again: models/shards.py).
 """
 
 from __future__ import annotations
@@ -26,11 +27,10 @@ from tqdm.auto import tqdm
 
 from breakhis_ft.data.breakhis import load_image
 from breakhis_ft.data.dataset import image_key
-from breakhis_ft.models.shards import write_shard
+from breakhis_ft.models.shards import SHARD_GLOB, remove_shard, shard_keys, write_shard
 
 log = logging.getLogger(__name__)
 
-SHARD_GLOB = "shard-*.safetensors"
 MAX_SHARDS = 16  # more than this: merge them into one on the next load
 
 
@@ -103,9 +103,11 @@ class EmbeddingCache:
         store: dict[str, torch.Tensor] = {}
         shards = self._shards()
         for shard in shards:
+            keys = shard_keys(shard)  # checked against its sha256; None: gone or damaged
             try:
+                if keys is None:
+                    continue
                 with safe_open(str(shard), framework="pt") as f:
-                    keys = json.loads(f.metadata()["keys"])
                     values = f.get_tensor("embeddings")
             except FileNotFoundError:  # merged away by a concurrent run: recomputed if needed
                 continue
@@ -113,7 +115,7 @@ class EmbeddingCache:
         if len(shards) > MAX_SHARDS and store:
             self._write_shard(store)
             for shard in shards:
-                shard.unlink(missing_ok=True)
+                remove_shard(shard)
         self._store = store
         return store
 

@@ -23,7 +23,7 @@ from PIL import Image
 from transformers import Gemma3ForConditionalGeneration, PreTrainedModel, ProcessorMixin
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from breakhis_ft.models.base import Batch, Classifier
+from breakhis_ft.models.base import Batch, Classifier, processor_side
 from breakhis_ft.models.lora import count_parameters, merged_weights
 from breakhis_ft.models.prompts import ClassPrompt, make_prompt
 from breakhis_ft.models.siglip_loading import checkpoint_identity
@@ -386,6 +386,11 @@ class MedGemmaClassifier(Classifier):
             [image.convert("RGB") for image in images], return_tensors="pt"
         )["pixel_values"]
         return self.image_features(pixel_values.to(self.device))
+
+    @property
+    def input_side(self) -> int | None:
+        """The square the Gemma 3 image processor resizes to (896 for MedGemma)."""
+        return processor_side(self.processor.image_processor)
 
     @property
     def needs_images(self) -> bool:

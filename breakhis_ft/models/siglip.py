@@ -26,7 +26,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from breakhis_ft.models.base import Batch, Classifier
+from breakhis_ft.models.base import Batch, Classifier, processor_side
 from breakhis_ft.models.embedding_cache import EmbeddingCache, EmbeddingTable
 from breakhis_ft.models.lora import merged_weights
 from breakhis_ft.models.precision import Precision
@@ -133,6 +133,11 @@ class SiglipClassifier(Classifier):
         return computed
 
     @property
+    def input_side(self) -> int | None:
+        """The square the SigLIP image processor resizes to (448 for MedSigLIP)."""
+        return processor_side(self.preprocessor.image_processor)
+
+    @property
     def needs_images(self) -> bool:
         """A probe's batches hold cached embeddings; LoRA and full fine-tuning need images."""
         return self.mode != "probe"
@@ -232,12 +237,15 @@ class SiglipClassifier(Classifier):
         return classifier_mode(peft_method, bool(model_cfg.freeze_encoder)) != "probe"
 
     @classmethod
-    def preprocessing_steps(cls, model_cfg: Any) -> dict[str, Any]:
-        """How the image is made square (`model.resize`) and the fill colour of padding (from the
-        checkpoint's processor files only)."""
+    def preprocessing_steps(cls, model_cfg: Any, image_size: int | None) -> dict[str, Any]:
+        """How the image is made square (`model.resize`), the fill colour of padding, and the
+        processor's square where images are resized (from the checkpoint's processor files)."""
         pre = load_preprocessor(str(model_cfg.name_or_path), str(model_cfg.resize))
         # pad: centred on a canvas of the processor's mean colour
-        return {"square": pre.resize, "fill": list(pre.fill)}
+        steps: dict[str, Any] = {"square": pre.resize, "fill": list(pre.fill)}
+        if image_size is not None:
+            steps["model_side"] = processor_side(pre.image_processor)
+        return steps
 
     @classmethod
     def merged_overrides(cls) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from PIL import Image
 from transformers import AutoTokenizer, SiglipModel
 
 from breakhis_ft.errors import ModelLoadError
-from breakhis_ft.models.base import Batch, Classifier
+from breakhis_ft.models.base import Batch, Classifier, processor_side
 from breakhis_ft.models.siglip_loading import (
     SiglipPreprocessor,
     contiguous_pooling,
@@ -65,6 +65,11 @@ class ZeroShotClassifier(Classifier):
         self.register_buffer(
             "text_embeds", self._class_text_embeddings(tokenizer), persistent=False
         )
+
+    @property
+    def input_side(self) -> int | None:
+        """The square the SigLIP image processor resizes to (448 for MedSigLIP)."""
+        return processor_side(self.preprocessor.image_processor)
 
     def train(self, mode: bool = True) -> ZeroShotClassifier:
         """The model stays in eval mode: there is nothing to train."""

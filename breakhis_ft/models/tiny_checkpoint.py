@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from breakhis_ft.errors import ModelLoadError
+from breakhis_ft.files import build_once
 
 RECIPE_FILE = "tiny_recipe.json"
 
@@ -61,17 +58,5 @@ def ensure_checkpoint(
     if stored_digest(path) == digest:
         return path
     _check_ours(path, Path(cache_root))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{path.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if stored_digest(path) == digest:  # another process built it while we waited
-            return path
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
-        try:
-            build(tmp)
-            if path.exists():
-                shutil.rmtree(path)  # an older recipe of ours (checked above)
-            os.replace(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    # an existing folder holds an older recipe of ours (checked above): it is replaced
+    return build_once(path, build, lambda folder: stored_digest(folder) == digest)

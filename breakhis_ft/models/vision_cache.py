@@ -13,8 +13,9 @@ dataset preprocessing (`data.image_size`, resampling), the dtype and a format ve
 `shard-*.safetensors`, each a `features` (N, tokens, hidden) tensor in the model's dtype whose
 header metadata lists the N image keys `<path>|<file size>|<mtime ns>`: an edited image gets a
 new key and is recomputed. Shards are written under a temporary name and renamed (atomic), so a
-concurrent run never reads half a file. Lookups read rows from the memory-mapped shards, not the
-whole store.
+concurrent run never reads half a file, and checked against their sha256 when indexed (a damaged
+one is named, removed and its features computed again: models/shards.py). Lookups read rows
+from the memory-mapped shards, not the whole store.
 """
 
 from __future__ import annotations
@@ -32,13 +33,12 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from breakhis_ft.data.dataset import image_key
-from breakhis_ft.models.shards import write_shard
+from breakhis_ft.models.shards import SHARD_GLOB, shard_keys, write_shard
 from breakhis_ft.validate import CACHE_OPTIONS, feature_cache_obstacles, feature_cache_setting
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # bump when what a shard holds or how features are computed changes
-SHARD_GLOB = "shard-*.safetensors"
+FORMAT_VERSION = 2  # bump when what a shard holds or how features are computed changes
 
 
 class FeatureCacheError(ValueError):
@@ -57,6 +57,8 @@ def feature_identity(
         "image_processor": {k: v for k, v in settings.items() if not k.startswith("_")},
         "data_image_size": image_size,
         "dataset_resample": "BICUBIC",  # breakhis_ft.data.dataset.RESAMPLE (resize_longest)
+        # data.dataset.cached_longest_side: the shorter side kept at the processor's square side
+        "dataset_resize": "longest<=data_image_size,shorter>=processor_side",
         "dtype": str(dtype),
         "features": "get_image_features(pixel_values).pooler_output",
     }
@@ -86,10 +88,8 @@ class VisionFeatureStore:
         for shard in sorted(self.directory.glob(SHARD_GLOB)):
             if shard.name in self._handles:
                 continue
-            try:
-                with safe_open(str(shard), framework="pt") as f:
-                    keys = json.loads(f.metadata()["keys"])
-            except FileNotFoundError:
+            keys = shard_keys(shard)  # checked against its sha256; None: gone or damaged
+            if keys is None:
                 continue
             for row, key in enumerate(keys):
                 self.index.setdefault(key, (shard.name, row))

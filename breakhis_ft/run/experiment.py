@@ -17,7 +17,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from breakhis_ft.data.breakhis import BreakhisScan, data_stats, scan_from_config, write_bad_files
 from breakhis_ft.data.records import ImageRecord, Task, label_of
-from breakhis_ft.data.splits import assign_splits, duplicate_leaks, split_rows, split_summary
+from breakhis_ft.data.splits import (
+    assign_splits,
+    coverage_lines,
+    coverage_problems,
+    duplicate_leaks,
+    split_coverage,
+    split_rows,
+)
 from breakhis_ft.engine.stop import sigterm_interrupts
 from breakhis_ft.run.run_folder import (
     group_choices,
@@ -42,6 +49,7 @@ def prepare_data(cfg: DictConfig, run_dir: Path) -> tuple[BreakhisScan, dict[str
     if cfg.trainer.overfit_batches > 0:
         splits = overfit_splits(splits, cfg.trainer.overfit_batches * cfg.trainer.batch_size, task)
     stats = data_stats(scan)
+    stats["split"] = split_coverage(splits, task, cfg.split)
     if "both" in scan.duplicate_kept.values():  # data.duplicate_keep=both: the notebook's leak
         stats["duplicate_leak"] = leaks = duplicate_leaks(splits)
         log.warning(
@@ -56,8 +64,13 @@ def prepare_data(cfg: DictConfig, run_dir: Path) -> tuple[BreakhisScan, dict[str
             log.warning("skipped %d bad files (listed in bad_files.csv)", len(scan.bad_files))
         write_json(run_dir / "data_stats.json", stats)
         write_splits_csv(run_dir / "splits.csv", split_rows(splits, task), task.classes)
-    for split, summary in split_summary(splits, task).items():
-        log.info("%s: %d images, %d patients", split, summary["images"], summary["patients"])
+    for line in coverage_lines(stats["split"]):
+        log.info("split %s", line)
+    for problem in coverage_problems(stats["split"]):
+        if problem.startswith("train"):  # a class the model cannot learn
+            log.error("%s: the model cannot learn these classes", problem)
+        else:
+            log.warning("%s: too few patient groups; its metrics cannot measure them", problem)
     return scan, splits
 
 
@@ -112,13 +125,17 @@ def _set_status(run_dir: Path, status: str, **extra: object) -> None:
 
 
 def _resume_step(cfg: DictConfig, run_dir: Path) -> int | None:
-    """On `resume=`: the step of the run folder's latest complete checkpoint (0 when none)."""
+    """On `resume=`: the step of the run folder's newest checkpoint that verifies (0 when none);
+    a `best/` left between its two renames by a crash is put back first."""
     if cfg.resume is None:
         return None
-    from breakhis_ft.engine.checkpoint import list_checkpoints  # heavy: torch, accelerate
+    # heavy: torch, accelerate
+    from breakhis_ft.engine.checkpoint import recover_best, resumable_checkpoint
 
-    found = list_checkpoints(run_dir)
-    return found[-1][0] if found else 0
+    if is_main_process():
+        recover_best(run_dir / "best")
+    found = resumable_checkpoint(run_dir)
+    return found[0] if found else 0
 
 
 def run_experiment(cfg: DictConfig) -> float | None:

@@ -7,11 +7,10 @@ handed down; the engine and the models never re-read the config to decide these 
 
 from __future__ import annotations
 
+import csv
 import functools
-import hashlib
 import json
 import logging
-from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,13 +22,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from breakhis_ft.config import EvaluateConfig, Fusion
 from breakhis_ft.data.breakhis import BreakhisScan, load_image
-from breakhis_ft.data.dataset import ImageDataset, build_image_cache, cache_info, labels_for
+from breakhis_ft.data.dataset import ImageCache, ImageDataset, build_image_cache, labels_for
 from breakhis_ft.data.records import ImageRecord, Task
 from breakhis_ft.data.stain import (
+    STAIN_FALLBACKS,
     StainFitError,
     StainNormalizer,
     fit_stain_normalizer,
     load_normalizer,
+    reference_records,
     save_normalizer,
 )
 from breakhis_ft.engine.recipe import LogFn, RecipeSettings
@@ -99,22 +100,10 @@ def make_classifier(
     return classifier
 
 
-def _hashed(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def stain_reference_records(train: Sequence[ImageRecord], n: int) -> list[ImageRecord]:
-    """Up to `n` training images for a stain reference: round robin over the patients, so each
-    patient's stain counts; patients and their images in a fixed pseudo-random order (a hash of
-    the name), the same on every machine and independent of the run's seed."""
-    by_patient: dict[str, list[ImageRecord]] = defaultdict(list)
-    for record in sorted(train, key=lambda r: _hashed(r.path)):
-        by_patient[record.patient].append(record)
-    queues = [by_patient[p] for p in sorted(by_patient, key=_hashed)]
-    chosen: list[ImageRecord] = []
-    for k in range(max(map(len, queues), default=0)):
-        chosen += [queue[k] for queue in queues if k < len(queue)]
-    return chosen[:n]
+    """Up to `n` training images for a stain reference (`stain.reference_records`): round robin
+    over the patients, in a fixed order independent of the run's seed."""
+    return reference_records(train, n)
 
 
 def make_stain_normalizer(
@@ -161,26 +150,39 @@ def make_stain_normalizer(
     return normalizer
 
 
-def _record_stain(cache: Any, stain: StainNormalizer, run_dir: Path | None) -> None:
-    """Log the images the normaliser passed through unchanged; count them in data_stats.json."""
-    passed = cache_info(cache).get("stain_passed_through", [])
+def _record_stain(cache: ImageCache, stain: StainNormalizer, run_dir: Path | None) -> None:
+    """Log the images the normaliser kept as they were (no stain to estimate, or a failed check);
+    count them in data_stats.json and list them all in stain_fallbacks.csv."""
+    passed = cache.passed_through
+    checks = sum(reason.startswith("stain check:") for _, reason in passed)
     if passed:
         log.warning(
-            "stain normalisation passed %d of %d image(s) through unchanged (no stain to "
-            "estimate), e.g. %s: %s",
+            "stain normalisation kept %d of %d image(s) as they were (%d failed a check, %d had no "
+            "stain to estimate; listed in stain_fallbacks.csv), e.g. %s: %s",
             len(passed),
             len(cache),
+            checks,
+            len(passed) - checks,
             *passed[0],
         )
     stats_file = None if run_dir is None else run_dir / "data_stats.json"
     if stats_file is None or not stats_file.is_file():
         return
+    if passed:
+        with open(run_dir / STAIN_FALLBACKS, "w", newline="") as f:
+            f.write(f"# {len(passed)} image(s) kept as they were by {stain.method} (reason)\n")
+            rows = csv.writer(f)
+            rows.writerow(["path", "reason"])
+            rows.writerows(passed)
     stats = json.loads(stats_file.read_text())
     stats["stain_normalization"] = {
         "method": stain.method,
         "identity": stain.identity(),
         "reference_images": len(stain.reference),
-        "passed_through": len(passed),
+        "passed_through": len(passed),  # kept as they were, for either reason
+        "failed_check": checks,
+        "no_stain": len(passed) - checks,
+        "fallbacks_file": STAIN_FALLBACKS if passed else None,
         "passed_through_files": [{"path": p, "reason": r} for p, r in passed[:100]],
     }
     stats_file.write_text(json.dumps(stats, indent=2, default=str))
@@ -193,18 +195,30 @@ def make_datasets(
     needs_images: bool,
     stain: StainNormalizer | None = None,
     run_dir: Path | None = None,
+    model_side: int | None = None,
 ) -> dict[str, ImageDataset]:
     """One dataset per non-empty split over one shared image cache; augmentation on train only.
 
     `stain`: the cache holds normalised images; `run_dir`: the main process's run folder, whose
-    data_stats.json then counts the images the normaliser passed through.
+    data_stats.json then counts the images the normaliser passed through; `model_side`: the
+    square the model reads (`Classifier.input_side`), which caps the cached size.
     """
     used = [r for records in splits.values() for r in records]
     source: Any = scan.root
+    size = cfg.data.image_size
     if needs_images and used:
         unique = list({r.path: r for r in used}.values())
         source = build_image_cache(
-            unique, scan.root, cfg.data.image_size, cfg.paths.images, stain=stain
+            unique, scan.root, size, cfg.paths.images, stain=stain, model_side=model_side
+        )
+        log.info(
+            "image cache %s: %d images, %.1f MB (longest side <= %d px%s); %d built now",
+            source.directory,
+            len(source),
+            source.megabytes(),
+            size,
+            f", shorter side >= the model's {model_side} px" if model_side else "",
+            source.built,
         )
         if stain is not None:
             _record_stain(source, stain, run_dir)
@@ -216,8 +230,9 @@ def make_datasets(
             source,
             augment=cfg.data.augment if split == "train" else None,
             with_images=needs_images,
-            image_size=cfg.data.image_size,  # how `load` resizes when decoding from the root
+            image_size=size,  # how `load` resizes when decoding from the root
             stain=stain,
+            model_side=model_side,
         )
         for split, records in splits.items()
         if records

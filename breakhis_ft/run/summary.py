@@ -178,8 +178,8 @@ def summary_block(
         lines.append(f"  best step: {step} ({monitor} {shown})")
     lines += [
         f"  run folder: {folder}",
-        f"  compare: python scripts/report.py {folder}",
-        f"  predict: python scripts/predict.py {folder} IMAGES --out predictions.csv",
+        f"  compare: breakhis-ft-report {folder}",
+        f"  predict: breakhis-ft-predict {folder} IMAGES --out predictions.csv",
         rule,
     ]
     return "\n".join(lines)

@@ -185,6 +185,7 @@ class TrainingRun:
                 self.classifier.needs_images,
                 self.stain,
                 self.run_dir if self.main else None,
+                self.classifier.input_side,  # the square the model reads caps the cached size
             )
             prepare_cached_inputs(self.classifier, self.datasets, scan.root, self.accelerator)
         except BaseException:

@@ -22,7 +22,7 @@ memory, no download), applies the adapter exactly as training does, and adds up:
 The per-layer activation model is explained in `breakhis_ft/vram/activations.py`.
 
 Comparing with a GPU (none here; target: the estimate within 15% of the measurement): run
-`scripts/estimate_vram.py <overrides> --json est.json`, then train the same overrides for a few
+`breakhis-ft-estimate-vram <overrides> --json est.json`, then train the same overrides for a few
 steps (`trainer.max_steps=5`), with `torch.cuda.reset_peak_memory_stats()` before the first step and
 `torch.cuda.max_memory_allocated()` after the last (allocated, not reserved: the estimate has no
 CUDA context, ~0.3-0.5 GB, and no allocator cache); compare with `total_bytes` and record both

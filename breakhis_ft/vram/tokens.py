@@ -9,8 +9,9 @@ from typing import Any
 from breakhis_ft.config import PromptConfig
 from breakhis_ft.data.records import class_names
 
-# Tokens of the 8-class numbered prompt of REFERENCE.md (chat markup included), used to scale the
-# prompt length by characters where no tokenizer is available locally (the gated hub checkpoint).
+# Tokens of the blog's 8-class numbered prompt (docs/references.md; chat markup included), used
+# to scale the prompt length by characters where no tokenizer is available locally (the gated hub
+# checkpoint).
 REFERENCE_PROMPT_TOKENS = 80
 # The Gemma 3 processor expands <start_of_image> to "\n\n" <boi> N x <image> <eoi> "\n\n".
 IMAGE_EXTRA_TOKENS = 3
@@ -24,7 +25,7 @@ class Tokens:
     image: int  # soft tokens + the markers the processor adds
     answer: int  # the answer, end of turn and what the template appends
     labelled: int  # positions lm_head is applied to per sequence (loss_on)
-    exact: bool  # counted with the checkpoint's processor, else scaled from REFERENCE.md
+    exact: bool  # counted with the checkpoint's processor, else scaled from docs/references.md
 
     @property
     def seq(self) -> int:
