@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 # CPU machines take the CPU build of torch; on a CUDA machine: make setup TORCH_SPEC=torch
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,plots,docs
+# threads of each process of `make demo` (OMP_NUM_THREADS): the machine's cores by default; on a
+# busy shared machine fewer run faster (make demo THREADS=1)
+THREADS ?= $(shell nproc 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 1)
 
 .PHONY: setup demo demo-record test test-all lint docs
 
@@ -18,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(BIN)/breakhis-ft experiment=demo
+	OMP_NUM_THREADS=$(THREADS) $(BIN)/breakhis-ft experiment=demo
 	-$(BIN)/breakhis-ft-demo-metrics  # this run's figures beside the README's
 
 # after `make demo` on the reference machine: benchmarks/results/demo_metrics.json and the

@@ -15,6 +15,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from breakhis_ft.errors import ConfigError
+
 
 class DataSource(StrEnum):
     synthetic = "synthetic"  # the embedded replica, built into paths.cache_dir
@@ -408,23 +410,49 @@ class TrainRunConfig:
 MAGNIFICATIONS = (40, 100, 200, 400)
 
 
+def is_folder_name(name: str) -> bool:
+    """Whether `name` names one entry of a folder: not empty, `.` or `..`, no separator."""
+    return name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+
+
+def folder_name(value: Any) -> str:
+    """experiment_name as the folder it names under paths.output_dir (the `folder_name` resolver
+    of train.yaml's run and sweep folders): one folder name, never a path that leaves it."""
+    name = str(value)
+    if not is_folder_name(name):
+        raise ConfigError(
+            f"experiment_name={name!r}: it names the run's folder under "
+            "paths.output_dir, so it must be one folder name (not empty, `.` or `..`, no / or \\); "
+            "e.g. experiment_name=lora_r8. Choose where runs go with paths.output_dir"
+        )
+    return name
+
+
 def register_configs() -> None:
-    """Register the schema in Hydra's ConfigStore: the base config `train_schema`, and each model
-    family's schema (`medgemma_schema`, `siglip_schema`) for the model group's files."""
+    """Register the schema in Hydra's ConfigStore: the base config `train_schema` and each model
+    family's schema (`medgemma_schema`, `siglip_schema`, for the model group's files); and the
+    `folder_name` resolver the run folders' paths use."""
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainRunConfig)
     for kind, schema in MODEL_SCHEMAS.items():
         store.store(name=f"{kind}_schema", node=schema)
+    if not OmegaConf.has_resolver("folder_name"):
+        OmegaConf.register_new_resolver("folder_name", folder_name)
 
 
-def structured_run_config(saved: Any) -> DictConfig:
-    """A saved run config on the schema, its model on its family's schema. Keys the family has
-    not (a config saved with one flat model schema holds every family's) are dropped."""
-    values = OmegaConf.to_container(OmegaConf.create(saved))
+def family_keys_only(saved: Any) -> dict[str, Any]:
+    """A saved run config as a plain dict whose model holds its family's keys only: a config saved
+    with one flat model schema holds every family's, and the others are dropped."""
+    values: dict[str, Any] = OmegaConf.to_container(OmegaConf.create(saved))  # type: ignore[assignment]
     model = values.get("model") or {}
-    schema = MODEL_SCHEMAS[str(model["kind"])]
-    known = {f.name for f in fields(schema)}
+    known = {f.name for f in fields(MODEL_SCHEMAS[str(model["kind"])])}
     values["model"] = {k: v for k, v in model.items() if k in known}
+    return values
+
+
+def schema_of(saved: Any) -> DictConfig:
+    """The schema a saved run config goes onto: TrainRunConfig, its model on the schema of the
+    config's family (`model.kind`)."""
     cfg = OmegaConf.structured(TrainRunConfig)
-    cfg.model = OmegaConf.structured(schema)
-    return OmegaConf.merge(cfg, values)  # type: ignore[return-value]
+    cfg.model = OmegaConf.structured(MODEL_SCHEMAS[str(saved["model"]["kind"])])
+    return cfg

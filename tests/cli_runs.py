@@ -27,6 +27,9 @@ FAST = [
 # secrets the first run is given (environment and a secret-looking override): none may be written
 SECRET_ENV = {"HF_TOKEN": f"hf_{secrets.token_hex(20)}", "WANDB_API_KEY": secrets.token_hex(20)}
 SECRET_OVERRIDE = ("+hf_token", secrets.token_hex(20))
+# more secret-looking keys a user may add (run/secrets.py's rule): their values are never written
+ADDED_SECRETS = {key: f"s{secrets.token_hex(16)}" for key in ("+my_token_value", "+auth_tokens")}
+ADDED_SECRETS["+credentials"] = f"s{secrets.token_hex(16)}"
 
 
 def cli_env(cache: Path, **extra: str) -> dict[str, str]:

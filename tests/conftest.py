@@ -65,11 +65,12 @@ def module_cache(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def first_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """One tiny MedGemma run through the entrypoint with W&B offline, given secrets in its
-    environment and in an override: (run folder, cache folder)."""
-    from cli_runs import FAST, SECRET_ENV, SECRET_OVERRIDE, run_cli, single_run_dir
+    environment and in `+key=value` overrides: (run folder, cache folder)."""
+    from cli_runs import ADDED_SECRETS, FAST, SECRET_ENV, SECRET_OVERRIDE, run_cli, single_run_dir
 
     base = tmp_path_factory.mktemp("entry")
     args = ["model=tiny_gemma3", "logger.mode=offline", *FAST, "=".join(SECRET_OVERRIDE)]
+    args += [f"{key}={value}" for key, value in ADDED_SECRETS.items()]
     done = run_cli([*args, f"paths.output_dir={base / 'a'}"], base / "cache", **SECRET_ENV)
     assert done.returncode == 0, done.stderr[-3000:]
     (base / "first_run.stdout").write_text(done.stdout)  # what the terminal showed

@@ -32,8 +32,8 @@ from breakhis_ft.config import (
     MedGemmaConfig,
     SiglipConfig,
     register_configs,
-    structured_run_config,
 )
+from breakhis_ft.deploy.loading import on_schema
 from breakhis_ft.errors import ConfigError
 from breakhis_ft.validate import validate_config
 
@@ -138,11 +138,11 @@ def test_a_saved_config_loads_on_its_familys_schema(tmp_path: Path) -> None:
     another family, which a config saved with one flat model schema holds, are dropped."""
     saved = OmegaConf.to_container(compose_train(["model=tiny_siglip"]))
     saved["model"]["prompt"] = {"style": "letters"}  # MedGemma's, as the flat schema saved it
-    cfg = structured_run_config(saved)
+    cfg = on_schema(saved)
     assert OmegaConf.get_type(cfg.model) is SiglipConfig and "prompt" not in cfg.model
     with pytest.raises(Exception, match="eval_mode"):
         cfg.model.eval_mode = "generate"
-    gemma = structured_run_config(OmegaConf.to_container(compose_train([])))
+    gemma = on_schema(OmegaConf.to_container(compose_train([])))
     assert OmegaConf.get_type(gemma.model) is MedGemmaConfig and gemma.model.prompt.style
 
 

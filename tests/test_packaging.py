@@ -47,8 +47,10 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh virtual environment with the wheel and its dependencies: its bin/ folder."""
     tmp = tmp_path_factory.mktemp("packaging")
     wheels = tmp / "wheels"
-    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(REPO)]
-    _run(*build, cwd=tmp)
+    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-v", "-w", str(wheels), str(REPO)]
+    built = _run(*build, cwd=tmp)
+    # every folder that ships files is a declared package: setuptools warns about none
+    assert "is absent from the `packages` configuration" not in built
     (wheel,) = wheels.glob("breakhis_ft-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert not [n for n in names if n.startswith("benchmarks/")], "benchmarks/ is repository-only"

@@ -16,6 +16,7 @@ from cli_runs import single_run_dir as _single_run_dir
 
 from breakhis_ft.deploy.export import export_adapter, export_merged
 from breakhis_ft.deploy.predict import load_predictor, predict_files
+from breakhis_ft.run.ownership import STAMP_FILE
 
 # the demo (all-linear LoRA r=32) at a small size: 12 updates of 8 images, then val and test
 SMALL = [
@@ -116,6 +117,7 @@ def test_qlora_resumes_exactly(qlora_run, base) -> None:
     cut = base / "cut" / "run"
     shutil.copytree(qlora_run / ".hydra", cut / ".hydra")
     shutil.copytree(qlora_run / "checkpoints" / "step_000006", cut / "checkpoints" / "step_000006")
+    shutil.copy2(qlora_run / STAMP_FILE, cut / STAMP_FILE)  # the run's own folder: stamped
     done = run_cli([f"resume={cut}"], base / "cache", **ONE_THREAD)
     assert done.returncode == 0, done.stderr[-3000:]
     (log,) = cut.glob("*.log")  # named after Hydra's job (cli when resumed)

@@ -110,14 +110,11 @@ def _logged_a_train_step(parent: Path) -> bool:
     return False
 
 
-@pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_resume_continues_exactly(first_run, tmp_path) -> None:
-    """SIGTERM mid-training: exit 143, status interrupted at step N with its checkpoint; resume=
-    leaves .hydra/ as it was, lists itself in the history, continues the W&B run, logs no step
-    twice and ends with the metrics of the uninterrupted run."""
-    uninterrupted, cache = first_run
+def _sigterm_after_the_first_update(logger: str, cache: Path, tmp_path: Path) -> Path:
+    """Start the first run's configuration (W&B `logger`), SIGTERM it once it logged a training
+    step, check that it ended as interrupted with its checkpoint; its run folder."""
     out = tmp_path / "out"
-    args = ["model=tiny_gemma3", "logger.mode=offline", *FAST, "trainer.log_every_steps=1"]
+    args = ["model=tiny_gemma3", logger, *FAST, "trainer.log_every_steps=1"]
     proc = start_cli([*args, f"paths.output_dir={out}"], cache, tmp_path / "log.txt")
     deadline = time.monotonic() + 600
     while not _logged_a_train_step(out):
@@ -133,11 +130,35 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues_exactly(first_run, tmp_
     assert 1 <= step < 4, "stopped too late: the run had finished training"
     assert (run_dir / "checkpoints" / f"step_{step:06d}" / "trainer_state.json").is_file()
     assert not (run_dir / "metrics.json").exists()
+    return run_dir
+
+
+def test_sigterm_then_resume_ends_with_the_uninterrupted_metrics(first_run, tmp_path) -> None:
+    """The fast tier's SIGTERM + resume (the slow test below also checks W&B and the record):
+    SIGTERM after the first update, exit 143 with a checkpoint, resume= to the first run's
+    metrics."""
+    uninterrupted, cache = first_run
+    run_dir = _sigterm_after_the_first_update("logger=none", cache, tmp_path)
+    done = run_cli([f"resume={run_dir}"], cache)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert run_info(run_dir)["status"] == "completed"
+    assert read_metrics(run_dir) == read_metrics(uninterrupted)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_resume_continues_exactly(first_run, tmp_path) -> None:
+    """SIGTERM mid-training: exit 143, status interrupted at step N with its checkpoint; resume=
+    leaves .hydra/ as it was, lists itself in the history, continues the W&B run, logs no step
+    twice and ends with the metrics of the uninterrupted run."""
+    uninterrupted, cache = first_run
+    run_dir = _sigterm_after_the_first_update("logger.mode=offline", cache, tmp_path)
+    info = run_info(run_dir)
+    step = info["step"]
     record, wandb_id = _files(run_dir / ".hydra"), info["wandb"]["id"]
 
     done = run_cli([f"resume={run_dir}"], cache)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert single_run_dir(out) == run_dir and _files(run_dir / ".hydra") == record
+    assert single_run_dir(tmp_path / "out") == run_dir and _files(run_dir / ".hydra") == record
     resumed = run_info(run_dir)
     assert resumed["status"] == "completed" and "signal" not in resumed
     assert resumed["command"] == info["command"]  # the original command stays

@@ -36,11 +36,16 @@ class Run:
     metrics: dict[str, Any]  # metrics.json as written
     history: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl rows
     info: dict[str, Any] = field(default_factory=dict)  # run_info.json
+    checkpoint_steps: list[int] = field(default_factory=list)  # of its complete checkpoints
 
     @property
     def last_step(self) -> int | None:
-        """The last step logged in metrics.jsonl (how far a running run got)."""
+        """How far the run got: the last step logged in metrics.jsonl, or of a checkpoint or an
+        interruption when later (a run stopped before it logged its steps)."""
         steps = [row["step"] for row in self.history if isinstance(row.get("step"), int)]
+        steps += self.checkpoint_steps
+        if isinstance(self.info.get("step"), int):
+            steps.append(self.info["step"])
         return max(steps) if steps else None
 
     def value(self, key: str) -> Any:
@@ -130,6 +135,13 @@ def _choices(run_dir: Path, overrides: list[str], config: dict[str, Any]) -> dic
     return choices
 
 
+def _checkpoint_steps(run_dir: Path) -> list[int]:
+    """The steps of the run's complete checkpoints (checkpoints/step_N/ with its trainer state;
+    engine/checkpoint.py writes them), read without importing torch."""
+    found = (run_dir / "checkpoints").glob("step_*/trainer_state.json")
+    return sorted(int(p.parent.name[5:]) for p in found if p.parent.name[5:].isdigit())
+
+
 def is_run_dir(path: Path) -> bool:
     """A run folder holds run_info.json or Hydra's .hydra/config.yaml."""
     return (path / "run_info.json").is_file() or (path / ".hydra" / "config.yaml").is_file()
@@ -174,6 +186,7 @@ def load_run(run_dir: str | Path) -> Run:
         metrics=metrics or {},
         history=_read_history(run_dir / "metrics.jsonl"),
         info=info or {},
+        checkpoint_steps=_checkpoint_steps(run_dir),
     )
 
 

@@ -9,7 +9,6 @@ The root may be any folder on that path from the top down to `breast`.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import re
 from collections import Counter, defaultdict
@@ -376,32 +375,18 @@ def stats_table(stats: dict) -> str:
 def scan_from_config(data_cfg: Any, synthetic_dir: str | Path) -> BreakhisScan:
     """Scan the data of a `data` config: the real tree at data.root, or the cached replica.
 
-    data=synthetic builds the replica once under `synthetic_dir` (paths.synthetic), or in
-    data.root when set, then reuses it.
+    data=synthetic builds the replica once under `synthetic_dir` (paths.synthetic), then reuses
+    it; with data.root set, in that folder when it is new or empty (or already this replica). A
+    folder of real BreakHis data given as data.root with data=synthetic is refused, never
+    written: its message names the fix, data=breakhis.
     """
     if data_cfg.source == "synthetic":
-        from breakhis_ft.data.synthetic import GENERATOR_VERSION, build_replica, ensure_replica
+        from breakhis_ft.data.synthetic import ensure_replica, ensure_replica_at
 
         size = tuple(int(x) for x in data_cfg.synthetic_size)
         fraction, seed = float(data_cfg.synthetic_fraction), int(data_cfg.synthetic_seed)
         if data_cfg.root:  # an explicit folder: build there unless a replica is already in it
-            root = Path(data_cfg.root).expanduser()
-            marker = root / "replica.json"
-            if not marker.is_file():
-                build_replica(root, fraction, size, seed)
-            else:
-                meta = json.loads(marker.read_text())
-                built = (
-                    meta["fraction"],
-                    list(meta["size"]),
-                    meta["seed"],
-                    meta["generator_version"],
-                )
-                if built != (fraction, list(size), seed, GENERATOR_VERSION):
-                    raise BadDataError(
-                        f"data.root={root} holds a replica built with other settings ({marker}); "
-                        "choose another data.root, delete it, or leave data.root unset"
-                    )
+            root = ensure_replica_at(data_cfg.root, fraction, size, seed)
         else:
             root = ensure_replica(synthetic_dir, fraction, size, seed)
     elif data_cfg.source == "breakhis":

@@ -8,8 +8,10 @@ as between real slides, so a model that learns colour learns the patient, not th
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import os
+import shutil
 import zlib
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
@@ -28,7 +30,9 @@ from breakhis_ft.files import build_once
 GENERATOR_VERSION = 1  # bump when images or Folds.csv change, so cached replicas are rebuilt
 TREE = Path("BreaKHis_v1", "histology_slides", "breast")
 MAG_ZOOM = {40: 1.0, 100: 1.5, 200: 2.2, 400: 3.2}  # structure scale per magnification
-MARKER = "replica.json"
+MARKER = "replica.json"  # the stamp of a replica's folder: its settings, and whether it is complete
+_BUILD_LOCK = ".replica.lock"  # data.root builds: concurrent first builds wait for one
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 # Per subtype, in pixels of a 700-wide image at 40X. scatter: loose nuclei per 10k px; radius:
 # nucleus radius; pleo: share of enlarged nuclei; glands/lumen: ringed lumens and their radius;
 # cords: single-file lines; fronds: double rows (papillary); clusters/cluster_n: dense sheets;
@@ -342,6 +346,73 @@ def write_folds_csv(path: Path, plan: list[ReplicaImage], seed: int) -> None:
                         out.writerow([fold, it.magnification, grp, it.rel_path])
 
 
+def _replica_meta(folder: Path) -> dict | None:
+    """The replica stamp (MARKER) of a folder, or None when it carries none."""
+    try:
+        meta = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def replica_complete(folder: str | Path) -> bool:
+    """Whether a folder holds a finished replica (a build stamps it first as unfinished; stamps
+    written before that record no `complete` and were written at the end of a build)."""
+    meta = _replica_meta(Path(folder))
+    return meta is not None and meta.get("complete", True) is True
+
+
+def _breakhis_evidence(root: Path, max_entries: int = 20000) -> str | None:
+    """What in `root` looks like BreakHis data (histology_slides/, a Folds.csv, an image), or None;
+    the first `max_entries` entries, top down, are looked at."""
+    seen = 0
+    for current, dirs, names in os.walk(root):
+        here = Path(current).relative_to(root)
+        for name in dirs:
+            if name.lower() == "histology_slides":
+                return f"{here / name}/"
+        for name in names:
+            if name.lower() == "folds.csv" or Path(name).suffix.lower() in _IMAGE_SUFFIXES:
+                return str(here / name)
+        seen += len(dirs) + len(names)
+        if seen > max_entries:
+            return None
+    return None
+
+
+def check_replica_folder(root: str | Path, key: str | None = None) -> None:
+    """Refuse (BadDataError) to build a replica into a folder that is not new, empty or a replica's
+    own (stamped with MARKER); nothing is written. `key`: the config key that named the folder."""
+    root = Path(root)
+    where = f"{key}={root}" if key else str(root)
+    if not root.exists() or _replica_meta(root) is not None:
+        return
+    if not root.is_dir():
+        raise BadDataError(f"{where} is a file: a replica is built into a new or empty folder")
+    if not [p for p in root.iterdir() if p.name != _BUILD_LOCK]:
+        return
+    found = _breakhis_evidence(root)
+    if found is not None:
+        raise BadDataError(
+            f"{where} holds BreakHis data ({found}). With data=synthetic (the default data "
+            "group) data.root is the folder the synthetic replica is built in, and a folder of "
+            "real data is only ever read: nothing was written. To train on these images: "
+            f"data=breakhis data.root={root}. For the replica: leave data.root unset (it is built "
+            "under paths.synthetic) or give a new or empty folder"
+        )
+    raise BadDataError(
+        f"{where} is not empty and holds no replica (no {MARKER}): the synthetic replica is "
+        "built only into a new or empty folder, and nothing was written to this one. Give a new "
+        "or empty folder, or leave data.root unset (the replica is built under paths.synthetic)"
+    )
+
+
+def _write_marker(dest: Path, meta: dict) -> None:
+    tmp = dest / f".{MARKER}.tmp"
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.replace(dest / MARKER)
+
+
 def build_replica(
     dest: str | Path,
     fraction: float = 1.0,
@@ -349,19 +420,22 @@ def build_replica(
     seed: int = 0,
     workers: int | None = None,
 ) -> Path:
-    """Write a replica (official tree under BreaKHis_v1/ + a Kaggle Folds.csv) into `dest`: a new
-    or empty folder, or one holding an earlier replica (never a folder of the user's files)."""
+    """Write a replica (official tree under BreaKHis_v1/ + a Kaggle Folds.csv) into `dest`.
+
+    `dest` must be new, empty or a replica (`check_replica_folder`): it is stamped (MARKER,
+    `complete: false`) before anything else is written into it, and completed at the end, so an
+    interrupted build leaves a folder that is recognisably ours and is rebuilt."""
     dest = Path(dest)
-    if dest.is_dir() and any(dest.iterdir()) and not (dest / MARKER).is_file():
-        raise BadDataError(
-            f"{dest} is not empty and holds no replica ({MARKER}); a replica is written only into "
-            "a new or empty folder: give another one"
-        )
     size = (int(size[0]), int(size[1]))
     if min(size) < 1:
         raise ValueError(f"data.synthetic_size={list(size)}: width and height must be positive")
     plan = plan_replica(fraction)
+    check_replica_folder(dest)
     dest.mkdir(parents=True, exist_ok=True)
+    meta = {"fraction": fraction, "size": list(size), "seed": seed}
+    meta["generator_version"] = GENERATOR_VERSION
+    _write_marker(dest, {**meta, "complete": False})
+    shutil.rmtree(dest / TREE.parts[0], ignore_errors=True)  # an earlier build's images (ours)
     if workers is None:  # processes pay off only for big images
         pixels = len(plan) * size[0] * size[1]
         workers = min(os.cpu_count() or 1, 8) if pixels > 2e8 else 1
@@ -377,14 +451,7 @@ def build_replica(
     else:
         written = sum(map(_write_folders, jobs))
     write_folds_csv(dest / "Folds.csv", plan, seed)
-    meta = {
-        "fraction": fraction,
-        "size": list(size),
-        "seed": seed,
-        "images": written,
-        "generator_version": GENERATOR_VERSION,
-    }
-    (dest / MARKER).write_text(json.dumps(meta, indent=2))
+    _write_marker(dest, {**meta, "images": written, "complete": True})
     return dest
 
 
@@ -401,8 +468,29 @@ def ensure_replica(
 ) -> Path:
     """The replica in `synthetic_dir/<key>/`, built once (atomically, under a lock) and reused."""
     final = Path(synthetic_dir).expanduser() / replica_key(fraction, size, seed)
-    return build_once(
-        final,
-        lambda tmp: build_replica(tmp, fraction, size, seed),
-        lambda path: (path / MARKER).is_file(),
-    )
+    if not replica_complete(final):
+        check_replica_folder(final)  # the cache's own folder: never someone's files
+    return build_once(final, lambda tmp: build_replica(tmp, fraction, size, seed), replica_complete)
+
+
+def ensure_replica_at(root: str | Path, fraction: float, size: tuple[int, int], seed: int) -> Path:
+    """The replica in a folder the user named (data.root with data=synthetic): built there when
+    the folder is new or empty, reused when it holds this replica. A folder holding anything
+    else (real BreakHis data above all) is refused and left as it was; a replica of other
+    settings too. Concurrent first builds (ranks, array tasks) wait for one under a lock."""
+    root = Path(root).expanduser()
+    check_replica_folder(root, "data.root")
+    if not replica_complete(root):
+        root.mkdir(parents=True, exist_ok=True)
+        with open(root / _BUILD_LOCK, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            if not replica_complete(root):  # not built by another process while we waited
+                build_replica(root, fraction, size, seed)
+    meta = _replica_meta(root) or {}
+    built = (meta.get("fraction"), meta.get("size"), meta.get("seed"))
+    if built + (meta.get("generator_version"),) != (fraction, list(size), seed, GENERATOR_VERSION):
+        raise BadDataError(
+            f"data.root={root} holds a replica built with other settings ({root / MARKER}); "
+            "choose another data.root, delete it, or leave data.root unset"
+        )
+    return root

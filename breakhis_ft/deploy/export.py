@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -170,8 +171,10 @@ def upload_adapter_artifact(
 ) -> str:
     """Log the run's adapter (adapter-only export) as a W&B `model` artifact; return its name.
 
-    `mode`: online | offline; default the run's `logger.mode` (or WANDB_MODE when it was disabled).
-    The API key comes from the environment (WANDB_API_KEY) or `wandb login`, never from a file here.
+    `mode`: online | offline; default WANDB_MODE from the environment, else the run's
+    `logger.mode` when online or offline. Offline keeps the artifact local, in the offline run's
+    files under WANDB_DIR (`wandb sync` uploads it later). The API key comes from the
+    environment (WANDB_API_KEY) or `wandb login`, never from a file here.
     """
     import wandb
 
@@ -179,8 +182,15 @@ def upload_adapter_artifact(
         folder = export_adapter(run_dir, Path(tmp) / "adapter")
         info = json.loads((folder / EXPORT_INFO).read_text())
         logger = info["config"]["logger"]
+        if mode is None:
+            mode = os.environ.get("WANDB_MODE") or None
         if mode is None and logger.get("mode") in ("online", "offline"):
             mode = logger["mode"]
+        if mode == "disabled":
+            raise ExportError(
+                "W&B is disabled (WANDB_MODE=disabled): the artifact would go nowhere; keep it "
+                "local with --wandb-mode offline (or WANDB_MODE=offline)"
+            )
         run = wandb.init(
             project=project or logger.get("project") or "breakhis-ft",
             entity=entity or logger.get("entity"),
@@ -188,13 +198,15 @@ def upload_adapter_artifact(
             mode=mode,
             config={"source_run": info["source_run"]},
         )
+        logged = name or artifact_name(info)
         try:
             meta = {k: info[k] for k in ("model_kind", "task", "class_names", "base_model", "best")}
-            artifact = wandb.Artifact(name or artifact_name(info), type="model", metadata=meta)
-            artifact.add_dir(str(folder))
+            artifact = wandb.Artifact(logged, type="model", metadata=meta)
+            artifact.add_dir(str(folder))  # copied to W&B's staging area, online or offline
             run.log_artifact(artifact)
-            if mode != "offline":
+            if not run.offline:
                 artifact.wait()  # uploaded before the temporary folder goes
+                logged = artifact.name  # with its version (name:v3)
         finally:
             run.finish()
-    return artifact.name
+    return logged

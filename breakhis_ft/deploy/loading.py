@@ -11,10 +11,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from breakhis_ft.config import structured_run_config
+from breakhis_ft.config import family_keys_only, schema_of
+from breakhis_ft.errors import ConfigError
 from breakhis_ft.models.base import Classifier
 from breakhis_ft.models.factory import build_classifier, classifier_type
 from breakhis_ft.models.precision import Precision
+from breakhis_ft.run.saved_config import check_saved_config, load_saved_config
 
 EXPORT_INFO = "export_info.json"
 
@@ -29,18 +31,45 @@ def classifier_of(cfg: DictConfig, names: Sequence[str]) -> Classifier:
     return build_classifier(cfg.model, cfg.peft, precision, names, cfg.paths)
 
 
+def _set_struct_everywhere(cfg: DictConfig, flag: bool) -> None:
+    """Open (False) or close (True) `cfg` and every config node below it to new keys."""
+    OmegaConf.set_struct(cfg, flag)
+    for _key, value in cfg.items_ex(resolve=False):
+        if isinstance(value, DictConfig):
+            _set_struct_everywhere(value, flag)
+
+
+def on_schema(saved: Any, overrides: Sequence[str] = ()) -> DictConfig:
+    """A saved run config (checked data) on the current schema, its model on its family's, with
+    `key=value` overrides (`config.family_keys_only`: another family's keys are dropped).
+
+    Keys a run added with `+key=value` (a masked `+hf_token=***`, say) are kept: the schema is
+    opened to them for the merge, then closed, so an override naming an unknown key still fails.
+    """
+    values = family_keys_only(saved)
+    cfg = schema_of(values)
+    _set_struct_everywhere(cfg, False)
+    cfg = OmegaConf.merge(cfg, values)
+    _set_struct_everywhere(cfg, True)
+    if overrides:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    return cfg  # type: ignore[return-value]
+
+
 def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
-    """A run's saved config on the current schema, with `key=value` overrides applied."""
+    """A run's saved config on the current schema, with `key=value` overrides applied; a config
+    naming targets that are not the project's own is refused before anything is built."""
     saved = Path(run_dir) / ".hydra" / "config.yaml"
     if not saved.is_file():
         raise PredictError(
             f"{run_dir}: no saved config at {saved}; give a run folder written by breakhis-ft "
             "(outputs/runs/<experiment>/<time>) or an exported model with --model"
         )
-    cfg = structured_run_config(OmegaConf.load(saved))
-    if overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-    return cfg  # type: ignore[return-value]
+    try:
+        load_saved_config(saved)
+    except ConfigError as err:
+        raise PredictError(str(err)) from None
+    return on_schema(OmegaConf.load(saved), overrides)
 
 
 def classifier_from_run(cfg: DictConfig, run_dir: str | Path) -> Classifier:
@@ -84,9 +113,11 @@ def load_exported_classifier(
     model_dir: Path, info: dict[str, Any], overrides: Sequence[str] = ()
 ) -> tuple[Classifier, DictConfig]:
     """The classifier of an exported folder (merged or adapter) and the config it was built from."""
-    cfg = structured_run_config(info["config"])
-    if overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    try:
+        check_saved_config(info.get("config"), model_dir / EXPORT_INFO)
+    except ConfigError as err:
+        raise PredictError(str(err)) from None
+    cfg = on_schema(info["config"], overrides)
     names = tuple(info["class_names"])
     if tuple(cfg.task.classes) != names:
         raise PredictError(f"{model_dir}: export_info.json class names disagree with its task")

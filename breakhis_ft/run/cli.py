@@ -9,12 +9,19 @@ its `.hydra/` record as the first command wrote it (each resume is listed in run
 
 Ctrl-C and SIGTERM end a run as `interrupted` (checkpoint saved) with exit status 128 + the
 signal's number: 130 and 143, as a shell reports a process the signal ended.
+
+What a run may write (run/ownership.py): a folder given as `hydra.run.dir` (or made by `rerun=`)
+is checked, stamped and locked here, before Hydra writes into it; a folder Hydra makes from the
+time of day is stamped and locked as the job's first act. A saved config is checked before Hydra
+composes it (run/saved_config.py). Refusals exit with status 2 and say what to do instead.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
+from contextlib import ExitStack
 from datetime import datetime
 from importlib.resources import files
 from pathlib import Path
@@ -22,12 +29,29 @@ from pathlib import Path
 import hydra
 import yaml
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from breakhis_ft.config import register_configs
-from breakhis_ft.errors import ConfigError
-from breakhis_ft.run.run_folder import group_choices, mask_saved_config, set_command_line
+from breakhis_ft.config import folder_name, is_folder_name, register_configs
+from breakhis_ft.errors import BadDataError, ConfigError
+from breakhis_ft.run.ownership import (
+    RunFolderError,
+    check_resumable,
+    claim_job_folder,
+    claim_run_folder,
+    holding_run_folder,
+    wait_for_launch_holder,
+)
+from breakhis_ft.run.run_folder import (
+    command_line,
+    group_choices,
+    is_main_process,
+    mask_saved_config,
+    set_command_line,
+)
+from breakhis_ft.run.saved_config import load_saved_config
 from breakhis_ft.run.secrets import mask_secrets
 from breakhis_ft.run.summary import configure_console, log_config_tree
 from breakhis_ft.validate import validate_config
@@ -35,21 +59,65 @@ from breakhis_ft.validate import validate_config
 # conf/ installs as the package breakhis_ft.conf (pyproject.toml), so wheels carry the configs
 CONFIG_PACKAGE = "breakhis_ft.conf"
 RUN_DIR_ENV = "BREAKHIS_FT_RUN_DIR"  # one run folder for all ranks of a multi-process run
+# Hydra flags after which no job runs in hydra.run.dir (help, config printing, sweeps)
+_NO_RUN_DIR_FLAGS = {
+    "-h",
+    "--help",
+    "--hydra-help",
+    "--version",
+    "-c",
+    "--cfg",
+    "-i",
+    "--info",
+    "-sc",
+    "--shell-completion",
+    "-m",
+    "--multirun",
+}
 
 
 @hydra.main(version_base="1.3", config_path=f"pkg://{CONFIG_PACKAGE}", config_name="train")
 def _run(cfg: DictConfig) -> float | None:
-    try:
-        validate_config(cfg)
-    except ConfigError as err:
-        print(err, file=sys.stderr)
-        sys.exit(2)
-    _mask_hydra_record()
-    configure_console()  # after Hydra configured this job's logging
-    log_config_tree(cfg, group_choices(OmegaConf.to_container(HydraConfig.get().runtime)))
-    from breakhis_ft.run.experiment import run_experiment  # heavy: torch, transformers
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    with ExitStack() as held:
+        try:
+            if is_main_process():  # the other ranks' rank 0 holds the folder for them
+                claim_job_folder(run_dir, _hydra_files(hydra_cfg))
+                held.enter_context(holding_run_folder(run_dir, command_line()))
+            validate_config(cfg)
+            _check_data_root(cfg)
+        except (BadDataError, ConfigError, RunFolderError) as err:
+            _refuse(err)
+        _mask_hydra_record()
+        configure_console()  # after Hydra configured this job's logging
+        log_config_tree(cfg, group_choices(OmegaConf.to_container(hydra_cfg.runtime)))
+        from breakhis_ft.run.experiment import run_experiment  # heavy: torch, transformers
 
-    return run_experiment(cfg)
+        return run_experiment(cfg)
+
+
+def _check_data_root(cfg: DictConfig) -> None:
+    """data=synthetic with data.root: the folder the replica would be built in must be new, empty
+    or a replica; a folder of real data (or anything else) is refused here, before the run."""
+    if cfg.data.source == "synthetic" and cfg.data.root:
+        from breakhis_ft.data.synthetic import check_replica_folder  # numpy, PIL
+
+        check_replica_folder(Path(cfg.data.root).expanduser(), "data.root")
+
+
+def _refuse(err: Exception) -> None:
+    """A refused command or config: its message on stderr, exit status 2 (nothing ran)."""
+    print(err, file=sys.stderr)
+    sys.exit(2)
+
+
+def _hydra_files(hydra_cfg: DictConfig) -> set[str]:
+    """What Hydra writes into a job's folder before the job runs: .hydra/ and the job's log."""
+    files = {f"{hydra_cfg.job.name}.log"}
+    if hydra_cfg.output_subdir is not None:
+        files.add(str(hydra_cfg.output_subdir))
+    return files
 
 
 def _mask_hydra_record() -> None:
@@ -73,31 +141,56 @@ def _config_groups() -> set[str]:
 
 
 def _saved_job_name(hydra_dir: Path) -> str:
-    """The job name (and so the log file) a run was started with; train.yaml's by default."""
+    """The job name (and so the log file) a run was started with; train.yaml's by default, and
+    for a saved name that is no plain file name (the log goes into the run folder, nowhere else)."""
     try:
         saved = yaml.safe_load((hydra_dir / "hydra.yaml").read_text())
-        return str(saved["hydra"]["job"]["name"])
+        name = str(saved["hydra"]["job"]["name"])
     except (OSError, yaml.YAMLError, KeyError, TypeError):
         return "breakhis-ft"
+    return name if is_folder_name(name) else "breakhis-ft"
+
+
+def hydra_quoted(value: str) -> str:
+    """`value` quoted for Hydra's override lexer, which reads any character inside quotes (an
+    unquoted value may hold only ASCII): backslashes before a quote doubled, quotes and `${`
+    escaped, so the value arrives as it is."""
+    escaped = re.sub(r"(\\*)(?='|$)", r"\1\1", value).replace("'", "\\'")
+    return "'" + escaped.replace("${", "\\${") + "'"
+
+
+def _override_value(arg: str) -> str | None:
+    """The value of a `key=value` argument as Hydra reads it (quotes removed); None when Hydra's
+    lexer cannot read it, or it is no single string (a sweep, null, an interpolation)."""
+    try:
+        value = OverridesParser.create().parse_override(arg).value()
+    except HydraException:
+        return None
+    return value if isinstance(value, str) and "${" not in value else None
 
 
 def _past_run_argv(argv: list[str]) -> list[str]:
-    """Rewrite `rerun=DIR` / `resume=DIR` into Hydra flags that compose that run's saved config."""
+    """Rewrite `rerun=DIR` / `resume=DIR` into Hydra flags that compose that run's saved config,
+    once it is checked: a breakhis-ft config naming only the project's targets (resume=: in a
+    stamped run folder). Paths go to Hydra quoted (any character a file system takes)."""
     past = [a for a in argv if a.startswith(("rerun=", "resume="))]
     if not past:
         return argv
     key, _, value = past[-1].partition("=")
-    run_dir = Path(value).expanduser().resolve()
+    run_dir = Path(_override_value(past[-1]) or value).expanduser().resolve()
+    if key == "resume":
+        check_resumable(run_dir)
     saved = run_dir / ".hydra" / "config.yaml"
     if not saved.is_file():
-        raise SystemExit(
+        raise ConfigError(
             f"{key}={value}: no saved config at {saved}; give a run folder written by "
             "breakhis-ft (it holds .hydra/config.yaml)"
         )
+    load_saved_config(saved)  # data: refused before Hydra composes anything from it
     groups = _config_groups()
     choices = [a for a in argv if a.partition("=")[0].lstrip("+~") in groups]
     if choices:
-        raise SystemExit(
+        raise ConfigError(
             f"{key}=...: the saved config has no groups to choose from; override its keys "
             f"instead of {', '.join(choices)} (e.g. logger.mode=disabled)"
         )
@@ -106,13 +199,14 @@ def _past_run_argv(argv: list[str]) -> list[str]:
     rest += [a for a in argv if not a.startswith(("rerun=", "resume="))]
     if key == "resume":  # nothing written to .hydra/: the run's record stays as it was
         return rest + [
-            f"hydra.run.dir={run_dir}",
+            f"hydra.run.dir={hydra_quoted(str(run_dir))}",
             "hydra.output_subdir=null",
-            f"hydra.job.name={_saved_job_name(saved.parent)}",  # its log file goes on
-            f"resume={run_dir}",
+            f"hydra.job.name={hydra_quoted(_saved_job_name(saved.parent))}",  # its log goes on
+            f"resume={hydra_quoted(str(run_dir))}",
         ]
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
-    return rest + [f"hydra.run.dir={run_dir.parent}/{run_dir.name}-rerun-{stamp}", "resume=null"]
+    new_dir = run_dir.parent / f"{run_dir.name}-rerun-{stamp}"
+    return rest + [f"hydra.run.dir={hydra_quoted(str(new_dir))}", "resume=null"]
 
 
 def _fixed_run_dir_argv(argv: list[str]) -> list[str]:
@@ -120,34 +214,60 @@ def _fixed_run_dir_argv(argv: list[str]) -> list[str]:
     if any(a.startswith("hydra.run.dir=") for a in argv):
         return argv
     if os.environ.get(RUN_DIR_ENV):
-        return argv + [f"hydra.run.dir={os.environ[RUN_DIR_ENV]}"]
+        return argv + [f"hydra.run.dir={hydra_quoted(os.environ[RUN_DIR_ENV])}"]
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "-m" not in argv and "--multirun" not in argv:
-        raise SystemExit(
+        raise ConfigError(
             f"a {os.environ['WORLD_SIZE']}-process launch needs one run folder for all "
             f"ranks: pass hydra.run.dir=outputs/runs/<name> or set {RUN_DIR_ENV}"
         )
     return argv
 
 
-def _refuse_used_run_dir(argv: list[str]) -> None:
-    """A fixed hydra.run.dir that already holds a run is continued only by resume=, never reused:
-    Hydra would overwrite that run's .hydra/ before any of our code runs."""
-    fixed = [a.partition("=")[2] for a in argv if a.startswith("hydra.run.dir=")]
+def _check_experiment_names(argv: list[str]) -> None:
+    """Refuse an experiment_name on the command line that would leave paths.output_dir (train.yaml's
+    folder_name resolver refuses one a preset sets, as Hydra resolves the run folder)."""
+    for arg in argv:
+        if arg.lstrip("+~").startswith("experiment_name="):
+            try:
+                override = OverridesParser.create().parse_override(arg)
+            except HydraException:
+                continue  # Hydra reports it
+            for name in (
+                override.sweep_string_iterator()
+                if override.is_sweep_override()
+                else [override.value()]
+            ):
+                folder_name(name)
+
+
+def _claim_given_run_dir(argv: list[str]) -> None:
+    """Check, stamp and lock a hydra.run.dir given on the command line (or by resume= / rerun=)
+    before Hydra writes into it: new, empty, or (resume=) a stamped run folder no process uses.
+    The other ranks of a multi-process launch wait until their rank 0 holds it."""
+    if any(a.partition("=")[0] in _NO_RUN_DIR_FLAGS for a in argv if a.startswith("-")):
+        return
+    given = [a for a in argv if a.startswith("hydra.run.dir=")]
+    value = _override_value(given[-1]) if given else None
+    if value is None:  # none given, or an interpolation: the job stamps what Hydra made
+        return
+    run_dir = Path(value).expanduser().resolve()
+    if not is_main_process():
+        wait_for_launch_holder(run_dir)
+        return
     resuming = any(a.startswith("resume=") and a != "resume=null" for a in argv)
-    if fixed and not resuming and int(os.environ.get("RANK", "0")) == 0:
-        if (Path(fixed[-1]) / "run_info.json").exists():
-            raise SystemExit(
-                f"hydra.run.dir={fixed[-1]} already holds a run: continue it with "
-                f"resume={fixed[-1]}, or choose a new folder"
-            )
+    claim_run_folder(run_dir, resuming, command_line())
 
 
 def main() -> None:
-    """Console-script entry: prepare argv, register the schema, run Hydra."""
+    """Console-script entry: prepare argv, register the schema, claim the run folder, run Hydra."""
     register_configs()
     set_command_line(sys.argv)
-    argv = _fixed_run_dir_argv(_past_run_argv(sys.argv[1:]))
-    _refuse_used_run_dir(argv)
+    try:
+        argv = _fixed_run_dir_argv(_past_run_argv(sys.argv[1:]))
+        _check_experiment_names(argv)
+        _claim_given_run_dir(argv)
+    except (ConfigError, RunFolderError) as err:
+        _refuse(err)
     sys.argv = [sys.argv[0], *argv]
     try:
         _run()

@@ -7,6 +7,7 @@ the run produces goes into its own folder (Hydra's run dir).
 from __future__ import annotations
 
 import logging
+import shlex
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,14 @@ def _set_status(run_dir: Path, status: str, **extra: object) -> None:
         write_run_info(run_dir, status, **extra)
 
 
+def _latest_checkpoint_step(run_dir: Path) -> int | None:
+    """The step of the run folder's latest complete checkpoint (None when it has none)."""
+    from breakhis_ft.engine.checkpoint import list_checkpoints  # heavy: torch, accelerate
+
+    found = list_checkpoints(run_dir)
+    return found[-1][0] if found else None
+
+
 def _resume_step(cfg: DictConfig, run_dir: Path) -> int | None:
     """On `resume=`: the step of the run folder's newest checkpoint that verifies (0 when none);
     a `best/` left between its two renames by a crash is put back first."""
@@ -153,13 +162,17 @@ def run_experiment(cfg: DictConfig) -> float | None:
         with sigterm_interrupts():
             value = _run(cfg, run_dir, resume_step)
     except KeyboardInterrupt as err:
-        step, name = getattr(err, "step", None), getattr(err, "signal_name", "SIGINT")
+        name = getattr(err, "signal_name", "SIGINT")
+        # outside training (data, the final evaluation) the signal saves nothing: the latest
+        # checkpoint is where resume= continues
+        step = getattr(err, "step", None)
+        step = _latest_checkpoint_step(run_dir) if step is None else step
         _set_status(run_dir, "interrupted", step=step, signal=name)
         log.warning(
-            "%s: the run stopped%s; continue it with: breakhis-ft resume=%s",
+            "%s: the run stopped%s; continue it with: breakhis-ft %s",
             name,
             f" with a checkpoint at step {step}" if step is not None else "",
-            run_dir,
+            shlex.quote(f"resume={run_dir}"),
         )
         raise
     except BaseException:

@@ -1,5 +1,21 @@
 """Secrets never leave the process: values of secret-looking keys are masked wherever a run
-records its configuration (run_info.json, .hydra/*.yaml, W&B config and run name)."""
+records its configuration (run_info.json, .hydra/*.yaml, the log, W&B config and run name).
+
+The rule (`is_secret_key`), on the words of a key's last dotted part (split at `_`, `-` and
+camelCase, lower-cased; `api key` and `api keys` count as one word, `apikey`):
+
+1. a word contains `secret`, `password`, `passwd`, `passphrase` or `credential`, or is `auth`,
+   `authorization`, `bearer` or `cookie`: always secret (`client_secret_id`, `credentials`);
+2. a word is `token`, `tokens`, `key` or `apikey`: secret (`hf_token`, `my_token_value`,
+   `auth_tokens`, `WANDB_API_KEY`, `apiKeys`), unless another word says that the key counts,
+   limits or identifies tokens rather than holding one: `max`, `min`, `num`, `n`, `new`, `count`,
+   `length`, `len`, `limit`, `budget`, `size`, `per`, `id`, `ids`, `idx`, `index`, `type`,
+   `types` (`max_new_tokens`, `pad_token_id`, `token_budget`, `token_type_ids` stay readable).
+
+Words are whole words: `tokenizer`, `keyboard` and `exclude_keys` (`keys` alone names a list of
+key names) are no secrets. A masked value is a string or a number; a list or a mapping under a
+secret-looking key is not masked, its own keys are checked.
+"""
 
 from __future__ import annotations
 
@@ -7,22 +23,51 @@ import re
 from typing import Any
 
 MASK = "***"
-# the last word of a secret-looking key (hf_token, WANDB_API_KEY, apiKey); matched as a word so
-# that max_new_tokens, pad_token_id or exclude_keys (config keys, not secrets) stay readable
-_SECRET_LAST_WORDS = {"token", "key", "apikey", "secret", "password", "passwd"}
-_SECRET_ANYWHERE = ("secret", "password")  # client_secret_id, password_file
+_ALWAYS_SECRET_PARTS = ("secret", "password", "passwd", "passphrase", "credential")
+_ALWAYS_SECRET_WORDS = {"auth", "authorization", "bearer", "cookie"}
+_TOKEN_WORDS = {"token", "tokens", "key", "apikey"}
+# words that make a token word a count, a limit or an identifier of tokens, not a secret
+_NOT_A_SECRET_WORDS = {
+    "max",
+    "min",
+    "num",
+    "n",
+    "new",
+    "count",
+    "length",
+    "len",
+    "limit",
+    "budget",
+    "size",
+    "per",
+    "id",
+    "ids",
+    "idx",
+    "index",
+    "type",
+    "types",
+}
 # `key=value` inside a string (a command-line override, Hydra's override_dirname "a=1,b=2")
 _ASSIGNMENT = re.compile(r"(?P<key>[\w.+~@/-]+)=(?P<value>[^,\s]+)")
 
 
-def is_secret_key(key: str) -> bool:
-    """Whether a config key or override key (`+hf_token`, `a.b.WANDB_API_KEY`) looks secret."""
+def key_words(key: str) -> list[str]:
+    """The lower-case words of a key's last dotted part (`+a.WANDB_API_KEY` -> wandb, api, key)."""
     last = str(key).lstrip("+~").rsplit(".", 1)[-1]
-    words = re.split(r"[^a-z0-9]+", re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", last).lower())
-    words = [w for w in words if w]
-    if not words:
-        return False
-    return words[-1] in _SECRET_LAST_WORDS or any(s in w for w in words for s in _SECRET_ANYWHERE)
+    spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", last).lower()
+    words = [w for w in re.split(r"[^a-z0-9]+", spaced) if w]
+    return re.sub(r"\bapi (keys?)\b", "apikey", " ".join(words)).split()
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether a config key or override key (`+hf_token`, `a.b.WANDB_API_KEY`) holds a secret, by
+    the rule in this module's docstring."""
+    words = key_words(key)
+    if any(part in w for w in words for part in _ALWAYS_SECRET_PARTS):
+        return True
+    if _ALWAYS_SECRET_WORDS.intersection(words):
+        return True
+    return bool(_TOKEN_WORDS.intersection(words)) and not _NOT_A_SECRET_WORDS.intersection(words)
 
 
 def _mask_assignment(match: re.Match[str]) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,7 @@ def summary_block(
     `best`: (monitored metric, its best value, the step) when the run trained.
     """
     folder = _shown_path(run_dir)
+    quoted = shlex.quote(folder)  # the commands below paste into a shell as they are
     rule = "-" * WIDTH
     lines = [rule, f"breakhis-ft: run finished, metrics of the best model ({folder})"]
     lines += metrics_table(metrics)
@@ -178,8 +180,8 @@ def summary_block(
         lines.append(f"  best step: {step} ({monitor} {shown})")
     lines += [
         f"  run folder: {folder}",
-        f"  compare: breakhis-ft-report {folder}",
-        f"  predict: breakhis-ft-predict {folder} IMAGES --out predictions.csv",
+        f"  compare: breakhis-ft-report {quoted}",
+        f"  predict: breakhis-ft-predict {quoted} IMAGES --out predictions.csv",
         rule,
     ]
     return "\n".join(lines)
