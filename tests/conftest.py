@@ -14,6 +14,20 @@ REPLICA_SIZE = (48, 32)
 FULL_REPLICA_SIZE = (16, 10)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the tests marked `gpu` where torch sees no CUDA device."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is false)")
+    for item in gpu:
+        item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def replica_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small replica (fraction 0.05 at 48x32) in the official layout with a Folds.csv."""

@@ -8,7 +8,6 @@ from breakhis_ft.config import PromptConfig, SplitConfig
 from breakhis_ft.data.breakhis import FoldsTable, data_stats, scan_breakhis
 from breakhis_ft.data.records import class_names
 from breakhis_ft.data.splits import assign_splits, duplicate_leaks
-from breakhis_ft.errors import ConfigError
 from breakhis_ft.models.prompts import make_prompt
 from breakhis_ft.models.tiny import _corpus_words, build_tiny_tokenizer
 
@@ -66,9 +65,9 @@ def test_blog_regex_parses_as_the_notebook(text: str, expected: int) -> None:
 
 
 def test_blog_regex_needs_numbers() -> None:
-    with pytest.raises(ConfigError, match="model.prompt.parse"):
+    with pytest.raises(ValueError, match="model.prompt.parse"):
         make_prompt(PromptConfig(style="letters", parse="blog_regex"), class_names("binary"))
-    with pytest.raises(ConfigError, match="model.prompt.class_names"):
+    with pytest.raises(ValueError, match="model.prompt.class_names"):
         make_prompt(PromptConfig(class_names="folders"), class_names("binary"))
 
 

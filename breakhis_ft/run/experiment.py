@@ -187,9 +187,10 @@ def _run(cfg: DictConfig, run_dir: Path, resume_step: int | None) -> float | Non
     if not cfg.train and not cfg.test:
         log.info("train=false test=false: data prepared in %s", run_dir)
         return None
-    from breakhis_ft.run.training_run import train_and_evaluate  # heavy: torch, transformers
+    from breakhis_ft.run.training_run import TrackedJob, train_and_evaluate  # heavy: torch
 
     group, name = _job_identity(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
     config["hydra"] = hydra_record()  # a dashboard groups and filters by what was swept
-    return train_and_evaluate(cfg, config, run_dir, scan, splits, group, name, resume_step)
+    job = TrackedJob(config=config, name=name, group=group)
+    return train_and_evaluate(cfg, run_dir, scan, splits, job, resume_step)

@@ -8,7 +8,6 @@ from typing import Any
 
 from torch import nn
 
-from breakhis_ft.errors import ConfigError
 from breakhis_ft.vram.activations import (
     Flavor,
     eager_scores_transient,
@@ -127,12 +126,7 @@ def estimate_vram(cfg: Any, device: str = "cuda", optimizer: str = "adamw") -> V
     `device`: cuda (the target) or cpu (how CPU autocast saves LayerNorm inputs and dropout masks);
     `optimizer`: adamw (the trainer's torch AdamW) or adamw_8bit (bitsandbytes, for comparison).
     """
-    kind = str(cfg.model.kind)
-    if kind == "medgemma":
-        return _estimate_gemma(cfg, device, optimizer)
-    if kind == "siglip":
-        return _estimate_siglip(cfg, device, optimizer)
-    raise ConfigError(f"config error: model.kind: got {kind!r}, allowed: medgemma, siglip")
+    return ESTIMATORS[str(cfg.model.kind)](cfg, device, optimizer)
 
 
 @dataclass
@@ -391,3 +385,7 @@ def _estimate_siglip(cfg: Any, device: str, optimizer: str) -> VramEstimate:
     }
     extra = {"activations_no_gc_bytes": acts[False], "activations_gc_bytes": acts[True]}
     return VramEstimate(components, notes, params, settings, extra)
+
+
+# the estimate of each model family, by `model.kind`
+ESTIMATORS = {"medgemma": _estimate_gemma, "siglip": _estimate_siglip}
