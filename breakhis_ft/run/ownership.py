@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from breakhis_ft.files import write_text_whole
 from breakhis_ft.run.run_folder import now_iso
 
 STAMP_FILE = "run_stamp.json"
@@ -54,7 +55,8 @@ def stamp_run_folder(path: str | Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     if not is_run_folder(path):
         stamp = {"created_by": "breakhis-ft", "created": now_iso(), "host": socket.gethostname()}
-        (path / STAMP_FILE).write_text(json.dumps(stamp, indent=2))
+        # whole or absent: tasks of an array job stamp their shared sweep folder at once
+        write_text_whole(path / STAMP_FILE, json.dumps(stamp, indent=2))
 
 
 def _some_entries(path: Path, names: list[str]) -> str:
