@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from breakhis_ft.config import folder_name
 from breakhis_ft.errors import ConfigError
@@ -291,6 +291,7 @@ def resume_job_config(sweep_config: DictConfig, job_dir: Path) -> DictConfig:
     config = OmegaConf.create({**saved, "resume": str(job_dir)})
     with open_dict(config):
         config.hydra = sweep_config.hydra
+    with read_write(config.hydra):  # Hydra's settings are read-only
         config.hydra.sweep.dir = str(job_dir.parent)
         config.hydra.sweep.subdir = job_dir.name
         config.hydra.output_subdir = None
