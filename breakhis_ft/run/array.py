@@ -210,49 +210,67 @@ class PlannedJob:
     folder: str
 
 
-def plan_record(sweep_dir: Path, jobs: Sequence[PlannedJob], task_count: int) -> dict[str, Any]:
-    """sweep_plan.json's content: the jobs, each with the task that runs it out of `task_count`."""
+def plan_record(
+    sweep_dir: Path, jobs: Sequence[PlannedJob], task_count: int, overrides: list[str]
+) -> dict[str, Any]:
+    """sweep_plan.json's content: the command's overrides, and the jobs, each with the task that
+    runs it out of `task_count`."""
     return {
         "sweep_dir": str(sweep_dir),
+        "overrides": overrides,
         "n_jobs": len(jobs),
         "task_count": task_count,
         "jobs": [{**asdict(job), "task": job.num % task_count} for job in jobs],
     }
 
 
-def record_plan(sweep_dir: Path, jobs: Sequence[PlannedJob], task_count: int) -> dict[str, Any]:
-    """Write the plan into the sweep folder, or check it against the plan found there: a folder
-    that holds another sweep (other overrides under the same job numbers) is refused."""
+def _read_plan(sweep_dir: Path) -> dict[str, Any] | None:
     path = sweep_dir / PLAN_FILE
-    record = plan_record(sweep_dir, jobs, task_count)
     try:
-        found = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except FileNotFoundError:
-        found = None
+        return None
     except ValueError as err:
         raise RunFolderError(
             f"{path}: not valid JSON ({err}); is the sweep folder damaged?"
         ) from err
+
+
+def _another_sweep(sweep_dir: Path, found: dict[str, Any], what: str) -> RunFolderError:
+    return RunFolderError(
+        f"{sweep_dir} holds another sweep ({what}; its command's overrides: "
+        f"{' '.join(found.get('overrides') or [])}): give this one its own "
+        "hydra.launcher.sweep_name, or run that sweep's command again to finish it. Nothing was run"
+    )
+
+
+def record_plan(
+    sweep_dir: Path, jobs: Sequence[PlannedJob], task_count: int, overrides: list[str]
+) -> dict[str, Any]:
+    """Write the plan into the sweep folder, or check it against the plan found there: a folder
+    that holds another sweep (other jobs under the same numbers) is refused."""
+    record = plan_record(sweep_dir, jobs, task_count, overrides)
+    found = _read_plan(sweep_dir)
     if found is not None:
         before = {job["num"]: job["overrides"] for job in found.get("jobs", [])}
-        differ = [j.num for j in jobs if j.num in before and before[j.num] != j.overrides]
-        if differ or found.get("n_jobs") != len(jobs):
-            raise RunFolderError(
-                f"{sweep_dir} holds another sweep ({found.get('n_jobs')} jobs; job "
-                f"{differ[0] if differ else 0} was {before.get(differ[0] if differ else 0)}): "
-                "give this one its own hydra.launcher.sweep_name. Nothing was run"
-            )
-        if found.get("task_count") == task_count:
+        for job in jobs:
+            if job.num in before and before[job.num] != job.overrides:
+                raise _another_sweep(sweep_dir, found, f"its job {job.num} was {before[job.num]}")
+        if found.get("n_jobs") == len(jobs) and found.get("task_count") == task_count:
             return found
-    write_text_whole(path, json.dumps(record, indent=2))  # tasks may write it at once
+    write_text_whole(sweep_dir / PLAN_FILE, json.dumps(record, indent=2))  # tasks write at once
     return record
 
 
-def claim_sweep_folder(sweep_dir: Path) -> None:
+def claim_sweep_folder(sweep_dir: Path, overrides: list[str]) -> None:
     """Stamp the sweep folder (new, empty or holding only what the sweep writes there), or accept
-    the stamp a task put there first; a folder of other files is refused."""
+    the stamp a task put there first; a folder of other files, or one whose plan is another
+    command's, is refused (before Hydra's sweeper writes its multirun.yaml there)."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
     claim_job_folder(sweep_dir, _SWEEP_FILES)
+    found = _read_plan(sweep_dir)
+    if found is not None and found.get("overrides") != overrides:
+        raise _another_sweep(sweep_dir, found, "another command")
 
 
 @dataclass(frozen=True)

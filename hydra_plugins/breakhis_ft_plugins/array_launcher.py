@@ -29,7 +29,6 @@ from hydra.errors import CompactHydraException
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
-from omegaconf.errors import InterpolationResolutionError
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +100,11 @@ class ArrayLauncher(Launcher):
         try:
             if not self.plan_only:
                 self.task = array.array_task(os.environ, self.task_index, self.task_count)
-            try:
-                self.sweep_dir = Path(os.path.abspath(str(config.hydra.sweep.dir)))
-            except InterpolationResolutionError as err:  # array_sweep_name found no name
-                if isinstance(err.__cause__, ConfigError):
-                    raise err.__cause__ from None
-                raise
-            array.claim_sweep_folder(self.sweep_dir)
+            raw_dir = OmegaConf.to_container(config.hydra.sweep, resolve=False)["dir"]
+            if array.SWEEP_NAME_RESOLVER in str(raw_dir):  # its refusal, before OmegaConf's
+                array.sweep_name(os.environ, self.sweep_name)
+            self.sweep_dir = Path(os.path.abspath(str(config.hydra.sweep.dir)))
+            array.claim_sweep_folder(self.sweep_dir, self._overrides())
         except (ConfigError, RunFolderError) as err:
             raise ArrayLaunchRefused(str(err)) from None
 
@@ -134,7 +131,7 @@ class ArrayLauncher(Launcher):
                 if self.task
                 else array.planned_task_count(os.environ, self.task_count, len(self.planned))
             )
-            array.record_plan(self.sweep_dir, self.planned, count)
+            array.record_plan(self.sweep_dir, self.planned, count, self._overrides())
         except (ConfigError, RunFolderError) as err:
             raise ArrayLaunchRefused(str(err)) from None
         if self.plan_only:
@@ -155,6 +152,11 @@ class ArrayLauncher(Launcher):
                 ret = self._run(job, sweep_config)
                 returns += [ret] if ret is not None else []
         return returns
+
+    def _overrides(self) -> list[str]:
+        """The command's overrides (the sweep's, unexpanded): what names the sweep in its plan."""
+        assert self.config is not None
+        return list(self.config.hydra.overrides.task)
 
     def _compose(self, num: int, overrides: Sequence[str]) -> tuple[Any, DictConfig]:
         """Job `num`'s config, composed and numbered as Hydra's basic launcher does, and its plan
