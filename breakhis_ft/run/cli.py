@@ -264,10 +264,12 @@ def _register_plugins() -> None:
     where its scan of the `hydra_plugins` namespace package cannot list them: an editable install
     maps them through an import hook that pkgutil does not walk (an installed wheel is scanned)."""
     from hydra.core.plugins import Plugins
+
     from hydra_plugins.breakhis_ft_plugins.array_launcher import ArrayLauncher
+    from hydra_plugins.breakhis_ft_plugins.shared_study_sweeper import SharedStudySweeper
 
     plugins = Plugins.instance()
-    for plugin in (ArrayLauncher,):
+    for plugin in (ArrayLauncher, SharedStudySweeper):
         plugins.register(plugin)
 
 
