@@ -19,7 +19,6 @@ import yaml
 from cli_runs import FAST, REPO, cli_env, read_metrics, run_cli
 
 from breakhis_ft.analysis.runs import find_runs, load_run
-from breakhis_ft.analysis.sweep_progress import progress_lines
 from breakhis_ft.run.ownership import lock_run_folder, release_run_folder
 
 SWEEP = ["peft.r=4,8", "trainer.lr=1e-3,5e-4"]  # the issue's demo sweep: 4 jobs
@@ -137,6 +136,7 @@ def test_two_tasks_share_the_sweep_of_a_local_multirun(module_cache, tmp_path) -
     """Two tasks started at once write the four jobs of a local -m of the same command, with
     its folders and configs; retried, a task continues an interrupted job with resume='s record,
     leaves a job a live process holds, and runs no completed job again."""
+    from breakhis_ft.analysis.sweep_progress import progress_lines
     local, shared = tmp_path / "local", tmp_path / "shared"
     done = run_cli(["-m", *DATA_ONLY, *SWEEP, f"paths.output_dir={local}"], module_cache)
     assert done.returncode == 0, done.stderr[-3000:]
