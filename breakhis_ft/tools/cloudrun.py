@@ -16,6 +16,7 @@ The number of tasks is the sweep's number of jobs, from the entrypoint's own pla
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 
 from breakhis_ft.errors import ConfigError
 from breakhis_ft.run.cloud_run_job import (
@@ -74,21 +75,8 @@ def cloudrun(args: argparse.Namespace) -> int:
         raise ConfigError(f"--tasks {tasks}: the sweep has {n_jobs} jobs; give 1 to {n_jobs}")
     if args.parallelism < 1:
         raise ConfigError(f"--parallelism {args.parallelism}: give at least 1")
-    job = CloudRunJob(
-        name=args.name,
-        image=args.image,
-        data_bucket=args.data_bucket,
-        output_bucket=args.output_bucket,
-        hf_cache_bucket=args.hf_cache_bucket,
-        region=args.region,
-        gpu_type=args.gpu_type,
-        cpu=args.cpu,
-        memory=args.memory,
-        task_timeout=args.task_timeout,
-        max_retries=args.max_retries,
-        hf_token_secret=args.hf_token_secret,
-        wandb_secret=args.wandb_secret,
-    )
+    # every field of the job has an option of the same name
+    job = CloudRunJob(**{f.name: getattr(args, f.name) for f in fields(CloudRunJob)})
     command = deploy_command(job, container_args, tasks, min(args.parallelism, tasks))
     print(f"# the sweep has {n_jobs} jobs: {tasks} tasks, {min(args.parallelism, tasks)} at once")
     print(shell_lines(command))
