@@ -8,6 +8,7 @@ each); the slow ones train, kill a task with SIGKILL mid-job and retry it."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,8 @@ import yaml
 from cli_runs import FAST, REPO, cli_env, read_metrics, run_cli
 
 from breakhis_ft.analysis.runs import find_runs, load_run
+from breakhis_ft.errors import ConfigError
+from breakhis_ft.run.array import array_task, sweep_name
 from breakhis_ft.run.ownership import lock_run_folder, release_run_folder
 
 SWEEP = ["peft.r=4,8", "trainer.lr=1e-3,5e-4"]  # the issue's demo sweep: 4 jobs
@@ -79,6 +82,40 @@ def _overrides(job: Path) -> list[str]:
     return [o for o in saved if o.split("=")[0] in ("peft.r", "trainer.lr")]
 
 
+@pytest.mark.parametrize(
+    ("environ", "given", "expected"),
+    [
+        (_task_env(1, 4), (None, None), (1, 4)),
+        ({"JOB_COMPLETION_INDEX": "2"}, (None, 3), (2, 3)),
+        ({"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_COUNT": "4"} | {
+            "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_STEP": "2"}, (None, None), (3, 4)),
+        ({"AWS_BATCH_JOB_ARRAY_INDEX": "0", "AWS_BATCH_JOB_ARRAY_SIZE": "5"}, (None, None), (0, 5)),
+        ({}, (1, 2), (1, 2)),
+        ({"JOB_COMPLETION_INDEX": "2"}, (None, None), "hydra.launcher.task_count=N"),
+        (_task_env(2, 2), (None, None), "the index must be 0 to count - 1"),
+    ],
+)  # fmt: skip
+def test_each_scheduler_numbers_the_tasks(environ, given, expected) -> None:
+    if isinstance(expected, str):
+        with pytest.raises(ConfigError, match=re.escape(expected)):
+            array_task(environ, *given)
+    else:
+        task = array_task(environ, *given)
+        assert (task.index, task.count) == expected
+        assert [n for n in range(12) if task.runs(n)] == list(range(expected[0], 12, expected[1]))
+
+
+def test_the_sweep_name_comes_from_the_execution_never_the_clock() -> None:
+    assert sweep_name({"CLOUD_RUN_EXECUTION": "job-x7k2p"}, None) == "job-x7k2p"
+    assert sweep_name({"SLURM_ARRAY_JOB_ID": "4242"}, None) == "4242"
+    assert sweep_name({"AWS_BATCH_JOB_ID": "a1b2-c3:7"}, None) == "a1b2-c3"  # a child's :index
+    assert sweep_name({"CLOUD_RUN_EXECUTION": "e"}, "mine") == "mine"
+    with pytest.raises(ConfigError, match="hydra.launcher.sweep_name=NAME"):
+        sweep_name({}, None)
+    with pytest.raises(ConfigError, match="one folder name"):
+        sweep_name({}, "../up")
+
+
 def test_plan_only_counts_the_jobs_and_runs_none(module_cache, tmp_path) -> None:
     done = run_cli(
         [
@@ -137,6 +174,7 @@ def test_two_tasks_share_the_sweep_of_a_local_multirun(module_cache, tmp_path) -
     its folders and configs; retried, a task continues an interrupted job with resume='s record,
     leaves a job a live process holds, and runs no completed job again."""
     from breakhis_ft.analysis.sweep_progress import progress_lines
+
     local, shared = tmp_path / "local", tmp_path / "shared"
     done = run_cli(["-m", *DATA_ONLY, *SWEEP, f"paths.output_dir={local}"], module_cache)
     assert done.returncode == 0, done.stderr[-3000:]

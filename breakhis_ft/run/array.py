@@ -267,7 +267,9 @@ def claim_sweep_folder(sweep_dir: Path, overrides: list[str]) -> None:
     the stamp a task put there first; a folder of other files, or one whose plan is another
     command's, is refused (before Hydra's sweeper writes its multirun.yaml there)."""
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    claim_job_folder(sweep_dir, _SWEEP_FILES)
+    if not is_run_folder(sweep_dir):  # another task may be writing its stamp or plan just now
+        temporaries = {p.name for p in sweep_dir.iterdir() if p.name.startswith(".tmp-")}
+        claim_job_folder(sweep_dir, _SWEEP_FILES | temporaries)
     found = _read_plan(sweep_dir)
     if found is not None and found.get("overrides") != overrides:
         raise _another_sweep(sweep_dir, found, "another command")
