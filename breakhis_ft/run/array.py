@@ -88,7 +88,10 @@ class ArrayTask:
         return job_num % self.count == self.index
 
 
-def _int_variable(environ: Mapping[str, str], name: str) -> int:
+def _int_variable(environ: Mapping[str, str], name: str, default: int | None = None) -> int | None:
+    """The whole number in variable `name` (`default` when it is not set)."""
+    if name not in environ:
+        return default
     value = environ[name]
     try:
         return int(value)
@@ -101,22 +104,14 @@ def _from_environment(
 ) -> tuple[int, int | None, str] | None:
     """(index, count, source) from the first scheduler whose variables are set, else None."""
     for index_name, count_name, scheduler in _TASK_VARIABLES:
-        if index_name not in environ:
-            continue
         index = _int_variable(environ, index_name)
+        if index is None:
+            continue
         if index_name == "SLURM_ARRAY_TASK_ID":  # --array=1-9:2 numbers tasks 1, 3, 5, ...
-            first = (
-                _int_variable(environ, "SLURM_ARRAY_TASK_MIN")
-                if "SLURM_ARRAY_TASK_MIN" in (environ)
-                else 0
-            )
-            step = (
-                _int_variable(environ, "SLURM_ARRAY_TASK_STEP")
-                if "SLURM_ARRAY_TASK_STEP" in (environ)
-                else 1
-            )
+            first = _int_variable(environ, "SLURM_ARRAY_TASK_MIN", 0)
+            step = _int_variable(environ, "SLURM_ARRAY_TASK_STEP", 1)
             index = (index - first) // max(step, 1)
-        count = _int_variable(environ, count_name) if count_name in environ else task_count
+        count = _int_variable(environ, count_name, task_count) if count_name else task_count
         return index, count, f"{scheduler} ({index_name})"
     return None
 
