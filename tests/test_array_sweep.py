@@ -20,8 +20,7 @@ import yaml
 from cli_runs import FAST, REPO, cli_env, read_metrics, run_cli
 
 from breakhis_ft.analysis.runs import find_runs, load_run
-from breakhis_ft.errors import ConfigError
-from breakhis_ft.run.array import array_task, sweep_name
+from breakhis_ft.run.array import ArrayError, array_task, sweep_name
 from breakhis_ft.run.ownership import lock_run_folder, release_run_folder
 
 SWEEP = ["peft.r=4,8", "trainer.lr=1e-3,5e-4"]  # the demo sweep: 4 jobs
@@ -97,7 +96,7 @@ def _overrides(job: Path) -> list[str]:
 )  # fmt: skip
 def test_each_scheduler_numbers_the_tasks(environ, given, expected) -> None:
     if isinstance(expected, str):
-        with pytest.raises(ConfigError, match=re.escape(expected)):
+        with pytest.raises(ArrayError, match=re.escape(expected)):
             array_task(environ, *given)
     else:
         task = array_task(environ, *given)
@@ -110,9 +109,9 @@ def test_the_sweep_name_comes_from_the_execution_never_the_clock() -> None:
     assert sweep_name({"SLURM_ARRAY_JOB_ID": "4242"}, None) == "4242"
     assert sweep_name({"AWS_BATCH_JOB_ID": "a1b2-c3:7"}, None) == "a1b2-c3"  # a child's :index
     assert sweep_name({"CLOUD_RUN_EXECUTION": "e"}, "mine") == "mine"
-    with pytest.raises(ConfigError, match="hydra.launcher.sweep_name=NAME"):
+    with pytest.raises(ArrayError, match="hydra.launcher.sweep_name=NAME"):
         sweep_name({}, None)
-    with pytest.raises(ConfigError, match="one folder name"):
+    with pytest.raises(ArrayError, match="one folder name"):
         sweep_name({}, "../up")
 
 

@@ -75,6 +75,11 @@ _WHERE_TASKS_COME_FROM = (
 )
 
 
+class ArrayError(ValueError):
+    """launcher=array cannot run as asked (no task index, no sweep name, ...); the message says
+    what would fix it."""
+
+
 @dataclass(frozen=True)
 class ArrayTask:
     """This process's place in the array: task `index` of `count`, as `source` says."""
@@ -96,7 +101,7 @@ def _int_variable(environ: Mapping[str, str], name: str, default: int | None = N
     try:
         return int(value)
     except ValueError:
-        raise ConfigError(f"launcher=array: {name}={value!r} is not a whole number") from None
+        raise ArrayError(f"launcher=array: {name}={value!r} is not a whole number") from None
 
 
 def _from_environment(
@@ -125,7 +130,7 @@ def array_task(
     found = _from_environment(environ, task_count)
     if found is None:
         if task_index is None:
-            raise ConfigError(
+            raise ArrayError(
                 "launcher=array runs one task's share of a sweep, and this process was given no "
                 f"task index: it comes from {_WHERE_TASKS_COME_FROM}. (hydra.launcher.plan_only="
                 "true shows the sweep's jobs without running any.) Nothing was run"
@@ -133,17 +138,17 @@ def array_task(
         found = (task_index, task_count, "hydra.launcher.task_index")
     index, count, source = found
     if task_index is not None and task_index != index:
-        raise ConfigError(
+        raise ArrayError(
             f"launcher=array: hydra.launcher.task_index={task_index} but {source} says task "
             f"{index}; leave hydra.launcher.task_index out where the scheduler numbers the tasks"
         )
     if count is None:
-        raise ConfigError(
+        raise ArrayError(
             f"launcher=array: {source} gives this task's index but not the number of tasks; add "
             "hydra.launcher.task_count=N (a Kubernetes Indexed Job's completions)"
         )
     if count < 1 or not 0 <= index < count:
-        raise ConfigError(
+        raise ArrayError(
             f"launcher=array: task {index} of {count} (from {source}) is no task of the array: "
             "the index must be 0 to count - 1"
         )
@@ -156,7 +161,7 @@ def planned_task_count(environ: Mapping[str, str], task_count: int | None, n_job
     found = _from_environment(environ, task_count)
     count = found[1] if found is not None else task_count
     if count is not None and count < 1:
-        raise ConfigError(f"launcher=array: hydra.launcher.task_count={count} must be at least 1")
+        raise ArrayError(f"launcher=array: hydra.launcher.task_count={count} must be at least 1")
     return count or max(n_jobs, 1)
 
 
@@ -169,7 +174,7 @@ def sweep_name(environ: Mapping[str, str], given: str | None) -> str:
     else:
         found = [(environ[v], v) for v, _ in _SWEEP_NAME_VARIABLES if environ.get(v)]
         if not found:
-            raise ConfigError(
+            raise ArrayError(
                 "launcher=array: every task writes into one sweep folder, whose name must not "
                 "depend on the clock or the machine; none of CLOUD_RUN_EXECUTION, "
                 "SLURM_ARRAY_JOB_ID or AWS_BATCH_JOB_ID is set, so give it: "
@@ -181,8 +186,8 @@ def sweep_name(environ: Mapping[str, str], given: str | None) -> str:
             name = name.partition(":")[0]  # a child job's id is <array job id>:<index>
     try:
         return folder_name(name)
-    except ConfigError:
-        raise ConfigError(
+    except ConfigError:  # folder_name's own refusal names experiment_name
+        raise ArrayError(
             f"launcher=array: {source}={name!r} names the sweep's folder, so it must be one "
             "folder name (not empty, `.` or `..`, no / or \\)"
         ) from None

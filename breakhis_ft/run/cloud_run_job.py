@@ -23,7 +23,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from breakhis_ft.errors import ConfigError
 from breakhis_ft.run.array import PLAN_FILE
 
 DATA_MOUNT, OUTPUTS_MOUNT, HF_CACHE_MOUNT = "/data", "/outputs", "/hf-cache"
@@ -32,6 +31,10 @@ DATA_MOUNT, OUTPUTS_MOUNT, HF_CACHE_MOUNT = "/data", "/outputs", "/hf-cache"
 _DELIMITERS = ("@", "|", "~", ";", "#")
 # scheduler variables a plan must not read from this shell (it is drawn for the job's tasks)
 _SCHEDULER_PREFIXES = ("CLOUD_RUN_", "SLURM_", "AWS_BATCH_", "JOB_COMPLETION_INDEX")
+
+
+class CloudRunJobError(ValueError):
+    """A sweep or an option the Cloud Run job cannot be made of; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,7 @@ class CloudRunJob:
 def sweep_args(overrides: list[str], sweep_name: str | None = None) -> list[str]:
     """The container's arguments: an array sweep of `overrides` writing under /outputs."""
     if any(o.startswith(("-m", "--multirun", "launcher=")) for o in overrides):
-        raise ConfigError(
+        raise CloudRunJobError(
             "give the sweep's overrides only (peft.r=4,8 ...): -m and launcher=array are added"
         )
     args = ["-m", "launcher=array", *overrides]
@@ -87,7 +90,7 @@ def count_jobs(args: list[str]) -> int:
         )
         plan = Path(tmp) / PLAN_FILE
         if done.returncode != 0 or not plan.is_file():
-            raise ConfigError(
+            raise CloudRunJobError(
                 f"the sweep's plan failed (breakhis-ft {shlex.join(plan_args)}):\n"
                 f"{done.stderr.strip()[-2000:]}"
             )
@@ -101,7 +104,7 @@ def _list_flag(name: str, values: list[str]) -> str:
         return f"--{name}={joined}"
     delimiter = next((d for d in _DELIMITERS if not any(d in v for v in values)), None)
     if delimiter is None:
-        raise ConfigError(f"--{name}: no delimiter free of the values {values}")
+        raise CloudRunJobError(f"--{name}: no delimiter free of the values {values}")
     return f"--{name}=^{delimiter}^{delimiter.join(values)}"
 
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from breakhis_ft.errors import ConfigError
 from breakhis_ft.run.cloud_run_job import (
     CloudRunJob,
+    CloudRunJobError,
     count_jobs,
     deploy_command,
     shell_lines,
@@ -72,9 +72,9 @@ def cloudrun(args: argparse.Namespace) -> int:
     n_jobs = count_jobs(container_args)
     tasks = args.tasks or n_jobs
     if not 1 <= tasks <= n_jobs:
-        raise ConfigError(f"--tasks {tasks}: the sweep has {n_jobs} jobs; give 1 to {n_jobs}")
+        raise CloudRunJobError(f"--tasks {tasks}: the sweep has {n_jobs} jobs; give 1 to {n_jobs}")
     if args.parallelism < 1:
-        raise ConfigError(f"--parallelism {args.parallelism}: give at least 1")
+        raise CloudRunJobError(f"--parallelism {args.parallelism}: give at least 1")
     # every field of the job has an option of the same name
     job = CloudRunJob(**{f.name: getattr(args, f.name) for f in fields(CloudRunJob)})
     command = deploy_command(job, container_args, tasks, min(args.parallelism, tasks))
@@ -86,7 +86,7 @@ def cloudrun(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Print the Cloud Run job of a sweep; 0 on success."""
-    return run_tool(build_parser(), cloudrun, argv, (ConfigError,))
+    return run_tool(build_parser(), cloudrun, argv, (CloudRunJobError,))
 
 
 if __name__ == "__main__":

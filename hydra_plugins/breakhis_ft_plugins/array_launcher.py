@@ -82,7 +82,6 @@ class ArrayLauncher(Launcher):
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
     ) -> None:
         """Check the sweeper, find this task and the sweep folder, stamp the folder."""
-        from breakhis_ft.errors import ConfigError
         from breakhis_ft.run import array
         from breakhis_ft.run.ownership import RunFolderError
 
@@ -105,7 +104,7 @@ class ArrayLauncher(Launcher):
                 array.sweep_name(os.environ, self.sweep_name)
             self.sweep_dir = Path(os.path.abspath(str(config.hydra.sweep.dir)))
             array.claim_sweep_folder(self.sweep_dir, self._overrides())
-        except (ConfigError, RunFolderError) as err:
+        except (array.ArrayError, RunFolderError) as err:
             raise ArrayLaunchRefused(str(err)) from None
 
     def launch(
@@ -113,7 +112,6 @@ class ArrayLauncher(Launcher):
     ) -> Sequence[JobReturn]:
         """Write (or check) the plan, then run this task's jobs of the batch one after another;
         the results of the jobs it ran or found completed."""
-        from breakhis_ft.errors import ConfigError
         from breakhis_ft.run import array
         from breakhis_ft.run.ownership import RunFolderError
 
@@ -132,7 +130,7 @@ class ArrayLauncher(Launcher):
                 else array.planned_task_count(os.environ, self.task_count, len(self.planned))
             )
             array.record_plan(self.sweep_dir, self.planned, count, self._overrides())
-        except (ConfigError, RunFolderError) as err:
+        except (array.ArrayError, RunFolderError) as err:
             raise ArrayLaunchRefused(str(err)) from None
         if self.plan_only:
             print(
