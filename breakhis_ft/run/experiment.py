@@ -109,8 +109,9 @@ def hydra_record() -> dict[str, Any]:
 def _job_identity(cfg: DictConfig) -> tuple[str, str]:
     """(W&B group, readable run name) from the experiment, the sweep and the overrides."""
     hydra_cfg = HydraConfig.get()
-    # paths and logging settings say nothing about the experiment: they stay out of the name
-    unnamed = ("experiment=", "hydra", "paths.", "data.root=", "logger.")
+    # paths, logging settings and the launcher say nothing about the experiment: they stay out
+    # of the name (a sweep's jobs are named alike run locally or as the tasks of an array job)
+    unnamed = ("experiment=", "hydra", "paths.", "data.root=", "logger.", "launcher=")
     overrides = [mask_secrets(o) for o in hydra_cfg.overrides.task if not o.startswith(unnamed)]
     name = ",".join(overrides) or cfg.experiment_name
     if hydra_cfg.mode == RunMode.MULTIRUN:
