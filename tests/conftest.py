@@ -66,7 +66,14 @@ def module_cache(tmp_path_factory: pytest.TempPathFactory):
 def first_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """One tiny MedGemma run through the entrypoint with W&B offline, given secrets in its
     environment and in `+key=value` overrides: (run folder, cache folder)."""
-    from cli_runs import ADDED_SECRETS, FAST, SECRET_ENV, SECRET_OVERRIDE, run_cli, single_run_dir
+    from helpers.cli_runs import (
+        ADDED_SECRETS,
+        FAST,
+        SECRET_ENV,
+        SECRET_OVERRIDE,
+        run_cli,
+        single_run_dir,
+    )
 
     base = tmp_path_factory.mktemp("entry")
     args = ["model=tiny_gemma3", "logger.mode=offline", *FAST, "=".join(SECRET_OVERRIDE)]

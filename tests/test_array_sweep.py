@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cli_runs import FAST, REPO, cli_env, read_metrics, run_cli
+from helpers.cli_runs import FAST, REPO, cli_env, read_metrics, run_cli
 
 from breakhis_ft.analysis.runs import find_runs, load_run
 from breakhis_ft.run.array import ArrayError, array_task, sweep_name

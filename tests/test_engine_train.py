@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from engine_toy import (
+from helpers.engine_toy import (
     ToyClassifier,
     ToyDataset,
     evaluate_dataset,

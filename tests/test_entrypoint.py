@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cli_runs import (
+from helpers.cli_runs import (
     FAST,
     REPO,
     SECRET_ENV,

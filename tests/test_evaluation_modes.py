@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from medgemma_toy import EVA4, classifier, examples, tiny_path
+from helpers.medgemma_toy import EVA4, classifier, examples, tiny_path
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 from test_entrypoint import compose_train
 
@@ -148,7 +148,7 @@ def test_generation_bypasses_the_feature_cache_and_matches_plain_answers(
     """A run that scores from cached vision features still generates from the images."""
     import numpy as np
     from accelerate import Accelerator
-    from medgemma_toy import class_image
+    from helpers.medgemma_toy import class_image
     from test_vision_cache import N_IMAGES, NO_AUGMENT, dataset, run_cfg
 
     from breakhis_ft.evaluate.generation import generate_split

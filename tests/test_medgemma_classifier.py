@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 import torch
-from builders import build
-from medgemma_toy import EVA4, classifier, examples, tiny_path
+from helpers.builders import build
+from helpers.medgemma_toy import EVA4, classifier, examples, tiny_path
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from breakhis_ft.config import MedGemmaConfig, PeftConfig

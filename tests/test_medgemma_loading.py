@@ -7,9 +7,9 @@ import logging
 import httpx
 import pytest
 import torch
-from builders import build
+from helpers.builders import build
+from helpers.medgemma_toy import classifier, tiny_path
 from huggingface_hub.errors import GatedRepoError
-from medgemma_toy import classifier, tiny_path
 from omegaconf import OmegaConf
 from transformers import AutoModelForImageTextToText, AutoProcessor
 

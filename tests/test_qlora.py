@@ -6,9 +6,9 @@ from __future__ import annotations
 import bitsandbytes as bnb
 import pytest
 import torch
-from builders import build
+from helpers.builders import build
+from helpers.medgemma_toy import examples, tiny_path
 from hydra import compose, initialize_config_dir
-from medgemma_toy import examples, tiny_path
 from test_entrypoint import CONF
 from test_medgemma_learning import balanced_accuracy, predictions
 from torch import nn

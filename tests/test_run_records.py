@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from cli_runs import ADDED_SECRETS, REPO, SECRET_OVERRIDE, run_info
+from helpers.cli_runs import ADDED_SECRETS, REPO, SECRET_OVERRIDE, run_info
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError
 

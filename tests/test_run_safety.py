@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_runs import FAST, read_metrics, run_cli, run_info, single_run_dir, start_cli
+from helpers.cli_runs import FAST, read_metrics, run_cli, run_info, single_run_dir, start_cli
 from omegaconf import OmegaConf
 
 from breakhis_ft.config import LoggerConfig

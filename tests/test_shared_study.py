@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cli_runs import FAST, REPO, cli_env
+from helpers.cli_runs import FAST, REPO, cli_env
 
 optuna = pytest.importorskip("optuna", reason="the optuna extra")
 

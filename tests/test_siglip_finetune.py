@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from builders import build
+from helpers.builders import build
+from helpers.siglip_toy import FP32, LORA, PROBE, examples, model_cfg, replica, tiny_path
 from huggingface_hub.errors import GatedRepoError
 from peft import LoraConfig, PeftModel, get_peft_model
 from PIL import Image
-from siglip_toy import FP32, LORA, PROBE, examples, model_cfg, replica, tiny_path
 from transformers import AutoImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
 from breakhis_ft.data.records import class_names, label_of

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from builders import build
+from helpers.builders import build
+from helpers.siglip_toy import FP32, LORA, model_cfg, tiny_path
 from PIL import Image
-from siglip_toy import FP32, LORA, model_cfg, tiny_path
 from transformers import AutoTokenizer, SiglipModel
 
 from breakhis_ft.data.records import class_names

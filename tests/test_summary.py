@@ -129,7 +129,7 @@ def fresh_wandb():
 
 
 def test_best_model_logged_as_a_wandb_artifact(tmp_path, monkeypatch, fresh_wandb) -> None:
-    from wandb_records import records
+    from helpers.wandb_records import records
 
     monkeypatch.setenv("WANDB_SILENT", "true")
     logger = OmegaConf.structured(LoggerConfig(mode="offline", log_model=True))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from cli_runs import FAST
+from helpers.cli_runs import FAST
 from test_entrypoint import compose_train
 
 from breakhis_ft.data.stain import StainFitError

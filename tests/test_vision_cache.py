@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from medgemma_toy import class_image, classifier, tiny_path
+from helpers.medgemma_toy import class_image, classifier, tiny_path
 from omegaconf import OmegaConf
 from test_entrypoint import compose_train
 

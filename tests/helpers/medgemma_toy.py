@@ -8,12 +8,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from builders import build
 from PIL import Image
 
 from breakhis_ft.config import MedGemmaConfig, PeftConfig, PromptConfig
 from breakhis_ft.models.medgemma import MedGemmaClassifier
 from breakhis_ft.models.tiny import ensure_tiny_gemma3
+from helpers.builders import build
 
 EVA4 = ("tubular_adenoma", "mucinous_carcinoma", "fibroadenoma", "ductal_carcinoma")
 # One H&E-like tint per class, plus a class-dependent stripe direction.
