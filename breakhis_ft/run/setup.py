@@ -84,7 +84,10 @@ def make_run_setup(cfg: DictConfig) -> RunSetup:
         metrics_fn=functools.partial(dataset_metrics, class_names=names),
         class_names=names,
         final_metrics_fn=functools.partial(
-            dataset_final_metrics, class_names=names, settings=settings
+            dataset_final_metrics,
+            class_names=names,
+            settings=settings,
+            group_by=str(cfg.split.group_by),  # the intervals resample the split's own groups
         ),
         evaluate=settings,
     )
