@@ -158,3 +158,16 @@ def test_stems_come_from_the_breakhis_slide_ids():
     assert units_of(["22549AB"], "patient").groups == ["22549AB"]
     with pytest.raises(ValueError, match="'P01' is not a BreakHis slide id"):
         units_of(["P01"], "stem")
+
+
+def test_a_stem_of_two_classes_is_resampled_with_its_rarer_class():
+    # stem 29960 holds 6 fibroadenoma and 2 adenosis images; adenosis has no other stem,
+    # fibroadenoma two more: 29960 goes with adenosis, so adenosis is in every resample
+    labels = np.array([1] * 6 + [0] * 2 + [1] * 4 + [1] * 4)
+    stems = ["29960"] * 8 + ["14134"] * 4 + ["23060"] * 4
+    probs = np.eye(8)[labels]
+    for idx in unit_resamples(stems, labels, 8, 200, seed=1):
+        assert np.sum(np.asarray(stems)[idx] == "29960") == 8  # drawn exactly once
+        assert set(labels[idx]) == {0, 1}
+    got = bootstrap_intervals({"ba": balanced_accuracy}, probs, labels, stems, 50)["ba"]
+    assert got.lo == got.hi == 1.0 and got.n_valid == 50

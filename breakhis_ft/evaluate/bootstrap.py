@@ -365,22 +365,44 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
     return (np.cumsum(counts) - (counts - 1) / 2.0)[inverse]
 
 
+def _column_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks within each column of x [n, C], ties given their average rank (as
+    `_average_ranks`, every column at once)."""
+    n = x.shape[0]
+    order = np.argsort(x, axis=0, kind="stable")
+    ordered = np.take_along_axis(x, order, axis=0)
+    position = np.broadcast_to(np.arange(n)[:, None], x.shape)
+    first = np.ones(x.shape, dtype=bool)  # a run of ties starts here
+    first[1:] = ordered[1:] != ordered[:-1]
+    last = np.ones(x.shape, dtype=bool)  # ... and ends here
+    last[:-1] = first[1:]
+    start = np.maximum.accumulate(np.where(first, position, 0), axis=0)
+    end = np.minimum.accumulate(np.where(last, position, n - 1)[::-1], axis=0)[::-1]
+    ranks = np.empty(x.shape)
+    np.put_along_axis(ranks, order, (start + end) / 2.0 + 1.0, axis=0)
+    return ranks
+
+
 def auroc_macro(probs: np.ndarray, labels: np.ndarray) -> float | None:
     """Mean one-vs-rest AUROC over classes with both positives and negatives; None if none.
 
-    A class lost from a resample (or present alone) has no AUROC and is left out of the mean, as
-    `compute_metrics` does for a small split; the resample is dropped only if no class is left.
+    A class absent from the sample (or present alone) has no AUROC and is left out of the mean,
+    as `compute_metrics` does for a small split; None only if no class is left. Mann-Whitney:
+    the positives' rank sum among each class's scores, all classes ranked at once.
     """
-    values = []
-    for c in np.unique(labels):
-        positive = labels == c
-        n_pos = int(positive.sum())
-        n_neg = len(labels) - n_pos
-        if n_neg == 0:
-            continue
-        rank_sum = _average_ranks(probs[:, c])[positive].sum()
-        values.append((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-    return float(np.mean(values)) if values else None
+    n_classes = probs.shape[1]
+    n_pos = np.bincount(labels, minlength=n_classes)[:n_classes].astype(np.float64)
+    n_neg = len(labels) - n_pos
+    defined = (n_pos > 0) & (n_neg > 0)
+    if not defined.any():
+        return None
+    ranks = _column_ranks(probs)
+    own = ranks[np.arange(len(labels)), labels]  # each image's rank among its class's scores
+    rank_sum = np.bincount(labels, weights=own, minlength=n_classes)[:n_classes]
+    auc = (rank_sum[defined] - n_pos[defined] * (n_pos[defined] + 1) / 2) / (
+        n_pos[defined] * n_neg[defined]
+    )
+    return float(np.mean(auc))
 
 
 STANDARD_METRICS: dict[str, MetricFn] = {
