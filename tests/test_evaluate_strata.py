@@ -114,13 +114,13 @@ def test_metrics_json_names_the_scheme_and_gives_no_interval_to_a_one_stem_class
         "level": 0.95,
         "seed": 2,
         "n_groups": 15,
-        "single_group_classes": ONE_STEM,
+        "fixed_classes": ONE_STEM,
         "undefined_resamples": {},
     }
     for name in ONE_STEM:
         row = m["per_class"][name]
         assert row["recall_ci95"] is None
-        assert row["recall_ci95_reason"].startswith("one stem group holds every image")
+        assert row["recall_ci95_reason"].startswith("every resample draws the same stem group(s)")
     absent = m["per_class"]["adenosis"]
     assert absent["recall_ci95"] is None and absent["recall_ci95_reason"].startswith("no image")
     # the ductal recall's interval, recomputed with scikit-learn on the same resamples
@@ -171,3 +171,18 @@ def test_a_stem_of_two_classes_is_resampled_with_its_rarer_class():
         assert set(labels[idx]) == {0, 1}
     got = bootstrap_intervals({"ba": balanced_accuracy}, probs, labels, stems, 50)["ba"]
     assert got.lo == got.hi == 1.0 and got.n_valid == 50
+
+
+def test_a_class_whose_stems_are_each_alone_in_their_stratum_has_no_recall_interval():
+    # the demo's fibroadenoma: stems 23222 (fibroadenoma) and 29960 (folders 29960AB,
+    # fibroadenoma, and 29960CD, adenosis: the stem goes with adenosis, its rarer class), so
+    # every resample draws both once
+    labels = np.array([1] * 4 + [1] * 3 + [0] * 2 + [4] * 3 + [4] * 3)
+    patients = ["23222AB"] * 4 + ["29960AB"] * 3 + ["29960CD"] * 2 + ["10926"] * 3 + ["11031"] * 3
+    probs = np.eye(8)[(labels + np.arange(len(labels)) % 2) % 8]  # every other image wrong
+    settings = EvaluateConfig(bootstrap_resamples=50)
+    units = units_of(patients, "stem")
+    m = final_metrics(probs, labels, CLASSES, patients, None, settings, units)
+    assert m["interval"]["fixed_classes"] == ["adenosis", "fibroadenoma"]
+    assert m["per_class"]["fibroadenoma"]["recall_ci95"] is None
+    assert m["per_class"]["ductal_carcinoma"]["recall_ci95"] is not None

@@ -14,9 +14,10 @@ balanced accuracy always averages the same classes; unstratified, a small split 
 with one patient) loses a class in most resamples and mixes averages over 2 to 7 classes. A group
 holding images of several classes (a stem filed under two subtypes) goes to the stratum of its
 rarest class (the one held by the fewest groups; ties: the class with most of its images, then
-the first class): a class held by one group then always keeps that group. A class whose images
-are all in one group has the same recall in every resample: it has no interval of its own
-(`single_group_classes`), and the other intervals do not cover its sampling.
+the first class): a class held by one group then always keeps that group. A class whose groups
+are each alone in their stratum (all its images in one group, most often) has the same recall in
+every resample: it has no interval of its own (`fixed_classes`), and the other intervals do not
+cover its sampling.
 
 A metric function takes `(probs [n, C] float64, labels [n] int64)` numpy arrays and returns a
 float, or None/NaN where the metric is undefined on that sample. A metric that needs to know which
@@ -140,7 +141,7 @@ class Strata:
     ids: list[str]  # the distinct groups, sorted
     codes: np.ndarray  # [N] each image's group number (an index into ids)
     stratum: np.ndarray  # [G] each group's class stratum
-    holders: np.ndarray  # [C] how many groups hold images of each class
+    held: np.ndarray  # [G, C] whether each group holds images of each class
 
     @classmethod
     def of(cls, groups: Sequence[Any], labels: np.ndarray, n_classes: int) -> Strata:
@@ -151,14 +152,17 @@ class Strata:
         holders = (counts > 0).sum(axis=0)
         stratum = np.empty(len(ids), dtype=np.int64)
         for g, row in enumerate(counts):
-            held = np.flatnonzero(row)
             # fewest holders first, then most images, then the first class
-            stratum[g] = min(held, key=lambda c: (holders[c], -row[c], c))
-        return cls(ids.tolist(), codes, stratum, holders)
+            stratum[g] = min(np.flatnonzero(row), key=lambda c: (holders[c], -row[c], c))
+        return cls(ids.tolist(), codes, stratum, counts > 0)
 
-    def single_group_classes(self) -> list[int]:
-        """The classes whose images are all in one group (their recall cannot vary)."""
-        return [int(c) for c in np.flatnonzero(self.holders == 1)]
+    def fixed_classes(self) -> list[int]:
+        """The classes present whose every group is alone in its stratum: each resample draws
+        exactly those groups once, so their recall is the same in every resample (a class in one
+        group; or in two groups each with a rarer class of its own)."""
+        alone = np.bincount(self.stratum)[self.stratum] == 1  # [G]
+        varies = self.held[~alone].any(axis=0)
+        return [int(c) for c in np.flatnonzero(self.held.any(axis=0) & ~varies)]
 
 
 def grouped_resamples(

@@ -9,8 +9,9 @@ calibration block and changes no headline figure except through the calibration.
 metrics.json keys added to a split (level 0.95 shown):
 - `<metric>_ci95: [lo, hi]` beside accuracy, balanced_accuracy, f1_macro, f1_weighted,
   auroc_macro, patient_recognition_rate, binary/{accuracy, f1, auroc} and each class's recall
-  (`per_class.<class>.recall_ci95`; null with `recall_ci95_reason` where the class is in one
-  group or absent); `interval` names the scheme (method, unit, strata, resamples, level, seed).
+  (`per_class.<class>.recall_ci95`; null with `recall_ci95_reason` where the class is absent or
+  its recall the same in every resample, `interval.fixed_classes`).
+- `interval`: the scheme (method, unit, strata, resamples, level, seed, groups, fixed classes).
 - `calibration`: n_bins and `before` {ece, mce, brier, nll}; later `temperature` and `after`.
 - `patient_level`: compute_metrics of the fused patient table (one row per patient), its own
   intervals, and each patient's diagnosis.
@@ -61,12 +62,12 @@ def _numpy(probs: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _no_interval_reason(support: int, unit: str) -> str:
-    """Why a class's recall has no interval: absent, or all its images in one group."""
+    """Why a class's recall has no interval: absent, or drawn the same in every resample."""
     if support == 0:
         return "no image of this class in this split"
     return (
-        f"one {unit} group holds every image of this class here: each resample draws it once, "
-        "so its recall does not vary"
+        f"every resample draws the same {unit} group(s) of this class once (each is the only "
+        "group of its class stratum), so its recall does not vary"
     )
 
 
@@ -87,7 +88,7 @@ def add_intervals(
     settings: EvaluateConfig,
 ) -> None:
     """Store `<name>_ci<level>: [lo, hi]` beside each metric (a `binary/x` name in `binary`)
-    and beside each class's recall in `per_class`, where the class is held by two groups or more.
+    and beside each class's recall in `per_class`, where it can vary between resamples.
 
     One shared set of stratified resamples for all the metrics; `interval` records the scheme
     and, per metric, the resamples dropped because it was undefined there (e.g. the binary AUROC
@@ -97,7 +98,8 @@ def add_intervals(
     probs, labels, groups = as_arrays(probs, labels, units.groups)
     strata = Strata.of(groups, labels, probs.shape[1])
     classes = list(metrics.get("classes") or [])
-    varying = [c for c, name in enumerate(classes) if strata.holders[c] >= 2]
+    fixed = strata.fixed_classes()
+    varying = [c for c in range(len(classes)) if strata.held[:, c].any() and c not in fixed]
     recalls = {f"per_class/{classes[c]}/recall": class_recall(c) for c in varying}
     intervals = bootstrap_intervals({**fns, **recalls}, probs, labels, units, n, seed, level)
     by_block: dict[str, dict[str, list | None]] = {}
@@ -120,7 +122,8 @@ def add_intervals(
             _put_after(row, key, f"{key}_reason", reason)
     metrics["interval"] = {
         **scheme(units, strata, n, seed, level),
-        "single_group_classes": [classes[c] for c in strata.single_group_classes() if classes],
+        # their recall is the same in every resample: no interval covers their sampling
+        "fixed_classes": [classes[c] for c in fixed if c < len(classes)],
         "undefined_resamples": {k: v.n_dropped for k, v in intervals.items() if v.n_dropped},
     }
 
