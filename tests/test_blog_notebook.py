@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from breakhis_ft.config import ModelConfig, PeftConfig, PromptConfig, SplitConfig
+from breakhis_ft.config import MedGemmaConfig, PeftConfig, PromptConfig, SplitConfig
 from breakhis_ft.data.breakhis import FoldsTable, data_stats, scan_breakhis
 from breakhis_ft.data.records import class_names
 from breakhis_ft.data.splits import assign_splits, duplicate_leaks
-from breakhis_ft.errors import ConfigError
 from breakhis_ft.models.prompts import make_prompt
 from breakhis_ft.models.tiny import _corpus_words, build_tiny_tokenizer
 
@@ -72,9 +71,9 @@ def test_blog_regex_parses_as_the_notebook(text: str, expected: int) -> None:
 
 
 def test_blog_regex_needs_numbers() -> None:
-    with pytest.raises(ConfigError, match="model.prompt.parse"):
+    with pytest.raises(ValueError, match="model.prompt.parse"):
         make_prompt(PromptConfig(style="letters", parse="blog_regex"), class_names("binary"))
-    with pytest.raises(ConfigError, match="model.prompt.class_names"):
+    with pytest.raises(ValueError, match="model.prompt.class_names"):
         make_prompt(PromptConfig(class_names="folders"), class_names("binary"))
 
 
@@ -151,17 +150,16 @@ def test_the_notebook_presets_subset_is_the_images_pandas_draws(replica_root: Pa
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Gemma 3 (built once per session)."""
-    from medgemma_toy import tiny_path
+    from helpers.medgemma_toy import tiny_path
 
     return tiny_path(tmp_path_factory)
 
 
 def _blog_classifier(path: Path, add_special_tokens: bool):
     """The tiny model with the notebook preset's prompt and loss (fp32, LoRA)."""
-    from builders import build
+    from helpers.builders import build
 
-    model_cfg = ModelConfig(
-        kind="medgemma",
+    model_cfg = MedGemmaConfig(
         name_or_path=str(path),
         loss_on="all_text",
         add_special_tokens=add_special_tokens,
@@ -172,7 +170,7 @@ def _blog_classifier(path: Path, add_special_tokens: bool):
 
 def test_the_preset_tokenises_as_the_notebook_double_bos_with_medgemmas_tokenizer(tiny) -> None:
     nb = pytest.importorskip("benchmarks.notebook")  # trl
-    from medgemma_toy import examples
+    from helpers.medgemma_toy import examples
 
     example = examples(1, seed=0)[0]
     messages = nb.format_messages(nb.BLOG_PROMPT, "0")  # class 0's answer, as example's label

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from hand_stats import hand_stratified_draws
+from helpers.hand_stats import hand_stratified_draws
 
 from breakhis_ft.config import EvaluateConfig, Fusion
 from breakhis_ft.data.records import class_names

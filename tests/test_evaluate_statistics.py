@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hand_stats import hand_stratified_draws
+from helpers.hand_stats import hand_stratified_draws
 from torchmetrics.functional.classification import multiclass_auroc, multiclass_f1_score
 
 from breakhis_ft.evaluate.bootstrap import (

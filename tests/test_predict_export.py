@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.tiny_runs import train_runs
 from PIL import Image
-from tiny_runs import train_runs
 
 from breakhis_ft.config import PromptConfig
 from breakhis_ft.data.breakhis import scan_from_config

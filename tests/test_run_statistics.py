@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from cli_runs import read_metrics
+from helpers.cli_runs import read_metrics
 
 
 def test_final_metrics_hold_intervals_calibration_and_patient_level(first_run) -> None:

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from breakhis_ft.config import LoggerConfig
 from breakhis_ft.run import summary
-from breakhis_ft.run.tracking import RunTracker, split_tables
+from breakhis_ft.run.tracking import RunTracker, TrackedJob, split_tables
 
 METRICS = {
     "val": {"n": 30, "balanced_accuracy": 0.5, "accuracy": 0.6},
@@ -140,11 +140,11 @@ def fresh_wandb():
 
 
 def test_best_model_logged_as_a_wandb_artifact(tmp_path, monkeypatch, fresh_wandb) -> None:
-    from wandb_records import records
+    from helpers.wandb_records import records
 
     monkeypatch.setenv("WANDB_SILENT", "true")
     logger = OmegaConf.structured(LoggerConfig(mode="offline", log_model=True))
-    tracker = RunTracker(tmp_path, {"seed": 1}, logger, "name", "group")
+    tracker = RunTracker(tmp_path, TrackedJob({"seed": 1}, "name", "group"), logger)
     best = tmp_path / "best"
     best.mkdir()
     (best / "adapter_model.safetensors").write_bytes(b"weights")

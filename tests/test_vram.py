@@ -18,7 +18,6 @@ from transformers import (
 )
 
 from breakhis_ft.config import register_configs
-from breakhis_ft.errors import ConfigError
 from breakhis_ft.models.gemma_loading import apply_peft, build_meta_medgemma
 from breakhis_ft.models.lora import lora_config
 from breakhis_ft.vram import (
@@ -460,5 +459,5 @@ def test_the_runs_own_optimizer_states_are_counted(meta_build_once: None) -> Non
 
 def test_an_optimizer_the_estimator_does_not_know_is_named() -> None:
     cfg = compose_cfg("model=tiny_gemma3", "trainer.optimizer._target_=torch.optim.SGD")
-    with pytest.raises(ConfigError, match=r"trainer.optimizer._target_='torch.optim.SGD'"):
+    with pytest.raises(ValueError, match=r"trainer.optimizer._target_='torch.optim.SGD'"):
         estimate_vram(cfg)

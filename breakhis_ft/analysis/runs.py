@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from breakhis_ft.run.ownership import LOCK_FILE, is_held
 from breakhis_ft.run.run_folder import group_choices
 
 # folders inside a run that never hold another run: skipping them keeps the scan fast
@@ -121,9 +122,14 @@ def _status(run_dir: Path, info: dict[str, Any]) -> str:
     if (run_dir / "FAILED").exists():
         return "failed"
     status = str(info.get("status", "unknown")) if info else "unknown"
-    # a run killed hard (OOM killer, SIGKILL) never writes its end status
-    if status == "running" and _pid_gone(info):
-        return "stopped"
+    # a run killed hard (OOM killer, SIGKILL) never writes its end status: a running run whose
+    # folder no live process holds has stopped. The lock of a run on another machine shows only
+    # over a shared file system that carries locks (NFSv4), not over a bucket mount: such a run
+    # stays `running`, and its last write tells more (sweep_progress)
+    if status == "running" and not is_held(run_dir):
+        here = info.get("host") == socket.gethostname()
+        if _pid_gone(info) or (here and (run_dir / LOCK_FILE).exists()):
+            return "stopped"
     return status
 
 

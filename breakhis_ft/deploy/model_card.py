@@ -25,8 +25,7 @@ from omegaconf import DictConfig
 
 from breakhis_ft.data.dataset import RESAMPLE
 from breakhis_ft.evaluate.bootstrap import ci_key
-from breakhis_ft.models.base import processor_side
-from breakhis_ft.models.prompts import make_prompt
+from breakhis_ft.models.factory import classifier_type
 
 # metrics.json key -> the name the card shows
 CARD_METRICS = {
@@ -58,22 +57,6 @@ DATASET_NAMES = {
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def prompt_details(cfg: DictConfig) -> dict[str, Any]:
-    """MedGemma's exact user text, chat messages (image first) and each class's answer string."""
-    prompt = make_prompt(cfg.model.prompt, tuple(cfg.task.classes))
-    return {
-        "user_text": prompt.user_text(),
-        "messages": prompt.messages(),
-        "answers": [
-            {"class": name, "answer": answer}
-            for name, answer in zip(prompt.class_names, prompt.answers, strict=True)
-        ],
-        # each class's probability: the softmax over the first tokens of the answers, read at the
-        # last prompt position (the answers start with distinct tokens: digits or letters)
-        "scoring": "softmax over the answers' first tokens after the generation prompt",
-    }
-
-
 def preprocessing(cfg: DictConfig, image_size: int | None) -> dict[str, Any]:
     """How an image becomes model input: RGB, longest side resized (or not), then the processor."""
     steps: dict[str, Any] = {
@@ -87,21 +70,7 @@ def preprocessing(cfg: DictConfig, image_size: int | None) -> dict[str, Any]:
         # none, or the H&E normaliser (stain_normalizer.json, applied before the resize)
         "stain_norm": str(cfg.data.stain_norm),
     }
-    if cfg.model.kind == "siglip":
-        from breakhis_ft.models.siglip_loading import (
-            load_preprocessor,
-        )  # the processor's files only
-
-        pre = load_preprocessor(str(cfg.model.name_or_path), str(cfg.model.resize))
-        steps["square"] = pre.resize  # pad: centred on a canvas of the processor's mean colour
-        steps["fill"] = list(pre.fill)
-        image_processor = pre.image_processor
-    elif image_size is not None:
-        from transformers import AutoImageProcessor
-
-        image_processor = AutoImageProcessor.from_pretrained(str(cfg.model.name_or_path))
-    if image_size is not None:
-        steps["model_side"] = processor_side(image_processor)
+    steps.update(classifier_type(cfg.model).preprocessing_steps(cfg.model, image_size))
     steps["then"] = "the checkpoint's own processor (in this folder, or the base model's)"
     return steps
 
@@ -109,10 +78,8 @@ def preprocessing(cfg: DictConfig, image_size: int | None) -> dict[str, Any]:
 def describe(cfg: DictConfig, image_size: int | None) -> dict[str, Any]:
     """The self-describing part of export_info.json (beside its temperature)."""
     info: dict[str, Any] = {"preprocessing": preprocessing(cfg, image_size)}
-    if cfg.model.kind == "medgemma":
-        info.update(prompt_details(cfg))
-    else:
-        info["answers"] = [{"class": name, "index": i} for i, name in enumerate(cfg.task.classes)]
+    family = classifier_type(cfg.model)
+    info.update(family.answer_details(cfg.model, tuple(cfg.task.classes)))
     return info
 
 
@@ -254,9 +221,8 @@ def _siglip_snippet(info: dict[str, Any]) -> str:
 
 def usage_snippet(info: dict[str, Any]) -> str:
     """Python that classifies one image with this export: transformers (+ peft for an adapter)."""
-    if info["model_kind"] == "medgemma":
-        return _gemma_snippet(info)
-    return _siglip_snippet(info)
+    snippets = {"medgemma": _gemma_snippet, "siglip": _siglip_snippet}
+    return snippets[info["model_kind"]](info)
 
 
 # ---- the card -----------------------------------------------------------------------------------

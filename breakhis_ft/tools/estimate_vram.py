@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from breakhis_ft.config import register_configs
-from breakhis_ft.errors import ConfigError
+from breakhis_ft.errors import ConfigError, ModelLoadError
 from breakhis_ft.tools import tool_parser, user_errors
 from breakhis_ft.validate import validate_config
 from breakhis_ft.vram import estimate_vram
@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     """Compose the config from the overrides, print the estimate table, optionally write JSON."""
     args = build_parser().parse_args(argv)
     # a wrong group, key or value: Hydra's and OmegaConf's messages name it and the options
-    with user_errors(ConfigError, ValueError, HydraException, OmegaConfBaseException):
+    with user_errors(
+        ConfigError, ModelLoadError, ValueError, HydraException, OmegaConfBaseException
+    ):
         cfg = compose_run_config(args.overrides, args.config_dir)
         checked = cfg.copy()  # the estimate reads no data: a missing data.root is not an error
         if checked.data.root is None:

@@ -8,7 +8,6 @@ from typing import Any
 
 from torch import nn
 
-from breakhis_ft.errors import ConfigError
 from breakhis_ft.vram.activations import (
     Flavor,
     eager_scores_transient,
@@ -86,8 +85,8 @@ def preset_optimizer(cfg: Any) -> str:
     """The estimator's name (adamw, adamw_8bit) of the run's trainer.optimizer."""
     target = str(cfg.trainer.optimizer.get("_target_", ""))
     if target not in OPTIMIZER_OF_TARGET:
-        raise ConfigError(
-            f"config error: trainer.optimizer._target_={target!r}: the estimator counts the "
+        raise ValueError(
+            f"trainer.optimizer._target_={target!r}: the estimator counts the "
             f"states of {', '.join(OPTIMIZER_OF_TARGET)}; pass --optimizer adamw or adamw_8bit "
             "to count one of them instead"
         )
@@ -149,12 +148,7 @@ def estimate_vram(cfg: Any, device: str = "cuda", optimizer: str | None = None) 
     None: the run's own trainer/optimizer (`preset_optimizer`).
     """
     optimizer = preset_optimizer(cfg) if optimizer is None else optimizer
-    kind = str(cfg.model.kind)
-    if kind == "medgemma":
-        return _estimate_gemma(cfg, device, optimizer)
-    if kind == "siglip":
-        return _estimate_siglip(cfg, device, optimizer)
-    raise ConfigError(f"config error: model.kind: got {kind!r}, allowed: medgemma, siglip")
+    return ESTIMATORS[str(cfg.model.kind)](cfg, device, optimizer)
 
 
 @dataclass
@@ -413,3 +407,7 @@ def _estimate_siglip(cfg: Any, device: str, optimizer: str) -> VramEstimate:
     }
     extra = {"activations_no_gc_bytes": acts[False], "activations_gc_bytes": acts[True]}
     return VramEstimate(components, notes, params, settings, extra)
+
+
+# the estimate of each model family, by `model.kind`
+ESTIMATORS = {"medgemma": _estimate_gemma, "siglip": _estimate_siglip}
