@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil, Gemma3Processor
 
 from benchmarks.gpu import TFLOP
-from breakhis_ft.config import ModelConfig, PeftConfig
+from breakhis_ft.config import MedGemmaConfig, PeftConfig
 from breakhis_ft.models.gemma_loading import build_medgemma_classifier
 from breakhis_ft.models.lora import lora_config
 from breakhis_ft.models.medgemma import MedGemmaClassifier
@@ -73,7 +73,7 @@ def build_checkpoint(path: Path, sizes: dict[str, int]) -> Path:
 def make_classifier(path: Path, names: tuple[str, ...]) -> MedGemmaClassifier:
     """LoRA r=16 on the language model (vision frozen), fp32 on the CPU."""
     torch.manual_seed(0)
-    model_cfg = ModelConfig(kind="medgemma", name_or_path=str(path))
+    model_cfg = MedGemmaConfig(name_or_path=str(path))
     peft_cfg = PeftConfig(r=16, alpha=32, dropout=0.0, target_modules="language_model")
     return build_medgemma_classifier(
         model_cfg,

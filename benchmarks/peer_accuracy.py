@@ -101,7 +101,7 @@ def notebook_scores(model, processor, eval_ds, labels: list[int]) -> dict[str, d
 def project_scores(run: dict[str, Any], split: str) -> dict[str, dict]:
     """The project's classifier scored both ways through its engine (label scoring from cached
     vision features where the path caches them; generation from the pixels)."""
-    clf, data, acc = run["classifier"], run["data"][split], run["setup"].accelerator
+    clf, data, acc = run["classifier"], run["data"][split], run["accelerator"]
     labels = list(data.labels)
     start = time.perf_counter()
     probs, _, _ = predict(clf, data, acc, EVAL_BATCH)

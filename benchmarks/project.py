@@ -26,7 +26,13 @@ from breakhis_ft.data.dataset import ImageDataset, labels_for
 from breakhis_ft.data.records import ImageRecord
 from breakhis_ft.engine.predict import predict
 from breakhis_ft.engine.recipe import TrainingRecipe
-from breakhis_ft.run.setup import make_classifier, make_datasets, make_run_setup
+from breakhis_ft.run.setup import (
+    make_accelerator,
+    make_classifier,
+    make_datasets,
+    recipe_settings,
+    run_precision,
+)
 from breakhis_ft.validate import validate_config
 
 # The notebook's choices where the project's defaults differ (blog_medgemma_100x has most of them)
@@ -215,8 +221,9 @@ def train_project(
     shutil.rmtree(run_dir, ignore_errors=True)
     times: dict[str, float] = {}
     start = time.perf_counter()
-    setup = make_run_setup(cfg)
-    classifier = make_classifier(cfg, setup)
+    precision = run_precision(cfg)
+    accelerator = make_accelerator(cfg, precision)
+    classifier = make_classifier(cfg, precision)
     times["model_s"] = time.perf_counter() - start
     start = time.perf_counter()
     data = _datasets(cfg, scan, splits, classifier.needs_images, image_cache)
@@ -225,17 +232,15 @@ def train_project(
     classifier.prepare_cached_inputs([data["train"]], scan.root)
     times["train_features_s"] = time.perf_counter() - start
     recipe = TimedRecipe(
-        classifier,
-        data["train"],
-        None,
-        cfg.trainer,
-        run_dir,
-        setup.accelerator,
-        optimizer_factory=setup.optimizer_factory,
-        metrics_fn=setup.metrics_fn,
-        seed=cfg.seed,
+        classifier, data["train"], None, accelerator, recipe_settings(cfg, run_dir)
     )
-    run = {"classifier": classifier, "data": data, "setup": setup, "cfg": cfg, "times": times}
+    run = {
+        "classifier": classifier,
+        "data": data,
+        "accelerator": accelerator,
+        "cfg": cfg,
+        "times": times,
+    }
     run["recipe"] = recipe
     if after_epoch is not None:
         recipe.after_epoch = lambda epoch: after_epoch(run, epoch)
@@ -259,7 +264,7 @@ def evaluate_project(run: dict[str, Any]) -> tuple[list[int], float]:
     probs, _, _ = predict(
         run["classifier"],
         run["data"]["test"],
-        run["setup"].accelerator,
+        run["accelerator"],
         run["cfg"].trainer.eval_batch_size,
     )
     return probs.argmax(dim=1).tolist(), time.perf_counter() - start

@@ -8,12 +8,12 @@ checked by `validate.py`, called by the entrypoint before any data or model load
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from breakhis_ft.errors import ConfigError
 
@@ -53,6 +53,13 @@ class SplitKind(StrEnum):
 class GroupBy(StrEnum):
     stem = "stem"
     patient = "patient"
+
+
+class BalanceDraw(StrEnum):
+    seeded = "seeded"  # numpy's generator, seeded by split.seed and the split
+    # the blog notebook's draw: pandas' DataFrame.sample(n=k, random_state=split.seed) of the
+    # benign and of the malignant images, each in their Folds.csv row order (split=official_fold)
+    pandas = "pandas"
 
 
 class LabelField(StrEnum):
@@ -218,6 +225,7 @@ class SplitConfig:
     val_fraction: float = 0.15  # official_fold, patient k-fold: share of train moved to validation
     balance_binary: float | None = None  # undersample benign:malignant to 1:this (blog: 1.0)
     balance_splits: list[str] = field(default_factory=lambda: ["train"])
+    balance_draw: BalanceDraw = BalanceDraw.seeded  # which images the undersampling keeps
     # a split that lacks a class of the task (a class with no training image, or too few patient
     # groups to reach val or test): false warns at the start and records it in data_stats.json;
     # true refuses to run, naming the split and the classes
@@ -248,32 +256,61 @@ class PromptConfig:
 
 @dataclass
 class ModelConfig:
+    """The keys every model family has; a family's schema (MedGemmaConfig, SiglipConfig) adds its
+    own, so a key of another family fails at compose time."""
+
     kind: ModelKind = MISSING  # the family, checked against the checkpoint before loading
     # the builder of the Classifier (hydra.utils.instantiate, _partial_): set by the model group
     builder: Any = MISSING
     name_or_path: str = MISSING  # hub id or local folder
     build_tiny: bool = False  # build a tiny random checkpoint (only under paths.models)
+
+
+@dataclass
+class MedGemmaConfig(ModelConfig):
+    """MedGemma (Gemma 3 image-text), classified generatively: prompt -> answer."""
+
+    kind: ModelKind = ModelKind.medgemma
     attn_implementation: Attention = Attention.sdpa
     loss_on: LossOn = LossOn.answer  # answer (answer + end of turn) | all_text (the blog's)
+    # the processor's add_special_tokens on the chat-templated text. false: the
+    # template's one <bos>; true: the tokenizer adds its own too, as the blog notebook's
+    # `processor(text=...)` did (two <bos> with MedGemma's tokenizer, which adds one)
+    add_special_tokens: bool = False
     # auto (where valid) | true | false; Any keeps a YAML `true` a bool instead of the string "True"
     cache_vision_features: Any = "auto"
     freeze_vision: bool = True  # keep vision tower + projector frozen (unless LoRA targets them)
-    freeze_encoder: bool = False  # siglip: frozen encoder + linear head (linear probe)
-    resize: Resize = Resize.pad  # siglip: pad (to square) | stretch | shorter_side_crop (eva's)
-    # siglip: classify by image-text similarity to class-name prompts (needs the text tower), no
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    # how the run's final evaluation classifies (generate/both: raw answers in
+    # predictions_<split>.csv, parse failures in metrics.json)
+    eval_mode: EvalMode = EvalMode.score
+    max_new_tokens: int = 40  # generation's limit (greedy, answer parsed); the blog used 40
+    # with peft=lora: merge the adapter into the weights before the final evaluation (the blog's
+    # merge_and_unload); the saved adapter is unchanged
+    merge_for_eval: bool = False
+
+
+@dataclass
+class SiglipConfig(ModelConfig):
+    """A SigLIP image encoder (MedSigLIP) + a linear head, or zero-shot by its text tower."""
+
+    kind: ModelKind = ModelKind.siglip
+    freeze_encoder: bool = False  # frozen encoder + linear head (linear probe, with peft=none)
+    resize: Resize = Resize.pad  # pad (to square) | stretch | shorter_side_crop (eva's)
+    # classify by image-text similarity to class-name prompts (needs the text tower), no
     # training; run with train=false
     zero_shot: bool = False
     zero_shot_templates: list[str] = field(
         default_factory=lambda: ["H&E histopathology image of breast {}"]
     )
-    prompt: PromptConfig = field(default_factory=PromptConfig)
-    # medgemma: how the run's final evaluation classifies (generate/both: raw answers in
-    # predictions_<split>.csv, parse failures in metrics.json)
-    eval_mode: EvalMode = EvalMode.score
-    max_new_tokens: int = 40  # generation's limit (greedy, answer parsed); the blog used 40
-    # medgemma + LoRA: merge the adapter into the weights before the final evaluation (the blog's
-    # merge_and_unload); the saved adapter is unchanged
-    merge_for_eval: bool = False
+
+
+# the schema of each model family, by `model.kind`; the model group's files name theirs in their
+# defaults list (`/medgemma_schema@_here_`)
+MODEL_SCHEMAS: dict[str, type[ModelConfig]] = {
+    ModelKind.medgemma: MedGemmaConfig,
+    ModelKind.siglip: SiglipConfig,
+}
 
 
 @dataclass
@@ -332,11 +369,12 @@ class TrainerConfig:
 @dataclass
 class EvaluateConfig:
     """The statistics of the final evaluation (val and test after training), not of the
-    per-epoch validation, which stays cheap. Intervals resample patients, not images."""
+    per-epoch validation, which stays cheap. Intervals resample the split's patient groups
+    (split.group_by: stems or patient folders) within each class, not images."""
 
-    bootstrap_resamples: int = 1000  # patient-bootstrap resamples of each interval; 0: none
+    bootstrap_resamples: int = 1000  # group-bootstrap resamples of each interval; 0: none
     ci_level: float = 0.95  # interval coverage; the keys carry it: balanced_accuracy_ci95
-    seed: int = 0  # the resamples depend on the test patients and this seed only
+    seed: int = 0  # the resamples depend on the test groups, their classes and this seed only
     calibration_bins: int = 15  # equal-width confidence bins of ECE, MCE and reliability plots
     # one temperature fitted on val (NLL), applied to test and reported before/after; saved in
     # calibration.json and used by predict and exports
@@ -396,7 +434,7 @@ def folder_name(value: Any) -> str:
     name = str(value)
     if not is_folder_name(name):
         raise ConfigError(
-            f"config error: experiment_name={name!r}: it names the run's folder under "
+            f"experiment_name={name!r}: it names the run's folder under "
             "paths.output_dir, so it must be one folder name (not empty, `.` or `..`, no / or \\); "
             "e.g. experiment_name=lora_r8. Choose where runs go with paths.output_dir"
         )
@@ -404,8 +442,30 @@ def folder_name(value: Any) -> str:
 
 
 def register_configs() -> None:
-    """Register the schema as the base config `train_schema` in Hydra's ConfigStore, and the
+    """Register the schema in Hydra's ConfigStore: the base config `train_schema` and each model
+    family's schema (`medgemma_schema`, `siglip_schema`, for the model group's files); and the
     `folder_name` resolver the run folders' paths use."""
-    ConfigStore.instance().store(name="train_schema", node=TrainRunConfig)
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainRunConfig)
+    for kind, schema in MODEL_SCHEMAS.items():
+        store.store(name=f"{kind}_schema", node=schema)
     if not OmegaConf.has_resolver("folder_name"):
         OmegaConf.register_new_resolver("folder_name", folder_name)
+
+
+def family_keys_only(saved: Any) -> dict[str, Any]:
+    """A saved run config as a plain dict whose model holds its family's keys only: a config saved
+    with one flat model schema holds every family's, and the others are dropped."""
+    values: dict[str, Any] = OmegaConf.to_container(OmegaConf.create(saved))  # type: ignore[assignment]
+    model = values.get("model") or {}
+    known = {f.name for f in fields(MODEL_SCHEMAS[str(model["kind"])])}
+    values["model"] = {k: v for k, v in model.items() if k in known}
+    return values
+
+
+def schema_of(saved: Any) -> DictConfig:
+    """The schema a saved run config goes onto: TrainRunConfig, its model on the schema of the
+    config's family (`model.kind`)."""
+    cfg = OmegaConf.structured(TrainRunConfig)
+    cfg.model = OmegaConf.structured(MODEL_SCHEMAS[str(saved["model"]["kind"])])
+    return cfg

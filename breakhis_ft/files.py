@@ -120,6 +120,15 @@ def temp_beside(target: str | Path) -> Path:
     return target.with_name(f".tmp-{target.name}-{uuid.uuid4().hex[:8]}")
 
 
+def write_text_whole(path: str | Path, text: str) -> None:
+    """Write a file whole: a fresh temporary beside it, renamed over it, so processes that write
+    the same file at once, and readers, never see part of one."""
+    path = Path(path)
+    tmp = temp_beside(path)
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 @contextmanager
 def build_lock(target: str | Path) -> Iterator[None]:
     """Hold the exclusive build lock of `target` while the block runs.

@@ -1,8 +1,10 @@
 """Compose-time checks of the combinations a typed schema cannot express.
 
 `validate_config` runs in the entrypoint before any data or model loads; each failure is one line,
-`config error: <key>: <what is wrong and the fix>`. Types, unknown keys and the values of Enum keys
-are already checked by the schema (`config.py`) when Hydra composes.
+`config error: <key>: <what is wrong and the fix>`. Types, unknown keys (a key of another model
+family among them) and the values of Enum keys are already checked by the schema (`config.py`) when
+Hydra composes. The ConfigError of a bad config is raised here and nowhere else: what only the
+device, the checkpoint or the data can tell is checked as the run is set up, with its own errors.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import importlib.util
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -41,6 +44,16 @@ SCHEDULERS = (
 )
 # model_type of a checkpoint's config.json for each model.kind
 CHECKPOINT_TYPES = {"medgemma": ("gemma3",), "siglip": ("siglip", "siglip_vision_model")}
+# the classes a MedGemma prompt style can offer: digits 0-9, letters A-Z
+PROMPT_CLASS_LIMITS = {"numbered": 10, "letters": 26}
+# model.cache_vision_features, by its lower-cased value
+CACHE_SETTINGS: dict[str, str | bool] = {"auto": "auto", "true": True, "false": False}
+CACHE_OPTIONS = (
+    "choose one: cached sweeps without pixel augmentation (data.augment.flips=false "
+    "data.augment.rot90=false data.augment.stain_jitter=0, LoRA on the language model only: "
+    "peft.target_modules=language_model), or augmentation / vision training without the cache "
+    "(model.cache_vision_features=false)"
+)
 
 
 def _check(ok: bool, key: str, message: str) -> None:
@@ -89,14 +102,6 @@ def _check_stain(cfg: DictConfig) -> None:
         f"must be >= 1 (train images the reference is estimated from), got "
         f"{data.stain_reference_images}",
     )
-    probe = cfg.model.kind == "siglip" and cfg.model.freeze_encoder
-    _check(
-        not probe,
-        "data.stain_norm",
-        "a SigLIP linear probe embeds the original image files (embedding cache), not the "
-        "stain-normalised image cache; use data.stain_norm=none, or fine-tune the encoder "
-        "(model.freeze_encoder=false with peft=lora)",
-    )
 
 
 def _check_split(cfg: DictConfig) -> None:
@@ -119,6 +124,12 @@ def _check_split(cfg: DictConfig) -> None:
         )
     if cfg.split.kind == "official_fold":
         _check(1 <= cfg.split.fold <= 5, "split.fold", "Folds.csv has folds 1-5")
+    _check(
+        cfg.split.get("balance_draw", "seeded") != "pandas" or cfg.split.kind == "official_fold",
+        "split.balance_draw",
+        "pandas draws over the rows of Folds.csv, as the blog notebook did: it needs "
+        "split=official_fold (or split.balance_draw=seeded)",
+    )
     if cfg.split.n_folds > 1:
         _check(
             1 <= cfg.split.fold <= cfg.split.n_folds,
@@ -189,27 +200,153 @@ def _check_model(cfg: DictConfig) -> None:
             f"{config_file} is a {model_type!r} checkpoint, not a {kind} one; choose the model "
             "group that matches it",
         )
-    if cfg.precision.name == "fp16" and kind == "medgemma":
+    FAMILY_CHECKS[kind](cfg)
+
+
+def _check_medgemma(cfg: DictConfig) -> None:
+    """The combinations of MedGemma's keys (MedGemmaConfig) with the other groups."""
+    m = cfg.model
+    if cfg.precision.name == "fp16":
         _check(
             cfg.precision.allow_fp16,
             "precision",
             "fp16 overflows to NaN on Gemma 3 (activations exceed 65,504); use precision=bf16, "
             "or set precision.allow_fp16=true to try anyway",
         )
-    if kind == "siglip" and cfg.model.freeze_encoder:
+    _check(m.max_new_tokens >= 1, "model.max_new_tokens", f"must be >= 1, got {m.max_new_tokens}")
+    if m.merge_for_eval:
+        _check(
+            cfg.peft.method == "lora",
+            "model.merge_for_eval",
+            "merges a LoRA adapter into MedGemma's weights: needs peft=lora (4-bit qlora weights "
+            "would be re-quantized); set model.merge_for_eval=false",
+        )
+    _check(
+        m.prompt.parse != "blog_regex" or m.prompt.style == "numbered",
+        "model.prompt.parse",
+        "blog_regex reads the answer's digit: it needs model.prompt.style=numbered",
+    )
+    limit = PROMPT_CLASS_LIMITS[str(m.prompt.style)]
+    _check(
+        2 <= len(cfg.task.classes) <= limit,
+        "model.prompt.style",
+        f"{m.prompt.style} handles 2-{limit} classes, task={cfg.task.name} has "
+        f"{len(cfg.task.classes)}",
+    )
+    _check_feature_cache(cfg)
+
+
+def _check_siglip(cfg: DictConfig) -> None:
+    """The combinations of SigLIP's keys (SiglipConfig) with the other groups."""
+    m = cfg.model
+    _check(cfg.peft.method != "qlora", "peft", "qlora is for MedGemma (model=medgemma_4b_it)")
+    if m.freeze_encoder:
         _check(
             cfg.peft.method == "none",
             "model.freeze_encoder",
             "true freezes the encoder for a linear probe (use peft=none); with peft=lora set "
             "model.freeze_encoder=false",
         )
-    if cfg.model.zero_shot:
         _check(
-            kind == "siglip",
-            "model.zero_shot",
-            "zero-shot needs a SigLIP checkpoint with its text tower (model=medsiglip_448)",
+            cfg.data.stain_norm == "none",
+            "data.stain_norm",
+            "a SigLIP linear probe embeds the original image files (embedding cache), not the "
+            "stain-normalised image cache; use data.stain_norm=none, or fine-tune the encoder "
+            "(model.freeze_encoder=false with peft=lora)",
         )
+    if m.zero_shot:
         _check(not cfg.train, "model.zero_shot", "a zero-shot run trains nothing; set train=false")
+        templates = list(m.zero_shot_templates)
+        _check(
+            bool(templates) and all("{}" in t for t in templates),
+            "model.zero_shot_templates",
+            "needs at least one template and each needs a '{}' where the class name goes, got "
+            f"{templates}",
+        )
+
+
+FAMILY_CHECKS: dict[str, Callable[[DictConfig], None]] = {
+    "medgemma": _check_medgemma,
+    "siglip": _check_siglip,
+}
+
+
+def vision_trains_by_config(model_cfg: Any, peft_cfg: Any) -> bool | None:
+    """Whether the config trains MedGemma's vision tower, where it says so without building the
+    model (None for a custom list of target modules: known once the adapter is applied)."""
+    if str(peft_cfg.method) == "none":
+        return not bool(model_cfg.freeze_vision)
+    targets = peft_cfg.target_modules
+    if isinstance(targets, str) and targets in ("language_model", "all-linear"):
+        return targets == "all-linear"
+    return None
+
+
+def _augment_obstacle(augment: Any) -> str | None:
+    changed = [
+        name
+        for name, on in (
+            ("flips", augment.flips),
+            ("rot90", augment.rot90),
+            (f"stain_jitter={augment.stain_jitter}", augment.stain_jitter > 0),
+        )
+        if on
+    ]
+    if not changed:
+        return None
+    return (
+        f"data.augment changes pixels every epoch ({', '.join(changed)}), so an image's vision "
+        "features are not fixed"
+    )
+
+
+def _vision_obstacle(peft_cfg: Any, vision_trains: bool) -> str | None:
+    if not vision_trains:
+        return None
+    if str(peft_cfg.method) == "none":
+        return (
+            "peft=none with model.freeze_vision=false fine-tunes the vision tower and projector, "
+            "so their features change every step"
+        )
+    return (
+        f"peft.target_modules={peft_cfg.target_modules} puts LoRA adapters on the vision tower "
+        "(all-linear adapts it too), so its features change every step"
+    )
+
+
+def feature_cache_obstacles(peft_cfg: Any, augment: Any, vision_trains: bool) -> list[str]:
+    """Why MedGemma's vision features cannot be cached: a vision tower or projector that trains,
+    augmentation that changes pixels; empty where they can."""
+    found = (_vision_obstacle(peft_cfg, vision_trains), _augment_obstacle(augment))
+    return [reason for reason in found if reason]
+
+
+def feature_cache_setting(setting: Any) -> str | bool:
+    """`model.cache_vision_features` as auto, True or False (a command line `true` arrives as the
+    string "True" in its str-typed key)."""
+    value = str(setting).lower()
+    if value not in CACHE_SETTINGS:
+        raise ValueError(f"model.cache_vision_features: got {value!r}, allowed: auto, true, false")
+    return CACHE_SETTINGS[value]
+
+
+def _check_feature_cache(cfg: DictConfig) -> None:
+    setting = str(cfg.model.cache_vision_features).lower()
+    _check(
+        setting in CACHE_SETTINGS,
+        "model.cache_vision_features",
+        f"got {setting!r}, allowed: auto, true, false",
+    )
+    if CACHE_SETTINGS[setting] is not True:
+        return
+    trains = bool(vision_trains_by_config(cfg.model, cfg.peft))
+    obstacles = feature_cache_obstacles(cfg.peft, cfg.data.augment, trains)
+    _check(
+        not obstacles,
+        "model.cache_vision_features",
+        f"true needs a frozen vision tower and no pixel augmentation, but "
+        f"{'; '.join(obstacles)}. {CACHE_OPTIONS}",
+    )
 
 
 def _check_peft(cfg: DictConfig) -> None:
@@ -217,8 +354,13 @@ def _check_peft(cfg: DictConfig) -> None:
     _check(p.r > 0, "peft.r", f"must be a positive integer, got {p.r}")
     _check(p.alpha > 0, "peft.alpha", f"must be positive, got {p.alpha}")
     _check(0.0 <= p.dropout < 1.0, "peft.dropout", f"must be in [0, 1), got {p.dropout}")
+    targets = p.target_modules
+    _check(
+        isinstance(targets, str) or len(targets) > 0,
+        "peft.target_modules",
+        "the list is empty; name modules, or language_model | all-linear",
+    )
     if p.method == "qlora":
-        _check(cfg.model.kind == "medgemma", "peft", "qlora is for MedGemma (model=medgemma_4b_it)")
         _check(
             cfg.precision.name == "bf16",
             "precision",
@@ -252,8 +394,8 @@ def _check_evaluate(cfg: DictConfig) -> None:
 
 
 def _check_evaluation(cfg: DictConfig) -> None:
-    """No selection ever looks at test; generation and merging are MedGemma + LoRA options."""
-    t, m = cfg.trainer, cfg.model
+    """No selection ever looks at test."""
+    t = cfg.trainer
     _check(
         not str(cfg.optimized_metric).startswith("test/"),
         "optimized_metric",
@@ -268,31 +410,6 @@ def _check_evaluation(cfg: DictConfig) -> None:
             "selection ever looks at test: set trainer.select=last and "
             "trainer.early_stopping_patience=0 (or trainer.eval_split=val)",
         )
-    kind = str(m.kind)
-    _check(
-        m.eval_mode == "score" or kind == "medgemma",
-        "model.eval_mode",
-        f"{m.eval_mode} generates answers, a MedGemma model's (model=medgemma_4b_it | "
-        "tiny_gemma3); a SigLIP classifier is evaluated by its scores (model.eval_mode=score)",
-    )
-    _check(m.max_new_tokens >= 1, "model.max_new_tokens", f"must be >= 1, got {m.max_new_tokens}")
-    if m.merge_for_eval:
-        _check(
-            kind == "medgemma" and cfg.peft.method == "lora",
-            "model.merge_for_eval",
-            "merges a LoRA adapter into MedGemma's weights: needs peft=lora (4-bit qlora weights "
-            "would be re-quantized); set model.merge_for_eval=false",
-        )
-    _check(
-        m.prompt.parse != "blog_regex" or m.prompt.style == "numbered",
-        "model.prompt.parse",
-        "blog_regex reads the answer's digit: it needs model.prompt.style=numbered",
-    )
-    _check(
-        m.resize == "pad" or kind == "siglip",
-        "model.resize",
-        f"{m.resize} is a SigLIP preprocessing; a MedGemma processor resizes its images itself",
-    )
 
 
 CHECKS: tuple[Callable[[DictConfig], None], ...] = (

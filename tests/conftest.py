@@ -14,6 +14,20 @@ REPLICA_SIZE = (48, 32)
 FULL_REPLICA_SIZE = (16, 10)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the tests marked `gpu` where torch sees no CUDA device."""
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is false)")
+    for item in gpu:
+        item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def replica_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small replica (fraction 0.05 at 48x32) in the official layout with a Folds.csv."""
@@ -52,7 +66,14 @@ def module_cache(tmp_path_factory: pytest.TempPathFactory):
 def first_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """One tiny MedGemma run through the entrypoint with W&B offline, given secrets in its
     environment and in `+key=value` overrides: (run folder, cache folder)."""
-    from cli_runs import ADDED_SECRETS, FAST, SECRET_ENV, SECRET_OVERRIDE, run_cli, single_run_dir
+    from helpers.cli_runs import (
+        ADDED_SECRETS,
+        FAST,
+        SECRET_ENV,
+        SECRET_OVERRIDE,
+        run_cli,
+        single_run_dir,
+    )
 
     base = tmp_path_factory.mktemp("entry")
     args = ["model=tiny_gemma3", "logger.mode=offline", *FAST, "=".join(SECRET_OVERRIDE)]

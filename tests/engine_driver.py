@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import torch
-from engine_toy import (  # beside this file: on the path when run as a script and under pytest
+from helpers.engine_toy import (  # tests/ is on the path when run as a script and under pytest
     ToyClassifier,
     ToyDataset,
     fit,

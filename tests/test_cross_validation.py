@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_runs import REPO, run_cli
+from helpers.cli_runs import REPO, run_cli
 
 TINY = [
     "logger=none",

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from engine_toy import ToyClassifier, ToyDataset, fit, fresh_accelerator, trainer_config
+from helpers.engine_toy import ToyClassifier, ToyDataset, fit, fresh_accelerator, trainer_config
 
 from breakhis_ft.data import dataset as ds_mod
 from breakhis_ft.data.dataset import ImageDataset, build_image_cache

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from cli_runs import FAST as ENTRY_FAST
-from cli_runs import run_cli
-from engine_toy import ToyClassifier, ToyDataset, evaluate_dataset, fit, fresh_accelerator
-from engine_toy import trainer_config as toy_config
+from helpers.cli_runs import FAST as ENTRY_FAST
+from helpers.cli_runs import run_cli
+from helpers.engine_toy import ToyClassifier, ToyDataset, evaluate_dataset, fit, fresh_accelerator
+from helpers.engine_toy import trainer_config as toy_config
 from test_entrypoint import CONF, compose_train
 
 # test_entrypoint's small, fast data; evaluations of 8 images (fdr: one batch of them)
@@ -144,7 +144,7 @@ def test_debug_overfit_learns_its_batch_on_the_demo(tmp_path) -> None:
 @pytest.mark.slow
 def test_optuna_search_runs_three_trials_of_the_demo(tmp_path) -> None:
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="the optuna extra")
-    from wandb_records import run_summary
+    from helpers.wandb_records import run_summary
 
     done = run_cli(
         [

@@ -19,12 +19,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from builders import build
-from medgemma_toy import classifier as medgemma_classifier
-from medgemma_toy import tiny_path as tiny_gemma_path
+from helpers.builders import build
+from helpers.medgemma_toy import classifier as medgemma_classifier
+from helpers.medgemma_toy import tiny_path as tiny_gemma_path
+from helpers.siglip_toy import FP32, PROBE, model_cfg
+from helpers.siglip_toy import tiny_path as tiny_siglip_path
 from PIL import Image
-from siglip_toy import FP32, PROBE, model_cfg
-from siglip_toy import tiny_path as tiny_siglip_path
 
 from breakhis_ft.deploy.explain import Explanation, explain_images, log_odds, normalise
 from breakhis_ft.deploy.overlay import heatmap, save_overlay

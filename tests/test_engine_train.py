@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from engine_toy import (
+from helpers.engine_toy import (
     ToyClassifier,
     ToyDataset,
     evaluate_dataset,
@@ -25,7 +25,7 @@ from breakhis_ft.engine.checkpoint import (
 )
 from breakhis_ft.engine.recipe import TrainingRecipe
 from breakhis_ft.engine.sampling import EpochSampler, inverse_frequency_weights
-from breakhis_ft.errors import ConfigError, NonFiniteError
+from breakhis_ft.errors import NonFiniteError
 
 REAL_EVALUATE = TrainingRecipe.evaluate
 
@@ -230,7 +230,7 @@ def test_class_weighting_needs_the_classifier_to_accept_it(tmp_path):
         def loss(self, batch):
             return super().loss(batch)
 
-    with pytest.raises(ConfigError, match="class_weighting"):
+    with pytest.raises(TypeError, match="class_weighting"):
         run(tmp_path, classifier=NoWeights(), class_weighting="inverse_frequency")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cli_runs import (
+from helpers.cli_runs import (
     FAST,
     REPO,
     SECRET_ENV,
@@ -24,9 +25,15 @@ from cli_runs import (
     single_run_dir,
 )
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from breakhis_ft.analysis.runs import load_run
-from breakhis_ft.config import register_configs
+from breakhis_ft.config import (
+    MedGemmaConfig,
+    SiglipConfig,
+    register_configs,
+)
+from breakhis_ft.deploy.loading import on_schema
 from breakhis_ft.errors import ConfigError
 from breakhis_ft.validate import validate_config
 
@@ -78,12 +85,65 @@ def test_every_sweep_preset_composes(sweep: str) -> None:
         (["evaluate.ci_level=1.5"], "evaluate.ci_level"),
         (["evaluate.bootstrap_resamples=-1"], "evaluate.bootstrap_resamples"),
         (["trainer.monitor=val/patient_accuracy"], "trainer.monitor"),
+        # checked before loading, no longer when the model is built
+        (["model.cache_vision_features=maybe"], "model.cache_vision_features"),
+        (["model.cache_vision_features=true"], "model.cache_vision_features"),  # flips, rot90
+        (["peft.target_modules=[]"], "peft.target_modules"),
+        (["task.classes=[a,b,c,d,e,f,g,h,i,j,k]"], "model.prompt.style"),  # 11 > digits 0-9
+        (["model=tiny_siglip", "peft=qlora"], "peft"),
+        (
+            ["model=tiny_siglip", "train=false", "model.zero_shot=true"]
+            + ["model.zero_shot_templates=[no slot]"],
+            "model.zero_shot_templates",
+        ),
     ],
 )
 def test_bad_values_and_combinations_name_the_key(override: list[str], key: str) -> None:
     cfg = compose_train(override)
     with pytest.raises(ConfigError, match=rf"config error: {key}"):
         validate_config(cfg)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["model.resize=stretch"], "model.resize"),  # SigLIP's keys on MedGemma
+        (["model=medgemma_4b_it", "model.freeze_encoder=true"], "model.freeze_encoder"),
+        (["model.zero_shot=true"], "model.zero_shot"),
+        (["model=tiny_siglip", "model.eval_mode=generate"], "model.eval_mode"),  # and the reverse
+        (["model=medsiglip_448", "model.prompt.style=letters"], "model.prompt.style"),
+        (["model=tiny_siglip", "model.cache_vision_features=false"], "model.cache_vision_features"),
+    ],
+)
+def test_a_key_of_another_model_family_fails_at_compose_time(overrides, key) -> None:
+    with pytest.raises(Exception, match=f"Could not override '{key}'") as info:
+        compose_train(overrides)
+    assert "not in" in str(info.value.__cause__)  # the family's schema has no such key
+
+
+def test_each_model_group_composes_on_its_familys_schema() -> None:
+    for group, schema in [
+        ("medgemma_4b_it", MedGemmaConfig),
+        ("tiny_gemma3", MedGemmaConfig),
+        ("medsiglip_448", SiglipConfig),
+        ("tiny_siglip", SiglipConfig),
+    ]:
+        model = compose_train([f"model={group}"]).model
+        assert OmegaConf.get_type(model) is schema, group
+        assert set(model) == {f.name for f in dataclasses.fields(schema)}, group
+
+
+def test_a_saved_config_loads_on_its_familys_schema(tmp_path: Path) -> None:
+    """A run folder's config.yaml is read back on the family's schema (predict, export); keys of
+    another family, which a config saved with one flat model schema holds, are dropped."""
+    saved = OmegaConf.to_container(compose_train(["model=tiny_siglip"]))
+    saved["model"]["prompt"] = {"style": "letters"}  # MedGemma's, as the flat schema saved it
+    cfg = on_schema(saved)
+    assert OmegaConf.get_type(cfg.model) is SiglipConfig and "prompt" not in cfg.model
+    with pytest.raises(Exception, match="eval_mode"):
+        cfg.model.eval_mode = "generate"
+    gemma = on_schema(OmegaConf.to_container(compose_train([])))
+    assert OmegaConf.get_type(gemma.model) is MedGemmaConfig and gemma.model.prompt.style
 
 
 def test_enum_keys_fail_at_compose_time() -> None:

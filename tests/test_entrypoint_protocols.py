@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_runs import FAST, run_cli
-from cli_runs import read_metrics as _metrics
-from cli_runs import single_run_dir as _single_run_dir
+from helpers.cli_runs import FAST, run_cli
+from helpers.cli_runs import read_metrics as _metrics
+from helpers.cli_runs import single_run_dir as _single_run_dir
 
 from breakhis_ft.analysis.leaderboard import eva_summaries
 from breakhis_ft.analysis.runs import find_runs, load_run

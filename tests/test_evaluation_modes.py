@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from medgemma_toy import EVA4, classifier, examples, tiny_path
+from helpers.medgemma_toy import EVA4, classifier, examples, tiny_path
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 from test_entrypoint import compose_train
 
@@ -18,7 +18,6 @@ from breakhis_ft.evaluate.generation import (
     GeneratedAnswers,
     agreement,
     generation_metrics,
-    merge_adapter,
 )
 from breakhis_ft.validate import validate_config
 
@@ -86,7 +85,7 @@ def test_merge_adapter_keeps_the_predictions(tmp_path_factory) -> None:
             torch.nn.init.normal_(param, std=0.05, generator=torch.Generator().manual_seed(1))
     batch = clf.collate(examples(4, seed=5), train=False)
     before = clf.predict_proba(batch)
-    assert merge_adapter(clf) and not merge_adapter(clf)  # merged once, then nothing to merge
+    assert clf.merge_adapter() and not clf.merge_adapter()  # merged once, then nothing to merge
     assert not any("lora" in n for n, _ in clf.model.named_parameters())
     assert torch.allclose(clf.predict_proba(batch), before, atol=1e-5)
 
@@ -100,10 +99,8 @@ def test_merge_adapter_keeps_the_predictions(tmp_path_factory) -> None:
             "trainer.eval_split",
         ),
         (["optimized_metric=test/balanced_accuracy"], "optimized_metric"),
-        (["model=tiny_siglip", "peft=none", "model.eval_mode=generate"], "model.eval_mode"),
         (["peft=qlora", "model.merge_for_eval=true"], "model.merge_for_eval"),
         (["model.prompt.style=letters", "model.prompt.parse=blog_regex"], "model.prompt.parse"),
-        (["model.resize=shorter_side_crop"], "model.resize"),
     ],
 )
 def test_selection_on_test_and_misplaced_options_are_refused(override, key) -> None:
@@ -127,9 +124,20 @@ def test_notebook_and_eva_presets_compose_with_their_settings() -> None:
         "all_text",
         "blog",
     )
+    # its draw of the balanced subset, its tokenisation, its evaluation batches (8 before, 4 after)
+    assert (cfg.split.balance_draw, cfg.split.seed, cfg.model.add_special_tokens) == (
+        "pandas",
+        42,
+        True,
+    )
+    baseline = compose_train(["experiment=blog_notebook_100x_baseline", "data.root=/x"])
+    validate_config(baseline)
+    assert (cfg.trainer.eval_batch_size, baseline.trainer.eval_batch_size) == (4, 8)
+    assert cfg.train and not baseline.train and baseline.split == cfg.split
     corrected = compose_train(["experiment=blog_medgemma_100x", "data.root=/x"])
     assert (corrected.trainer.eval_split, corrected.trainer.select) == ("val", "best")
     assert corrected.data.duplicate_keep == "ductal_carcinoma"
+    assert not corrected.model.add_special_tokens  # the template's <bos> only
     eva = compose_train(["experiment=eva_medsiglip_linear_probe", "data.root=/x"])
     validate_config(eva)
     assert (eva.trainer.lr, eva.trainer.batch_size, eva.trainer.max_steps) == (3e-4, 256, 12500)
@@ -151,7 +159,7 @@ def test_generation_bypasses_the_feature_cache_and_matches_plain_answers(
     """A run that scores from cached vision features still generates from the images."""
     import numpy as np
     from accelerate import Accelerator
-    from medgemma_toy import class_image
+    from helpers.medgemma_toy import class_image
     from test_vision_cache import N_IMAGES, NO_AUGMENT, dataset, run_cfg
 
     from breakhis_ft.evaluate.generation import generate_split
@@ -175,3 +183,10 @@ def test_generation_bypasses_the_feature_cache_and_matches_plain_answers(
     assert cached.feature_store is store and not cached.needs_images  # restored
     assert got.answers == want.answers and len(got.answers) == N_IMAGES
     assert torch.equal(got.preds, want.preds) and got.labels.tolist() == [0, 1, 2, 3, 0, 1]
+
+
+def test_the_pandas_draw_needs_the_official_folds() -> None:
+    overrides = ["split.balance_binary=1.0", "split.balance_draw=pandas"]  # split=patient
+    cfg = compose_train(["experiment=demo", *overrides])
+    with pytest.raises(ConfigError, match="config error: split.balance_draw"):
+        validate_config(cfg)

@@ -12,9 +12,9 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-from cli_runs import FAST, read_metrics, run_cli, single_run_dir
-from medgemma_toy import classifier as medgemma_classifier
-from medgemma_toy import tiny_path
+from helpers.cli_runs import FAST, read_metrics, run_cli, single_run_dir
+from helpers.medgemma_toy import classifier as medgemma_classifier
+from helpers.medgemma_toy import tiny_path
 from PIL import Image
 
 from breakhis_ft.data.breakhis import scan_breakhis

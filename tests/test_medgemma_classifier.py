@@ -6,11 +6,11 @@ import dataclasses
 
 import pytest
 import torch
-from builders import build
-from medgemma_toy import EVA4, classifier, examples, tiny_path
+from helpers.builders import build
+from helpers.medgemma_toy import EVA4, classifier, examples, tiny_path
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from breakhis_ft.config import ModelConfig, PeftConfig
+from breakhis_ft.config import MedGemmaConfig, PeftConfig
 from breakhis_ft.models.medgemma import MedGemmaClassifier
 
 
@@ -204,7 +204,7 @@ def test_generation_left_pads_and_unparseable_answers_are_minus_one(tiny):
 
 
 def test_bf16_weights_train_and_score(tiny):
-    model_cfg = ModelConfig(kind="medgemma", name_or_path=str(tiny), max_new_tokens=3)
+    model_cfg = MedGemmaConfig(name_or_path=str(tiny), max_new_tokens=3)
     clf = build(model_cfg, PeftConfig(), "bf16", EVA4)
     assert clf.core.dtype == torch.bfloat16 and clf.max_new_tokens == 3
     loss = clf.loss(clf.collate(examples(2, seed=8), train=True))

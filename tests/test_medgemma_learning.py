@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from medgemma_toy import classifier, examples, tiny_path
+from helpers.medgemma_toy import classifier, examples, tiny_path
 from peft import PeftModel
 from torchmetrics.functional.classification import multiclass_accuracy
 from transformers import AutoModelForImageTextToText

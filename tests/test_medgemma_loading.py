@@ -7,13 +7,13 @@ import logging
 import httpx
 import pytest
 import torch
-from builders import build
+from helpers.builders import build
+from helpers.medgemma_toy import classifier, tiny_path
 from huggingface_hub.errors import GatedRepoError
-from medgemma_toy import classifier, tiny_path
+from omegaconf import OmegaConf
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from breakhis_ft.config import ModelConfig, PeftConfig
-from breakhis_ft.errors import ConfigError
+from breakhis_ft.config import MedGemmaConfig, PeftConfig, TrainRunConfig
 from breakhis_ft.models import gemma_loading
 from breakhis_ft.models.gemma_loading import (
     ModelLoadError,
@@ -22,8 +22,9 @@ from breakhis_ft.models.gemma_loading import (
     qlora_quantization,
 )
 from breakhis_ft.models.lora import lora_config
-from breakhis_ft.models.precision import Precision, resolve_precision
+from breakhis_ft.models.precision import Precision
 from breakhis_ft.models.tiny import RECIPE_FILE, ensure_tiny_gemma3
+from breakhis_ft.run.setup import DeviceError, run_precision
 
 
 @pytest.fixture(scope="module")
@@ -31,19 +32,24 @@ def tiny(tmp_path_factory):
     return tiny_path(tmp_path_factory)
 
 
-def medgemma_cfg(path) -> ModelConfig:
-    return ModelConfig(kind="medgemma", name_or_path=str(path))
+def medgemma_cfg(path) -> MedGemmaConfig:
+    return MedGemmaConfig(name_or_path=str(path))
 
 
 def test_precision_is_resolved_once_from_its_name(monkeypatch):
     assert Precision.of("fp16").dtype == torch.float16
     assert Precision.of("bf16").mixed_precision == "bf16"
     assert Precision.of("fp32").mixed_precision == "no"
-    assert resolve_precision("bf16", on_gpu=False).dtype == torch.bfloat16  # CPUs compute bf16
+    cfg = OmegaConf.structured(TrainRunConfig)
+    assert run_precision(cfg).dtype == torch.bfloat16  # CPUs compute bf16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    with pytest.raises(ConfigError, match="precision=fp32"):
-        resolve_precision("bf16", on_gpu=True)
-    assert resolve_precision("fp32", on_gpu=True).dtype == torch.float32
+    with pytest.raises(DeviceError, match="precision=fp32"):  # checked as the run is set up
+        run_precision(cfg)
+    cfg.trainer.cpu = True  # the run computes on the CPU, which has bf16
+    assert run_precision(cfg).dtype == torch.bfloat16
+    cfg.trainer.cpu, cfg.precision.name = False, "fp32"
+    assert run_precision(cfg).dtype == torch.float32
 
 
 def test_missing_model_says_how_to_fix(tmp_path):
@@ -76,7 +82,7 @@ def test_qlora_errors_where_it_cannot_run(monkeypatch):
     config = qlora_quantization(torch.bfloat16)  # bitsandbytes >= 0.49 (dev extra): the CPU
     assert config.bnb_4bit_quant_type == "nf4" and config.bnb_4bit_use_double_quant
     assert config.bnb_4bit_compute_dtype == config.bnb_4bit_quant_storage == torch.bfloat16
-    with pytest.raises(ConfigError, match="precision=bf16"):
+    with pytest.raises(ValueError, match="precision=bf16"):
         qlora_quantization(torch.float32)
     monkeypatch.setattr(gemma_loading.importlib.metadata, "version", lambda name: "0.48.2")
     with pytest.raises(ModelLoadError, match=r"on the CPU needs bitsandbytes >= 0.49.*0.48.2"):

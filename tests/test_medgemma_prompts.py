@@ -6,7 +6,6 @@ import pytest
 
 from breakhis_ft.config import PromptConfig
 from breakhis_ft.data.records import class_names
-from breakhis_ft.errors import ConfigError
 from breakhis_ft.models.prompts import make_prompt
 from breakhis_ft.models.tiny import _corpus_words, build_tiny_tokenizer
 
@@ -73,10 +72,10 @@ def test_letters_parse(text, expected):
     assert prompt.parse(text) == expected
 
 
-def test_bad_style_and_too_many_classes_are_config_errors():
-    with pytest.raises(ConfigError, match="model.prompt.style"):
+def test_bad_style_and_too_many_classes_are_errors():
+    with pytest.raises(ValueError, match="model.prompt.style"):
         make_prompt(PromptConfig(style="free"), class_names("binary"))
-    with pytest.raises(ConfigError, match="2-10 classes"):
+    with pytest.raises(ValueError, match="2-10 classes"):
         make_prompt(PromptConfig(style="numbered"), tuple(f"c{i}" for i in range(11)))
 
 

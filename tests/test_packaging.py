@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cli_runs import TINY_RUN
+from helpers.cli_runs import TINY_RUN
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
@@ -29,6 +29,7 @@ TOOLS = (
     "download-breakhis",
     "demo-metrics",
     "stain-preview",
+    "cloudrun",
 )
 TORCH = "torch==2.13.0"  # as `make setup` installs it: the CPU build on CPU machines
 REPLICA = ["--fraction", "0.03", "--size", "48", "32"]  # the tiny run's data.synthetic_*
@@ -58,6 +59,7 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
         names
     )
     assert "breakhis_ft/conf/train.yaml" in names
+    assert "hydra_plugins/breakhis_ft_plugins/array_launcher.py" in names  # Hydra's namespace
     venv = tmp / "venv"
     _run(sys.executable, "-m", "venv", str(venv), cwd=tmp)
     pip = str(venv / "bin" / "pip")
@@ -81,6 +83,21 @@ def test_wheel_composes_every_preset_from_anywhere(venv: Path, tmp_path: Path) -
         )
         assert f"experiment_name: {experiment}" in out
     assert not list(outside.iterdir()), "composing a config writes nothing"
+    # Hydra's own scan of the hydra_plugins namespace finds the plugins the wheel installs
+    scan = "from hydra.core.plugins import Plugins; print(Plugins.instance().class_name_to_class)"
+    found = _run(str(venv / "python"), "-c", scan, cwd=outside)
+    assert "hydra_plugins.breakhis_ft_plugins.array_launcher.ArrayLauncher" in found
+    assert "hydra_plugins.breakhis_ft_plugins.shared_study_sweeper.SharedStudySweeper" in found
+    plan = _run(
+        str(venv / "breakhis-ft"),
+        "-m",
+        "launcher=array",
+        "peft.r=4,8",
+        "hydra.launcher.plan_only=true",
+        f"hydra.sweep.dir={tmp_path / 'plan'}",
+        cwd=outside,
+    )
+    assert "2 jobs for 2 tasks" in plan and (tmp_path / "plan" / "sweep_plan.json").is_file()
     no_benchmarks = _run(str(venv / "python"), "-c", "import benchmarks", cwd=outside, code=1)
     assert "No module named 'benchmarks'" in no_benchmarks
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from cli_runs import read_metrics as _metrics
-from cli_runs import run_cli
-from cli_runs import single_run_dir as _single_run_dir
+from helpers.cli_runs import read_metrics as _metrics
+from helpers.cli_runs import run_cli
+from helpers.cli_runs import single_run_dir as _single_run_dir
 
 from breakhis_ft.deploy.export import export_adapter, export_merged
 from breakhis_ft.deploy.predict import load_predictor, predict_files

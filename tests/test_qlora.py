@@ -6,16 +6,16 @@ from __future__ import annotations
 import bitsandbytes as bnb
 import pytest
 import torch
-from builders import build
+from helpers.builders import build
+from helpers.medgemma_toy import examples, tiny_path
 from hydra import compose, initialize_config_dir
-from medgemma_toy import examples, tiny_path
 from test_entrypoint import CONF
 from test_medgemma_learning import balanced_accuracy, predictions
 from torch import nn
 
-from breakhis_ft.config import ModelConfig, PeftConfig, register_configs
-from breakhis_ft.deploy.export import merged_module
+from breakhis_ft.config import MedGemmaConfig, PeftConfig, register_configs
 from breakhis_ft.models.gemma_loading import load_model_and_processor, qlora_quantization
+from breakhis_ft.models.lora import merged_weights
 from breakhis_ft.models.medgemma import MedGemmaClassifier
 
 BF16 = torch.bfloat16
@@ -29,7 +29,7 @@ def tiny(tmp_path_factory):
 def qlora_classifier(tiny, target_modules: str = "all-linear") -> MedGemmaClassifier:
     """The tiny Gemma 3 in 4 bit with LoRA adapters, as peft=qlora builds it (bf16 compute)."""
     torch.manual_seed(0)  # LoRA init
-    model_cfg = ModelConfig(kind="medgemma", name_or_path=str(tiny))
+    model_cfg = MedGemmaConfig(name_or_path=str(tiny))
     peft_cfg = PeftConfig(method="qlora", target_modules=target_modules, dropout=0.0)
     return build(model_cfg, peft_cfg, "bf16", ("a", "b", "c", "d"))
 
@@ -130,7 +130,7 @@ def test_merging_dequantizes_the_4bit_base_then_adds_the_adapter(tiny):
     weight = vision_layer.weight
     vision_expected = bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
 
-    merged = merged_module(clf)
+    merged = merged_weights(clf.model)
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
     assert not hasattr(merged.config, "quantization_config")
     assert {p.dtype for p in merged.parameters()} == {torch.float32}
@@ -168,7 +168,7 @@ def test_8bit_adamw_steps_on_the_cpu(tiny):
     """trainer/optimizer=adamw_8bit (bitsandbytes' AdamW8bit) updates QLoRA adapters on the CPU,
     8-bit states for tensors of 4,096 elements or more (r=64: up_proj's lora_B is 128 x 64)."""
     torch.manual_seed(0)
-    model_cfg = ModelConfig(kind="medgemma", name_or_path=str(tiny))
+    model_cfg = MedGemmaConfig(name_or_path=str(tiny))
     peft_cfg = PeftConfig(method="qlora", r=64, dropout=0.0)
     clf = build(model_cfg, peft_cfg, "bf16", ("a", "b", "c", "d"))
     trainable = {n: p for n, p in clf.named_parameters() if p.requires_grad}

@@ -20,7 +20,7 @@ from breakhis_ft.analysis.report import build_report, to_markdown, write_report
 from breakhis_ft.analysis.runs import find_runs, load_run
 from breakhis_ft.data.records import class_names
 from breakhis_ft.evaluate.metrics import compute_metrics, malignant_flags
-from breakhis_ft.run.tracking import RunTracker
+from breakhis_ft.run.tracking import RunTracker, TrackedJob
 from breakhis_ft.tools import report as report_tool
 
 CLASSES = class_names("subtype8")
@@ -94,7 +94,7 @@ def make_run(
     if status != "running":
         info["end_time"] = "2025-01-01T10:05:00+00:00"
     (run / "run_info.json").write_text(json.dumps(info))
-    tracker = RunTracker(run, config, SimpleNamespace(kind="none"), name, "demo")
+    tracker = RunTracker(run, TrackedJob(config, name, "demo"), SimpleNamespace(kind="none"))
     for step in range(1, steps + 1):
         tracker.log(
             {

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_runs import REPO, cli_env, run_cli, run_info
+from helpers.cli_runs import REPO, cli_env, run_cli, run_info
 
 from breakhis_ft.run.ownership import (
     LOCK_FILE,

@@ -8,8 +8,8 @@ import json
 import re
 
 import pytest
-from cli_runs import read_metrics
-from wandb_records import history_keys, records, run_summary
+from helpers.cli_runs import read_metrics
+from helpers.wandb_records import history_keys, records, run_summary
 
 
 def test_terminal_shows_config_evaluations_and_ends_with_the_summary(first_run) -> None:

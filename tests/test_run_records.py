@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from cli_runs import ADDED_SECRETS, REPO, SECRET_OVERRIDE, run_info
+from helpers.cli_runs import ADDED_SECRETS, REPO, SECRET_OVERRIDE, run_info
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError
 
@@ -224,9 +224,10 @@ def test_every_folder_that_ships_files_is_a_declared_package() -> None:
         for p in (REPO / "conf").rglob("*")
         if p.is_dir() and any(p.glob("*.yaml"))
     }
-    code = {
+    code = {  # the package and its Hydra plugins (in Hydra's namespace package hydra_plugins)
         ".".join(p.relative_to(REPO).parts)
-        for p in (REPO / "breakhis_ft").rglob("*")
+        for top in ("breakhis_ft", "hydra_plugins")
+        for p in (REPO / top).rglob("*")
         if p.is_dir() and p.name != "__pycache__" and any(f.is_file() for f in p.iterdir())
     }
     assert conf | code | {"breakhis_ft", "breakhis_ft.conf"} == declared

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_runs import FAST, read_metrics, run_cli, run_info, single_run_dir, start_cli
+from helpers.cli_runs import FAST, read_metrics, run_cli, run_info, single_run_dir, start_cli
 from omegaconf import OmegaConf
 
 from breakhis_ft.config import LoggerConfig
@@ -23,7 +23,7 @@ from breakhis_ft.errors import ModelLoadError
 from breakhis_ft.models.tiny_checkpoint import RECIPE_FILE, ensure_checkpoint, stored_digest
 from breakhis_ft.run.run_folder import record_resume, write_run_info
 from breakhis_ft.run.secrets import mask_secrets
-from breakhis_ft.run.tracking import RunTracker
+from breakhis_ft.run.tracking import RunTracker, TrackedJob
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -188,7 +188,7 @@ def test_resume_keeps_the_metrics_up_to_its_checkpoint_once(tmp_path: Path) -> N
     lines = [json.dumps(r) for r in rows] + ['{"step": 6, "train/lo']  # cut short by the kill
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
     logger = OmegaConf.structured(LoggerConfig(kind="none", mode="disabled"))
-    tracker = RunTracker(tmp_path, {}, logger, "run", "group", resume_step=3)
+    tracker = RunTracker(tmp_path, TrackedJob({}, "run", "group"), logger, resume_step=3)
     tracker.log({"model/parameters": 10}, 0)  # a resumed run logs its size again: kept once
     tracker.log({"train/loss": 0.3, "val/f1": 0.6}, 4)
     kept = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -239,7 +239,7 @@ def wandb_teardown():
 
 def _tracker(run_dir: Path, **logger: object) -> RunTracker:
     cfg = OmegaConf.structured(LoggerConfig(**logger))
-    return RunTracker(run_dir, {"a": 1}, cfg, "run", "group")
+    return RunTracker(run_dir, TrackedJob({"a": 1}, "run", "group"), cfg)
 
 
 def test_wandb_online_without_network_goes_on_offline_with_one_line(

@@ -19,8 +19,8 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from helpers.tiny_runs import train_runs
 from PIL import Image
-from tiny_runs import train_runs
 
 from breakhis_ft.analysis.gallery import data_root
 from breakhis_ft.data.stain import NORMALIZER_FILE, StainNormalizer, load_normalizer

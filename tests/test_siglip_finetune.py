@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from builders import build
+from helpers.builders import build
+from helpers.siglip_toy import FP32, LORA, PROBE, examples, model_cfg, replica, tiny_path
 from huggingface_hub.errors import GatedRepoError
 from peft import LoraConfig, PeftModel, get_peft_model
 from PIL import Image
-from siglip_toy import FP32, LORA, PROBE, examples, model_cfg, replica, tiny_path
 from transformers import AutoImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
 from breakhis_ft.data.records import class_names, label_of
-from breakhis_ft.errors import ConfigError
 from breakhis_ft.models import siglip, siglip_loading
 from breakhis_ft.models.siglip_loading import ModelLoadError, pooled_embedding
 
@@ -121,8 +120,8 @@ def test_vision_only_checkpoint_loads(tiny, tmp_path):
     assert pooled_embedding(classifier.encoder, pixels).shape == (1, 32)
 
 
-def test_config_errors_name_the_key(tiny):
-    with pytest.raises(ConfigError, match="model.resize"):
+def test_bad_values_name_the_key(tiny):
+    with pytest.raises(ValueError, match="model.resize"):
         build_tiny(tiny, peft=PROBE, resize="crop")
 
 

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from breakhis_ft.errors import ConfigError
 from breakhis_ft.models.siglip_loading import SiglipPreprocessor, shorter_side_crop
 
 
@@ -42,7 +41,7 @@ def test_pad_and_stretch_are_kept() -> None:
 
 
 def test_bad_mode_and_non_square_input_are_errors() -> None:
-    with pytest.raises(ConfigError, match="model.resize"):
+    with pytest.raises(ValueError, match="model.resize"):
         SiglipPreprocessor(_processor(), "crop")
     wide = SimpleNamespace(size={"height": 448, "width": 512}, image_mean=None)
     with pytest.raises(ValueError, match="square input size"):

@@ -7,9 +7,8 @@ import shutil
 
 import pytest
 import torch
-from builders import build
-from PIL import Image
-from siglip_toy import (
+from helpers.builders import build
+from helpers.siglip_toy import (
     FP32,
     PROBE,
     CallCounter,
@@ -19,6 +18,7 @@ from siglip_toy import (
     split_by_patient,
     tiny_path,
 )
+from PIL import Image
 from torch.utils.data import DataLoader
 from torchmetrics.functional.classification import multiclass_accuracy
 

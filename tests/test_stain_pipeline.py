@@ -8,13 +8,14 @@ test_run_stain_explain.py.
 from __future__ import annotations
 
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from breakhis_ft.config import TrainRunConfig
+from breakhis_ft.config import MedGemmaConfig, TrainRunConfig
 from breakhis_ft.data.breakhis import load_image
 from breakhis_ft.data.dataset import (
     ImageDataset,
@@ -25,6 +26,7 @@ from breakhis_ft.data.dataset import (
 )
 from breakhis_ft.data.stain import (
     NORMALIZER_FILE,
+    StainFitError,
     fit_stain_normalizer,
     load_normalizer,
     save_normalizer,
@@ -129,10 +131,10 @@ def test_reference_image_file_blank_reference_and_resume(replica_scan, tmp_path)
     blank = tmp_path / "white.png"
     Image.new("RGB", (64, 64), (255, 255, 255)).save(blank)
     blank_cfg = config(stain_norm="reinhard", stain_reference=str(blank))
-    with pytest.raises(ConfigError, match="data.stain_reference=.*white.png.*one flat colour"):
+    with pytest.raises(StainFitError, match="data.stain_reference=.*white.png.*one flat colour"):
         make_stain_normalizer(blank_cfg, {}, replica_scan.root, tmp_path)
     empty = config(stain_norm="macenko")
-    with pytest.raises(ConfigError, match="training split is empty"):
+    with pytest.raises(StainFitError, match="training split is empty"):
         make_stain_normalizer(empty, {"train": []}, replica_scan.root, tmp_path)
     # resume: the saved normaliser, not a new fit (here it could not even be fitted)
     saved = fit_stain_normalizer("macenko", [load_image(image)])
@@ -175,28 +177,43 @@ def test_stain_effect_summary_pairs_seeds() -> None:
 
 
 def test_medgemma_feature_cache_is_kept_apart_per_normaliser(normalizers) -> None:
-    from breakhis_ft.run.setup import _stain_paths
+    from breakhis_ft.models.vision_cache import configure_feature_cache
 
     cfg = config()
-    assert _stain_paths(cfg, None) is cfg
-    folders = {_stain_paths(cfg, n).paths.vision_features for n in normalizers.values()}
-    assert len(folders) == 3 and all(f.startswith(cfg.paths.vision_features + "/") for f in folders)
+    cfg.model = OmegaConf.structured(MedGemmaConfig(name_or_path="tiny"))
+    cfg.data.augment.flips = cfg.data.augment.rot90 = False  # nothing changes pixels: cached
+    folders: list[str] = []
+
+    def use_feature_cache(folder, name_or_path, image_size):
+        folders.append(folder)
+        return SimpleNamespace(directory=folder)
+
+    medgemma = SimpleNamespace(vision_trainable=False, use_feature_cache=use_feature_cache)
+    assert configure_feature_cache(medgemma, cfg)
+    for normalizer in normalizers.values():
+        assert configure_feature_cache(medgemma, cfg, normalizer.identity())
+    plain, *stained = folders
+    assert plain == cfg.paths.vision_features
+    assert len(set(stained)) == 3 and all(f.startswith(plain + "/") for f in stained)
 
 
 @pytest.mark.parametrize(
-    ("data", "probe", "key"),
+    ("overrides", "key"),
     [
-        ({"stain_norm": "macenko", "stain_reference": "/no/such.png"}, False, "stain_reference"),
-        ({"stain_norm": "reinhard", "stain_reference_images": 0}, False, "stain_reference_images"),
-        ({"stain_norm": "macenko"}, True, "stain_norm"),  # a probe embeds the original files
+        (["data.stain_norm=macenko", "data.stain_reference=/no/such.png"], "stain_reference"),
+        (["data.stain_norm=reinhard", "data.stain_reference_images=0"], "stain_reference_images"),
+        # a probe embeds the original files
+        (["model=tiny_siglip", "peft=none", "model.freeze_encoder=true"], "stain_norm"),
     ],
 )
-def test_stain_settings_that_cannot_work_name_the_key(data, probe, key) -> None:
-    from breakhis_ft.validate import _check_stain
+def test_stain_settings_that_cannot_work_name_the_key(overrides, key) -> None:
+    from test_entrypoint import compose_train
 
-    cfg = config(**data)
-    cfg.model.kind, cfg.model.freeze_encoder = ("siglip", True) if probe else ("medgemma", False)
+    from breakhis_ft.validate import validate_config
+
+    stained = any(o.startswith("data.") for o in overrides)
+    cfg = compose_train([*overrides] if stained else [*overrides, "data.stain_norm=macenko"])
     with pytest.raises(ConfigError, match=rf"config error: data\.{key}:"):
-        _check_stain(cfg)
+        validate_config(cfg)
     cfg.data.stain_norm = "none"  # nothing to check without normalisation
-    _check_stain(cfg)
+    validate_config(cfg)

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from breakhis_ft.config import LoggerConfig
 from breakhis_ft.run import summary
-from breakhis_ft.run.tracking import RunTracker, split_tables
+from breakhis_ft.run.tracking import RunTracker, TrackedJob, split_tables
 
 METRICS = {
     "val": {"n": 30, "balanced_accuracy": 0.5, "accuracy": 0.6},
@@ -49,6 +49,17 @@ def test_summary_block_shows_metrics_with_intervals_best_step_and_commands(
     ]
     untrained = summary.summary_block(Path("/elsewhere/run"), METRICS, None)
     assert "best step" not in untrained and "run folder: /elsewhere/run" in untrained
+
+
+def test_summary_block_names_the_classes_no_interval_covers(tmp_path) -> None:
+    fixed = {"fixed_classes": ["adenosis", "lobular_carcinoma"], "unit": "stem"}
+    test = {**METRICS["test"], "classes": ["a"] * 8, "interval": fixed}
+    block = summary.summary_block(tmp_path, {**METRICS, "test": test}).splitlines()
+    assert block[6] == (
+        "  intervals leave out the sampling of the classes in one group each (test 2 of 8; "
+        "metrics.json interval.fixed_classes)"
+    )
+    assert "intervals leave out" not in summary.summary_block(tmp_path, METRICS)
 
 
 @pytest.fixture
@@ -129,11 +140,11 @@ def fresh_wandb():
 
 
 def test_best_model_logged_as_a_wandb_artifact(tmp_path, monkeypatch, fresh_wandb) -> None:
-    from wandb_records import records
+    from helpers.wandb_records import records
 
     monkeypatch.setenv("WANDB_SILENT", "true")
     logger = OmegaConf.structured(LoggerConfig(mode="offline", log_model=True))
-    tracker = RunTracker(tmp_path, {"seed": 1}, logger, "name", "group")
+    tracker = RunTracker(tmp_path, TrackedJob({"seed": 1}, "name", "group"), logger)
     best = tmp_path / "best"
     best.mkdir()
     (best / "adapter_model.safetensors").write_bytes(b"weights")

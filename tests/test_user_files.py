@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cli_runs import FAST, run_cli, run_info, single_run_dir
+from helpers.cli_runs import FAST, run_cli, run_info, single_run_dir
 from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 

@@ -7,21 +7,20 @@ import os
 
 import pytest
 import torch
-from medgemma_toy import class_image, classifier, tiny_path
+from helpers.medgemma_toy import class_image, classifier, tiny_path
 from omegaconf import OmegaConf
+from test_entrypoint import compose_train
 
-from breakhis_ft.config import AugmentConfig, PeftConfig, TrainRunConfig
+from breakhis_ft.config import MedGemmaConfig, TrainRunConfig
 from breakhis_ft.data.dataset import ImageDataset
 from breakhis_ft.data.records import ImageRecord
 from breakhis_ft.errors import ConfigError
-from breakhis_ft.models.vision_cache import (
-    check_feature_cache,
-    configure_feature_cache,
-    decide_feature_cache,
-)
+from breakhis_ft.models.vision_cache import FeatureCacheError, configure_feature_cache
+from breakhis_ft.validate import validate_config
 
 N_IMAGES = 6
 NO_AUGMENT = {"flips": False, "rot90": False, "stain_jitter": 0.0}
+CLEAN = [f"data.augment.{k}={v}" for k, v in NO_AUGMENT.items()]  # as overrides
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +52,7 @@ def dataset(root, with_images: bool, image_size: int | None = 32) -> ImageDatase
 def run_cfg(cache_dir, tiny, **overrides):
     """A composed-like run config (the schema's defaults) for the tiny model."""
     cfg = OmegaConf.structured(TrainRunConfig)
-    cfg.model.kind, cfg.model.name_or_path = "medgemma", str(tiny)
+    cfg.model = OmegaConf.structured(MedGemmaConfig(name_or_path=str(tiny)))
     cfg.paths.vision_features, cfg.data.image_size = str(cache_dir), 32
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value, merge=False)
@@ -154,35 +153,41 @@ def test_preprocessing_or_file_changes_invalidate(tiny, image_root, tmp_path):
         os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
-def test_true_where_invalid_is_a_clear_error_naming_why_and_the_options(tiny, tmp_path):
-    jitter = AugmentConfig(flips=False, rot90=False, stain_jitter=0.1)
-    with pytest.raises(ConfigError, match=r"stain_jitter=0.1.*model.cache_vision_features=false"):
-        decide_feature_cache("true", PeftConfig(), jitter, vision_trainable=False)
-    flips = run_cfg(tmp_path, tiny, **{"model.cache_vision_features": "true"})
-    with pytest.raises(ConfigError, match=r"flips, rot90.*data.augment.flips=false"):
-        check_feature_cache(flips)  # the schema's default augmentation flips and rotates
-    overrides = {f"data.augment.{k}": v for k, v in NO_AUGMENT.items()}
-    all_linear = run_cfg(
-        tmp_path,
-        tiny,
-        **overrides,
-        **{"model.cache_vision_features": "true", "peft.target_modules": "all-linear"},
+@pytest.mark.parametrize(
+    ("overrides", "why"),
+    [
+        ([], r"flips, rot90.*data.augment.flips=false"),  # the schema's default augmentation
+        (
+            [
+                "data.augment.flips=false",
+                "data.augment.rot90=false",
+                "data.augment.stain_jitter=0.1",
+            ],
+            r"stain_jitter=0.1.*model.cache_vision_features=false",
+        ),
+        ([*CLEAN, "peft.target_modules=all-linear"], r"all-linear.*vision tower.*=language"),
+        ([*CLEAN, "peft=none", "model.freeze_vision=false"], "freeze_vision=false"),
+    ],
+)
+def test_true_where_the_config_shows_it_invalid_fails_at_compose_time(overrides, why):
+    cfg = compose_train(["model.cache_vision_features=true", *overrides])
+    with pytest.raises(ConfigError, match=rf"config error: model.cache_vision_features: .*{why}"):
+        validate_config(cfg)  # before any data or model loads
+
+
+def test_true_where_only_the_built_adapter_shows_it_fails_at_setup(tiny, tmp_path):
+    targets = ["fc1", "q_proj"]  # fc1 is only in the vision tower: its features would change
+    composed = compose_train(
+        ["model.cache_vision_features=true", *CLEAN, f"peft.target_modules=[{','.join(targets)}]"]
     )
-    with pytest.raises(ConfigError, match=r"all-linear.*vision tower.*target_modules=language"):
-        check_feature_cache(all_linear)  # before any model is loaded
-    clf = classifier(tiny, target_modules="all-linear")
+    validate_config(composed)  # the config alone cannot tell
+    clf = classifier(tiny, target_modules=targets)
     assert clf.vision_trainable
-    with pytest.raises(ConfigError, match="vision tower"):
-        configure_feature_cache(clf, all_linear)
-    full = run_cfg(
-        tmp_path,
-        tiny,
-        **overrides,
-        **{"model.cache_vision_features": True, "peft.method": "none"},
-    )
-    full.model.freeze_vision = False
-    with pytest.raises(ConfigError, match="freeze_vision=false"):
-        check_feature_cache(full)
+    cfg = run_cfg(tmp_path, tiny, **{f"data.augment.{k}": v for k, v in NO_AUGMENT.items()})
+    cfg.model.cache_vision_features, cfg.peft.target_modules = True, targets
+    with pytest.raises(FeatureCacheError, match=r"\['fc1', 'q_proj'\].*vision tower"):
+        configure_feature_cache(clf, cfg)
+    assert clf.feature_store is None
 
 
 def test_auto_falls_back_and_says_why(tiny, tmp_path, caplog):

@@ -20,6 +20,7 @@ from breakhis_ft.analysis.comparison import VS_BEST, mark_separability
 from breakhis_ft.analysis.gallery import errors_section
 from breakhis_ft.analysis.leaderboard import eva_summaries, leaderboard_markdown
 from breakhis_ft.analysis.runs import Run, metric_interval, metric_value
+from breakhis_ft.analysis.sweep_progress import sweeps_markdown
 
 DEFAULT_METRICS = (
     "test/balanced_accuracy",
@@ -303,7 +304,8 @@ def _md_table(
 
 
 def to_markdown(report: Report, galleries: dict[Path, str] | None = None) -> str:
-    """The report as Markdown: the comparison table, the best run per group, the confused class
+    """The report as Markdown: the comparison table, the best run per group, the progress of
+    sweeps shared by array tasks (their plan against the job folders), the confused class
     pairs of each run (with a link to its error gallery where `galleries` has one), the eva
     leaderboard rows when eva-protocol runs are present, and warnings."""
     order = "highest" if report.descending else "lowest"
@@ -322,6 +324,7 @@ def to_markdown(report: Report, galleries: dict[Path, str] | None = None) -> str
         "",
         *_md_table(best_columns, report.best, report.metrics, report.intervals),
         "",
+        *sweeps_markdown(report.runs),
         *errors_section(report.runs, report.root, galleries),
     ]
     summaries = eva_summaries(report.runs)

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from breakhis_ft.run.ownership import LOCK_FILE, is_held
 from breakhis_ft.run.run_folder import group_choices
 
 # folders inside a run that never hold another run: skipping them keeps the scan fast
@@ -55,6 +56,13 @@ class Run:
         if key in self.config:
             return self.config[key]
         return self.info.get(key)
+
+
+def resampled_unit(runs: Iterable[Run]) -> str:
+    """The unit the runs' intervals resample: `stem` unless every run grouped its split by
+    patient folder (`split.group_by=patient`, or a saved config without the key)."""
+    group_by = {str(run.config.get("split.group_by", "patient")) for run in runs}
+    return "patient" if group_by == {"patient"} else "stem"
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -114,9 +122,14 @@ def _status(run_dir: Path, info: dict[str, Any]) -> str:
     if (run_dir / "FAILED").exists():
         return "failed"
     status = str(info.get("status", "unknown")) if info else "unknown"
-    # a run killed hard (OOM killer, SIGKILL) never writes its end status
-    if status == "running" and _pid_gone(info):
-        return "stopped"
+    # a run killed hard (OOM killer, SIGKILL) never writes its end status: a running run whose
+    # folder no live process holds has stopped. The lock of a run on another machine shows only
+    # over a shared file system that carries locks (NFSv4), not over a bucket mount: such a run
+    # stays `running`, and its last write tells more (sweep_progress)
+    if status == "running" and not is_held(run_dir):
+        here = info.get("host") == socket.gethostname()
+        if _pid_gone(info) or (here and (run_dir / LOCK_FILE).exists()):
+            return "stopped"
     return status
 
 

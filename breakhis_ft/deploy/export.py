@@ -26,9 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
-from peft import PeftModel
 
 from breakhis_ft.data.stain import NORMALIZER_FILE, load_normalizer
 from breakhis_ft.deploy.loading import (
@@ -39,8 +37,7 @@ from breakhis_ft.deploy.loading import (
 )
 from breakhis_ft.deploy.model_card import describe, model_card
 from breakhis_ft.evaluate.calibration import read_temperature
-from breakhis_ft.models.base import Classifier
-from breakhis_ft.models.gemma_loading import merge_dequantized
+from breakhis_ft.models.factory import classifier_type
 from breakhis_ft.models.precision import DTYPES
 
 log = logging.getLogger(__name__)
@@ -55,7 +52,7 @@ class ExportError(ValueError):
 def _export_config(run_dir: Path, overrides: Sequence[str]) -> DictConfig:
     """The run's config (a QLoRA run's too: its adapter goes with the 4-bit base it learned on)."""
     cfg = load_run_config(run_dir, overrides)
-    if cfg.model.kind == "siglip" and cfg.model.zero_shot:
+    if not classifier_type(cfg.model).trains_weights(cfg.model):
         raise ExportError(f"{run_dir}: a zero-shot run trained nothing; there is nothing to export")
     return cfg
 
@@ -76,12 +73,13 @@ def export_info(
     config = OmegaConf.to_container(cfg, resolve=True)
     config["precision"]["name"] = precision
     stain = load_normalizer(run_dir)
+    prompt = cfg.model.get("prompt")  # MedGemma's (model.prompt); a SigLIP classifier has none
     return {
         "format": fmt,  # merged | adapter
         "model_kind": str(cfg.model.kind),
         "task": str(cfg.task.name),
         "class_names": list(cfg.task.classes),
-        "prompt": OmegaConf.to_container(cfg.model.prompt, resolve=True),
+        "prompt": None if prompt is None else OmegaConf.to_container(prompt, resolve=True),
         "image_size": image_size,  # longest side before the processor; null: not resized
         # data.stain_norm's fitted normaliser (also stain_normalizer.json), applied before resizing
         "stain_normalizer": None if stain is None else stain.to_dict(),
@@ -122,23 +120,12 @@ def export_adapter(run_dir: str | Path, out_dir: str | Path, overwrite: bool = F
         )
     _prepare_out(out_dir, overwrite)
     shutil.copytree(best, out_dir, dirs_exist_ok=True)
-    probe = cfg.model.kind == "siglip" and cfg.model.freeze_encoder and cfg.peft.method == "none"
-    size = None if probe else int(cfg.data.image_size)
+    resized = classifier_type(cfg.model).reads_resized_images(cfg.model, str(cfg.peft.method))
+    size = int(cfg.data.image_size) if resized else None
     info = export_info(cfg, run_dir, "adapter", str(cfg.precision.name), size)
     _write_info(out_dir, info, run_dir)
     log.info("adapter of %s exported to %s", run_dir, out_dir)
     return out_dir
-
-
-def merged_module(classifier: Classifier) -> torch.nn.Module:
-    """The classifier's model with any LoRA adapter merged in (MedGemma model, SigLIP encoder)."""
-    # SigLIP classifiers hold `encoder` (+ a head saved beside it), MedGemma ones `model`.
-    model = classifier.encoder if hasattr(classifier, "encoder") else classifier.model
-    if isinstance(model, PeftModel):
-        if getattr(model.get_base_model(), "is_loaded_in_4bit", False):  # QLoRA
-            return merge_dequantized(model)
-        return model.merge_and_unload()
-    return model
 
 
 def export_merged(
@@ -162,19 +149,7 @@ def export_merged(
     classifier = classifier_from_run(cfg, run_dir)
     size = preprocess_size(cfg, classifier)
     _prepare_out(out_dir, overwrite)
-    model = merged_module(classifier).to(DTYPES[precision])
-    model.save_pretrained(str(out_dir))  # safetensors
-    if cfg.model.kind == "medgemma":
-        classifier.processor.save_pretrained(str(out_dir))  # type: ignore[attr-defined]
-    else:
-        classifier.preprocessor.image_processor.save_pretrained(str(out_dir))  # type: ignore[attr-defined]
-        # The head as a probe's best/ holds it, so the exported folder loads like a trained probe.
-        from safetensors.torch import save_file
-
-        head = {k: v.contiguous() for k, v in classifier.head.state_dict().items()}  # type: ignore[attr-defined]
-        save_file(head, str(out_dir / "head.safetensors"))
-        meta = {"mode": "probe", "class_names": list(classifier.class_names)}
-        (out_dir / "siglip_classifier.json").write_text(json.dumps(meta, indent=1))
+    classifier.save_merged(out_dir, DTYPES[precision])
     _write_info(out_dir, export_info(cfg, run_dir, "merged", precision, size), run_dir)
     log.info("merged model of %s exported to %s (%s)", run_dir, out_dir, precision)
     return out_dir

@@ -11,10 +11,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from breakhis_ft.config import TrainRunConfig
+from breakhis_ft.config import family_keys_only, schema_of
 from breakhis_ft.errors import ConfigError
 from breakhis_ft.models.base import Classifier
-from breakhis_ft.models.factory import build_classifier
+from breakhis_ft.models.factory import build_classifier, classifier_type
 from breakhis_ft.models.precision import Precision
 from breakhis_ft.run.saved_config import check_saved_config, load_saved_config
 
@@ -40,14 +40,16 @@ def _set_struct_everywhere(cfg: DictConfig, flag: bool) -> None:
 
 
 def on_schema(saved: Any, overrides: Sequence[str] = ()) -> DictConfig:
-    """A saved run config (checked data) on the current schema, with `key=value` overrides.
+    """A saved run config (checked data) on the current schema, its model on its family's, with
+    `key=value` overrides (`config.family_keys_only`: another family's keys are dropped).
 
     Keys a run added with `+key=value` (a masked `+hf_token=***`, say) are kept: the schema is
     opened to them for the merge, then closed, so an override naming an unknown key still fails.
     """
-    cfg = OmegaConf.structured(TrainRunConfig)
+    values = family_keys_only(saved)
+    cfg = schema_of(values)
     _set_struct_everywhere(cfg, False)
-    cfg = OmegaConf.merge(cfg, saved)
+    cfg = OmegaConf.merge(cfg, values)
     _set_struct_everywhere(cfg, True)
     if overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
@@ -76,7 +78,7 @@ def classifier_from_run(cfg: DictConfig, run_dir: str | Path) -> Classifier:
     best = Path(run_dir) / "best"
     if best.is_dir():
         classifier.load_trained(best)
-    elif not (cfg.model.kind == "siglip" and cfg.model.zero_shot):
+    elif classifier_type(cfg.model).trains_weights(cfg.model):
         raise PredictError(
             f"{run_dir}: no best/ folder (trained weights); the run did not train or has not "
             "finished its first evaluation. Train it (breakhis-ft resume=<run folder>) or pick "
@@ -129,11 +131,7 @@ def load_exported_classifier(
     cfg.model.name_or_path = str(model_dir)
     cfg.model.build_tiny = False
     cfg.peft.method = "none"
-    if cfg.model.kind == "siglip":
-        cfg.model.freeze_encoder = True  # encoder + head: the probe path computes embeddings
-        classifier = classifier_of(cfg, names)
-        classifier.load_trained(model_dir)
-    else:
-        classifier = classifier_of(cfg, names)
-        classifier.requires_grad_(False)
+    cfg.model.merge_with(classifier_type(cfg.model).merged_overrides())
+    classifier = classifier_of(cfg, names)
+    classifier.load_merged(model_dir)
     return classifier, cfg

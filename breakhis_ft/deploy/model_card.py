@@ -25,8 +25,7 @@ from omegaconf import DictConfig
 
 from breakhis_ft.data.dataset import RESAMPLE
 from breakhis_ft.evaluate.bootstrap import ci_key
-from breakhis_ft.models.base import processor_side
-from breakhis_ft.models.prompts import make_prompt
+from breakhis_ft.models.factory import classifier_type
 
 # metrics.json key -> the name the card shows
 CARD_METRICS = {
@@ -58,22 +57,6 @@ DATASET_NAMES = {
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def prompt_details(cfg: DictConfig) -> dict[str, Any]:
-    """MedGemma's exact user text, chat messages (image first) and each class's answer string."""
-    prompt = make_prompt(cfg.model.prompt, tuple(cfg.task.classes))
-    return {
-        "user_text": prompt.user_text(),
-        "messages": prompt.messages(),
-        "answers": [
-            {"class": name, "answer": answer}
-            for name, answer in zip(prompt.class_names, prompt.answers, strict=True)
-        ],
-        # each class's probability: the softmax over the first tokens of the answers, read at the
-        # last prompt position (the answers start with distinct tokens: digits or letters)
-        "scoring": "softmax over the answers' first tokens after the generation prompt",
-    }
-
-
 def preprocessing(cfg: DictConfig, image_size: int | None) -> dict[str, Any]:
     """How an image becomes model input: RGB, longest side resized (or not), then the processor."""
     steps: dict[str, Any] = {
@@ -87,21 +70,7 @@ def preprocessing(cfg: DictConfig, image_size: int | None) -> dict[str, Any]:
         # none, or the H&E normaliser (stain_normalizer.json, applied before the resize)
         "stain_norm": str(cfg.data.stain_norm),
     }
-    if cfg.model.kind == "siglip":
-        from breakhis_ft.models.siglip_loading import (
-            load_preprocessor,
-        )  # the processor's files only
-
-        pre = load_preprocessor(str(cfg.model.name_or_path), str(cfg.model.resize))
-        steps["square"] = pre.resize  # pad: centred on a canvas of the processor's mean colour
-        steps["fill"] = list(pre.fill)
-        image_processor = pre.image_processor
-    elif image_size is not None:
-        from transformers import AutoImageProcessor
-
-        image_processor = AutoImageProcessor.from_pretrained(str(cfg.model.name_or_path))
-    if image_size is not None:
-        steps["model_side"] = processor_side(image_processor)
+    steps.update(classifier_type(cfg.model).preprocessing_steps(cfg.model, image_size))
     steps["then"] = "the checkpoint's own processor (in this folder, or the base model's)"
     return steps
 
@@ -109,10 +78,8 @@ def preprocessing(cfg: DictConfig, image_size: int | None) -> dict[str, Any]:
 def describe(cfg: DictConfig, image_size: int | None) -> dict[str, Any]:
     """The self-describing part of export_info.json (beside its temperature)."""
     info: dict[str, Any] = {"preprocessing": preprocessing(cfg, image_size)}
-    if cfg.model.kind == "medgemma":
-        info.update(prompt_details(cfg))
-    else:
-        info["answers"] = [{"class": name, "index": i} for i, name in enumerate(cfg.task.classes)]
+    family = classifier_type(cfg.model)
+    info.update(family.answer_details(cfg.model, tuple(cfg.task.classes)))
     return info
 
 
@@ -254,9 +221,8 @@ def _siglip_snippet(info: dict[str, Any]) -> str:
 
 def usage_snippet(info: dict[str, Any]) -> str:
     """Python that classifies one image with this export: transformers (+ peft for an adapter)."""
-    if info["model_kind"] == "medgemma":
-        return _gemma_snippet(info)
-    return _siglip_snippet(info)
+    snippets = {"medgemma": _gemma_snippet, "siglip": _siglip_snippet}
+    return snippets[info["model_kind"]](info)
 
 
 # ---- the card -----------------------------------------------------------------------------------
@@ -275,9 +241,14 @@ def _read_metrics(run_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _scheme(values: dict[str, Any]) -> dict[str, Any]:
+    """How a split's intervals were made (`interval`; `bootstrap` in runs written before it)."""
+    return values.get("interval") or values.get("bootstrap") or {}
+
+
 def _interval(values: dict[str, Any], name: str) -> list[float] | None:
     """The metric's stored interval (at the run's level, evaluate.ci_level), if it has one."""
-    level = float((values.get("bootstrap") or {}).get("level", 0.95))
+    level = float(_scheme(values).get("level", 0.95))
     ci = values.get(ci_key(name, level))
     return [float(ci[0]), float(ci[1])] if isinstance(ci, list) and len(ci) == 2 else None
 
@@ -313,7 +284,7 @@ def _eval_results(info: dict[str, Any], metrics: dict[str, Any]) -> list[EvalRes
     cfg = info["config"]
     split = "test" if isinstance(metrics.get("test"), dict) else "val"
     values = metrics.get(split) or {}
-    boot = values.get("bootstrap") or {}
+    boot = _scheme(values)
     source = str(cfg["data"]["source"])
     dataset = (
         f"{DATASET_NAMES.get(source, source)}, {cfg['magnification']['factors']} magnification, "
@@ -328,7 +299,8 @@ def _eval_results(info: dict[str, Any], metrics: dict[str, Any]) -> list[EvalRes
         args = None
         if ci:
             level = float(boot.get("level", 0.95))
-            shown += f" ({level:.0%} CI {ci[0]:.3f}-{ci[1]:.3f}, {boot.get('unit', '')} bootstrap)"
+            shown += f" ({level:.0%} CI {ci[0]:.3f}-{ci[1]:.3f}, {boot.get('unit', '')} bootstrap"
+            shown += ", stratified by class)" if boot.get("stratified_by") else ")"
             args = {"interval": ci, "level": level, "resampled_unit": boot.get("unit")}
             args["resamples"] = boot.get("resamples")
         results.append(
@@ -454,8 +426,8 @@ def model_card(info: dict[str, Any], run_dir: Path) -> ModelCard:
         ),
         "",
         *_data_section(cfg, run_dir),
-        "## Results (the best checkpoint; intervals by patient bootstrap where the run computed "
-        "them)",
+        "## Results (the best checkpoint; intervals by a bootstrap of the split's patient groups, "
+        "stratified by class, where the run computed them)",
         "",
         "| split | metric | value | interval |",
         "|---|---|---|---|",

@@ -13,8 +13,6 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm.auto import tqdm
 
-from breakhis_ft.errors import ConfigError
-
 # not part of the saved state: set by the recipe from the config
 _CONFIG_FIELDS = ("monitor", "sign")
 
@@ -166,8 +164,8 @@ def scalars(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
 def check_class_weights_supported(classifier: nn.Module) -> None:
     """Class weighting needs `loss(batch, class_weights=...)`; a clear error otherwise."""
     if "class_weights" not in inspect.signature(classifier.loss).parameters:
-        raise ConfigError(
-            f"config error: trainer.class_weighting: {type(classifier).__name__}.loss(batch) takes "
+        raise TypeError(
+            f"trainer.class_weighting: {type(classifier).__name__}.loss(batch) takes "
             "no class_weights; use trainer.class_weighting=none (or trainer.sampler=balanced)"
         )
 

@@ -1,8 +1,9 @@
 """The training recipe on accelerate: setup, train, evaluate, save, resume, clean up.
 
 Laid out as torchtune's recipes are: `TrainingRecipe(...)` receives objects already built from the
-config (classifier, datasets, accelerator, optimizer factory), `fit()` runs setup -> resume ->
-epochs -> final checkpoint and returns a `FitResult`. The classifier's `loss`/`predict_proba` run
+config (classifier, datasets, accelerator, and `RecipeSettings`: the trainer group, the run folder,
+the optimizer factory, metrics and logging), `fit()` runs setup -> resume -> epochs -> final
+checkpoint and returns a `FitResult`. The classifier's `loss`/`predict_proba` run
 inside `ClassifierForward.forward`, so the prepared (DDP or FSDP) wrapper sees a forward call.
 
 Stopping: Ctrl-C (KeyboardInterrupt) and SIGTERM (what SLURM, Cloud Run and docker send) both end
@@ -60,6 +61,18 @@ OptimizerFactory = Callable[..., torch.optim.Optimizer]  # (params, lr=...) -> o
 MetricsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Dataset], dict[str, Any]]
 
 
+@dataclass(frozen=True)
+class RecipeSettings:
+    """What a recipe trains by beside its model, data and accelerator, built from the config."""
+
+    trainer: Any  # the trainer group (TrainerConfig): steps, batches, evaluation, checkpoints
+    run_dir: Path  # checkpoints, best/ and the FAILED mark go here
+    optimizer_factory: OptimizerFactory  # trainer.optimizer, instantiated
+    metrics_fn: MetricsFn  # the metrics of each evaluation during training
+    log_fn: LogFn | None = None  # the tracker's (main process)
+    seed: int = 42  # data order and loader workers
+
+
 @dataclass
 class FitResult:
     """What `fit` leaves behind."""
@@ -81,18 +94,15 @@ class TrainingRecipe:
         classifier: nn.Module,
         train_ds: Dataset,
         val_ds: Dataset | None,
-        trainer_cfg: Any,
-        run_dir: str | Path,
         accelerator: Accelerator,
-        optimizer_factory: OptimizerFactory,
-        metrics_fn: MetricsFn,
-        log_fn: LogFn | None = None,
-        seed: int = 42,
+        settings: RecipeSettings,
     ) -> None:
         self.classifier, self.train_ds, self.val_ds = classifier, train_ds, val_ds
-        self.cfg, self.run_dir, self.acc = trainer_cfg, Path(run_dir), accelerator
-        self.optimizer_factory, self.metrics_fn = optimizer_factory, metrics_fn
-        self.log_fn, self.seed = log_fn, seed
+        self.acc, self.settings = accelerator, settings
+        trainer_cfg = self.cfg = settings.trainer
+        self.run_dir = Path(settings.run_dir)
+        self.optimizer_factory, self.metrics_fn = settings.optimizer_factory, settings.metrics_fn
+        self.log_fn, self.seed = settings.log_fn, settings.seed
         # trainer.eval_split=test (the blog notebook's) is only logged: nothing is selected on it
         self.eval_name = str(getattr(trainer_cfg, "eval_split", "val"))
         selects = val_ds is not None and self.eval_name == "val"

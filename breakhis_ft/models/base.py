@@ -43,9 +43,14 @@ class Classifier(nn.Module):
     Examples reaching `collate` are dicts with `image` (PIL RGB), `label` (class index) and `index`
     (position of the record in its split). Every batch it returns carries `class_label` and `index`
     (LongTensors) beside the model's own inputs, so the engine can gather predictions per record.
+
+    What differs between model families beyond that lives on the family's subclass: its run-time
+    caches, the final evaluation, and export. The classmethods answer from a family's config
+    (`model.*`) without building a model (`models.factory.classifier_type` finds the family).
     """
 
     class_names: tuple[str, ...]
+    eval_mode: str = "score"  # how a run's final evaluation classifies: score | generate | both
 
     def collate(self, examples: list[dict[str, Any]], train: bool) -> Batch:
         """Turn dataset examples into a batch of tensors (train: with training targets)."""
@@ -80,6 +85,15 @@ class Classifier(nn.Module):
     def enable_gradient_checkpointing(self) -> None:
         """Trade compute for activation memory in the trainable part."""
 
+    def configure_run_caches(self, cfg: Any, stain_identity: str | None = None) -> None:
+        """Set up what the family caches between runs for a run of the config `cfg` (MedGemma:
+        its vision features); `stain_identity`: the run's stain normaliser. Nothing by default."""
+
+    def prepare_final_evaluation(self) -> bool:
+        """Ready the model for a run's final evaluation; True where its modules changed (an
+        adapter merged), so a wrapper prepared for training no longer holds them."""
+        return False
+
     def save_trained(self, directory: str | Path) -> None:
         """Save what training changed (adapter or head) so `load_trained` restores it."""
         directory = Path(directory)
@@ -107,6 +121,50 @@ class Classifier(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return trainable, total
+
+    # ---- export ---------------------------------------------------------------------------------
+
+    @classmethod
+    def trains_weights(cls, model_cfg: Any) -> bool:
+        """Whether a model of this config has weights to train, load back and export."""
+        return True
+
+    @classmethod
+    def reads_resized_images(cls, model_cfg: Any, peft_method: str) -> bool:
+        """Whether a model of this config reads the resized images (data.image_size) rather than
+        the original files (a SigLIP probe's embeddings)."""
+        return True
+
+    @classmethod
+    def preprocessing_steps(cls, model_cfg: Any, image_size: int | None) -> dict[str, Any]:
+        """The family's preprocessing steps as an export states them: by default `model_side`, the
+        square of the checkpoint's image processor (the cached longest side is capped so that the
+        shorter side keeps it), where images are resized to `image_size`."""
+        if image_size is None:
+            return {}
+        from transformers import AutoImageProcessor  # the processor's files only
+
+        processor = AutoImageProcessor.from_pretrained(str(model_cfg.name_or_path))
+        return {"model_side": processor_side(processor)}
+
+    @classmethod
+    def answer_details(cls, model_cfg: Any, class_names: Sequence[str]) -> dict[str, Any]:
+        """What an export says about the classes' outputs: each class and its index."""
+        return {"answers": [{"class": name, "index": i} for i, name in enumerate(class_names)]}
+
+    @classmethod
+    def merged_overrides(cls) -> dict[str, Any]:
+        """The `model.*` values that load a merged export (`save_merged`) of this family."""
+        return {}
+
+    def save_merged(self, out_dir: str | Path, dtype: torch.dtype) -> None:
+        """Save the model, any adapter merged in, as a from_pretrained checkpoint in `dtype` with
+        what classifying needs beside it (processor, head)."""
+        raise NotImplementedError
+
+    def load_merged(self, model_dir: str | Path) -> None:
+        """Finish a classifier built from a merged export (`merged_overrides`): for inference."""
+        self.requires_grad_(False)
 
 
 def processor_side(image_processor: Any) -> int | None:

@@ -15,7 +15,6 @@ import torch
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 from packaging.version import Version
 from peft import LoraConfig, PeftModel, get_peft_model
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
@@ -26,9 +25,9 @@ from transformers import (
     ProcessorMixin,
 )
 
-from breakhis_ft.errors import ConfigError, ModelLoadError
+from breakhis_ft.errors import ModelLoadError
 from breakhis_ft.models.base import load_error
-from breakhis_ft.models.medgemma import MedGemmaClassifier
+from breakhis_ft.models.medgemma import FinalEvaluation, MedGemmaClassifier
 from breakhis_ft.models.precision import Precision
 from breakhis_ft.models.prompts import make_prompt
 
@@ -63,7 +62,7 @@ def qlora_quantization(dtype: torch.dtype) -> BitsAndBytesConfig:
             "pip install 'breakhis-ft[quant]', or use peft=lora"
         )
     if dtype == torch.float32:
-        raise ConfigError("config error: peft.method: qlora computes in 16-bit; use precision=bf16")
+        raise ValueError("peft=qlora computes in 16-bit: give bfloat16 (precision=bf16)")
     device = kbit_device()
     installed = importlib.metadata.version("bitsandbytes")
     if device.type == "cpu" and Version(installed) < Version(BNB_CPU_MIN):
@@ -147,7 +146,7 @@ def resolve_target_modules(target_modules: Any) -> str | list[str]:
         return target_modules  # "all-linear" (vision tower included) or a peft regex
     names = [str(name) for name in target_modules]
     if not names:
-        raise ConfigError("config error: peft.target_modules: the list is empty")
+        raise ValueError("peft.target_modules: the list is empty")
     return names
 
 
@@ -172,20 +171,6 @@ def apply_peft(
         lora, target_modules=resolve_target_modules(target_modules), task_type="CAUSAL_LM"
     )
     return get_peft_model(model, lora)
-
-
-def merge_dequantized(model: PeftModel) -> PreTrainedModel:
-    """A QLoRA model merged for export: its NF4 base dequantized to float32, plus W + BA."""
-    # peft's merge into 4-bit layers re-quantizes W + BA and rounds most of the adapter away; and
-    # the original 16-bit checkpoint is not the base the adapter learned on: the 4-bit layers
-    # compute with the dequantized NF4 weights, so those are the base it is added to.
-    config = model.peft_config[model.active_adapter]
-    adapter = get_peft_model_state_dict(model)
-    base = model.unload()  # the adapters removed, the Linear4bit layers back in place
-    base.dequantize(dtype=torch.float32)  # nn.Linear layers; the quantization config is dropped
-    merged = get_peft_model(base.float(), config)
-    set_peft_model_state_dict(merged, adapter)
-    return merged.merge_and_unload()
 
 
 def medgemma_4b_config() -> Gemma3Config:
@@ -222,7 +207,13 @@ def build_medgemma_classifier(
         processor,
         make_prompt(model_cfg.prompt, class_names),
         loss_on=str(model_cfg.loss_on),
-        max_new_tokens=int(model_cfg.max_new_tokens),
+        evaluation=FinalEvaluation(
+            mode=str(model_cfg.eval_mode),
+            max_new_tokens=int(model_cfg.max_new_tokens),
+            merge_adapter=bool(model_cfg.merge_for_eval),
+        ),
+        # absent from configs saved before the setting: the template's <bos> only
+        add_special_tokens=bool(getattr(model_cfg, "add_special_tokens", False)),
     )
     # what trains is logged by the training run: an inference model (predict, export) trains nothing
     log.info("loaded %s (peft=%s, dtype=%s)", checkpoint, peft_method, precision.name)

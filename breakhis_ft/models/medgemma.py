@@ -11,6 +11,7 @@ checkpointing does.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +24,28 @@ from transformers import Gemma3ForConditionalGeneration, PreTrainedModel, Proces
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from breakhis_ft.models.base import Batch, Classifier, processor_side
-from breakhis_ft.models.lora import count_parameters
-from breakhis_ft.models.prompts import ClassPrompt
+from breakhis_ft.models.lora import count_parameters, merged_weights
+from breakhis_ft.models.prompts import ClassPrompt, make_prompt
 from breakhis_ft.models.siglip_loading import checkpoint_identity
-from breakhis_ft.models.vision_cache import PromptTokens, VisionFeatureStore, feature_identity
+from breakhis_ft.models.vision_cache import (
+    PromptTokens,
+    VisionFeatureStore,
+    configure_feature_cache,
+    feature_identity,
+)
 
 END_OF_TURN = "<end_of_turn>"
 SCORING = ("auto", "first_token", "sequence")
+EVAL_MODES = ("score", "generate", "both")
+
+
+@dataclass(frozen=True)
+class FinalEvaluation:
+    """How a run's final evaluation classifies with MedGemma (`model.eval_mode`, ...)."""
+
+    mode: str = "score"  # score (label likelihoods) | generate (parsed answers) | both
+    max_new_tokens: int = 40  # generation's limit
+    merge_adapter: bool = False  # merge a LoRA adapter into the weights first (the blog's)
 
 
 class MedGemmaClassifier(Classifier):
@@ -42,20 +58,29 @@ class MedGemmaClassifier(Classifier):
         prompt: ClassPrompt,
         loss_on: str = "answer",
         scoring: str = "auto",
-        max_new_tokens: int = 40,
+        evaluation: FinalEvaluation = FinalEvaluation(),
+        add_special_tokens: bool = False,
     ) -> None:
         super().__init__()
         if loss_on not in ("answer", "all_text"):
             raise ValueError(f"model.loss_on: got {loss_on!r}, allowed: answer, all_text")
         if scoring not in SCORING:
             raise ValueError(f"scoring: got {scoring!r}, allowed: {', '.join(SCORING)}")
+        if evaluation.mode not in EVAL_MODES:
+            raise ValueError(
+                f"model.eval_mode: got {evaluation.mode!r}, allowed: {', '.join(EVAL_MODES)}"
+            )
         self.model = model
         self.processor = processor
         self.prompt = prompt
         self.class_names = prompt.class_names
         self.loss_on = loss_on
         self.scoring = scoring
-        self.max_new_tokens = max_new_tokens
+        self.evaluation = evaluation
+        self.eval_mode = evaluation.mode
+        self.max_new_tokens = evaluation.max_new_tokens
+        # the processor's own special tokens on top of the template's (model.add_special_tokens)
+        self.add_special_tokens = add_special_tokens
         tok = processor.tokenizer
         self.end_of_turn_id = tok.convert_tokens_to_ids(END_OF_TURN)
         # what all_text leaves out of the loss: the blog masked these two, not <end_of_image>
@@ -81,7 +106,8 @@ class MedGemmaClassifier(Classifier):
         first = [ids[0] for ids in self.answer_ids]
         self.first_tokens_distinct = len(set(first)) == len(first)
         self.feature_store: VisionFeatureStore | None = None
-        self.prompt_tokens = PromptTokens(processor)  # token rows of cached-feature batches
+        # token rows of cached-feature batches, tokenised as the image batches are
+        self.prompt_tokens = PromptTokens(processor, add_special_tokens)
 
     # ---- the model underneath -------------------------------------------------------------------
 
@@ -141,7 +167,8 @@ class MedGemmaClassifier(Classifier):
                     return_tensors="pt",
                     padding=True,
                     padding_side="right",
-                    add_special_tokens=False,  # the chat template already starts with <bos>
+                    # false: the chat template's <bos> only (true: the blog notebook's call)
+                    add_special_tokens=self.add_special_tokens,
                 )
             )
         if train:
@@ -319,7 +346,26 @@ class MedGemmaClassifier(Classifier):
         """Class index of each generated answer; -1 where it names no class (counted as wrong)."""
         return torch.tensor([self.prompt.parse(a) for a in answers], dtype=torch.long)
 
+    # ---- the final evaluation -------------------------------------------------------------------
+
+    def merge_adapter(self) -> bool:
+        """Merge a LoRA adapter into the weights (peft merge_and_unload), as the blog evaluated;
+        True when there was one. The saved adapter is not touched."""
+        if not isinstance(self.model, PeftModel):
+            return False
+        self.model = self.model.merge_and_unload()
+        return True
+
+    def prepare_final_evaluation(self) -> bool:
+        """Merge the adapter where `model.merge_for_eval` asks; True when it was merged."""
+        return self.evaluation.merge_adapter and self.merge_adapter()
+
     # ---- cached vision features -----------------------------------------------------------------
+
+    def configure_run_caches(self, cfg: Any, stain_identity: str | None = None) -> None:
+        """Cached soft tokens where `model.cache_vision_features` and the config allow them, those
+        of stain-normalised images apart (vision_cache.configure_feature_cache)."""
+        configure_feature_cache(self, cfg, stain_identity)
 
     def use_feature_cache(
         self, cache_dir: str | Path, name_or_path: str, image_size: int | None
@@ -392,3 +438,26 @@ class MedGemmaClassifier(Classifier):
         result = set_peft_model_state_dict(self.model, weights)
         if result.unexpected_keys:
             raise KeyError(f"adapter keys not in the model: {result.unexpected_keys[:5]}")
+
+    # ---- export ---------------------------------------------------------------------------------
+
+    @classmethod
+    def answer_details(cls, model_cfg: Any, class_names: Sequence[str]) -> dict[str, Any]:
+        """The exact user text, chat messages (image first) and each class's answer string."""
+        prompt = make_prompt(model_cfg.prompt, tuple(class_names))
+        return {
+            "user_text": prompt.user_text(),
+            "messages": prompt.messages(),
+            "answers": [
+                {"class": name, "answer": answer}
+                for name, answer in zip(prompt.class_names, prompt.answers, strict=True)
+            ],
+            # each class's probability: the softmax over the first tokens of the answers, read at
+            # the last prompt position (the answers start with distinct tokens: digits or letters)
+            "scoring": "softmax over the answers' first tokens after the generation prompt",
+        }
+
+    def save_merged(self, out_dir: str | Path, dtype: torch.dtype) -> None:
+        """The Gemma 3 model with any adapter merged in (QLoRA: dequantized), and its processor."""
+        merged_weights(self.model).to(dtype).save_pretrained(str(out_dir))  # safetensors
+        self.processor.save_pretrained(str(out_dir))

@@ -1,7 +1,7 @@
-"""The precision of a run, resolved once: weights' dtype and accelerate's mixed-precision mode.
+"""The precision a name means: the weights' dtype and accelerate's mixed-precision mode.
 
-The fp16 refusal for Gemma 3 is a compose-time check (`validate.py`); here only what needs the
-device is decided: whether it computes in bfloat16.
+The fp16 refusal for Gemma 3 is a compose-time check (`validate.py`); whether the device computes in
+bfloat16 is checked as a run is set up (`run/setup.py`).
 """
 
 from __future__ import annotations
@@ -10,15 +10,13 @@ from dataclasses import dataclass
 
 import torch
 
-from breakhis_ft.errors import ConfigError
-
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}  # accelerate's names
 
 
 @dataclass(frozen=True)
 class Precision:
-    """What `precision.name` means on this device."""
+    """What `precision.name` means."""
 
     name: str  # bf16 | fp16 | fp32
     dtype: torch.dtype  # of the frozen weights (adapters and heads stay float32)
@@ -26,15 +24,5 @@ class Precision:
 
     @classmethod
     def of(cls, name: str) -> Precision:
-        """The precision named `name`, without a device check (for meta builds and exports)."""
+        """The precision named `name` (the device is checked by the run's setup)."""
         return cls(str(name), DTYPES[str(name)], MIXED_PRECISION[str(name)])
-
-
-def resolve_precision(name: str, on_gpu: bool) -> Precision:
-    """`precision.name` on the device the run uses; refuses bf16 on a GPU without it."""
-    if str(name) == "bf16" and on_gpu and not torch.cuda.is_bf16_supported():
-        raise ConfigError(
-            "config error: precision: this GPU has no bfloat16 support; use precision=fp32 "
-            "(fp16 overflows to NaN on Gemma 3), or a GPU with bf16 (Ampere or newer)"
-        )
-    return Precision.of(name)

@@ -19,7 +19,6 @@ from typing import Any
 
 from breakhis_ft.config import PromptConfig
 from breakhis_ft.data.records import SUBTYPES
-from breakhis_ft.errors import ConfigError
 
 STYLES = ("numbered", "letters")
 WORDINGS = ("plain", "blog")
@@ -56,19 +55,17 @@ class ClassPrompt:
             ("parse", self.parser, PARSERS),
         ):
             if value not in allowed:
-                raise ConfigError(
-                    f"config error: model.prompt.{key}: got {value!r}, "
-                    f"allowed: {', '.join(allowed)}"
+                raise ValueError(
+                    f"model.prompt.{key}: got {value!r}, allowed: {', '.join(allowed)}"
                 )
         if self.parser == "blog_regex" and self.style != "numbered":
-            raise ConfigError(
-                "config error: model.prompt.parse: blog_regex reads a digit, it needs "
-                "model.prompt.style=numbered"
+            raise ValueError(
+                "model.prompt.parse: blog_regex reads a digit, it needs model.prompt.style=numbered"
             )
         limit = 10 if self.style == "numbered" else 26
         if not 2 <= len(self.class_names) <= limit:
-            raise ConfigError(
-                f"config error: model.prompt.style={self.style} handles 2-{limit} classes, "
+            raise ValueError(
+                f"model.prompt.style={self.style} handles 2-{limit} classes, "
                 f"got {len(self.class_names)}"
             )
 

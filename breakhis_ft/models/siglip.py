@@ -28,6 +28,7 @@ from torch import nn
 
 from breakhis_ft.models.base import Batch, Classifier, processor_side
 from breakhis_ft.models.embedding_cache import EmbeddingCache, EmbeddingTable
+from breakhis_ft.models.lora import merged_weights
 from breakhis_ft.models.precision import Precision
 from breakhis_ft.models.siglip_loading import (
     SiglipPreprocessor,
@@ -221,6 +222,49 @@ class SiglipClassifier(Classifier):
                 raise KeyError(f"adapter keys not in the model: {result.unexpected_keys[:5]}")
         elif self.mode == "full":
             self.encoder.load_state_dict(load_file(str(directory / "encoder.safetensors")))
+
+    # ---- export ---------------------------------------------------------------------------------
+
+    @classmethod
+    def trains_weights(cls, model_cfg: Any) -> bool:
+        """A zero-shot classifier (`model.zero_shot`) has none."""
+        return not model_cfg.zero_shot
+
+    @classmethod
+    def reads_resized_images(cls, model_cfg: Any, peft_method: str) -> bool:
+        """A linear probe embeds the original image files (embedding cache); the others read the
+        resized images."""
+        return classifier_mode(peft_method, bool(model_cfg.freeze_encoder)) != "probe"
+
+    @classmethod
+    def preprocessing_steps(cls, model_cfg: Any, image_size: int | None) -> dict[str, Any]:
+        """How the image is made square (`model.resize`), the fill colour of padding, and the
+        processor's square where images are resized (from the checkpoint's processor files)."""
+        pre = load_preprocessor(str(model_cfg.name_or_path), str(model_cfg.resize))
+        # pad: centred on a canvas of the processor's mean colour
+        steps: dict[str, Any] = {"square": pre.resize, "fill": list(pre.fill)}
+        if image_size is not None:
+            steps["model_side"] = processor_side(pre.image_processor)
+        return steps
+
+    @classmethod
+    def merged_overrides(cls) -> dict[str, Any]:
+        """A merged export is an encoder and a head: loaded as a probe (frozen encoder)."""
+        return {"freeze_encoder": True}
+
+    def save_merged(self, out_dir: str | Path, dtype: torch.dtype) -> None:
+        """The encoder with any adapter merged in, its image processor, and the head as a probe's
+        best/ holds it, so the folder loads like a trained probe."""
+        merged_weights(self.encoder).to(dtype).save_pretrained(str(out_dir))  # safetensors
+        self.preprocessor.image_processor.save_pretrained(str(out_dir))
+        head = {k: v.contiguous() for k, v in self.head.state_dict().items()}
+        save_file(head, str(Path(out_dir) / "head.safetensors"))
+        meta = {"mode": "probe", "class_names": list(self.class_names)}
+        (Path(out_dir) / "siglip_classifier.json").write_text(json.dumps(meta, indent=1))
+
+    def load_merged(self, model_dir: str | Path) -> None:
+        """The head saved beside the merged encoder."""
+        self.load_trained(model_dir)
 
 
 def classifier_mode(peft_method: str, freeze_encoder: bool) -> str:

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, SiglipVisionModel
 from transformers.utils import logging as hf_logging
 
-from breakhis_ft.errors import ConfigError, ModelLoadError
+from breakhis_ft.errors import ModelLoadError
 from breakhis_ft.models.base import load_error as base_load_error
 
 SIGLIP_MODEL_TYPES = ("siglip", "siglip_vision_model")
@@ -36,8 +36,8 @@ def load_config(name: str) -> Any:
     except (OSError, ValueError) as err:
         raise load_error(name, err) from err
     if config.model_type not in SIGLIP_MODEL_TYPES:
-        raise ConfigError(
-            f"config error: model.name_or_path: {name!r} is a {config.model_type!r} checkpoint; "
+        raise ModelLoadError(
+            f"model.name_or_path: {name!r} is a {config.model_type!r} checkpoint; "
             f"model.kind=siglip needs one of {SIGLIP_MODEL_TYPES}"
         )
     return config
@@ -89,9 +89,7 @@ class SiglipPreprocessor:
 
     def __init__(self, image_processor: Any, resize: str) -> None:
         if resize not in RESIZE_MODES:
-            raise ConfigError(
-                f"config error: model.resize: got {resize!r}, allowed: {', '.join(RESIZE_MODES)}"
-            )
+            raise ValueError(f"model.resize: got {resize!r}, allowed: {', '.join(RESIZE_MODES)}")
         self.image_processor = image_processor
         self.resize = resize
         self.side = input_side(image_processor) if resize == "shorter_side_crop" else None

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoTokenizer, SiglipModel
 
-from breakhis_ft.errors import ConfigError
+from breakhis_ft.errors import ModelLoadError
 from breakhis_ft.models.base import Batch, Classifier, processor_side
 from breakhis_ft.models.siglip_loading import (
     SiglipPreprocessor,
@@ -39,8 +39,8 @@ def class_prompts(class_names: Sequence[str], templates: Sequence[str]) -> list[
     """The prompts of each class: every template with `{}` replaced by the readable class name."""
     templates = list(templates)
     if not templates or any("{}" not in t for t in templates):
-        raise ConfigError(
-            "config error: model.zero_shot_templates: needs at least one template and each needs a "
+        raise ValueError(
+            "model.zero_shot_templates: needs at least one template and each needs a "
             f"'{{}}' where the class name goes, got {templates}"
         )
     return [[t.format(name.replace("_", " ")) for t in templates] for name in class_names]
@@ -113,8 +113,8 @@ class ZeroShotClassifier(Classifier):
 
     def loss(self, batch: Batch, class_weights: torch.Tensor | None = None) -> torch.Tensor:
         """Zero-shot has no training."""
-        raise ConfigError(
-            "config error: model.zero_shot: a zero-shot classifier has nothing to train; run with "
+        raise RuntimeError(
+            "model.zero_shot: a zero-shot classifier has nothing to train; run with "
             "train=false (evaluation only), or set model.zero_shot=false to train a head"
         )
 
@@ -129,8 +129,8 @@ def build_zero_shot_classifier(
     """The zero-shot classifier of a full SigLIP checkpoint `name` (vision and text towers)."""
     config = load_config(name)
     if config.model_type != "siglip":
-        raise ConfigError(
-            f"config error: model.zero_shot: {name!r} is a vision-only checkpoint "
+        raise ModelLoadError(
+            f"model.zero_shot: {name!r} is a vision-only checkpoint "
             f"({config.model_type}); zero-shot needs the text tower (a full SiglipModel checkpoint "
             "such as google/medsiglip-448)"
         )

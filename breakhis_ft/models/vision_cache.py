@@ -1,8 +1,10 @@
 """Frozen MedGemma vision features (projected image soft tokens) computed once and kept on disk.
 
 With the SigLIP tower and the projector frozen and no augmentation changing pixels, each image's
-soft tokens are the same in every epoch and every run of a sweep. `decide_feature_cache` says
-whether a config allows caching them (and why not); `VisionFeatureStore` keeps them.
+soft tokens are the same in every epoch and every run of a sweep. `configure_feature_cache` gives a
+classifier its store where the config allows caching them (the rules, and the compose-time error of
+`model.cache_vision_features=true` where they fail, are in `validate.py`); `VisionFeatureStore`
+keeps them.
 
 Layout: `<paths.vision_features>/<key>/` where `key` hashes the checkpoint identity (name,
 hub commit, config hash, local weight files' size and mtime), the image processor's settings, the
@@ -30,84 +32,18 @@ from PIL import Image
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from breakhis_ft.data.augment import is_identity
 from breakhis_ft.data.dataset import image_key
-from breakhis_ft.errors import ConfigError
 from breakhis_ft.models.shards import SHARD_GLOB, shard_keys, write_shard
+from breakhis_ft.validate import CACHE_OPTIONS, feature_cache_obstacles, feature_cache_setting
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # bump when what a shard holds or how features are computed changes
-# a str schema field turns a command line `true` into "True": accept any case
-CHOICES: dict[str, Any] = {"auto": "auto", "true": True, "false": False}
-OPTIONS = (
-    "choose one: cached sweeps without pixel augmentation (data.augment.flips=false "
-    "data.augment.rot90=false data.augment.stain_jitter=0, LoRA on the language model only: "
-    "peft.target_modules=language_model), or augmentation / vision training without the cache "
-    "(model.cache_vision_features=false)"
-)
 
 
-def _augment_reason(augment: Any) -> str | None:
-    if is_identity(augment):
-        return None
-    changed = [
-        name
-        for name, on in (
-            ("flips", augment.flips),
-            ("rot90", augment.rot90),
-            (f"stain_jitter={augment.stain_jitter}", augment.stain_jitter > 0),
-        )
-        if on
-    ]
-    return (
-        f"data.augment changes pixels every epoch ({', '.join(changed)}), so an image's vision "
-        "features are not fixed"
-    )
-
-
-def _vision_reason(peft_cfg: Any, vision_trainable: bool) -> str | None:
-    if not vision_trainable:
-        return None
-    if str(peft_cfg.method) == "none":
-        return (
-            "peft=none with model.freeze_vision=false fine-tunes the vision tower and projector, "
-            "so their features change every step"
-        )
-    return (
-        f"peft.target_modules={peft_cfg.target_modules} puts LoRA adapters on the vision tower "
-        "(all-linear adapts it too), so its features change every step"
-    )
-
-
-def decide_feature_cache(
-    setting: Any, peft_cfg: Any, augment: Any, vision_trainable: bool
-) -> tuple[bool, str | None]:
-    """(use the cache, why not) for `model.cache_vision_features`; `true` where invalid raises.
-
-    Valid when nothing in the vision tower or projector trains and no augmentation changes pixels.
-    """
-    setting = str(setting).lower()
-    if setting not in CHOICES:
-        raise ConfigError(
-            f"config error: model.cache_vision_features: got {setting!r}, "
-            "allowed: auto, true, false"
-        )
-    choice = CHOICES[setting]
-    if choice is False:
-        return False, "model.cache_vision_features=false"
-    reasons = [
-        r for r in (_vision_reason(peft_cfg, vision_trainable), _augment_reason(augment)) if r
-    ]
-    if not reasons:
-        return True, None
-    why = "; ".join(reasons)
-    if choice is True:
-        raise ConfigError(
-            f"config error: model.cache_vision_features=true needs a frozen vision tower and no "
-            f"pixel augmentation, but {why}. {OPTIONS}"
-        )
-    return False, why
+class FeatureCacheError(ValueError):
+    """`model.cache_vision_features=true` for a model whose vision tower trains, which only its
+    built adapter shows (a custom list of target modules); the message says what to choose."""
 
 
 def feature_identity(
@@ -235,41 +171,32 @@ class VisionFeatureStore:
         return torch.cat(rows)
 
 
-def vision_trains_by_config(model_cfg: Any, peft_cfg: Any) -> bool | None:
-    """Whether the config trains the vision tower, where it says so without building the model
-    (None for a custom list of target modules: known once the adapter is applied)."""
-    if str(peft_cfg.method) == "none":
-        return not bool(getattr(model_cfg, "freeze_vision", True))
-    targets = peft_cfg.target_modules
-    if isinstance(targets, str) and targets in ("language_model", "all-linear"):
-        return targets == "all-linear"
-    return None
-
-
-def check_feature_cache(cfg: Any) -> None:
-    """Before loading: raise the clear error of `model.cache_vision_features=true` where the
-    config alone shows the cache is invalid (pixel augmentation, all-linear LoRA, full tuning)."""
-    trains = vision_trains_by_config(cfg.model, cfg.peft)
-    decide_feature_cache(cfg.model.cache_vision_features, cfg.peft, cfg.data.augment, bool(trains))
-
-
-def configure_feature_cache(classifier: Any, cfg: Any) -> bool:
+def configure_feature_cache(classifier: Any, cfg: Any, stain_identity: str | None = None) -> bool:
     """Give a MedGemma classifier its feature store where `model.cache_vision_features` and the
-    config allow it (`<paths.vision_features>/<key>`); log why not under `auto`."""
-    setting = cfg.model.cache_vision_features
-    use, why = decide_feature_cache(
-        setting, cfg.peft, cfg.data.augment, classifier.vision_trainable
-    )
-    if use:
-        store = classifier.use_feature_cache(
-            cfg.paths.vision_features,
-            str(cfg.model.name_or_path),
-            cfg.data.image_size,
-        )
-        log.info("vision features cached under %s", store.directory)
-    elif str(setting).lower() == "auto":
+    config allow it (`<paths.vision_features>/<key>`); log why not under `auto`.
+
+    `stain_identity`: the run's stain normaliser, whose images get a subfolder of their own
+    (features are keyed by image file, and the same file gives other pixels under another
+    normaliser)."""
+    setting = feature_cache_setting(cfg.model.cache_vision_features)
+    if setting is False:
+        return False
+    obstacles = feature_cache_obstacles(cfg.peft, cfg.data.augment, classifier.vision_trainable)
+    if obstacles:
+        why = "; ".join(obstacles)
+        if setting is True:
+            raise FeatureCacheError(
+                f"model.cache_vision_features=true needs a frozen vision tower and no pixel "
+                f"augmentation, but {why}. {CACHE_OPTIONS}"
+            )
         log.info("vision features not cached (model.cache_vision_features=auto): %s", why)
-    return use
+        return False
+    folder = str(cfg.paths.vision_features)
+    if stain_identity is not None:
+        folder = f"{folder}/stain-{stain_identity}"
+    store = classifier.use_feature_cache(folder, str(cfg.model.name_or_path), cfg.data.image_size)
+    log.info("vision features cached under %s", store.directory)
+    return True
 
 
 class PromptTokens:
@@ -280,8 +207,9 @@ class PromptTokens:
     batches are right padded from them.
     """
 
-    def __init__(self, processor: Any) -> None:
+    def __init__(self, processor: Any, add_special_tokens: bool = False) -> None:
         self.processor = processor
+        self.add_special_tokens = add_special_tokens  # as MedGemmaClassifier.collate's
         self.rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -293,7 +221,7 @@ class PromptTokens:
                     text=[text],
                     images=[[Image.new("RGB", (32, 32))]],
                     return_tensors="pt",
-                    add_special_tokens=False,
+                    add_special_tokens=self.add_special_tokens,
                 )
                 self.rows[text] = (out["input_ids"][0], out["token_type_ids"][0])
             rows.append(self.rows[text])

@@ -36,6 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from breakhis_ft.config import folder_name, is_folder_name, register_configs
 from breakhis_ft.errors import BadDataError, ConfigError
+from breakhis_ft.run.array import register_sweep_name_resolver
 from breakhis_ft.run.ownership import (
     RunFolderError,
     check_resumable,
@@ -258,9 +259,26 @@ def _claim_given_run_dir(argv: list[str]) -> None:
     claim_run_folder(run_dir, resuming, command_line())
 
 
+def _register_plugins() -> None:
+    """Make the project's Hydra plugins (hydra_plugins/breakhis_ft_plugins) known to Hydra even
+    where its scan of the `hydra_plugins` namespace package cannot list them: an editable install
+    maps them through an import hook that pkgutil does not walk (an installed wheel is scanned)."""
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.breakhis_ft_plugins.array_launcher import ArrayLauncher
+    from hydra_plugins.breakhis_ft_plugins.shared_study_sweeper import SharedStudySweeper
+
+    plugins = Plugins.instance()
+    for plugin in (ArrayLauncher, SharedStudySweeper):
+        plugins.register(plugin)
+
+
 def main() -> None:
-    """Console-script entry: prepare argv, register the schema, claim the run folder, run Hydra."""
+    """Console-script entry: prepare argv, register the schema and plugins, claim the run folder,
+    run Hydra."""
     register_configs()
+    register_sweep_name_resolver()
+    _register_plugins()
     set_command_line(sys.argv)
     try:
         argv = _fixed_run_dir_argv(_past_run_argv(sys.argv[1:]))

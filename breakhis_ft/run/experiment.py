@@ -25,6 +25,7 @@ from breakhis_ft.data.splits import (
     duplicate_leaks,
     split_coverage,
     split_rows,
+    straddle_warning,
 )
 from breakhis_ft.engine.stop import sigterm_interrupts
 from breakhis_ft.run.run_folder import (
@@ -67,6 +68,8 @@ def prepare_data(cfg: DictConfig, run_dir: Path) -> tuple[BreakhisScan, dict[str
         write_splits_csv(run_dir / "splits.csv", split_rows(splits, task), task.classes)
     for line in coverage_lines(stats["split"]):
         log.info("split %s", line)
+    if warning := straddle_warning(stats["split"]):  # e.g. split=official_fold's published folds
+        log.warning("split=%s: %s", cfg.split.kind, warning)
     for problem in coverage_problems(stats["split"]):
         if problem.startswith("train"):  # a class the model cannot learn
             log.error("%s: the model cannot learn these classes", problem)
@@ -109,8 +112,9 @@ def hydra_record() -> dict[str, Any]:
 def _job_identity(cfg: DictConfig) -> tuple[str, str]:
     """(W&B group, readable run name) from the experiment, the sweep and the overrides."""
     hydra_cfg = HydraConfig.get()
-    # paths and logging settings say nothing about the experiment: they stay out of the name
-    unnamed = ("experiment=", "hydra", "paths.", "data.root=", "logger.")
+    # paths, logging settings and the launcher say nothing about the experiment: they stay out
+    # of the name (a sweep's jobs are named alike run locally or as the tasks of an array job)
+    unnamed = ("experiment=", "hydra", "paths.", "data.root=", "logger.", "launcher=")
     overrides = [mask_secrets(o) for o in hydra_cfg.overrides.task if not o.startswith(unnamed)]
     name = ",".join(overrides) or cfg.experiment_name
     if hydra_cfg.mode == RunMode.MULTIRUN:
@@ -187,9 +191,10 @@ def _run(cfg: DictConfig, run_dir: Path, resume_step: int | None) -> float | Non
     if not cfg.train and not cfg.test:
         log.info("train=false test=false: data prepared in %s", run_dir)
         return None
-    from breakhis_ft.run.training_run import train_and_evaluate  # heavy: torch, transformers
+    from breakhis_ft.run.training_run import TrackedJob, train_and_evaluate  # heavy: torch
 
     group, name = _job_identity(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
     config["hydra"] = hydra_record()  # a dashboard groups and filters by what was swept
-    return train_and_evaluate(cfg, config, run_dir, scan, splits, group, name, resume_step)
+    job = TrackedJob(config=config, name=name, group=group)
+    return train_and_evaluate(cfg, run_dir, scan, splits, job, resume_step)

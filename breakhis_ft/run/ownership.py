@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+from breakhis_ft.files import write_text_whole
 from breakhis_ft.run.run_folder import now_iso
 
 STAMP_FILE = "run_stamp.json"
@@ -54,7 +55,8 @@ def stamp_run_folder(path: str | Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     if not is_run_folder(path):
         stamp = {"created_by": "breakhis-ft", "created": now_iso(), "host": socket.gethostname()}
-        (path / STAMP_FILE).write_text(json.dumps(stamp, indent=2))
+        # whole or absent: tasks of an array job stamp their shared sweep folder at once
+        write_text_whole(path / STAMP_FILE, json.dumps(stamp, indent=2))
 
 
 def _some_entries(path: Path, names: list[str]) -> str:
@@ -209,7 +211,10 @@ def holding_run_folder(path: str | Path, command: list[str] | None = None) -> It
             release_run_folder(path)
 
 
-def _locked_by_someone(path: Path) -> bool:
+def is_held(path: str | Path) -> bool:
+    """Whether a live process holds the folder's lock (seen from this machine: on a local file
+    system or NFSv4 any holder; on a bucket mount such as gcsfuse only this machine's)."""
+    path = Path(path)
     try:
         with open(path / LOCK_FILE) as probe:
             try:
@@ -227,7 +232,7 @@ def wait_for_launch_holder(path: str | Path, timeout_s: float = 120.0) -> None:
     path, mine = Path(path), launch_id()
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if _locked_by_someone(path) and read_holder(path).get("launch") == mine:
+        if is_held(path) and read_holder(path).get("launch") == mine:
             return
         time.sleep(0.1)
     raise RunFolderError(

@@ -1,7 +1,7 @@
-"""Run setup: the composed config turned into the objects a run needs, once.
+"""Run setup: each part of a run built from the composed config, once, by `TrainingRun`.
 
-Precision (dtype and accelerate's mode), the Accelerator, the stain normaliser, the Classifier
-(through the model group's builder), the datasets and the optimizer factory are built here and
+Precision (checked against the device), the Accelerator, the recipe's settings, the stain
+normaliser, the Classifier (through the model group's builder) and the datasets are built here and
 handed down; the engine and the models never re-read the config to decide these again.
 """
 
@@ -12,7 +12,6 @@ import functools
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,35 +26,45 @@ from breakhis_ft.data.dataset import ImageCache, ImageDataset, build_image_cache
 from breakhis_ft.data.records import ImageRecord, Task
 from breakhis_ft.data.stain import (
     STAIN_FALLBACKS,
+    StainFitError,
     StainNormalizer,
     fit_stain_normalizer,
     load_normalizer,
     reference_records,
     save_normalizer,
 )
-from breakhis_ft.engine.recipe import MetricsFn, OptimizerFactory
-from breakhis_ft.errors import ConfigError
-from breakhis_ft.evaluate.final import dataset_final_metrics
+from breakhis_ft.engine.recipe import LogFn, RecipeSettings
 from breakhis_ft.evaluate.metrics import dataset_metrics
 from breakhis_ft.models.base import Classifier
 from breakhis_ft.models.factory import build_classifier
-from breakhis_ft.models.precision import Precision, resolve_precision
+from breakhis_ft.models.precision import Precision
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class RunSetup:
-    """Everything a run trains and evaluates with, built from the config."""
+class DeviceError(RuntimeError):
+    """The config asks for what this machine cannot do; the message names the key and the fix."""
 
-    precision: Precision
-    accelerator: Accelerator
-    optimizer_factory: OptimizerFactory
-    metrics_fn: MetricsFn  # every validation during training: cheap
-    class_names: tuple[str, ...]
-    final_metrics_fn: MetricsFn  # the final evaluation: + intervals, calibration, patient level
-    evaluate: EvaluateConfig  # the final evaluation's statistics settings
-    stain: StainNormalizer | None = None  # data.stain_norm fitted (make_stain_normalizer)
+
+def run_precision(cfg: DictConfig) -> Precision:
+    """`precision.name` on the device the run uses; refuses bf16 on a GPU without it."""
+    on_gpu = torch.cuda.is_available() and not cfg.trainer.cpu
+    name = str(cfg.precision.name)
+    if name == "bf16" and on_gpu and not torch.cuda.is_bf16_supported():
+        raise DeviceError(
+            "precision=bf16: this GPU has no bfloat16 support; use precision=fp32 "
+            "(fp16 overflows to NaN on Gemma 3), or a GPU with bf16 (Ampere or newer)"
+        )
+    return Precision.of(name)
+
+
+def make_accelerator(cfg: DictConfig, precision: Precision) -> Accelerator:
+    """The run's Accelerator: the precision's mixed-precision mode, gradient accumulation."""
+    return Accelerator(
+        mixed_precision=precision.mixed_precision,
+        gradient_accumulation_steps=cfg.trainer.grad_accum,
+        cpu=cfg.trainer.cpu,
+    )
 
 
 def evaluate_settings(cfg: DictConfig) -> EvaluateConfig:
@@ -66,55 +75,29 @@ def evaluate_settings(cfg: DictConfig) -> EvaluateConfig:
     return settings
 
 
-def make_run_setup(cfg: DictConfig) -> RunSetup:
-    """Precision, Accelerator, optimizer factory and metrics of the run (no model yet)."""
-    on_gpu = torch.cuda.is_available() and not cfg.trainer.cpu
-    precision = resolve_precision(cfg.precision.name, on_gpu)
-    accelerator = Accelerator(
-        mixed_precision=precision.mixed_precision,
-        gradient_accumulation_steps=cfg.trainer.grad_accum,
-        cpu=cfg.trainer.cpu,
-    )
-    names = tuple(cfg.task.classes)
-    settings = evaluate_settings(cfg)
-    return RunSetup(
-        precision=precision,
-        accelerator=accelerator,
+def recipe_settings(cfg: DictConfig, run_dir: Path, log_fn: LogFn | None = None) -> RecipeSettings:
+    """What the training recipe trains by: the trainer group, the optimizer (trainer.optimizer
+    instantiated), the cheap metrics of each validation, the tracker's log and the seed."""
+    return RecipeSettings(
+        trainer=cfg.trainer,
+        run_dir=Path(run_dir),
         optimizer_factory=instantiate(cfg.trainer.optimizer),
-        metrics_fn=functools.partial(dataset_metrics, class_names=names),
-        class_names=names,
-        final_metrics_fn=functools.partial(
-            dataset_final_metrics, class_names=names, settings=settings
-        ),
-        evaluate=settings,
+        metrics_fn=functools.partial(dataset_metrics, class_names=tuple(cfg.task.classes)),
+        log_fn=log_fn,
+        seed=cfg.seed,
     )
 
 
-def make_classifier(cfg: DictConfig, setup: RunSetup) -> Classifier:
-    """The configured classifier, with MedGemma's vision feature cache where valid."""
-    medgemma = cfg.model.kind == "medgemma"
-    if medgemma:
-        from breakhis_ft.models.vision_cache import check_feature_cache
-
-        check_feature_cache(cfg)  # an impossible cache_vision_features=true fails before loading
+def make_classifier(
+    cfg: DictConfig, precision: Precision, stain: StainNormalizer | None = None
+) -> Classifier:
+    """The configured classifier, with the caches its family keeps between runs (MedGemma's
+    vision features, those of stain-normalised images apart)."""
     classifier = build_classifier(
-        cfg.model, cfg.peft, setup.precision, setup.class_names, cfg.paths, seed=cfg.seed
+        cfg.model, cfg.peft, precision, tuple(cfg.task.classes), cfg.paths, seed=cfg.seed
     )
-    if medgemma:
-        from breakhis_ft.models.vision_cache import configure_feature_cache
-
-        # cached soft tokens where valid (`auto`); those of stain-normalised images apart
-        configure_feature_cache(classifier, _stain_paths(cfg, setup.stain))
+    classifier.configure_run_caches(cfg, None if stain is None else stain.identity())
     return classifier
-
-
-def _stain_paths(cfg: DictConfig, stain: StainNormalizer | None) -> DictConfig:
-    """The config with paths.vision_features in a subfolder per stain normaliser (features are
-    keyed by image file, and the same file gives other pixels under another normaliser)."""
-    if stain is None:
-        return cfg
-    folder = f"{cfg.paths.vision_features}/stain-{stain.identity()}"
-    return OmegaConf.merge(cfg, {"paths": {"vision_features": folder}})  # type: ignore[return-value]
 
 
 def stain_reference_records(train: Sequence[ImageRecord], n: int) -> list[ImageRecord]:
@@ -142,9 +125,9 @@ def make_stain_normalizer(
     if reference == "train":  # training images only: val or test colour must not leak in
         records = stain_reference_records(splits.get("train", []), cfg.data.stain_reference_images)
         if not records:
-            raise ConfigError(
-                "config error: data.stain_reference=train: the training split is empty; give a "
-                "reference image file instead"
+            raise StainFitError(
+                "data.stain_reference=train: the training split is empty; give a reference image "
+                "file instead"
             )
         names = [r.path for r in records]
         images = [load_image(Path(root) / name) for name in names]
@@ -154,7 +137,7 @@ def make_stain_normalizer(
     try:
         normalizer = fit_stain_normalizer(method, images, names)
     except ValueError as err:
-        raise ConfigError(f"config error: data.stain_reference={reference}: {err}") from err
+        raise StainFitError(f"data.stain_reference={reference}: {err}") from err
     log.info(
         "stain normalisation %s (%s), reference: %d image(s) of %s",
         method,

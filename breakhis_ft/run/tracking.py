@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,15 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class TrackedJob:
+    """What a run is recorded as on the dashboard: its resolved config, name and group."""
+
+    config: dict[str, Any]  # the resolved config (secret-looking values masked before W&B)
+    name: str  # the run's readable name (its overrides)
+    group: str  # the W&B group: the experiment, or the sweep
+
+
 class RunTracker:
     """Writes metrics.jsonl / metrics.json in the run folder and mirrors them to W&B.
 
@@ -69,10 +79,8 @@ class RunTracker:
     def __init__(
         self,
         run_dir: Path,
-        config: dict[str, Any],
+        job: TrackedJob,
         logger_cfg: Any,
-        run_name: str,
-        group: str,
         active: bool = True,
         resume_step: int | None = None,
         resumed: bool = False,
@@ -87,7 +95,7 @@ class RunTracker:
             self._keep_rows_until(resume_step)
         mode = wandb_mode(logger_cfg.mode) if logger_cfg.kind == "wandb" else "disabled"
         if active and mode != "disabled":
-            self._start_wandb(mask_secrets(config), logger_cfg, mode, run_name, group, resumed)
+            self._start_wandb(job, logger_cfg, mode, resumed)
 
     def _keep_rows_until(self, step: int) -> None:
         """On resume: keep metrics.jsonl's rows up to the checkpoint's step and drop the later
@@ -112,9 +120,7 @@ class RunTracker:
                 step,
             )
 
-    def _start_wandb(
-        self, config: dict, logger_cfg: Any, mode: str, run_name: str, group: str, resumed: bool
-    ) -> None:
+    def _start_wandb(self, job: TrackedJob, logger_cfg: Any, mode: str, resumed: bool) -> None:
         try:
             import wandb
 
@@ -122,11 +128,11 @@ class RunTracker:
             kwargs: dict[str, Any] = {
                 "project": logger_cfg.project,
                 "entity": logger_cfg.entity,
-                "group": logger_cfg.group or group,
+                "group": logger_cfg.group or job.group,
                 "job_type": logger_cfg.job_type,
                 "tags": list(logger_cfg.tags),
-                "name": run_name,
-                "config": config,
+                "name": job.name,
+                "config": mask_secrets(job.config),
                 "dir": str(self.run_dir),
                 "reinit": "create_new",
                 "settings": wandb.Settings(init_timeout=float(logger_cfg.init_timeout)),

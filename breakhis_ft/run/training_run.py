@@ -1,48 +1,59 @@
-"""The model half of a run: set up from the config, train with the recipe, evaluate, track.
+"""The model half of a run as one object: set up from the config once, train with the recipe,
+evaluate, track.
 
-Called by `experiment.run_experiment` after the data is prepared; imports torch and transformers.
+`TrainingRun` resolves the run in its constructor, as torchtune's recipe classes do in their first
+lines: precision (checked against the device), Accelerator, evaluation settings, tracker, recipe
+settings, stain normaliser, classifier and datasets, in that order, as typed attributes. `fit()`,
+`evaluate()` and `close()` read them. `train_and_evaluate` runs it for `experiment.run_experiment`
+after the data is prepared; this module imports torch and transformers.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import torch
 from accelerate.state import AcceleratorState
 from omegaconf import DictConfig
 
+from breakhis_ft.config import EvaluateConfig
 from breakhis_ft.data.breakhis import BreakhisScan
 from breakhis_ft.data.dataset import ImageDataset
 from breakhis_ft.data.records import ImageRecord
 from breakhis_ft.engine.predict import predict
-from breakhis_ft.engine.recipe import FitResult, TrainingRecipe
-from breakhis_ft.evaluate.final import summary_scalars
+from breakhis_ft.engine.recipe import FitResult, MetricsFn, TrainingRecipe
+from breakhis_ft.evaluate.final import dataset_final_metrics, summary_scalars
 from breakhis_ft.evaluate.generation import (
     UNPARSEABLE,
     GeneratedAnswers,
     agreement,
     generate_split,
     generation_metrics,
-    merge_adapter,
 )
 from breakhis_ft.evaluate.metrics import write_predictions
-from breakhis_ft.models.base import Classifier
 from breakhis_ft.run.calibrate import calibrate_run
 from breakhis_ft.run.setup import (
-    RunSetup,
+    evaluate_settings,
+    make_accelerator,
     make_classifier,
     make_datasets,
-    make_run_setup,
     make_stain_normalizer,
     prepare_cached_inputs,
+    recipe_settings,
+    run_precision,
 )
 from breakhis_ft.run.summary import log_summary
-from breakhis_ft.run.tracking import RunTracker
+from breakhis_ft.run.tracking import RunTracker, TrackedJob
 
 log = logging.getLogger(__name__)
+
+# what training leaves for the summary: (trainer.monitor, its best value, the step of it)
+Best = tuple[str, float | None, int | None]
 
 
 def metric_value(metrics: dict[str, dict], path: str) -> float | None:
@@ -90,110 +101,31 @@ def _generated(
     return result
 
 
-def evaluate_split(
-    classifier: Classifier,
-    dataset: ImageDataset,
-    setup: RunSetup,
-    batch_size: int,
-    eval_mode: str = "score",
-    recipe: TrainingRecipe | None = None,
-    max_batches: int | None = None,
-) -> SplitResult:
-    """Score (label likelihoods) and/or generate (parsed answers) one split, by `eval_mode`.
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """How a run's final evaluation of val and test goes (not the per-epoch validation)."""
 
-    `max_batches`: score only the first batches (trainer.limit_eval_batches, debug presets)."""
-    acc, names = setup.accelerator, list(setup.class_names)
-    result = None
-    if eval_mode in ("score", "both"):
-        if recipe is not None:  # through the wrapper training prepared (DDP/FSDP); its limit
-            probs, labels, indices = recipe.predict(dataset, batch_size)
-        else:
-            probs, labels, indices = predict(
-                classifier, dataset, acc, batch_size, None, max_batches
-            )
-        metrics = setup.final_metrics_fn(probs, labels, indices, dataset)
-        result = SplitResult(metrics, probs, probs.argmax(dim=1), labels, indices, names)
-    if eval_mode in ("generate", "both"):
-        answers = generate_split(classifier, dataset, acc, batch_size)
-        gen_metrics = generation_metrics(answers, dataset, names)
-        log.info("generation: %d of %d answers unparseable", answers.parse_failures, len(dataset))
-        result = _generated(result, answers, gen_metrics, names)
-    if result is None:
-        raise ValueError(f"model.eval_mode={eval_mode!r}: allowed score, generate, both")
-    return result
+    batch_size: int  # trainer.eval_batch_size
+    max_batches: int | None  # trainer.limit_eval_batches (debug presets); None: every batch
+    statistics: EvaluateConfig  # the evaluate group: intervals, calibration, patient fusion
+    metrics_fn: MetricsFn  # a split's final metrics, with those statistics
 
-
-def evaluate_splits(
-    classifier: Classifier,
-    data: dict[str, ImageDataset],
-    setup: RunSetup,
-    batch_size: int,
-    run_dir: Path,
-    recipe: TrainingRecipe | None = None,
-    eval_mode: str = "score",
-    max_batches: int | None = None,
-) -> tuple[dict[str, dict], dict[str, tuple]]:
-    """Final metrics of val and test (with intervals, calibration, patient level); writes
-    predictions_<split>.csv on the main process."""
-    metrics: dict[str, dict] = {}
-    predictions: dict[str, tuple] = {}
-    for split in ("val", "test"):
-        if split not in data:
-            continue
-        dataset = data[split]
-        res = evaluate_split(classifier, dataset, setup, batch_size, eval_mode, recipe, max_batches)
-        metrics[split] = res.metrics
-        predictions[split] = (res.labels.tolist(), res.preds.tolist())
-        if setup.accelerator.is_main_process:
-            records = [dataset.records[i] for i in res.indices.tolist()]
-            rows = [
-                {**r.as_dict(), "label": int(y)} for r, y in zip(records, res.labels, strict=True)
-            ]
-            path = run_dir / f"predictions_{split}.csv"
-            write_predictions(path, rows, res.probs, res.preds, res.class_names, res.extra)
-    return metrics, predictions
-
-
-def _final_statistics(
-    metrics: dict[str, dict], run_dir: Path, setup: RunSetup, tracker: RunTracker
-) -> None:
-    """Temperature scaling and reliability diagrams (main process), and the statistics summary
-    (intervals, calibration, patient level) for the dashboard."""
-    if not setup.accelerator.is_main_process:
-        return
-    calibrate_run(metrics, run_dir, setup.evaluate)
-    tracker.log_summary(summary_scalars(metrics))
-
-
-def _train(
-    cfg: DictConfig, setup: RunSetup, classifier: Classifier, data: dict, run_dir: Path, log_fn
-) -> tuple[TrainingRecipe, FitResult]:
-    """Fit with the recipe; the best model is loaded back into the classifier."""
-    trainable, total = classifier.parameter_counts()
-    log.info(
-        "training %s of %s parameters (%.3f%%), peft=%s",
-        f"{trainable:,}",
-        f"{total:,}",
-        100.0 * trainable / max(total, 1),
-        cfg.peft.method,
-    )
-    recipe = TrainingRecipe(
-        classifier,
-        data["train"],
-        data.get(str(cfg.trainer.eval_split)),  # test only to log it (validate.py)
-        cfg.trainer,
-        run_dir,
-        setup.accelerator,
-        optimizer_factory=setup.optimizer_factory,
-        metrics_fn=setup.metrics_fn,
-        log_fn=log_fn,
-        seed=cfg.seed,
-    )
-    result = recipe.fit(resume=cfg.resume is not None)
-    if cfg.trainer.select == "best" and result.best_dir is not None:
-        classifier.load_trained(result.best_dir)
-    # trainer.select=last: the classifier holds the final model already
-    return recipe, result
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> EvaluationSettings:
+        """The settings of the composed config `cfg`."""
+        statistics = evaluate_settings(cfg)
+        limit = int(cfg.trainer.limit_eval_batches)
+        return cls(
+            batch_size=int(cfg.trainer.eval_batch_size),
+            max_batches=limit if limit > 0 else None,
+            statistics=statistics,
+            metrics_fn=functools.partial(
+                dataset_final_metrics,
+                class_names=tuple(cfg.task.classes),
+                settings=statistics,
+                group_by=str(cfg.split.group_by),  # the intervals resample the split's own groups
+            ),
+        )
 
 
 def _model_metadata(cfg: DictConfig, result: FitResult) -> dict[str, Any]:
@@ -208,105 +140,210 @@ def _model_metadata(cfg: DictConfig, result: FitResult) -> dict[str, Any]:
     }
 
 
-def _fit_or_load(
-    cfg: DictConfig, setup: RunSetup, classifier: Classifier, data: dict, run_dir: Path, tracker
-) -> tuple[TrainingRecipe | None, tuple[str, float | None, int | None] | None]:
-    """Train (or load resume's best model); (recipe, (monitor, best value, best step))."""
-    if not cfg.train:
-        if cfg.resume is not None and (Path(cfg.resume) / "best").is_dir():
-            classifier.load_trained(Path(cfg.resume) / "best")
-        return None, None
-    recipe, result = _train(cfg, setup, classifier, data, run_dir, tracker.log)
-    if cfg.logger.log_model and result.best_dir is not None:
-        tracker.log_model(result.best_dir, _model_metadata(cfg, result))
-    return recipe, (str(cfg.trainer.monitor), result.best_value, result.best_step)
+class TrainingRun:
+    """One run's model half, resolved from its config once; a context manager that closes it."""
 
+    def __init__(
+        self,
+        cfg: DictConfig,
+        run_dir: Path,
+        scan: BreakhisScan,
+        splits: dict[str, list[ImageRecord]],
+        job: TrackedJob,
+        resume_step: int | None = None,
+    ) -> None:
+        """Build every part of the run, in pipeline order; a failure closes what was opened.
 
-def _evaluate_and_track(
-    cfg: DictConfig,
-    setup: RunSetup,
-    classifier: Classifier,
-    data: dict,
-    run_dir: Path,
-    recipe: TrainingRecipe | None,
-    tracker: RunTracker,
-    scan: BreakhisScan,
-    name: str,
-) -> dict[str, dict]:
-    """The final evaluation of val and test, its statistics, files and W&B record."""
-    batch, mode = cfg.trainer.eval_batch_size, str(cfg.model.eval_mode)
-    limit = cfg.trainer.limit_eval_batches if cfg.trainer.limit_eval_batches > 0 else None
-    if cfg.model.merge_for_eval and merge_adapter(classifier):
-        log.info("LoRA adapter merged into the weights for the final evaluation")
-        recipe = None  # the prepared wrapper holds the unmerged modules
-    metrics, predictions = evaluate_splits(
-        classifier, data, setup, batch, run_dir, recipe, mode, limit
-    )
-    _final_statistics(metrics, run_dir, setup, tracker)
-    tracker.log_final(metrics, predictions)
-    tracker.log_errors(run_dir / "predictions_test.csv", scan.root)
-    tracker.log_plots(metrics, title=name)
-    return metrics
+        `resume_step` (on `resume=`): the checkpoint training continues from; the tracker keeps the
+        metrics logged up to it and continues the run's W&B run.
+        """
+        self.cfg, self.run_dir, self.scan, self.job = cfg, Path(run_dir), scan, job
+        self.class_names = tuple(cfg.task.classes)
+        self.precision = run_precision(cfg)
+        self.accelerator = make_accelerator(cfg, self.precision)
+        self.main = self.accelerator.is_main_process  # read now: the state is reset at close
+        self.evaluation = EvaluationSettings.from_config(cfg)
+        self.tracker = RunTracker(
+            self.run_dir,
+            job,
+            cfg.logger,
+            self.main,
+            resume_step if cfg.train else None,  # on resume, training logs again what followed
+            cfg.resume is not None,
+        )
+        self.recipe: TrainingRecipe | None = None  # set by fit(): its wrapper evaluates too
+        self._closed = False
+        try:
+            self.recipe_settings = recipe_settings(cfg, self.run_dir, self.tracker.log)
+            self.stain = make_stain_normalizer(cfg, splits, scan.root, self.run_dir, self.main)
+            self.classifier = make_classifier(cfg, self.precision, self.stain)
+            trainable, total = self.classifier.parameter_counts()
+            self.tracker.log(
+                {"model/trainable_parameters": trainable, "model/parameters": total}, 0
+            )
+            self.datasets = make_datasets(
+                cfg,
+                scan,
+                splits,
+                self.classifier.needs_images,
+                self.stain,
+                self.run_dir if self.main else None,
+                self.classifier.input_side,  # the square the model reads caps the cached size
+            )
+            prepare_cached_inputs(self.classifier, self.datasets, scan.root, self.accelerator)
+        except BaseException:
+            self.close(failed=True)
+            raise
+
+    def __enter__(self) -> TrainingRun:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close(failed=exc_type is not None)
+
+    # ---- training ----------------------------------------------------------------------------
+
+    def fit(self) -> Best | None:
+        """Train with the recipe; the best model (trainer.select=best) is loaded back into the
+        classifier. With train=false, resume's best model is loaded where there is one; None."""
+        cfg = self.cfg
+        if not cfg.train:
+            if cfg.resume is not None and (Path(cfg.resume) / "best").is_dir():
+                self.classifier.load_trained(Path(cfg.resume) / "best")
+            return None
+        trainable, total = self.classifier.parameter_counts()
+        log.info(
+            "training %s of %s parameters (%.3f%%), peft=%s",
+            f"{trainable:,}",
+            f"{total:,}",
+            100.0 * trainable / max(total, 1),
+            cfg.peft.method,
+        )
+        self.recipe = TrainingRecipe(
+            self.classifier,
+            self.datasets["train"],
+            self.datasets.get(str(cfg.trainer.eval_split)),  # test only to log it (validate.py)
+            self.accelerator,
+            self.recipe_settings,
+        )
+        result = self.recipe.fit(resume=cfg.resume is not None)
+        if cfg.trainer.select == "best" and result.best_dir is not None:
+            self.classifier.load_trained(result.best_dir)
+        # trainer.select=last: the classifier holds the final model already
+        if cfg.logger.log_model and result.best_dir is not None:
+            self.tracker.log_model(result.best_dir, _model_metadata(cfg, result))
+        return str(cfg.trainer.monitor), result.best_value, result.best_step
+
+    # ---- the final evaluation ----------------------------------------------------------------
+
+    def evaluate(self) -> dict[str, dict]:
+        """The final evaluation of val and test: metrics with intervals, calibration and patient
+        level, predictions_<split>.csv, the statistics and the W&B record."""
+        recipe = self.recipe
+        if self.classifier.prepare_final_evaluation():
+            log.info("LoRA adapter merged into the weights for the final evaluation")
+            recipe = None  # the prepared wrapper holds the unmerged modules
+        metrics: dict[str, dict] = {}
+        predictions: dict[str, tuple] = {}
+        for split in ("val", "test"):
+            if split in self.datasets:
+                result = self.evaluate_split(self.datasets[split], recipe)
+                metrics[split] = result.metrics
+                predictions[split] = (result.labels.tolist(), result.preds.tolist())
+                self._write_predictions(split, result)
+        if self.main:  # temperature scaling, reliability diagrams, the statistics summary
+            calibrate_run(metrics, self.run_dir, self.evaluation.statistics)
+            self.tracker.log_summary(summary_scalars(metrics))
+        self.tracker.log_final(metrics, predictions)
+        self.tracker.log_errors(self.run_dir / "predictions_test.csv", self.scan.root)
+        self.tracker.log_plots(metrics, title=self.job.name)
+        return metrics
+
+    def evaluate_split(
+        self, dataset: ImageDataset, recipe: TrainingRecipe | None = None
+    ) -> SplitResult:
+        """Score (label likelihoods) and/or generate (parsed answers) one split, by the
+        classifier's `eval_mode`; through the recipe's prepared wrapper (DDP/FSDP) when given."""
+        names, mode = list(self.class_names), self.classifier.eval_mode
+        batch_size, acc = self.evaluation.batch_size, self.accelerator
+        result = None
+        if mode in ("score", "both"):
+            if recipe is not None:  # its limit is trainer.limit_eval_batches too
+                probs, labels, indices = recipe.predict(dataset, batch_size)
+            else:
+                probs, labels, indices = predict(
+                    self.classifier, dataset, acc, batch_size, None, self.evaluation.max_batches
+                )
+            metrics = self.evaluation.metrics_fn(probs, labels, indices, dataset)
+            result = SplitResult(metrics, probs, probs.argmax(dim=1), labels, indices, names)
+        if mode in ("generate", "both"):
+            answers = generate_split(self.classifier, dataset, acc, batch_size)
+            gen_metrics = generation_metrics(answers, dataset, names)
+            log.info(
+                "generation: %d of %d answers unparseable", answers.parse_failures, len(dataset)
+            )
+            result = _generated(result, answers, gen_metrics, names)
+        if result is None:
+            raise ValueError(f"model.eval_mode={mode!r}: allowed score, generate, both")
+        return result
+
+    def _write_predictions(self, split: str, result: SplitResult) -> None:
+        """predictions_<split>.csv (main process): each record, its label and probabilities."""
+        if not self.main:
+            return
+        dataset = self.datasets[split]
+        records = [dataset.records[i] for i in result.indices.tolist()]
+        rows = [
+            {**r.as_dict(), "label": int(y)} for r, y in zip(records, result.labels, strict=True)
+        ]
+        path = self.run_dir / f"predictions_{split}.csv"
+        write_predictions(path, rows, result.probs, result.preds, result.class_names, result.extra)
+
+    # ---- the end -------------------------------------------------------------------------------
+
+    def close(self, failed: bool = False) -> None:
+        """Finish the tracker (W&B closed, `failed` marked) and release the accelerator, whose
+        state a multirun's next job builds afresh in this process. Closing twice does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        acc = self.accelerator
+        try:
+            self.tracker.finish(failed=failed)
+        finally:
+            acc.wait_for_everyone()  # gloo ranks may abort at exit without it
+            acc.end_training()
+            if acc.num_processes == 1:
+                AcceleratorState._reset_state(reset_partial_state=True)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
 
 def train_and_evaluate(
     cfg: DictConfig,
-    config: dict,
     run_dir: Path,
     scan: BreakhisScan,
     splits: dict[str, list[ImageRecord]],
-    group: str,
-    name: str,
+    job: TrackedJob,
     resume_step: int | None = None,
 ) -> float | None:
     """Train (unless train=false), evaluate the best model on val and test; return the metric.
 
-    `resume_step` (on `resume=`): the checkpoint training continues from; the tracker keeps the
-    metrics logged up to it and continues the run's W&B run. The terminal's last lines are the
-    summary block (run/summary.py), printed after W&B has closed.
+    The terminal's last lines are the summary block (run/summary.py), printed after W&B closed.
     """
-    setup = make_run_setup(cfg)
-    acc = setup.accelerator
-    main = acc.is_main_process  # read now: the accelerator's state is reset at the end
-    # on resume, training logs again what followed resume_step
-    resume_step = resume_step if cfg.train else None
-    resumed = cfg.resume is not None
-    tracker = RunTracker(run_dir, config, cfg.logger, name, group, main, resume_step, resumed)
-    failed = True
-    try:
-        setup.stain = make_stain_normalizer(cfg, splits, scan.root, run_dir, main)
-        classifier = make_classifier(cfg, setup)
-        trainable, total = classifier.parameter_counts()
-        tracker.log({"model/trainable_parameters": trainable, "model/parameters": total}, 0)
-        data = make_datasets(
-            cfg,
-            scan,
-            splits,
-            classifier.needs_images,
-            setup.stain,
-            run_dir if main else None,
-            classifier.input_side,
-        )
-        prepare_cached_inputs(classifier, data, scan.root, acc)
-        recipe, best = _fit_or_load(cfg, setup, classifier, data, run_dir, tracker)
+    metrics: dict[str, dict] = {}
+    with TrainingRun(cfg, run_dir, scan, splits, job, resume_step) as run:
+        best = run.fit()
         selected = cfg.trainer.select == "best" and cfg.optimized_metric == cfg.trainer.monitor
         value = best[1] if best and selected else None
-        metrics: dict[str, dict] = {}
         if cfg.test:
-            metrics = _evaluate_and_track(
-                cfg, setup, classifier, data, run_dir, recipe, tracker, scan, name
-            )
+            metrics = run.evaluate()
             value = metric_value(metrics, cfg.optimized_metric)
-        failed = False
-    finally:
-        tracker.finish(failed=failed)
-        acc.wait_for_everyone()  # gloo ranks may abort at exit without it
-        acc.end_training()
-        if acc.num_processes == 1:
-            # a multirun's next job builds a fresh Accelerator in this same process
-            AcceleratorState._reset_state(reset_partial_state=True)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    if main:
+    if run.main:
         log_summary(run_dir, metrics, best)
     return value

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from breakhis_ft.config import register_configs
-from breakhis_ft.errors import ConfigError
+from breakhis_ft.errors import ConfigError, ModelLoadError
 from breakhis_ft.tools import tool_parser, user_errors
 from breakhis_ft.validate import validate_config
 from breakhis_ft.vram import estimate_vram
@@ -28,7 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for breakhis-ft")
     parser.add_argument("--json", type=Path, help="also write the estimate to this JSON file")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    parser.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw_8bit"))
+    parser.add_argument(
+        "--optimizer",
+        choices=("adamw", "adamw_8bit"),
+        help="count these optimizer states instead of the run's trainer/optimizer's (adamw: "
+        "torch AdamW; adamw_8bit: bitsandbytes' 8-bit AdamW, paged or not)",
+    )
     parser.add_argument(
         "--config-dir", type=Path, help="a conf/ folder (default: the installed configs)"
     )
@@ -50,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     """Compose the config from the overrides, print the estimate table, optionally write JSON."""
     args = build_parser().parse_args(argv)
     # a wrong group, key or value: Hydra's and OmegaConf's messages name it and the options
-    with user_errors(ConfigError, ValueError, HydraException, OmegaConfBaseException):
+    with user_errors(
+        ConfigError, ModelLoadError, ValueError, HydraException, OmegaConfBaseException
+    ):
         cfg = compose_run_config(args.overrides, args.config_dir)
         checked = cfg.copy()  # the estimate reads no data: a missing data.root is not an error
         if checked.data.root is None:

@@ -38,6 +38,7 @@ from breakhis_ft.deploy.predict import (
     load_run_config,
     resolve_source,
 )
+from breakhis_ft.errors import ModelLoadError
 from breakhis_ft.evaluate.errors import most_confident_errors
 from breakhis_ft.tools import add_model_arguments, run_tool, tool_parser
 
@@ -180,7 +181,7 @@ def explain_to_folder(
 
 def main(argv: list[str] | None = None) -> int:
     """Explain the images and write the overlays, their JSON records and explanations.csv."""
-    errors = (PredictError, ValueError, FileNotFoundError)
+    errors = (PredictError, ModelLoadError, ValueError, FileNotFoundError)
     return run_tool(build_parser(), explain, argv, errors, log=True)
 
 

@@ -29,6 +29,7 @@ from breakhis_ft.deploy.predict import (
     predict_to_csv,
     resolve_source,
 )
+from breakhis_ft.errors import ModelLoadError
 from breakhis_ft.evaluate.fusion import METHODS
 from breakhis_ft.tools import add_model_arguments, run_tool, tool_parser
 
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Classify the images and write the CSV; 0 on success (unreadable images are in the CSV)."""
-    errors = (PredictError, ValueError, FileNotFoundError)
+    errors = (PredictError, ModelLoadError, ValueError, FileNotFoundError)
     return run_tool(build_parser(), predict, argv, errors, log=True)
 
 

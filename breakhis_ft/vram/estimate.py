@@ -8,7 +8,6 @@ from typing import Any
 
 from torch import nn
 
-from breakhis_ft.errors import ConfigError
 from breakhis_ft.vram.activations import (
     Flavor,
     eager_scores_transient,
@@ -72,6 +71,26 @@ class VramEstimate:
 
 
 OPTIMIZERS = ("adamw", "adamw_8bit")
+# the optimizer of each trainer/optimizer choice (its _target_): whose states the estimate counts
+OPTIMIZER_OF_TARGET = {
+    "breakhis_ft.engine.optim.adamw": "adamw",
+    "torch.optim.AdamW": "adamw",
+    "bitsandbytes.optim.AdamW8bit": "adamw_8bit",
+    # paged: the same 8-bit states, in memory that can spill to the host under pressure
+    "bitsandbytes.optim.PagedAdamW8bit": "adamw_8bit",
+}
+
+
+def preset_optimizer(cfg: Any) -> str:
+    """The estimator's name (adamw, adamw_8bit) of the run's trainer.optimizer."""
+    target = str(cfg.trainer.optimizer.get("_target_", ""))
+    if target not in OPTIMIZER_OF_TARGET:
+        raise ValueError(
+            f"trainer.optimizer._target_={target!r}: the estimator counts the "
+            f"states of {', '.join(OPTIMIZER_OF_TARGET)}; pass --optimizer adamw or adamw_8bit "
+            "to count one of them instead"
+        )
+    return OPTIMIZER_OF_TARGET[target]
 
 
 def optimizer_bytes(model: nn.Module, optimizer: str = "adamw") -> int:
@@ -121,18 +140,15 @@ def _static(model: nn.Module, pb: ParamBytes, optimizer: str) -> dict[str, int]:
     }
 
 
-def estimate_vram(cfg: Any, device: str = "cuda", optimizer: str = "adamw") -> VramEstimate:
+def estimate_vram(cfg: Any, device: str = "cuda", optimizer: str | None = None) -> VramEstimate:
     """Estimate the peak GPU memory of training with the composed run config `cfg`.
 
     `device`: cuda (the target) or cpu (how CPU autocast saves LayerNorm inputs and dropout masks);
-    `optimizer`: adamw (the trainer's torch AdamW) or adamw_8bit (bitsandbytes, for comparison).
+    `optimizer`: adamw (torch AdamW) or adamw_8bit (bitsandbytes' 8-bit states, paged or not);
+    None: the run's own trainer/optimizer (`preset_optimizer`).
     """
-    kind = str(cfg.model.kind)
-    if kind == "medgemma":
-        return _estimate_gemma(cfg, device, optimizer)
-    if kind == "siglip":
-        return _estimate_siglip(cfg, device, optimizer)
-    raise ConfigError(f"config error: model.kind: got {kind!r}, allowed: medgemma, siglip")
+    optimizer = preset_optimizer(cfg) if optimizer is None else optimizer
+    return ESTIMATORS[str(cfg.model.kind)](cfg, device, optimizer)
 
 
 @dataclass
@@ -391,3 +407,7 @@ def _estimate_siglip(cfg: Any, device: str, optimizer: str) -> VramEstimate:
     }
     extra = {"activations_no_gc_bytes": acts[False], "activations_gc_bytes": acts[True]}
     return VramEstimate(components, notes, params, settings, extra)
+
+
+# the estimate of each model family, by `model.kind`
+ESTIMATORS = {"medgemma": _estimate_gemma, "siglip": _estimate_siglip}

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from breakhis_ft.errors import ConfigError
+from breakhis_ft.errors import ModelLoadError
 from breakhis_ft.models.precision import Precision
 from breakhis_ft.vram.activations import LoraSite, nf4_bytes
 
@@ -46,8 +46,8 @@ def _local_config(name: str, key: str = "model.name_or_path") -> Any:
     try:
         return AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as err:
-        raise ConfigError(
-            f"config error: {key}={name!r}: no config.json could be read ({type(err).__name__}). "
+        raise ModelLoadError(
+            f"{key}={name!r}: no config.json could be read ({type(err).__name__}). "
             "The estimator needs the architecture only: point it at a local checkpoint folder, use "
             f"one of {MEDGEMMA_HUB_IDS + ('google/medsiglip-448',)} (built in), or a tiny model"
         ) from err
@@ -63,8 +63,8 @@ def _gemma_checkpoint(cfg: Any) -> tuple[Any, str | None]:
         return medgemma_4b_config(), None
     config = _local_config(name)
     if config.model_type != "gemma3":
-        raise ConfigError(
-            f"config error: model.name_or_path={name!r} is a {config.model_type!r} checkpoint; "
+        raise ModelLoadError(
+            f"model.name_or_path={name!r} is a {config.model_type!r} checkpoint; "
             "model.kind=medgemma expects a Gemma 3 image-text model (model_type gemma3)"
         )
     return config, name if Path(name).is_dir() else None

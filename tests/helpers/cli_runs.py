@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 # a tiny replica (a few images per patient, 48x32, read at 32 px), a handful of fp32 steps
 TINY_RUN = [
     "data.synthetic_fraction=0.03",

@@ -8,12 +8,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from builders import build
 from PIL import Image
 
-from breakhis_ft.config import ModelConfig, PeftConfig, PromptConfig
+from breakhis_ft.config import MedGemmaConfig, PeftConfig, PromptConfig
 from breakhis_ft.models.medgemma import MedGemmaClassifier
 from breakhis_ft.models.tiny import ensure_tiny_gemma3
+from helpers.builders import build
 
 EVA4 = ("tubular_adenoma", "mucinous_carcinoma", "fibroadenoma", "ductal_carcinoma")
 # One H&E-like tint per class, plus a class-dependent stripe direction.
@@ -58,8 +58,7 @@ def classifier(
 ) -> MedGemmaClassifier:
     """A MedGemma classifier over the tiny checkpoint, in float32 (fast on CPU)."""
     torch.manual_seed(0)  # LoRA init
-    model_cfg = ModelConfig(
-        kind="medgemma",
+    model_cfg = MedGemmaConfig(
         name_or_path=str(path),
         loss_on=loss_on,
         prompt=PromptConfig(style=style, system=system),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,7 @@ from torch.utils.data import Dataset
 from breakhis_ft.config import TrainerConfig
 from breakhis_ft.engine.optim import adamw
 from breakhis_ft.engine.predict import predict
-from breakhis_ft.engine.recipe import FitResult, TrainingRecipe
+from breakhis_ft.engine.recipe import FitResult, RecipeSettings, TrainingRecipe
 from breakhis_ft.evaluate.metrics import compute_metrics, malignant_flags
 from breakhis_ft.models.base import Classifier
 from breakhis_ft.models.precision import Precision
@@ -172,9 +173,8 @@ def fit(
     classifier, train_ds, val_ds, cfg, run_dir, acc, log_fn=None, resume=False, seed=42
 ) -> FitResult:
     """Train with the recipe as a run does (AdamW, the toy metrics)."""
-    recipe = TrainingRecipe(
-        classifier, train_ds, val_ds, cfg, run_dir, acc, adamw, toy_metrics, log_fn, seed
-    )
+    settings = RecipeSettings(cfg, Path(run_dir), adamw, toy_metrics, log_fn, seed)
+    recipe = TrainingRecipe(classifier, train_ds, val_ds, acc, settings)
     return recipe.fit(resume=resume)
 
 

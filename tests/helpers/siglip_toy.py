@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from breakhis_ft.config import ModelConfig, PeftConfig
+from breakhis_ft.config import PeftConfig, SiglipConfig
 from breakhis_ft.data.breakhis import scan_breakhis
 from breakhis_ft.data.records import ImageRecord, label_of
 from breakhis_ft.models.tiny_siglip import ensure_tiny_siglip
@@ -35,9 +35,9 @@ def replica(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     return scan_breakhis(root)
 
 
-def model_cfg(path: Path, **overrides: Any) -> ModelConfig:
-    """A siglip ModelConfig pointing at `path`."""
-    return ModelConfig(kind="siglip", name_or_path=str(path), **overrides)
+def model_cfg(path: Path, **overrides: Any) -> SiglipConfig:
+    """A SigLIP model config pointing at `path`."""
+    return SiglipConfig(name_or_path=str(path), **overrides)
 
 
 PROBE = PeftConfig(method="none")

@@ -12,13 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cli_runs import TINY_RUN
 from omegaconf import DictConfig, OmegaConf
 
 from breakhis_ft.config import TrainRunConfig
 from breakhis_ft.data.breakhis import scan_from_config
+from helpers.cli_runs import TINY_RUN
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 COMMON = ["logger=none", *TINY_RUN]
 
 
