@@ -46,6 +46,19 @@ PROPORTIONAL = {
 }
 
 
+# MedGemma 4B (docs/references.md): output layer (= embedding) parameters over the language
+# model's other parameters; the peer benchmark's model widens its vocabulary to the same share
+HEAD_SHARE = 671_252_480 / (3_880_263_168 - 671_252_480)
+
+
+def peer_vocab(sizes: dict[str, int]) -> int:
+    """The vocabulary that gives a model of `sizes` MedGemma's output-layer share (HEAD_SHARE)."""
+    h, i, n = sizes["hidden_size"], sizes["intermediate_size"], sizes["num_hidden_layers"]
+    q, kv = sizes["num_attention_heads"] * sizes["head_dim"], sizes["num_key_value_heads"]
+    body = n * (2 * h * q + 2 * h * kv * sizes["head_dim"] + 3 * h * i)  # attention + MLP
+    return round(HEAD_SHARE * body / h)
+
+
 def build_checkpoint(path: Path, sizes: dict[str, int]) -> Path:
     """A random Gemma 3 checkpoint with the tiny tokenizer and the given sizes (as tiny.py);
     `sizes["vocab_size"]`, when given, widens the vocabulary."""

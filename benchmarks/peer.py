@@ -30,7 +30,7 @@ from typing import Any
 
 from benchmarks import notebook as nb
 from benchmarks import project as bp
-from benchmarks.models import build_checkpoint, proportional_sizes
+from benchmarks.models import build_checkpoint, peer_vocab, proportional_sizes
 from benchmarks.peer_accuracy import accuracy_section
 from benchmarks.peer_report import write_report
 from benchmarks.pretrain import pretrain
@@ -41,10 +41,6 @@ from breakhis_ft.data.records import class_names
 from breakhis_ft.data.splits import assign_splits
 from breakhis_ft.data.synthetic import ensure_replica
 from breakhis_ft.models.tiny import OUTPUT_SCALE, SIZES, ensure_tiny_gemma3
-
-# MedGemma 4B (docs/references.md): output layer (= embedding) parameters over the language
-# model's other parameters; the peer model's vocabulary is widened to the same share
-HEAD_SHARE = 671_252_480 / (3_880_263_168 - 671_252_480)
 
 
 class PeakRSS:
@@ -85,10 +81,7 @@ def peer_checkpoint(work: Path, replicas: Path, item: dict, args) -> tuple:
     pretrained (benchmarks/pretrain.py) on another replica (seed 1, unused by the benchmark), at
     every magnification."""
     sizes, _ = proportional_sizes(work / "proportional_probe", class_names("subtype8"), item)
-    h, i, n = sizes["hidden_size"], sizes["intermediate_size"], sizes["num_hidden_layers"]
-    q, kv = sizes["num_attention_heads"] * sizes["head_dim"], sizes["num_key_value_heads"]
-    body = n * (2 * h * q + 2 * h * kv * sizes["head_dim"] + 3 * h * i)  # attention + MLP
-    sizes["vocab_size"] = round(HEAD_SHARE * body / h)
+    sizes["vocab_size"] = peer_vocab(sizes)
     recipe = {
         **sizes,
         "output_scale": OUTPUT_SCALE,  # the tiny models' learnable scale (models/tiny.py)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from medgemma_toy import classifier, examples, tiny_path
+from helpers.medgemma_toy import classifier, examples, tiny_path
 
 from breakhis_ft.models.tiny import SIZES
 
@@ -56,3 +56,15 @@ def test_benchmark_stand_in_builder_has_the_same_learnable_scale(tmp_path: Path)
     assert unchanged
     assert largest > 3.0  # the old scale: |h| |e| = sqrt(128) x 0.02 sqrt(128) = 2.6 at most
     assert loss < 3.0  # ln 3213 = 8.07; the old scale's floor is above 5
+
+
+def test_output_scale_benchmark_measures_the_fresh_floor_and_the_learnable_one() -> None:
+    scale = pytest.importorskip("benchmarks.output_scale")
+    tokens = scale.answer_tokens()
+    fresh = scale.measure(scale.build_model(SIZES, learnable=False), tokens)
+    ours = scale.measure(scale.build_model(SIZES, learnable=True), tokens)
+    # transformers' initialisation: rows of std 0.02, every logit below ~1.6, no answer token
+    # below a loss of ~5 (ln 744 = 6.61); the learnable scale lifts both limits
+    assert fresh["embedding_std"] == pytest.approx(0.02, rel=0.1)
+    assert fresh["logit_bound"] < 2.0 and fresh["token_loss_floor_mean"] > 5.0
+    assert ours["logit_bound"] > 10.0 and ours["token_loss_floor_mean"] < 0.1
