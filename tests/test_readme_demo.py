@@ -49,6 +49,11 @@ def test_record_comes_from_the_newest_completed_run_and_rewrites_the_sentence(tm
     readme.write_text("it reaches " + SENTENCE.format("0.470", "0.500", "0.1", "0.2", "+0.1"))
     with pytest.raises(ValueError, match="found 0"):  # figures of three decimals only
         tool.readme_figures(readme.read_text())
+    wrapped = SENTENCE.replace("at the last", "at the\n  last").replace(
+        "balanced accuracy goes", "balanced\naccuracy goes"
+    )
+    readme.write_text("it reaches " + wrapped.format("0.470", "0.500", "0.100", "0.200", "+0.100"))
+    assert tool.readme_figures(readme.read_text())[3:] == ("0.200", "+0.100")  # wrapped anywhere
     readme.write_text("it reaches " + SENTENCE.format("0.470", "0.500", "0.100", "0.200", "+0.100"))
     tool.write_readme(readme, tool.recorded_figures(record))
     assert readme.read_text() == "it reaches " + SENTENCE.format(

@@ -32,14 +32,15 @@ _FIGURE = r"(\d\.\d{3})"
 README_FIGURE = re.compile(
     r"\s+".join(
         [
-            "test balanced accuracy of",
+            *"test balanced accuracy of".split(),
             _FIGURE,
-            rf"\(validation {_FIGURE}\);",
-            "its validation balanced accuracy goes from",
+            r"\(validation",
+            rf"{_FIGURE}\);",
+            *"its validation balanced accuracy goes from".split(),
             _FIGURE,
-            "at the first evaluation to",
+            *"at the first evaluation to".split(),
             _FIGURE,
-            "at the last",
+            *"at the last".split(),
             r"\(([+-]\d\.\d{3})\)",
         ]
     )
