@@ -23,6 +23,7 @@ import ctypes
 import gc
 import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -110,12 +111,15 @@ def peer_checkpoint(work: Path, replicas: Path, item: dict, args) -> tuple:
 
 def replica_splits(replicas: Path, fraction: float, args) -> tuple[BreakhisScan, dict]:
     """The replica at `fraction` (700x460 unless told), scanned and patient split (70/15/15 by
-    stem) at `--peer-magnifications`; train thinned to `--peer-max-train` images when given."""
+    stem) at `--peer-magnifications`; train and validation thinned to `--peer-max-train` and
+    `--peer-max-val` images when given (test never)."""
     root = ensure_replica(replicas, fraction, tuple(args.peer_replica_size), 0)
     scan = scan_breakhis(root)
     splits = assign_splits(scan.records, SplitConfig(), "subtype8", args.peer_magnifications)
     if args.peer_max_train:
         splits["train"] = subset(splits["train"], args.peer_max_train)
+    if args.peer_max_val:  # evaluated after every epoch of every run: its size sets the cost
+        splits["val"] = subset(splits["val"], args.peer_max_val)
     return scan, {k: splits[k] for k in ("train", "val", "test")}
 
 
@@ -226,6 +230,8 @@ def run_peer_section(replicas: Path, out: Path, args, meta: dict | None = None) 
     work = replicas / "peer"
     work.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {**(meta or {}), "threads": args.threads}
+    # the machine may be shared: its load (1, 5, 15 min) at the start and end of each run
+    results["load_average"] = {"start": os.getloadavg()}
     results["settings"] = {k: v for k, v in vars(args).items() if "peer" in k}
     scan, splits = replica_splits(replicas, args.peer_fraction, args)
     if args.peer_tiny:  # the tests' tiny Gemma 3: only checks that the code path works
@@ -250,5 +256,6 @@ def run_peer_section(replicas: Path, out: Path, args, meta: dict | None = None) 
     save()
     if not args.peer_no_full:
         results["full_replica"] = full_replica_section(replicas, args.peer_full_image_size)
+    results["load_average"]["end"] = os.getloadavg()
     write_report(results, out)
     return results

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import gc
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -326,6 +327,7 @@ def accuracy_section(
                 result = run_project(
                     checkpoint, work, scan, splits, args.peer_epochs, seed, args.image_size
                 )
+            result["load_average_end"] = os.getloadavg()  # a shared machine's load (1, 5, 15 min)
             write_test_predictions(root / name / f"seed{seed}", splits["test"], result["test"])
             result["time_to_accuracy"] = {
                 s: time_to_accuracy(result["curve"], s, args.peer_target) for s in SCORERS

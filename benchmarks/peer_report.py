@@ -24,6 +24,9 @@ def add_peer_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--peer-fraction", type=float, default=0.2, help="replica share")
     group.add_argument("--peer-magnifications", type=int, nargs="+", default=[40, 100, 200, 400])
     group.add_argument("--peer-max-train", type=int, default=320, help="thin train (0: all)")
+    group.add_argument(
+        "--peer-max-val", type=int, default=0, help="thin validation (0: all); never test"
+    )
     group.add_argument("--peer-epochs", type=int, default=6, help="each accuracy run")
     group.add_argument("--peer-seeds", type=int, nargs="+", default=[1, 2, 3])
     group.add_argument(
