@@ -264,12 +264,22 @@ def stack_seeds(folders: list[Path], out: Path) -> Path:
     return out
 
 
-def verdict(result: dict[str, Any], margin: float) -> dict[str, Any]:
+def predicted_classes(folder: Path) -> int:
+    """How many distinct classes a path's `predictions_test.csv` predicts."""
+    with (folder / "predictions_test.csv").open(newline="") as f:
+        return len({row["pred"] for row in csv.DictReader(f)})
+
+
+def verdict(result: dict[str, Any], margin: float, classes: dict[str, int]) -> dict[str, Any]:
     """breakhis-ft - notebook balanced accuracy, its paired interval and the non-inferiority
-    verdict (the interval's lower bound above `margin`)."""
+    verdict (the interval's lower bound above `margin`); `classes`: the distinct classes each
+    path predicts. Where both predict one class on every image the verdict is vacuous: both sit
+    at 1 / classes whatever they learned, and the interval is [0, 0]."""
     ba = result["metrics"]["balanced_accuracy"]
     lower = ba["ci95"][0] if ba["ci95"] else None
     return {
+        "predicted_classes": classes,
+        "vacuous": max(classes.values()) == 1,
         "breakhis_ft": ba["a"],
         "notebook": ba["b"],
         "difference": ba["difference"],
@@ -289,12 +299,16 @@ def paired_comparisons(root: Path, seeds: list[int], margin: float, work: Path) 
     out: dict[str, Any] = {}
     for scorer in SCORERS:
         folders = {p: [root / p / f"seed{s}" / scorer for s in seeds] for p in PATHS}
-        per_seed = {
-            str(s): verdict(compare_runs(a, b), margin)
-            for s, a, b in zip(seeds, folders["breakhis-ft"], folders["notebook"], strict=True)
-        }
+        per_seed = {}
+        for s, a, b in zip(seeds, folders["breakhis-ft"], folders["notebook"], strict=True):
+            classes = {"breakhis-ft": predicted_classes(a), "notebook": predicted_classes(b)}
+            per_seed[str(s)] = verdict(compare_runs(a, b), margin, classes)
         pooled = [stack_seeds(folders[p], work / "pooled" / p / scorer) for p in PATHS]
-        out[scorer] = {"per_seed": per_seed, "pooled": verdict(compare_runs(*pooled[::-1]), margin)}
+        classes = {p: predicted_classes(f) for p, f in zip(PATHS, pooled, strict=True)}
+        out[scorer] = {
+            "per_seed": per_seed,
+            "pooled": verdict(compare_runs(*pooled[::-1]), margin, classes),
+        }
     return out
 
 

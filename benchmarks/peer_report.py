@@ -157,6 +157,7 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
         out[f"difference_{scorer}"] = pooled["difference"]
         out[f"ci95_{scorer}"] = pooled["ci95"]
         out[f"non_inferior_{scorer}"] = pooled["non_inferior"]
+        out[f"vacuous_{scorer}"] = pooled["vacuous"]  # both paths answer one class throughout
     if GOOGLE in results["speed"]["configs"]:
         google = results["speed"]["configs"][GOOGLE]["images_per_s"]
         out["training_speedup_default_over_google"] = default["breakhis_ft_images_per_s"] / google
@@ -244,7 +245,8 @@ def table(results: dict[str, Any]) -> str:
             lines.append(
                 f"| {scorer} | {seed} | {_f(v['notebook'])} | {_f(v['breakhis_ft'])} | "
                 f"{_f(v['difference'], '+.3f')} | {interval} | "
-                f"{'yes' if v['non_inferior'] else 'no'} |"
+                f"{'yes' if v['non_inferior'] else 'no'}"
+                f"{' (vacuous: both answer one class)' if v.get('vacuous') else ''} |"
             )
     lines += [
         "",

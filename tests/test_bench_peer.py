@@ -147,6 +147,29 @@ def test_paired_comparison_per_seed_and_pooled_with_the_margin(tmp_path: Path) -
         assert pooled["difference"] == pytest.approx(-0.125)
         assert (pooled["patients"], pooled["images"]) == (4, 2 * len(records))
         assert seed2["ci95"][0] <= pooled["ci95"][0] <= 0.0
+        assert seed1["predicted_classes"] == {"breakhis-ft": 2, "notebook": 2}
+        assert not pooled["vacuous"]
+
+
+def test_paired_comparison_of_two_one_class_paths_is_vacuous(tmp_path: Path) -> None:
+    pairs = (
+        ("A", "adenosis"),
+        ("B", "adenosis"),
+        ("C", "ductal_carcinoma"),
+        ("D", "ductal_carcinoma"),
+    )
+    records = [_record(p, subtype, i) for p, subtype in pairs for i in range(2)]
+    root = tmp_path / "predictions"
+    one_class = _hits(records, set())
+    one_class[:, :] = 0.01
+    one_class[:, 0] = 0.93  # adenosis on every image: balanced accuracy 1 / 2 on both paths
+    for path in peer_accuracy.PATHS:
+        scores = {"label": {"probs": one_class}, "generation": {"probs": one_class}}
+        peer_accuracy.write_test_predictions(root / path / "seed1", records, scores)
+    result = peer_accuracy.paired_comparisons(root, [1], -0.03, tmp_path / "work")
+    pooled = result["label"]["pooled"]
+    assert pooled["ci95"] == [0.0, 0.0] and pooled["non_inferior"]  # lower bound 0 > -0.03 ...
+    assert pooled["vacuous"] and pooled["predicted_classes"] == {"breakhis-ft": 1, "notebook": 1}
 
 
 def test_generation_scores_count_unparsed_answers_wrong() -> None:
