@@ -234,8 +234,20 @@ def time_to_accuracy(curve: list[dict], scorer: str, target: float) -> dict[str,
     return None
 
 
+# what `report --compare` reads of a run's config: the split grouped sibling slides by stem (the
+# benchmark's SplitConfig()), so its paired bootstrap resamples stems
+SPLIT_GROUPING = "split:\n  group_by: stem\n"
+
+
+def mark_stem_split(folder: Path) -> None:
+    """Record in `folder/.hydra/config.yaml`, as a run does, that its split grouped by stem."""
+    (folder / ".hydra").mkdir(parents=True, exist_ok=True)
+    (folder / ".hydra" / "config.yaml").write_text(SPLIT_GROUPING)
+
+
 def write_test_predictions(folder: Path, records: list[ImageRecord], scores: dict) -> None:
-    """Per scorer, `folder/<scorer>/predictions_test.csv` in the project's format."""
+    """Per scorer, `folder/<scorer>/predictions_test.csv` in the project's format, with the
+    split's grouping (mark_stem_split)."""
     labels = labels_for(records, "subtype8")
     rows = [{**r.as_dict(), "label": y} for r, y in zip(records, labels, strict=True)]
     for scorer, result in scores.items():
@@ -244,6 +256,7 @@ def write_test_predictions(folder: Path, records: list[ImageRecord], scores: dic
         write_predictions(
             folder / scorer / "predictions_test.csv", rows, probs, probs.argmax(dim=1), names
         )
+        mark_stem_split(folder / scorer)
 
 
 def stack_seeds(folders: list[Path], out: Path) -> Path:
@@ -261,6 +274,7 @@ def stack_seeds(folders: list[Path], out: Path) -> Path:
                 for row in reader:
                     row["path"] = f"{folder.parent.name}/{row['path']}"
                     writer.writerow(row)
+    mark_stem_split(out)
     return out
 
 
@@ -288,6 +302,7 @@ def verdict(result: dict[str, Any], margin: float, classes: dict[str, int]) -> d
         "share_breakhis_ft_wins": ba["share_a_wins"],
         "images": result["n_images"],
         "patients": result["n_patients"],
+        "interval": result["interval"],  # its method, resampled unit (stem) and groups
         "resamples": result["resamples"],
         "bootstrap_seed": result["seed"],
     }

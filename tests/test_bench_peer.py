@@ -120,11 +120,11 @@ def _hits(records: list[ImageRecord], wrong_patients: set[str]) -> np.ndarray:
 def test_paired_comparison_per_seed_and_pooled_with_the_margin(tmp_path: Path) -> None:
     records = [
         _record(p, subtype, i)
-        for p, subtype in (("A", "adenosis"), ("B", "adenosis"), ("C", "ductal_carcinoma"))
+        for p, subtype in (("11", "adenosis"), ("12", "adenosis"), ("13", "ductal_carcinoma"))
         for i in range(3)
-    ] + [_record("D", "ductal_carcinoma", i) for i in range(3)]
+    ] + [_record("14", "ductal_carcinoma", i) for i in range(3)]
     root = tmp_path / "predictions"
-    wrong = {("breakhis-ft", 2): {"C"}}  # the project misses one patient on seed 2
+    wrong = {("breakhis-ft", 2): {"13"}}  # the project misses one patient on seed 2
     for path in peer_accuracy.PATHS:
         for seed in (1, 2):
             probs = _hits(records, wrong.get((path, seed), set()))
@@ -149,14 +149,15 @@ def test_paired_comparison_per_seed_and_pooled_with_the_margin(tmp_path: Path) -
         assert seed2["ci95"][0] <= pooled["ci95"][0] <= 0.0
         assert seed1["predicted_classes"] == {"breakhis-ft": 2, "notebook": 2}
         assert not pooled["vacuous"]
+        assert pooled["interval"]["unit"] == "stem"  # the split's grouping, as report --compare
 
 
 def test_paired_comparison_of_two_one_class_paths_is_vacuous(tmp_path: Path) -> None:
     pairs = (
-        ("A", "adenosis"),
-        ("B", "adenosis"),
-        ("C", "ductal_carcinoma"),
-        ("D", "ductal_carcinoma"),
+        ("11", "adenosis"),
+        ("12", "adenosis"),
+        ("13", "ductal_carcinoma"),
+        ("14", "ductal_carcinoma"),
     )
     records = [_record(p, subtype, i) for p, subtype in pairs for i in range(2)]
     root = tmp_path / "predictions"
