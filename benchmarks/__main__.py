@@ -6,6 +6,7 @@ python -m benchmarks stain-effect  # the demo with and without stain normalisati
 python -m benchmarks stain-cost    # CPU seconds per 700x460 image of Macenko and Reinhard
 python -m benchmarks compare-resamples  # resamples report --compare needs for a steady verdict
 python -m benchmarks output-scale  # the stand-ins' logit bound and token-loss floor
+python -m benchmarks peer-learning  # the peer stand-in's validation curve over more epochs
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ COMMANDS = {
     "stain-cost": "benchmarks.stain_cost",
     "compare-resamples": "benchmarks.compare_resamples",
     "output-scale": "benchmarks.output_scale",
+    "peer-learning": "benchmarks.peer_learning",
 }
 
 
