@@ -30,6 +30,7 @@ import numpy as np
 
 from breakhis_ft.data.breakhis import BadDataError, FoldsTable
 from breakhis_ft.data.records import ImageRecord, Task, as_task, label_of
+from breakhis_ft.errors import SplitLeakError
 
 SPLITS = ("train", "val", "test")
 # split=patient: how far (absolute share of the images) each split's share may stray from the one
@@ -55,10 +56,6 @@ EVA_VAL_PATIENTS = frozenset(
         "21998EF",
     }
 )
-
-
-class SplitLeakError(ValueError):
-    """A patient group found in more than one split."""
 
 
 def group_key(record: ImageRecord, group_by: str) -> str:
