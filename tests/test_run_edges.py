@@ -1,0 +1,93 @@
+"""The rough edges of every run (issue 25): no third-party noise on the terminal, a refused config
+leaves nothing behind, known errors end on one message and their exit status."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers.cli_runs import FAST, REPO, run_cli, single_run_dir
+
+from breakhis_ft.analysis.runs import find_runs
+
+BIN = Path(sys.executable).parent
+# what the terminal showed of every run before: bitsandbytes' kernel warning, transformers'
+# FutureWarning and its weight-loading bar
+NOISE = ("bitsandbytes", "gemm_4bit", "FutureWarning", "warnings.warn", "Loading weights")
+NO_FULL_ERROR = {"HYDRA_FULL_ERROR": "0"}  # cli_env sets it to 1 for the other tests
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_a_run_shows_no_third_party_noise_and_keeps_it_in_its_log(first_run) -> None:
+    run_dir, _ = first_run
+    base = run_dir.parents[3]
+    shown = (base / "first_run.stdout").read_text() + (base / "first_run.stderr").read_text()
+    assert not [n for n in NOISE if n in shown], shown[-3000:]
+    logged = (run_dir / "breakhis-ft.log").read_text()
+    assert "bitsandbytes" not in logged  # not imported: a LoRA run uses no 4-bit or 8-bit code
+    assert "[py.warnings][WARNING]" in logged  # Python's warnings are kept in the log file
+
+
+def test_a_tool_help_prints_no_bitsandbytes_warning() -> None:
+    done = subprocess.run(
+        [str(BIN / "breakhis-ft-explain"), "--help"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert "usage: breakhis-ft-explain" in done.stdout
+    assert "bitsandbytes" not in done.stdout + done.stderr, done.stderr
+
+
+def test_bitsandbytes_is_held_back_until_4bit_asks_for_it() -> None:
+    """The tools hold bitsandbytes back though peft is imported; loading a 4-bit model lets it in
+    and peft then sees it (QLoRA still works)."""
+    done = _python(
+        "import sys\n"
+        "import breakhis_ft.tools.explain\n"
+        "import peft\n"
+        "from peft.import_utils import is_bnb_available, is_bnb_4bit_available\n"
+        "assert sys.modules['bitsandbytes'] is None, 'imported'\n"
+        "assert not is_bnb_available()\n"
+        "import torch\n"
+        "from breakhis_ft.models.gemma_loading import qlora_quantization\n"
+        "qlora_quantization(torch.bfloat16)\n"
+        "assert sys.modules['bitsandbytes'] is not None\n"
+        "assert is_bnb_available() and is_bnb_4bit_available()\n"
+        "print('ok')\n"
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+def test_a_value_typo_leaves_nothing_behind_and_says_one_thing(tmp_path: Path) -> None:
+    out = tmp_path / "outputs"
+    args = ["trainer.scheduler=cosin", "logger=none", f"paths.output_dir={out}"]
+    done = run_cli(args, tmp_path / "cache", timeout=300, **NO_FULL_ERROR)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "trainer.scheduler: 'cosin' is not a transformers scheduler" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    assert not out.exists()  # no run folder, no empty parents
+    assert find_runs([tmp_path]) == []  # so the report lists no `unknown` row either
+    shown = run_cli(args, tmp_path / "cache", timeout=300)  # HYDRA_FULL_ERROR=1
+    assert shown.returncode == 2 and "Traceback" in shown.stderr
+    assert not out.exists()
+
+
+def test_a_data_error_in_the_run_prints_its_message_and_keeps_the_traceback_in_the_log(
+    tmp_path: Path,
+) -> None:
+    empty = tmp_path / "BreaKHis"
+    empty.mkdir()
+    out = tmp_path / "outputs"
+    args = ["data=breakhis", f"data.root={empty}", "logger=none", *FAST]
+    done = run_cli([*args, f"paths.output_dir={out}"], tmp_path / "cache", **NO_FULL_ERROR)
+    assert done.returncode == 3, done.stderr[-3000:]  # a data error (errors.EXIT_CODES)
+    assert f"data.root={empty}: no BreakHis tree found" in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    log = single_run_dir(out) / "breakhis-ft.log"
+    assert f"(the traceback is in {log})" in done.stderr
+    assert "Traceback" in log.read_text() and "BadDataError" in log.read_text()
