@@ -3,13 +3,22 @@ leaves nothing behind, known errors end on one message and their exit status."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 from helpers.cli_runs import FAST, REPO, run_cli, single_run_dir
+from hydra import compose, initialize_config_dir
 
 from breakhis_ft.analysis.runs import find_runs
+from breakhis_ft.config import EvaluateConfig, register_configs
+from breakhis_ft.evaluate.calibration import read_temperature
+from breakhis_ft.evaluate.metrics import write_predictions
+from breakhis_ft.run.calibrate import calibrate_run
+from breakhis_ft.run.experiment import prepare_data
 
 BIN = Path(sys.executable).parent
 # what the terminal showed of every run before: bitsandbytes' kernel warning, transformers'
@@ -91,3 +100,54 @@ def test_a_data_error_in_the_run_prints_its_message_and_keeps_the_traceback_in_t
     log = single_run_dir(out) / "breakhis-ft.log"
     assert f"(the traceback is in {log})" in done.stderr
     assert "Traceback" in log.read_text() and "BadDataError" in log.read_text()
+
+
+# ---- the temperature: warned about at the start, never applied at its search bound -----------
+
+
+def _write_split(run_dir: Path, split: str, probs: torch.Tensor, labels: list[int]) -> None:
+    rows = [
+        {"path": f"{split}/{i}.png", "patient": f"p{i % 3}", "magnification": 100, "label": y}
+        for i, y in enumerate(labels)
+    ]
+    write_predictions(
+        run_dir / f"predictions_{split}.csv", rows, probs, probs.argmax(1), ["a", "b"]
+    )
+
+
+def test_a_temperature_at_its_search_bound_is_not_applied(tmp_path: Path, caplog) -> None:
+    """Every val image right: val's NLL keeps falling as T -> 0 and the search stops at its lower
+    bound, which applied would make every prediction one-hot; it is recorded, warned, not used."""
+    labels = [0, 1] * 4
+    right = torch.tensor([[0.7, 0.3] if y == 0 else [0.3, 0.7] for y in labels])
+    _write_split(tmp_path, "val", right, labels)
+    _write_split(tmp_path, "test", right.flip(1), labels)
+    metrics = {split: {"calibration": {"before": {"nll": 1.0}}} for split in ("val", "test")}
+    settings = EvaluateConfig(temperature_scaling=True, calibration_bins=5)
+    with caplog.at_level(logging.WARNING, logger="breakhis_ft.run.calibrate"):
+        info = calibrate_run(metrics, tmp_path, settings)
+    assert info["temperature"] is None and info["fitted_temperature"] == pytest.approx(0.01)
+    assert "sits at its search bound" in info["reason"] and "not applied" in info["reason"]
+    assert read_temperature(tmp_path) is None  # predict uses the model's probabilities
+    assert "after" not in metrics["test"]["calibration"]
+    assert "not applied" in caplog.text
+
+
+def test_a_run_warns_at_its_start_when_val_is_too_small_for_the_temperature(
+    replica_root: Path, tmp_path: Path, caplog
+) -> None:
+    register_configs()
+    overrides = ["data=breakhis", f"data.root={replica_root}", "magnification=100x"]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    with caplog.at_level(logging.WARNING, logger="breakhis_ft.run.experiment"):
+        _, splits = prepare_data(cfg, tmp_path)
+    (warning,) = [r.getMessage() for r in caplog.records if "temperature" in r.getMessage()]
+    assert f"val has {len(splits['val'])} images (fewer than 50)" in warning
+    assert "evaluate.temperature_scaling=false" in warning
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        off = compose("train", overrides=[*overrides, "evaluate.temperature_scaling=false"])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="breakhis_ft.run.experiment"):
+        prepare_data(off, tmp_path)
+    assert not [r for r in caplog.records if "temperature" in r.getMessage()]
