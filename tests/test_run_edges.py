@@ -3,22 +3,28 @@ leaves nothing behind, known errors end on one message and their exit status."""
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import yaml
 from helpers.cli_runs import FAST, REPO, run_cli, single_run_dir
 from hydra import compose, initialize_config_dir
+from test_report import _keep_figures, _titles, make_run
 
-from breakhis_ft.analysis.runs import find_runs
+from breakhis_ft.analysis.plots import plot_sweep
+from breakhis_ft.analysis.runs import find_runs, load_run
 from breakhis_ft.config import EvaluateConfig, register_configs
-from breakhis_ft.evaluate.calibration import read_temperature
+from breakhis_ft.evaluate.calibration import plot_reliability, read_temperature
 from breakhis_ft.evaluate.metrics import write_predictions
 from breakhis_ft.run.calibrate import calibrate_run
 from breakhis_ft.run.experiment import prepare_data
+from breakhis_ft.tools import report as report_tool
 
 BIN = Path(sys.executable).parent
 # what the terminal showed of every run before: bitsandbytes' kernel warning, transformers'
@@ -151,3 +157,83 @@ def test_a_run_warns_at_its_start_when_val_is_too_small_for_the_temperature(
     with caplog.at_level(logging.WARNING, logger="breakhis_ft.run.experiment"):
         prepare_data(off, tmp_path)
     assert not [r for r in caplog.records if "temperature" in r.getMessage()]
+
+
+# ---- plots: titles, one sweep panel per swept key, the reliability gap --------------------------
+
+
+def _sweep_of_four_keys(parent: Path) -> list[Path]:
+    """Six runs over four keys (the rank, a learning rate over two decades, weight decay, the
+    seed), with val/test intervals."""
+    paths = []
+    grid = [(4, 1e-5, 0.0, 1), (8, 1e-4, 0.01, 2), (16, 1e-3, 0.0, 3), (4, 1e-3, 0.01, 1)]
+    for i, (r, lr, decay, seed) in enumerate(grid):
+        path = make_run(parent, f"job{i}", "completed", r=r, accuracy=0.3 + 0.1 * i)
+        cfg = yaml.safe_load((path / ".hydra" / "config.yaml").read_text())
+        cfg["trainer"].update(lr=lr, weight_decay=decay)
+        cfg["seed"] = seed
+        (path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+        metrics = json.loads((path / "metrics.json").read_text())
+        for split in ("val", "test"):
+            value = metrics[split]["balanced_accuracy"]
+            metrics[split]["balanced_accuracy_ci95"] = [value - 0.05, value + 0.05]
+        (path / "metrics.json").write_text(json.dumps(metrics))
+        paths.append(path)
+    return paths
+
+
+def test_report_plots_title_runs_by_their_settings_not_selection_none(
+    tmp_path: Path, monkeypatch
+) -> None:
+    kept = _keep_figures(monkeypatch)
+    _sweep_of_four_keys(tmp_path / "sweep")
+    assert report_tool.main([str(tmp_path / "sweep"), "--plots", "--out", str(tmp_path)]) == 0
+    titles = {stem: _titles(fig) for stem, fig in kept if stem != "sweep"}
+    assert titles, kept
+    for title in titles.values():
+        assert "selection" not in title and "None" not in title, title
+        assert "trainer.lr=" in title and "seed=" in title
+
+
+def test_the_sweep_plot_has_one_panel_per_swept_key_with_log_axes_over_decades(
+    tmp_path: Path, monkeypatch
+) -> None:
+    kept = _keep_figures(monkeypatch)
+    runs = [load_run(p) for p in _sweep_of_four_keys(tmp_path)]
+    plot_sweep(runs, "val/balanced_accuracy", tmp_path / "sweep.png")
+    ((_, fig),) = kept
+    panels = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
+    keys = ["peft.r", "trainer.lr", "peft.alpha", "seed", "trainer.weight_decay"]
+    assert sorted(panels) == sorted(f"val/balanced_accuracy vs {k}" for k in keys)
+    assert panels["val/balanced_accuracy vs trainer.lr"].get_xscale() == "log"  # 1e-5 .. 1e-3
+    assert panels["val/balanced_accuracy vs peft.r"].get_xscale() == "linear"  # 4 .. 16
+    lr = panels["val/balanced_accuracy vs trainer.lr"]
+    plotted = sorted(float(x) for c in lr.containers for x in c.lines[0].get_xdata())
+    assert plotted == sorted([1e-5, 1e-4, 1e-3, 1e-3] * 2)  # every run, val and test
+
+
+def test_the_reliability_gap_over_an_accuracy_bar_has_the_legend_colour(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A bin more accurate than confident: its gap lies over the accuracy bar; what is drawn there
+    is the colour the legend shows for "gap", not a blend of the two."""
+    import matplotlib.pyplot as plt
+
+    figures: list = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    bins = {"edges": [0.0, 0.5, 1.0], "accuracy": [0.2, 0.9], "confidence": [0.3, 0.6]}
+    plot_reliability({**bins, "count": [5, 5]}, tmp_path / "r.png")
+    (fig,) = figures
+    fig.canvas.draw()
+    pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(int)
+    height = pixels.shape[0]
+    (ax,) = fig.axes
+
+    def at(x: float, y: float) -> np.ndarray:
+        px, py = ax.transData.transform((x, y))
+        return pixels[int(height - py), int(px)]
+
+    swatch = ax.get_legend().get_patches()[1].get_window_extent()
+    legend = pixels[int(height - swatch.y0 - swatch.height / 2), int(swatch.x0 + swatch.width / 2)]
+    assert np.abs(at(0.9, 0.7) - legend).max() <= 2  # inside the gap, over the accuracy bar
+    assert np.abs(at(0.9, 0.3) - legend).max() > 40  # the accuracy bar below it is not the gap
