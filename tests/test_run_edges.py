@@ -24,6 +24,7 @@ from breakhis_ft.evaluate.calibration import plot_reliability, read_temperature
 from breakhis_ft.evaluate.metrics import write_predictions
 from breakhis_ft.run.calibrate import calibrate_run
 from breakhis_ft.run.experiment import prepare_data
+from breakhis_ft.tools import predict as predict_tool
 from breakhis_ft.tools import report as report_tool
 
 BIN = Path(sys.executable).parent
@@ -237,3 +238,39 @@ def test_the_reliability_gap_over_an_accuracy_bar_has_the_legend_colour(
     legend = pixels[int(height - swatch.y0 - swatch.height / 2), int(swatch.x0 + swatch.width / 2)]
     assert np.abs(at(0.9, 0.7) - legend).max() <= 2  # inside the gap, over the accuracy bar
     assert np.abs(at(0.9, 0.3) - legend).max() > 40  # the accuracy bar below it is not the gap
+
+
+# ---- predict --patient ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "given,named",
+    [
+        ("SOB_B_A_14-22549AB/100X", "SOB_B_A_14-22549AB"),
+        ("SOB_B_A_14-22549AB/100X/", "SOB_B_A_14-22549AB"),
+        ("patient_17", "patient_17"),
+    ],
+)
+def test_predict_patient_names_the_patient_not_its_magnification_folder(
+    given: str, named: str, tmp_path: Path, monkeypatch
+) -> None:
+    """`breakhis-ft-predict RUN <patient>/100X/ --patient`: the fused row's patient is the folder
+    above the magnification folder (the model and the fusion are stood in for: only the name is
+    checked)."""
+    folder = tmp_path / given
+    folder.mkdir(parents=True)
+    (folder / "a.png").write_bytes(b"")
+    fused: list[str] = []
+    monkeypatch.setattr(predict_tool, "load_predictor", lambda *a, **k: None)
+
+    def fuse(predictor, paths, out, patient, fusion, **kw):
+        fused.append(patient)
+        return {"pred": "x", "n_images": 1, "fusion": "f", "n_unreadable": 0}
+
+    monkeypatch.setattr(predict_tool, "predict_patient", fuse)
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("{}")
+    assert predict_tool.main([str(run), given, "--patient", "--out", "p.csv"]) == 0
+    assert fused == [named]
