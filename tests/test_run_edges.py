@@ -17,6 +17,7 @@ from helpers.cli_runs import FAST, REPO, run_cli, single_run_dir
 from hydra import compose, initialize_config_dir
 from test_report import _keep_figures, _titles, make_run
 
+from breakhis_ft import errors
 from breakhis_ft.analysis.plots import plot_sweep
 from breakhis_ft.analysis.runs import find_runs, load_run
 from breakhis_ft.config import EvaluateConfig, register_configs
@@ -274,3 +275,24 @@ def test_predict_patient_names_the_patient_not_its_magnification_folder(
     (run / ".hydra" / "config.yaml").write_text("{}")
     assert predict_tool.main([str(run), given, "--patient", "--out", "p.csv"]) == 0
     assert fused == [named]
+
+
+def test_each_known_error_has_its_exit_status() -> None:
+    """errors.EXIT_CODES: subclasses by their own class (StainFitError is a data error), any
+    other error none (a bug: its traceback is printed)."""
+    statuses = {
+        errors.ConfigError("x"): 2,
+        errors.FeatureCacheError("x"): 2,
+        errors.BadDataError("x"): 3,
+        errors.StainFitError("x"): 3,
+        errors.SplitLeakError("x"): 3,
+        errors.ModelLoadError("x"): 4,
+        errors.CheckpointError("x"): 4,
+        errors.DeviceError("x"): 5,
+        errors.NonFiniteError("x"): 6,
+        ValueError("x"): None,
+        OSError("x"): None,
+    }
+    assert {type(e).__name__: errors.exit_code(e) for e in statuses} == {
+        type(e).__name__: s for e, s in statuses.items()
+    }
