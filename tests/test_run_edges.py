@@ -231,14 +231,20 @@ def test_the_reliability_gap_over_an_accuracy_bar_has_the_legend_colour(
     height = pixels.shape[0]
     (ax,) = fig.axes
 
-    def at(x: float, y: float) -> np.ndarray:
+    def dominant(x0: float, y0: float, x1: float, y1: float) -> tuple[int, ...]:
+        """The commonest colour of a block of pixels (display coordinates, y up)."""
+        block = pixels[int(height - y1) : int(height - y0), int(x0) : int(x1)].reshape(-1, 3)
+        found, counts = np.unique(block, axis=0, return_counts=True)
+        return tuple(found[counts.argmax()])
+
+    def around(x: float, y: float) -> tuple[int, ...]:
         px, py = ax.transData.transform((x, y))
-        return pixels[int(height - py), int(px)]
+        return dominant(px - 8, py - 8, px + 8, py + 8)
 
     swatch = ax.get_legend().get_patches()[1].get_window_extent()
-    legend = pixels[int(height - swatch.y0 - swatch.height / 2), int(swatch.x0 + swatch.width / 2)]
-    assert np.abs(at(0.9, 0.7) - legend).max() <= 2  # inside the gap, over the accuracy bar
-    assert np.abs(at(0.9, 0.3) - legend).max() > 40  # the accuracy bar below it is not the gap
+    legend = dominant(swatch.x0 + 2, swatch.y0 + 2, swatch.x1 - 2, swatch.y1 - 2)
+    assert around(0.9, 0.7) == legend  # inside the gap, over the accuracy bar
+    assert around(0.9, 0.3) != legend  # the accuracy bar below it
 
 
 # ---- predict --patient ---------------------------------------------------------------------------

@@ -136,7 +136,6 @@ def _draw(ax: Any, pts: list[Point], xs: list, numeric: bool, **style: Any) -> t
             [y - lo for y, lo in zip(ys, lows, strict=True)],
             [hi - y for y, hi in zip(ys, highs, strict=True)],
         ],
-        marker="o",
         capsize=3,
         linestyle=line_style,
         **style,
@@ -160,10 +159,15 @@ def _panel(ax: Any, runs: Sequence[Run], key: str, metric: str, beside: str | No
     shown = "each run's optimized_metric" if metric == SELECTION else metric
     drawn: list[float] = []
     line = None
-    for series, style, name in ((points, "-", shown), (extra, "--", beside)):
+    # the criterion in filled circles; `beside` in hollow diamonds of the same colour
+    series_styles = (
+        (points, {"linestyle": "-", "marker": "o"}, shown),
+        (extra, {"linestyle": "--", "marker": "D", "markerfacecolor": "white"}, beside),
+    )
+    for series, style, name in series_styles:
         if series:
             colour = None if line is None else line.get_color()
-            line, values = _draw(ax, series, xs, numeric, linestyle=style, color=colour, label=name)
+            line, values = _draw(ax, series, xs, numeric, color=colour, label=name, **style)
             drawn += values
     _y_limits(ax, drawn)
     if base := _log_base(xs):
