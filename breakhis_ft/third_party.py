@@ -27,6 +27,16 @@ BITSANDBYTES = "bitsandbytes"
 # loggers whose records the terminal shows at every level: the project's, Hydra's (a sweep's
 # "Launching jobs") and a script run as __main__; any other logger's only from ERROR up
 OWN_LOGGERS = ("breakhis_ft", "hydra", "hydra_plugins", "benchmarks", "__main__")
+# the libraries' "is bitsandbytes installed" checks that cache their answer (functools.lru_cache):
+# asked while it was held back they answered no, so they are cleared when it is let in
+CACHED_CHECKS = (
+    ("peft.import_utils", ("is_bnb_available", "is_bnb_4bit_available")),
+    ("transformers.utils.import_utils", ("is_bitsandbytes_available",)),
+    (
+        "accelerate.utils.imports",
+        ("is_bnb_available", "is_4bit_bnb_available", "is_8bit_bnb_available"),
+    ),
+)
 # libraries that log to stderr through handlers of their own: routed to the root logger instead
 OWN_HANDLER_LIBRARIES = ("huggingface_hub", "datasets")
 
@@ -56,11 +66,12 @@ def enable_bitsandbytes() -> None:
     if not bitsandbytes_deferred():
         return
     del sys.modules[BITSANDBYTES]
-    checks = sys.modules.get("peft.import_utils")
-    for name in ("is_bnb_available", "is_bnb_4bit_available"):
-        cache_clear = getattr(getattr(checks, name, None), "cache_clear", None)
-        if cache_clear is not None:
-            cache_clear()
+    for module, names in CACHED_CHECKS:
+        checks = sys.modules.get(module)
+        for name in names:
+            cache_clear = getattr(getattr(checks, name, None), "cache_clear", None)
+            if cache_clear is not None:
+                cache_clear()
     helpers = sys.modules.get("peft.helpers")
     if helpers is not None and getattr(helpers, "bnb", False) is None and bitsandbytes_installed():
         import bitsandbytes

@@ -70,11 +70,14 @@ def test_bitsandbytes_is_held_back_until_4bit_asks_for_it() -> None:
         "from peft.import_utils import is_bnb_available, is_bnb_4bit_available\n"
         "assert sys.modules['bitsandbytes'] is None, 'imported'\n"
         "assert not is_bnb_available()\n"
+        "from transformers.utils.import_utils import is_bitsandbytes_available\n"
+        "assert not is_bitsandbytes_available()  # cached: transformers' 4-bit loader asks it\n"
         "import torch\n"
         "from breakhis_ft.models.gemma_loading import qlora_quantization\n"
         "qlora_quantization(torch.bfloat16)\n"
         "assert sys.modules['bitsandbytes'] is not None\n"
         "assert is_bnb_available() and is_bnb_4bit_available()\n"
+        "assert is_bitsandbytes_available()\n"
         "print('ok')\n"
     )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
