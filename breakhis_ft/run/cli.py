@@ -77,8 +77,8 @@ log = logging.getLogger(__name__)
 CONFIG_PACKAGE = "breakhis_ft.conf"
 RUN_DIR_ENV = "BREAKHIS_FT_RUN_DIR"  # one run folder for all ranks of a multi-process run
 FULL_ERROR_ENV = "HYDRA_FULL_ERROR"  # "1": tracebacks on the terminal too (Hydra's own switch)
-# Hydra flags after which no job runs in hydra.run.dir (help, config printing, sweeps)
 _made_run_dirs: set[Path] = set()  # given run folders this command made (before Hydra ran)
+# Hydra flags after which no job runs in hydra.run.dir (help, config printing, sweeps)
 _NO_RUN_DIR_FLAGS = {
     "-h",
     "--help",
