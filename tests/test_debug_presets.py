@@ -46,14 +46,14 @@ def test_limit_eval_batches_predicts_the_first_examples_only(tmp_path) -> None:
     assert result.history[-1]["val/n"] == 8  # of 16
 
 
-def test_val_loss_is_the_true_class_nll_and_grad_norm_is_before_clipping(tmp_path) -> None:
+def test_val_class_nll_is_the_true_class_nll_and_grad_norm_is_before_clipping(tmp_path) -> None:
     logged: list[dict] = []
     clf, result, cfg = toy_run(
         tmp_path, log=lambda m, s: logged.append(m), max_steps=3, max_grad_norm=1e-4
     )
     probs, labels, _ = _predict(clf, cfg)
     nll = float(-probs[torch.arange(len(labels)), labels].log().mean())
-    assert result.history[-1]["val/loss"] == pytest.approx(nll, rel=1e-5)
+    assert result.history[-1]["val/class_nll"] == pytest.approx(nll, rel=1e-5)
     norms = [m["train/grad_norm"] for m in logged if "train/grad_norm" in m]
     assert len(norms) == 3 and min(norms) > 100 * 1e-4  # the norm before clipping to 1e-4
 
