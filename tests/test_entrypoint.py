@@ -180,12 +180,19 @@ def test_monitorable_metrics_are_what_the_metrics_produce() -> None:
     probs = torch.softmax(torch.randn(16, 8, generator=torch.Generator().manual_seed(0)), 1)
     labels = torch.arange(16) % 8
     metrics = compute_metrics(probs, labels, names, ["p"] * 16, None, malignant_flags(names))
-    metrics["loss"] = true_class_nll(probs, labels)  # as the recipe's evaluate adds it
+    metrics["class_nll"] = true_class_nll(probs, labels)  # as the recipe's evaluate adds it
     for name in monitorable(cfg):
         value = metrics
         for key in name.split("/")[1:]:
             value = value[key]
         assert isinstance(value, float), name
+
+
+def test_monitoring_val_loss_names_the_class_nll() -> None:
+    cfg = compose_train(["trainer.monitor=val/loss", "trainer.monitor_mode=min"])
+    with pytest.raises(ConfigError, match="set trainer.monitor=val/class_nll"):
+        validate_config(cfg)
+    validate_config(compose_train(["trainer.monitor=val/class_nll", "trainer.monitor_mode=min"]))
 
 
 def test_fp16_is_allowed_when_asked() -> None:
@@ -291,8 +298,10 @@ def test_same_command_twice_gives_identical_metrics(first_run, tmp_path: Path) -
 
 
 def test_rerun_from_folder_gives_identical_metrics_in_a_new_folder(first_run) -> None:
+    from helpers.wandb_records import records, run_record, run_summary
+
     run_dir, cache = first_run
-    done = run_cli([f"rerun={run_dir}", "logger.mode=disabled"], cache)
+    done = run_cli([f"rerun={run_dir}", "logger.mode=offline", "logger.log_model=none"], cache)
     assert done.returncode == 0, done.stderr[-3000:]
     refused = run_cli([f"rerun={run_dir}", "logger=none"], cache, timeout=60)
     assert refused.returncode != 0 and "override its keys instead of logger=none" in refused.stderr
@@ -303,6 +312,17 @@ def test_rerun_from_folder_gives_identical_metrics_in_a_new_folder(first_run) ->
     # composed from the saved config (no groups), the rerun still reports the source's choices
     choices = load_run(run_dir).choices
     assert choices["model"] == "tiny_gemma3" and load_run(reruns[0]).choices == choices
+    # the rerun's log keeps the project's name; W&B names its source and records its own overrides
+    assert (reruns[0] / "breakhis-ft.log").is_file() and not (reruns[0] / "cli.log").exists()
+    source = json.loads((run_dir / "run_info.json").read_text())["wandb"]
+    (offline,) = (reruns[0] / "wandb").glob("offline-run-*")
+    run = run_record(records(offline))
+    assert run["display_name"].startswith(f"rerun of {source['name'][:40]}")
+    assert len(run["display_name"]) < 64 and "rerun" in run["tags"]
+    assert run["notes"] == f"rerun of {run_dir} (W&B run {source['id']})"
+    state = run_summary(offline)
+    assert state["config"]["hydra"]["overrides"] == ["logger.mode=offline", "logger.log_model=none"]
+    assert state["config"]["rerun_of"] == str(run_dir)
 
 
 def test_multirun_writes_one_complete_folder_per_job(first_run, tmp_path: Path) -> None:
