@@ -4,6 +4,7 @@ python -m benchmarks bench         # scoring, feature and image caches; --gpu; -
 python -m benchmarks real-size     # MedGemma 4B and MedSigLIP-448: one real step on the CPU
 python -m benchmarks stain-effect  # the demo with and without stain normalisation, by seed
 python -m benchmarks stain-cost    # CPU seconds per 700x460 image of Macenko and Reinhard
+python -m benchmarks compare-resamples  # resamples report --compare needs for a steady verdict
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ COMMANDS = {
     "real-size": "benchmarks.real_size",
     "stain-effect": "benchmarks.stain_effect",
     "stain-cost": "benchmarks.stain_cost",
+    "compare-resamples": "benchmarks.compare_resamples",
 }
 
 

@@ -55,6 +55,13 @@ class GroupBy(StrEnum):
     patient = "patient"
 
 
+class BalanceDraw(StrEnum):
+    seeded = "seeded"  # numpy's generator, seeded by split.seed and the split
+    # the blog notebook's draw: pandas' DataFrame.sample(n=k, random_state=split.seed) of the
+    # benign and of the malignant images, each in their Folds.csv row order (split=official_fold)
+    pandas = "pandas"
+
+
 class LabelField(StrEnum):
     subtype = "subtype"  # the subtype folder name (8 classes, eva's 4)
     tumor_class = "tumor_class"  # benign | malignant
@@ -224,6 +231,7 @@ class SplitConfig:
     val_fraction: float = 0.15  # official_fold, patient k-fold: share of train moved to validation
     balance_binary: float | None = None  # undersample benign:malignant to 1:this (blog: 1.0)
     balance_splits: list[str] = field(default_factory=lambda: ["train"])
+    balance_draw: BalanceDraw = BalanceDraw.seeded  # which images the undersampling keeps
     # a split that lacks a class of the task (a class with no training image, or too few patient
     # groups to reach val or test): false warns at the start and records it in data_stats.json;
     # true refuses to run, naming the split and the classes
@@ -271,6 +279,10 @@ class MedGemmaConfig(ModelConfig):
     kind: ModelKind = ModelKind.medgemma
     attn_implementation: Attention = Attention.sdpa
     loss_on: LossOn = LossOn.answer  # answer (answer + end of turn) | all_text (the blog's)
+    # the processor's add_special_tokens on the chat-templated text. false: the
+    # template's one <bos>; true: the tokenizer adds its own too, as the blog notebook's
+    # `processor(text=...)` did (two <bos> with MedGemma's tokenizer, which adds one)
+    add_special_tokens: bool = False
     # auto (where valid) | true | false; Any keeps a YAML `true` a bool instead of the string "True"
     cache_vision_features: Any = "auto"
     freeze_vision: bool = True  # keep vision tower + projector frozen (unless LoRA targets them)
@@ -363,11 +375,12 @@ class TrainerConfig:
 @dataclass
 class EvaluateConfig:
     """The statistics of the final evaluation (val and test after training), not of the
-    per-epoch validation, which stays cheap. Intervals resample patients, not images."""
+    per-epoch validation, which stays cheap. Intervals resample the split's patient groups
+    (split.group_by: stems or patient folders) within each class, not images."""
 
-    bootstrap_resamples: int = 1000  # patient-bootstrap resamples of each interval; 0: none
+    bootstrap_resamples: int = 1000  # group-bootstrap resamples of each interval; 0: none
     ci_level: float = 0.95  # interval coverage; the keys carry it: balanced_accuracy_ci95
-    seed: int = 0  # the resamples depend on the test patients and this seed only
+    seed: int = 0  # the resamples depend on the test groups, their classes and this seed only
     calibration_bins: int = 15  # equal-width confidence bins of ECE, MCE and reliability plots
     # one temperature fitted on val (NLL), applied to test and reported before/after; saved in
     # calibration.json and used by predict and exports

@@ -124,6 +124,12 @@ def _check_split(cfg: DictConfig) -> None:
         )
     if cfg.split.kind == "official_fold":
         _check(1 <= cfg.split.fold <= 5, "split.fold", "Folds.csv has folds 1-5")
+    _check(
+        cfg.split.get("balance_draw", "seeded") != "pandas" or cfg.split.kind == "official_fold",
+        "split.balance_draw",
+        "pandas draws over the rows of Folds.csv, as the blog notebook did: it needs "
+        "split=official_fold (or split.balance_draw=seeded)",
+    )
     if cfg.split.n_folds > 1:
         _check(
             1 <= cfg.split.fold <= cfg.split.n_folds,

@@ -1,10 +1,15 @@
-"""The blog notebook's protocol, piece by piece: prompt text, answer regex, the 13412 leak."""
+"""The blog notebook's protocol, piece by piece: prompt text, answer regex, the 13412 leak, the
+balanced subset."""
 
 from __future__ import annotations
 
-import pytest
+from dataclasses import replace
+from pathlib import Path
 
-from breakhis_ft.config import PromptConfig, SplitConfig
+import pytest
+import torch
+
+from breakhis_ft.config import MedGemmaConfig, PeftConfig, PromptConfig, SplitConfig
 from breakhis_ft.data.breakhis import FoldsTable, data_stats, scan_breakhis
 from breakhis_ft.data.records import class_names
 from breakhis_ft.data.splits import assign_splits, duplicate_leaks
@@ -27,6 +32,7 @@ Classes (0-7):
 Answer with only the number (0-7):"""
 
 BLOG = PromptConfig(style="numbered", class_names="blog", parse="blog_regex")
+CLASSES = class_names("subtype8")
 
 
 def test_blog_wording_is_the_notebooks_prompt() -> None:
@@ -103,3 +109,92 @@ def test_both_copies_of_13412_leak_into_test_and_are_counted(replica_root) -> No
     clean = assign_splits(kept.records, cfg, "subtype8", [100], _leaky_folds(kept))
     assert duplicate_leaks(clean) == {"val": 0, "test": 0}
     assert not [r for r in clean["test"] if r.patient == "13412"]
+
+
+def _notebook_draw(folds_csv: Path, grp: str) -> list[str]:
+    """The notebook's balanced subset of fold 1 at 100X, its own pandas code on Folds.csv."""
+    pd = pytest.importorskip("pandas")
+    folds = pd.read_csv(folds_csv)
+    folds_100x = folds[(folds["mag"] == 100) & (folds["fold"] == 1)]
+    part = folds_100x[folds_100x["grp"] == grp]
+    benign = part[part["filename"].str.contains("benign")]
+    malignant = part[part["filename"].str.contains("malignant")]
+    n = min(len(benign), len(malignant))
+    assert n < max(len(benign), len(malignant))  # the draw decides which images are kept
+    drawn = pd.concat([benign.sample(n=n, random_state=42), malignant.sample(n=n, random_state=42)])
+    return sorted(name.rsplit("/", 1)[-1] for name in drawn["filename"])
+
+
+def test_the_notebook_presets_subset_is_the_images_pandas_draws(replica_root: Path) -> None:
+    scan = scan_breakhis(replica_root, duplicate_keep="both")
+    cfg = SplitConfig(
+        kind="official_fold",
+        group_by="patient",
+        fold=1,
+        val_fraction=0.0,
+        balance_binary=1.0,
+        balance_splits=["train", "test"],
+        balance_draw="pandas",
+        seed=42,
+    )
+    splits = assign_splits(scan.records, cfg, "subtype8", [100], scan.folds)
+    seeded = assign_splits(
+        scan.records, replace(cfg, balance_draw="seeded"), "subtype8", [100], scan.folds
+    )
+    for grp in ("train", "test"):
+        expected = _notebook_draw(replica_root / "Folds.csv", grp)
+        assert sorted(r.path.rsplit("/", 1)[-1] for r in splits[grp]) == expected
+        assert sorted(r.path.rsplit("/", 1)[-1] for r in seeded[grp]) != expected
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Gemma 3 (built once per session)."""
+    from helpers.medgemma_toy import tiny_path
+
+    return tiny_path(tmp_path_factory)
+
+
+def _blog_classifier(path: Path, add_special_tokens: bool):
+    """The tiny model with the notebook preset's prompt and loss (fp32, LoRA)."""
+    from helpers.builders import build
+
+    model_cfg = MedGemmaConfig(
+        name_or_path=str(path),
+        loss_on="all_text",
+        add_special_tokens=add_special_tokens,
+        prompt=BLOG,
+    )
+    return build(model_cfg, PeftConfig(target_modules="all-linear"), "fp32", CLASSES)
+
+
+def test_the_preset_tokenises_as_the_notebook_double_bos_with_medgemmas_tokenizer(tiny) -> None:
+    nb = pytest.importorskip("benchmarks.notebook")  # trl
+    from helpers.medgemma_toy import examples
+
+    example = examples(1, seed=0)[0]
+    messages = nb.format_messages(nb.BLOG_PROMPT, "0")  # class 0's answer, as example's label
+    notebook_example = {"image": example["image"], "messages": messages}
+    preset = _blog_classifier(tiny, add_special_tokens=True)  # blog_notebook_100x
+    corrected = _blog_classifier(tiny, add_special_tokens=False)  # every other preset
+    bos = preset.processor.tokenizer.bos_token_id
+
+    def starts(ids) -> list[int]:
+        return ids[0, :3].tolist()
+
+    # the tiny tokenizer adds no <bos> of its own: the notebook's call gives the template's one
+    notebook = nb.make_collate_fn(preset.processor)([notebook_example])
+    assert starts(notebook["input_ids"]).count(bos) == 1
+    # MedGemma's tokenizer adds one (add_bos_token): the notebook's call then gives two, and so
+    # does the preset, token for token, labels too; the other presets keep the template's one
+    for clf in (preset, corrected):
+        clf.processor.tokenizer.add_bos_token = True
+    notebook = nb.make_collate_fn(preset.processor)([notebook_example])
+    ours = preset.collate([example], train=True)
+    assert starts(notebook["input_ids"])[:2] == [bos, bos]
+    assert torch.equal(ours["input_ids"], notebook["input_ids"])
+    assert torch.equal(ours["labels"], notebook["labels"])
+    single = corrected.collate([example], train=True)["input_ids"]
+    assert starts(single).count(bos) == 1 and torch.equal(single[0], ours["input_ids"][0, 1:])
+    # the prompt-only batches of the evaluation too
+    assert starts(preset.collate([example], train=False)["input_ids"])[:2] == [bos, bos]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from dataclasses import replace
 
@@ -16,8 +17,11 @@ from breakhis_ft.data.splits import (
     SplitLeakError,
     assign_splits,
     check_no_leak,
+    split_coverage,
     split_rows,
     split_summary,
+    straddle_warning,
+    straddling_stems,
 )
 
 ALL = [40, 100, 200, 400]
@@ -132,6 +136,45 @@ def test_eva_protocol(replica_scan):
         assign_splits(replica_scan.records, replace(cfg, group_by="stem"), "eva4", [40])
     with pytest.raises(ValueError, match="task=eva4 at magnification=40x"):
         assign_splits(replica_scan.records, cfg, "subtype8", [40])
+
+
+def test_eva_names_its_validation_patients_missing_from_the_data(replica_scan, caplog):
+    cfg = SplitConfig(kind="eva", group_by="patient")
+    with caplog.at_level(logging.WARNING, logger="breakhis_ft.data.splits"):
+        assign_splits(replica_scan.records, cfg, "eva4", [40])
+    assert "split=eva" not in caplog.text  # the replica has every folder: nothing missing
+    gone = {"3909", "21998EF"}
+    fewer = [r for r in replica_scan.records if r.patient not in gone]
+    with caplog.at_level(logging.WARNING, logger="breakhis_ft.data.splits"):
+        splits = assign_splits(fewer, cfg, "eva4", [40])
+    assert "2 of eva's 14 validation patients are missing from the data (21998EF, 3909)" in (
+        caplog.text
+    )
+    assert {r.patient for r in splits["val"]} == EVA_VAL_PATIENTS - gone
+    none = [r for r in replica_scan.records if r.patient not in EVA_VAL_PATIENTS]
+    with pytest.raises(BadDataError, match="split=eva: none of eva's 14 validation patients"):
+        assign_splits(none, cfg, "eva4", [40])
+
+
+def test_official_folds_let_sibling_slides_straddle_and_count_them(replica_scan):
+    cfg = SplitConfig(kind="official_fold", group_by="patient", fold=1)
+    splits = assign_splits(replica_scan.records, cfg, "subtype8", ALL, replica_scan.folds)
+    straddling = straddling_stems(splits)
+    by_hand = {}
+    for stem in {r.stem for records in splits.values() for r in records}:
+        where = [name for name in SPLITS if any(r.stem == stem for r in splits[name])]
+        if len(where) > 1:
+            by_hand[stem] = where
+    assert straddling == by_hand and "22549" in straddling  # 22549AB/CD/G: folders apart
+    coverage = split_coverage(splits, "subtype8", cfg)
+    assert coverage["straddling_stems"] == {"count": len(by_hand), "stems": by_hand}
+    assert f"{len(by_hand)} stem(s) have sibling slides in more than one split" in (
+        straddle_warning(coverage)
+    )
+    # split=patient groups by stem: nothing straddles, nothing to warn about
+    kept = assign_splits(replica_scan.records, SplitConfig(), "subtype8", ALL)
+    assert straddling_stems(kept) == {}
+    assert straddle_warning(split_coverage(kept, "subtype8", SplitConfig())) is None
 
 
 def test_check_no_leak_names_the_group(replica_scan):

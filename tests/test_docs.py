@@ -72,19 +72,57 @@ def test_readme_opens_with_the_two_commands_the_makefile_runs() -> None:
         assert done.returncode == 0, done.stderr
 
 
-def test_no_file_cites_the_background_notes() -> None:
-    notes = ("REFERENCE" + ".md", "research" + ".md")  # cite docs/references.md instead
-    files = subprocess.run(
+def tracked_files() -> list[str]:
+    """The repository's files that git tracks or would (untracked, not ignored)."""
+    return subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
         cwd=REPO,
         capture_output=True,
         text=True,
         check=True,
     ).stdout.split()
+
+
+def test_no_file_cites_the_background_notes() -> None:
+    notes = ("REFERENCE" + ".md", "research" + ".md")  # cite docs/references.md instead
     citing = []
-    for name in files:
+    for name in tracked_files():
         path = REPO / name
         if path.is_file() and path.suffix in {".py", ".md", ".yaml", ".toml", ".txt", ""}:
             text = path.read_text(errors="ignore")
             citing += [f"{name}: {note}" for note in notes if note in text]
     assert citing == []
+
+
+def slug(heading: str) -> str:
+    """The anchor mkdocs gives a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[\s]+", "-", re.sub(r"[^\w\s-]", "", heading.strip().lower()))
+
+
+def missing_reference_anchors(files: dict[str, str], references: str) -> list[str]:
+    """The citations of a section of the references page (its name, `#`, an anchor) among `files`
+    (name -> text) that name none of its headings."""
+    anchors = {slug(h) for h in re.findall(r"^#+\s+(.+)$", references, re.MULTILINE)}
+    return [
+        f"{name}: #{anchor}"
+        for name, text in files.items()
+        for anchor in re.findall(r"references\.md#([\w-]+)", text)
+        if anchor not in anchors
+    ]
+
+
+def test_every_citation_of_the_references_page_names_one_of_its_sections() -> None:
+    files = {
+        name: (REPO / name).read_text(errors="ignore")
+        for name in tracked_files()
+        if (REPO / name).is_file() and Path(name).suffix in {".py", ".md", ".yaml", ".toml"}
+    }
+    cited = [name for name, text in files.items() if "references.md" in text]
+    assert len(cited) > 10  # code, configs and pages cite it
+    assert missing_reference_anchors(files, (REPO / "docs" / "references.md").read_text()) == []
+    # the check sees a wrong anchor
+    page = "# References\n\n## The blog notebook\n\n## kaiko-ai/eva\n"
+    cite = "references" + ".md#"  # split: this file's own text is scanned above
+    wrong = {"a.md": f"[x]({cite}the-blog-notebook) [y]({cite}kaiko-aieva)"}
+    wrong["b.yaml"] = f"# see docs/{cite}the-blog"
+    assert missing_reference_anchors(wrong, page) == ["b.yaml: #the-blog"]

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers.hand_stats import hand_stratified_draws
 
 from breakhis_ft.config import EvaluateConfig, Fusion
 from breakhis_ft.data.records import class_names
@@ -17,6 +18,7 @@ from breakhis_ft.evaluate.bootstrap import (
     ci_key,
     f1_weighted,
     recognition_rate,
+    units_of,
 )
 from breakhis_ft.evaluate.calibration import calibration_metrics
 from breakhis_ft.evaluate.final import final_metrics, fit_split_temperature
@@ -78,9 +80,12 @@ def test_recognition_rate_interval_counts_a_patient_drawn_twice_twice():
     correct = probs.argmax(axis=1) == labels
     ids = sorted(set(patients))
     rate = {pid: correct[[i for i, p in enumerate(patients) if p == pid]].mean() for pid in ids}
+    class_of = {pid: int(labels[patients.index(pid)]) for pid in ids}
+    groups_of_class = {c: [p for p in ids if class_of[p] == c] for c in set(class_of.values())}
     rng = np.random.default_rng(11)
     values = [
-        np.mean([rate[ids[d]] for d in rng.integers(0, len(ids), len(ids))]) for _ in range(300)
+        np.mean([rate[pid] for pid in hand_stratified_draws(groups_of_class, rng)])
+        for _ in range(300)
     ]
     lo, hi = np.quantile(values, [0.025, 0.975])
     got = bootstrap_intervals(
@@ -88,6 +93,18 @@ def test_recognition_rate_interval_counts_a_patient_drawn_twice_twice():
     )["r"]
     assert (got.lo, got.hi) == pytest.approx((lo, hi), abs=1e-12)
     assert got.estimate == pytest.approx(np.mean(list(rate.values())))
+
+
+def test_recognition_rate_of_stem_units_averages_each_drawn_folder():
+    # two sibling folders of one stem, resampled together: the rate still averages the folders
+    probs = np.eye(8)[[0, 0, 1, 0]] * 0.9 + 0.0125
+    labels = np.array([0, 0, 0, 0])
+    patients = ["22549AB", "22549AB", "22549CD", "3411F"]
+    units = units_of(patients, "stem")
+    got = bootstrap_intervals({"r": recognition_rate}, probs, labels, units, 50)["r"]
+    # folders 22549AB (1.0), 22549CD (0.0), 3411F (1.0); stems 22549 and 3411 drawn 0-2 times
+    assert got.estimate == pytest.approx(2 / 3)
+    assert 0.0 <= got.lo <= got.hi <= 1.0 and got.n_valid == 50
 
 
 def test_final_metrics_store_intervals_calibration_and_patient_level():
@@ -100,7 +117,7 @@ def test_final_metrics_store_intervals_calibration_and_patient_level():
         assert list(m).index(ci_key(name, 0.95)) == list(m).index(name) + 1  # beside its value
     for name in ("accuracy", "balanced_accuracy", "f1", "auroc"):
         assert len(m["binary"][f"{name}_ci95"]) == 2
-    assert m["bootstrap"]["resamples"] == 300 and m["bootstrap"]["n_patients"] == 20
+    assert m["interval"]["resamples"] == 300 and m["interval"]["n_groups"] == 20
     # the interval is the bootstrap's, with the same seed and resamples
     again = bootstrap_intervals(HEADLINE_METRICS, probs, labels, patients, 300, seed=4)
     assert m["balanced_accuracy_ci95"] == pytest.approx(
@@ -119,7 +136,7 @@ def test_final_metrics_store_intervals_calibration_and_patient_level():
     off = final_metrics(
         probs, labels, CLASSES, patients, None, EvaluateConfig(bootstrap_resamples=0)
     )
-    assert not [k for k in off if "_ci" in k] and "bootstrap" not in off
+    assert not [k for k in off if "_ci" in k] and "interval" not in off
 
 
 def test_patient_level_of_a_two_patient_hand_case():

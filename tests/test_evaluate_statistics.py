@@ -1,10 +1,11 @@
-"""Patient-bootstrap intervals and paired comparison (evaluate.bootstrap, evaluate.compare)."""
+"""Group-bootstrap intervals and paired comparison (evaluate.bootstrap, evaluate.compare)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from helpers.hand_stats import hand_stratified_draws
 from torchmetrics.functional.classification import multiclass_auroc, multiclass_f1_score
 
 from breakhis_ft.evaluate.bootstrap import (
@@ -82,18 +83,20 @@ def _plain_balanced_accuracy(labels, preds) -> float:
     return sum(recalls) / len(recalls)
 
 
-def test_interval_matches_a_hand_written_bootstrap_loop():
+def test_interval_matches_a_hand_written_stratified_bootstrap_loop():
     probs, labels, patients = _simulate(15, seed=3)
     got = patient_bootstrap(balanced_accuracy, probs, labels, patients, n_resamples=200, seed=7)
 
     rng = np.random.default_rng(7)
     ids = sorted(set(patients))
     images_of = {pid: [i for i, p in enumerate(patients) if p == pid] for pid in ids}
+    class_of = {pid: int(labels[images_of[pid][0]]) for pid in ids}
+    groups_of_class = {c: [p for p in ids if class_of[p] == c] for c in set(class_of.values())}
     preds = probs.argmax(axis=1).tolist()
     values = []
     for _ in range(200):
-        drawn = rng.integers(0, len(ids), size=len(ids))
-        idx = [i for d in drawn for i in images_of[ids[d]]]
+        drawn = hand_stratified_draws(groups_of_class, rng)
+        idx = [i for pid in drawn for i in images_of[pid]]
         values.append(_plain_balanced_accuracy([labels[i] for i in idx], [preds[i] for i in idx]))
     lo, hi = np.quantile(values, [0.025, 0.975])
     assert (got.lo, got.hi) == pytest.approx((lo, hi), abs=1e-12)
@@ -116,7 +119,7 @@ def test_resamples_depend_on_patient_ids_and_seed_only():
 
 
 def test_undefined_resamples_are_dropped_and_counted():
-    # two patients of different classes: half the resamples draw one patient twice, lose a class
+    # two patients of different classes: resampled within its class, each is always drawn
     probs = np.array([[0.8, 0.2], [0.6, 0.4], [0.3, 0.7], [0.1, 0.9]])
     labels, patients = np.array([0, 0, 1, 1]), ["a", "a", "b", "b"]
     out = bootstrap_intervals(
@@ -125,13 +128,12 @@ def test_undefined_resamples_are_dropped_and_counted():
     )  # fmt: skip
     auroc = out["auroc_macro"]
     assert auroc.estimate == 1.0
-    assert 60 < auroc.n_valid < 140 and auroc.n_dropped == 200 - auroc.n_valid
-    assert auroc.lo == auroc.hi == 1.0  # one class alone has no AUROC: those resamples dropped
+    # unstratified, about half the resamples drew one patient twice and had no AUROC
+    assert auroc.n_valid == 200 and auroc.n_dropped == 0
+    assert auroc.lo == auroc.hi == 1.0
     assert out["nan"].as_dict() == {
         "estimate": None, "lo": None, "hi": None, "level": 0.95, "n_valid": 0, "n_dropped": 200
     }  # fmt: skip
-    # balanced accuracy stays defined: the mean recall over the classes a resample has
-    assert patient_bootstrap(balanced_accuracy, probs, labels, patients, 200).n_valid == 200
 
 
 def test_metric_functions_match_torchmetrics():

@@ -124,9 +124,20 @@ def test_notebook_and_eva_presets_compose_with_their_settings() -> None:
         "all_text",
         "blog",
     )
+    # its draw of the balanced subset, its tokenisation, its evaluation batches (8 before, 4 after)
+    assert (cfg.split.balance_draw, cfg.split.seed, cfg.model.add_special_tokens) == (
+        "pandas",
+        42,
+        True,
+    )
+    baseline = compose_train(["experiment=blog_notebook_100x_baseline", "data.root=/x"])
+    validate_config(baseline)
+    assert (cfg.trainer.eval_batch_size, baseline.trainer.eval_batch_size) == (4, 8)
+    assert cfg.train and not baseline.train and baseline.split == cfg.split
     corrected = compose_train(["experiment=blog_medgemma_100x", "data.root=/x"])
     assert (corrected.trainer.eval_split, corrected.trainer.select) == ("val", "best")
     assert corrected.data.duplicate_keep == "ductal_carcinoma"
+    assert not corrected.model.add_special_tokens  # the template's <bos> only
     eva = compose_train(["experiment=eva_medsiglip_linear_probe", "data.root=/x"])
     validate_config(eva)
     assert (eva.trainer.lr, eva.trainer.batch_size, eva.trainer.max_steps) == (3e-4, 256, 12500)
@@ -172,3 +183,10 @@ def test_generation_bypasses_the_feature_cache_and_matches_plain_answers(
     assert cached.feature_store is store and not cached.needs_images  # restored
     assert got.answers == want.answers and len(got.answers) == N_IMAGES
     assert torch.equal(got.preds, want.preds) and got.labels.tolist() == [0, 1, 2, 3, 0, 1]
+
+
+def test_the_pandas_draw_needs_the_official_folds() -> None:
+    overrides = ["split.balance_binary=1.0", "split.balance_draw=pandas"]  # split=patient
+    cfg = compose_train(["experiment=demo", *overrides])
+    with pytest.raises(ConfigError, match="config error: split.balance_draw"):
+        validate_config(cfg)

@@ -391,7 +391,8 @@ def test_model_card_of_a_hub_base_has_the_hubs_metadata_and_results(
         assert result.metric_value == pytest.approx(test[name], abs=5e-5)
         assert result.metric_args["interval"] == test[f"{name}_ci95"]
         low, high = test[f"{name}_ci95"]
-        assert f"95% CI {low:.3f}-{high:.3f}, patient bootstrap" in result.metric_name
+        shown = f"95% CI {low:.3f}-{high:.3f}, stem bootstrap, stratified by class"
+        assert shown in result.metric_name
     if fmt == "adapter":  # the snippet loads the base from the hub
         assert 'BASE = "google/medgemma-4b-it"' in card.text
     for path in machine_paths(tmp_path, runs["medgemma"]):

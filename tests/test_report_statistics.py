@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import shutil
@@ -14,11 +15,13 @@ import torch
 import yaml
 
 from breakhis_ft.analysis.aggregate import cv_groups, cv_markdown
-from breakhis_ft.analysis.comparison import compare_runs
+from breakhis_ft.analysis.comparison import COMPARE_RESAMPLES, compare_runs
 from breakhis_ft.analysis.report import VS_BEST, build_report, to_markdown
 from breakhis_ft.analysis.runs import find_runs, load_run, metric_interval, metric_value
 from breakhis_ft.config import EvaluateConfig
 from breakhis_ft.data.records import class_names
+from breakhis_ft.evaluate.bootstrap import balanced_accuracy
+from breakhis_ft.evaluate.compare import paired_bootstrap
 from breakhis_ft.evaluate.final import final_metrics
 from breakhis_ft.evaluate.metrics import write_predictions
 from breakhis_ft.tools import report as report_tool
@@ -31,7 +34,8 @@ SETTINGS = {"bootstrap_resamples": 200, "ci_level": 0.95, "seed": 0}
 def _predictions(patients: list[str], skill: float, seed: int):
     """Probs, labels of 4 images per patient; a patient's class is its number modulo 8."""
     rng = np.random.default_rng(seed)
-    labels = np.repeat([int(p[1:]) % len(CLASSES) for p in patients], 4)
+    # the number in the id (P07 -> 7, 22549AB -> 22549): sibling folders share the class
+    labels = np.repeat([int(re.search(r"\d+", p)[0]) % len(CLASSES) for p in patients], 4)
     logits = rng.normal(0, 1, (len(labels), len(CLASSES)))
     logits[np.arange(len(labels)), labels] += skill
     probs = torch.tensor(logits).softmax(dim=1).float()
@@ -39,14 +43,24 @@ def _predictions(patients: list[str], skill: float, seed: int):
 
 
 def write_run(
-    folder: Path, patients: list[str], fold: int = 1, seed: int = 42, skill: float = 1.5, r: int = 8
+    folder: Path,
+    patients: list[str],
+    fold: int = 1,
+    seed: int = 42,
+    skill: float = 1.5,
+    r: int = 8,
+    group_by: str | None = None,
 ) -> Path:
-    """A completed run folder: config, run_info, predictions_test.csv and its final metrics."""
+    """A completed run folder: config, run_info, predictions_test.csv and its final metrics
+    (`group_by`: split.group_by of its config; None: a config without the key)."""
     (folder / ".hydra").mkdir(parents=True)
+    split = {"kind": "patient", "n_folds": 3, "fold": fold}
+    if group_by is not None:
+        split["group_by"] = group_by
     config = {
         "experiment_name": "cv",
         "seed": seed,
-        "split": {"kind": "patient", "n_folds": 3, "fold": fold},
+        "split": split,
         "peft": {"r": r},
         "evaluate": SETTINGS,
         "optimized_metric": "val/balanced_accuracy",  # the report ranks and selects on it
@@ -101,7 +115,8 @@ def test_folds_give_mean_std_pooled_and_per_fold_rows(cv_sweep: Path) -> None:
     assert pooled.metrics["balanced_accuracy"] == pytest.approx(
         sklearn.balanced_accuracy_score(labels, preds), abs=1e-6
     )
-    assert pooled.metrics["bootstrap"]["n_patients"] == 30
+    assert pooled.metrics["interval"]["n_groups"] == 30  # no split.group_by: patient folders
+    assert pooled.metrics["interval"]["unit"] == "patient"
     text = cv_markdown([group], METRICS)
     mean = group.mean["test/balanced_accuracy"]
     assert f"| mean ± std (3 runs) | {mean:.2f} ± " in text
@@ -161,6 +176,38 @@ def test_compare_two_identical_runs_gives_a_difference_of_zero(tmp_path: Path, c
     other = write_run(tmp_path / "c", _patients(20, 12))
     with pytest.raises(ValueError, match="not on the same images: 48 only in A"):
         compare_runs(a, other)
+
+
+def test_compare_resamples_the_stems_within_classes_as_many_times_as_measured(
+    tmp_path: Path, capsys
+) -> None:
+    # 32 folders: 16 stems (1000-1015), each with sibling slides AB and CD; 2 stems a class
+    patients = [f"{1000 + i}{sibling}" for i in range(16) for sibling in ("AB", "CD")]
+    a = write_run(tmp_path / "a", patients, group_by="stem")
+    b = write_run(tmp_path / "b", patients, seed=7, skill=1.0, group_by="stem")
+    result = compare_runs(a, b, n_resamples=300)
+    assert result["interval"] == {
+        "method": "paired percentile bootstrap",
+        "unit": "stem",
+        "stratified_by": "class",
+        "n_groups": 16,
+    }
+    assert result["n_patients"] == 32 and result["resamples"] == 300
+    # the same as the paired bootstrap of the stems given by hand (siblings as one unit)
+    rows = (a / "predictions_test.csv").read_text().splitlines()[1:]
+    stems = [row.split(",")[1][:4] for row in rows]
+    probs_a, labels, _ = _predictions(patients, 1.5, seed=100 + 42)
+    probs_b, _, _ = _predictions(patients, 1.0, seed=100 + 7)
+    by_hand = paired_bootstrap(balanced_accuracy, probs_a, probs_b, labels, stems, 300)
+    assert result["metrics"]["balanced_accuracy"]["ci95"] == pytest.approx(by_hand["ci95"])
+    # without --resamples: the measured default (10 s here: not run); the output says how many
+    assert COMPARE_RESAMPLES == 10000
+    args = report_tool.build_parser().parse_args(["--compare", str(a), str(b)])
+    assert args.resamples == COMPARE_RESAMPLES
+    assert inspect.signature(compare_runs).parameters["n_resamples"].default == COMPARE_RESAMPLES
+    assert report_tool.main(["--compare", str(a), str(b), "--resamples", "40"]) == 0
+    out = capsys.readouterr().out
+    assert "40 paired resamples of the stems, stratified by class, seed 0" in out
 
 
 def test_runs_written_before_the_rename_still_report_the_recognition_rate(tmp_path: Path) -> None:

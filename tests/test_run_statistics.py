@@ -21,13 +21,21 @@ def test_final_metrics_hold_intervals_calibration_and_patient_level(first_run) -
             assert 0.0 <= lo <= hi <= 1.0, (split, name)
         assert len(m["patient_recognition_rate_ci95"]) == 2
         assert {"accuracy_ci95", "f1_ci95", "auroc_ci95"} <= set(m["binary"])
-        assert m["bootstrap"]["resamples"] == 1000 and m["bootstrap"]["unit"] == "patient"
+        # the default split groups sibling slides by stem: the intervals resample stems
+        scheme = m["interval"]
+        assert (scheme["method"], scheme["unit"], scheme["stratified_by"]) == (
+            "percentile bootstrap",
+            "stem",
+            "class",
+        )
+        assert scheme["resamples"] == 1000 and scheme["level"] == 0.95
         cal = m["calibration"]
         assert set(cal["before"]) == {"ece", "mce", "brier", "nll"} and cal["n_bins"] == 15
         assert cal["temperature"] == temperature and set(cal["after"]) == set(cal["before"])
         patient = m["patient_level"]
         assert patient["fusion"] == "mean_log_prob"
-        assert patient["n_patients"] == m["bootstrap"]["n_patients"] == len(patient["diagnoses"])
+        assert patient["n_patients"] == len(patient["diagnoses"])
+        assert patient["interval"]["n_groups"] == scheme["n_groups"] <= patient["n_patients"]
         assert (
             len(patient["accuracy_ci95"]) == len(patient["binary"]["balanced_accuracy_ci95"]) == 2
         )

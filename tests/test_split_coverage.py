@@ -276,3 +276,17 @@ def test_data_stats_counts_slide_folders_and_stems(replica_scan):
     header, adenosis = stats_table(stats).splitlines()[:2]
     assert header.split()[:4] == ["subtype", "slide", "folders", "stems"]
     assert adenosis.split()[:3] == ["adenosis", "4", "2"]
+
+
+def test_a_run_on_the_official_folds_warns_of_straddling_stems(replica_root, tmp_path, caplog):
+    register_configs()
+    overrides = ["data=breakhis", f"data.root={replica_root}", "split=official_fold"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    with caplog.at_level(logging.WARNING, logger="breakhis_ft.run.experiment"):
+        prepare_data(cfg, tmp_path)
+    straddling = json.loads((tmp_path / "data_stats.json").read_text())["split"]["straddling_stems"]
+    assert straddling["count"] == len(straddling["stems"]) > 0
+    assert "22549" in straddling["stems"]
+    (warning,) = [r.getMessage() for r in caplog.records if "sibling slides" in r.getMessage()]
+    assert warning.startswith(f"split=official_fold: {straddling['count']} stem(s) have sibling")

@@ -51,6 +51,17 @@ def test_summary_block_shows_metrics_with_intervals_best_step_and_commands(
     assert "best step" not in untrained and "run folder: /elsewhere/run" in untrained
 
 
+def test_summary_block_names_the_classes_no_interval_covers(tmp_path) -> None:
+    fixed = {"fixed_classes": ["adenosis", "lobular_carcinoma"], "unit": "stem"}
+    test = {**METRICS["test"], "classes": ["a"] * 8, "interval": fixed}
+    block = summary.summary_block(tmp_path, {**METRICS, "test": test}).splitlines()
+    assert block[6] == (
+        "  intervals leave out the sampling of the classes in one group each (test 2 of 8; "
+        "metrics.json interval.fixed_classes)"
+    )
+    assert "intervals leave out" not in summary.summary_block(tmp_path, METRICS)
+
+
 @pytest.fixture
 def hydra_like_logging(tmp_path):
     """Root logging as Hydra configures it: a console handler and a file handler."""

@@ -439,3 +439,25 @@ def test_blog_setting_estimate_covers_the_lower_bound(meta_build_once: None) -> 
     assert est.total_bytes > STATIC_BLOG + inputs  # 8.59 GiB
     assert est.components["activations: vision tower"] > LAYERS_V * PATCHES * HV * 2
     assert est.total_bytes == STATIC_BLOG + sum(_hand_estimate(1, True, "sdpa", True).values())
+
+
+def test_the_runs_own_optimizer_states_are_counted(meta_build_once: None) -> None:
+    # the notebook trains with paged 8-bit AdamW: 2 one-byte states a parameter (+ absmax)
+    # against torch AdamW's 2 fp32 states (8 bytes) for the same fp32 LoRA adapters
+    notebook = compose_cfg("experiment=blog_notebook_100x")
+    assert notebook.trainer.optimizer._target_ == "bitsandbytes.optim.PagedAdamW8bit"
+    paged = estimate_vram(notebook)
+    adamw = estimate_vram(compose_cfg("experiment=blog_notebook_100x", "trainer/optimizer=adamw"))
+    trainable = paged.params["trainable_params"]
+    assert trainable == adamw.params["trainable_params"] == 19_248_896  # all-linear r=8
+    assert 2.0 < paged.components["optimizer states"] / trainable < 2.1
+    assert 8.0 <= adamw.components["optimizer states"] / trainable < 8.01
+    assert paged.total_bytes < adamw.total_bytes
+    asked = estimate_vram(compose_cfg("experiment=blog_notebook_100x"), optimizer="adamw")
+    assert asked.components == adamw.components  # --optimizer still overrides the preset's
+
+
+def test_an_optimizer_the_estimator_does_not_know_is_named() -> None:
+    cfg = compose_cfg("model=tiny_gemma3", "trainer.optimizer._target_=torch.optim.SGD")
+    with pytest.raises(ValueError, match=r"trainer.optimizer._target_='torch.optim.SGD'"):
+        estimate_vram(cfg)

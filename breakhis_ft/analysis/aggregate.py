@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from breakhis_ft.analysis.runs import Run, metric_interval, metric_value
+from breakhis_ft.analysis.runs import Run, metric_interval, metric_value, resampled_unit
 
 FOLD_KEYS = ("split.fold", "split.seed", "seed", "data.augment.seed")
 _IGNORED = ("paths", "resume", "logger", "model.builder", "trainer.optimizer._partial_")
@@ -137,6 +137,7 @@ def pool_predictions(runs: Sequence[Run]) -> dict[str, Any]:
     import torch  # the metrics need torch; the rest of the report does not
 
     from breakhis_ft.config import EvaluateConfig
+    from breakhis_ft.evaluate.bootstrap import units_of
     from breakhis_ft.evaluate.final import final_metrics
     from breakhis_ft.evaluate.metrics import read_predictions
 
@@ -148,13 +149,15 @@ def pool_predictions(runs: Sequence[Run]) -> dict[str, Any]:
     settings = EvaluateConfig(
         **{k: runs[0].config[f"evaluate.{k}"] for k in keys if f"evaluate.{k}" in runs[0].config}
     )
+    patients = [x for p in parts for x in p["patients"]]
     return final_metrics(
         torch.cat([p["probs"] for p in parts]),
         torch.cat([p["labels"] for p in parts]),
         classes,
-        [x for p in parts for x in p["patients"]],
+        patients,
         [x for p in parts for x in p["magnifications"]],
         settings,
+        units_of(patients, resampled_unit(runs)),
     )
 
 

@@ -58,6 +58,13 @@ class Run:
         return self.info.get(key)
 
 
+def resampled_unit(runs: Iterable[Run]) -> str:
+    """The unit the runs' intervals resample: `stem` unless every run grouped its split by
+    patient folder (`split.group_by=patient`, or a saved config without the key)."""
+    group_by = {str(run.config.get("split.group_by", "patient")) for run in runs}
+    return "patient" if group_by == {"patient"} else "stem"
+
+
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     """Nested dicts to dotted keys; lists and scalars are leaves."""
     if not isinstance(value, dict):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from breakhis_ft.data.png import MAX_IMAGE_PIXELS, check_pixel_limit, load_image, png_problem
-from breakhis_ft.data.records import SUBTYPES, ImageRecord
+from breakhis_ft.data.records import SUBTYPES, ImageRecord, stem_of
 from breakhis_ft.errors import BadDataError
 
 MAGNIFICATIONS = (40, 100, 200, 400)
@@ -83,7 +83,7 @@ def parse_name(name: str) -> dict:
         "tumor_class": tumor_class,
         "subtype": subtype,
         "patient": m["slide"],
-        "stem": str(int(m["stem"])),
+        "stem": stem_of(m["slide"]),
         "year": m["yy"],
         "magnification": int(m["mag"]),
         "seq": int(m["seq"]),

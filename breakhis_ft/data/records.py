@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import asdict, dataclass
 from importlib.resources import files
 from typing import Any
@@ -22,6 +23,19 @@ SUBTYPES: dict[str, tuple[str, str]] = {
 }
 
 TUMOR_CLASSES = ("benign", "malignant")
+# a slide (patient folder) id: a numeric stem and optional letters, e.g. 22549AB, 3411F, 13412
+SLIDE_ID = re.compile(r"^(?P<stem>\d+)[A-Z]*$")
+
+
+def stem_of(slide: str) -> str:
+    """The numeric stem of a slide id (22549AB -> 22549, 0123 -> 123): sibling slides share it."""
+    match = SLIDE_ID.match(str(slide))
+    if match is None:
+        raise ValueError(
+            f"patient {slide!r} is not a BreakHis slide id (digits, then optional capital "
+            "letters, e.g. 22549AB): its stem is unknown"
+        )
+    return str(int(match["stem"]))
 
 
 @dataclass(frozen=True)

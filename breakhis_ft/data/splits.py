@@ -21,8 +21,9 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,8 @@ import numpy as np
 
 from breakhis_ft.data.breakhis import BadDataError, FoldsTable
 from breakhis_ft.data.records import ImageRecord, Task, as_task, label_of
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 # split=patient: how far (absolute share of the images) each split's share may stray from the one
@@ -371,26 +374,106 @@ def _eva(records, task: Task, factors: Sequence[int]) -> dict[str, list[ImageRec
             f"split=eva is eva's protocol: task=eva4 at magnification=40x (got task={task.name}, "
             f"magnification factors {list(factors)})"
         )
+    check_eva_patients({r.patient for r in records})
     val = [r for r in records if r.patient in EVA_VAL_PATIENTS]
     train = [r for r in records if r.patient not in EVA_VAL_PATIENTS]
     return {"train": train, "val": val, "test": []}
 
 
-def balance_binary(
-    records: list[ImageRecord], ratio: float, rng: np.random.Generator
-) -> list[ImageRecord]:
-    """Undersample so that malignant:benign is at most `ratio`:1 and at least that (blog: 1.0)."""
+def check_eva_patients(present: set[str]) -> list[str]:
+    """eva's validation patients missing from the data (TA/MC/F/DC at 40X), warned; none of them
+    present is an error (eva's validation set would be empty)."""
+    missing = sorted(EVA_VAL_PATIENTS - present)
+    if len(missing) == len(EVA_VAL_PATIENTS):
+        raise BadDataError(
+            f"split=eva: none of eva's {len(EVA_VAL_PATIENTS)} validation patients "
+            f"({', '.join(sorted(EVA_VAL_PATIENTS))}) has an image of task=eva4 at 40X in the "
+            "data: check data.root (the full BreakHis, slide folders as distributed)"
+        )
+    if missing:
+        log.warning(
+            "split=eva: %d of eva's %d validation patients are missing from the data (%s): the "
+            "validation set is smaller than eva's, so its figures do not compare with eva's",
+            len(missing),
+            len(EVA_VAL_PATIENTS),
+            ", ".join(missing),
+        )
+    return missing
+
+
+Pick = Callable[[int, int], np.ndarray]  # (n rows, k kept) -> the rows kept, in draw order
+
+
+def seeded_pick(rng: np.random.Generator) -> Pick:
+    """Keep a random k of n rows: numpy's generator (seeded by split.seed and the split)."""
+    return lambda n, k: rng.permutation(n)[:k]
+
+
+def pandas_pick(seed: int) -> Pick:
+    """Keep the k of n rows that pandas' `DataFrame.sample(n=k, random_state=seed)` keeps.
+
+    pandas turns an int random_state into a fresh `numpy.random.RandomState(seed)` and draws
+    `choice(n, size=k, replace=False)` (the positions of the rows it returns): the same call
+    here, so the blog notebook's subset is reproduced without pandas.
+    """
+    return lambda n, k: np.random.RandomState(seed).choice(n, size=k, replace=False)
+
+
+def balance_binary(records: list[ImageRecord], ratio: float, pick: Pick) -> list[ImageRecord]:
+    """Undersample so that malignant:benign is at most `ratio`:1 and at least that (blog: 1.0).
+
+    The larger type keeps `pick(n, k)` of its n records, in the order given; the other is kept
+    whole (a sample of all its rows, in the notebook's `sample(n=min)`).
+    """
     if ratio <= 0:
         raise ValueError(f"split.balance_binary={ratio}: must be positive (malignant per benign)")
     benign = [r for r in records if r.tumor_class == "benign"]
     malignant = [r for r in records if r.tumor_class == "malignant"]
     if len(malignant) > ratio * len(benign):
-        malignant = [
-            malignant[i] for i in rng.permutation(len(malignant))[: round(ratio * len(benign))]
-        ]
+        malignant = [malignant[i] for i in pick(len(malignant), round(ratio * len(benign)))]
     else:
-        benign = [benign[i] for i in rng.permutation(len(benign))[: round(len(malignant) / ratio)]]
+        benign = [benign[i] for i in pick(len(benign), round(len(malignant) / ratio))]
     return sorted(benign + malignant, key=lambda r: r.path)
+
+
+def folds_order(
+    records: list[ImageRecord], folds: FoldsTable | None, fold: int
+) -> list[ImageRecord]:
+    """The records in the order of their rows of fold `fold` in the folds table (Folds.csv), as
+    a pandas frame read from it and filtered holds them; a record without a row is an error."""
+    if folds is None:
+        raise BadDataError(
+            "split.balance_draw=pandas draws over the rows of Folds.csv in their order; none "
+            "was found under data.root"
+        )
+    row = {name: i for i, (f, _, _, name) in enumerate(folds.rows) if f == fold}
+    missing = [r.path for r in records if r.path.rsplit("/", 1)[-1] not in row]
+    if missing:
+        raise BadDataError(f"{folds.source}: no row for {len(missing)} image(s), e.g. {missing[0]}")
+    return sorted(records, key=lambda r: row[r.path.rsplit("/", 1)[-1]])
+
+
+def _balance(
+    splits: dict[str, list[ImageRecord]], split_cfg: Any, folds: FoldsTable | None
+) -> dict[str, list[ImageRecord]]:
+    """split.balance_binary applied to the splits of split.balance_splits, drawn as
+    split.balance_draw says (`seeded`, or `pandas`: the blog notebook's draw)."""
+    ratio = _get(split_cfg, "balance_binary")
+    if ratio is None:
+        return splits
+    seed = int(_get(split_cfg, "seed"))
+    draw = str(_get_or(split_cfg, "balance_draw", "seeded"))  # absent from older saved configs
+    out = dict(splits)
+    for name in _get(split_cfg, "balance_splits"):
+        if name not in SPLITS:
+            raise ValueError(f"split.balance_splits: {name!r} is not one of {', '.join(SPLITS)}")
+        if draw == "pandas":
+            ordered = folds_order(out[name], folds, int(_get(split_cfg, "fold")))
+            out[name] = balance_binary(ordered, float(ratio), pandas_pick(seed))
+        else:
+            rng = np.random.default_rng([seed, SPLITS.index(name)])
+            out[name] = balance_binary(out[name], float(ratio), seeded_pick(rng))
+    return out
 
 
 def assign_splits(
@@ -423,15 +506,7 @@ def assign_splits(
     else:
         raise ValueError(f"split.kind={kind!r}: allowed values are patient, official_fold, eva")
     check_no_leak(splits, group_by, hint)
-    ratio = _get(split_cfg, "balance_binary")
-    for name in _get(split_cfg, "balance_splits") if ratio is not None else []:
-        if name not in SPLITS:
-            raise ValueError(f"split.balance_splits: {name!r} is not one of {', '.join(SPLITS)}")
-        splits[name] = balance_binary(
-            splits[name],
-            float(ratio),
-            np.random.default_rng([int(_get(split_cfg, "seed")), SPLITS.index(name)]),
-        )
+    splits = _balance(splits, split_cfg, folds)
     if not splits["train"]:
         raise BadDataError(f"split={kind}: the training split is empty ({len(chosen)} images)")
     out = {s: sorted(splits[s], key=lambda r: r.path) for s in SPLITS}
@@ -483,11 +558,40 @@ def _expected_splits(split_cfg: Any) -> list[str]:
     return [s for s in SPLITS if s != "val" or float(_get(split_cfg, "val_fraction")) > 0]
 
 
+def straddling_stems(splits: dict[str, list[ImageRecord]]) -> dict[str, list[str]]:
+    """The stems whose slides are in more than one split, and those splits: sibling slides of
+    one patient on both sides, which only a split by patient folder lets happen."""
+    where: dict[str, set[str]] = defaultdict(set)
+    for name, records in splits.items():
+        for r in records:
+            where[r.stem].add(name)
+    return {
+        stem: [s for s in SPLITS if s in names]
+        for stem, names in sorted(where.items())
+        if len(names) > 1
+    }
+
+
+def straddle_warning(coverage: dict[str, Any]) -> str | None:
+    """The run-start warning about stems straddling splits (`split_coverage`), or None."""
+    straddling = (coverage.get("straddling_stems") or {}).get("stems") or {}
+    if not straddling:
+        return None
+    listed = ", ".join(f"{stem} ({' and '.join(where)})" for stem, where in straddling.items())
+    return (
+        f"{len(straddling)} stem(s) have sibling slides in more than one split, so one patient's "
+        f"tissue may be both trained on and tested: {listed}. split.group_by=patient keeps slide "
+        "folders, not stems, apart (as the official folds and eva do); split=patient keeps stems "
+        "together"
+    )
+
+
 def split_coverage(
     splits: dict[str, list[ImageRecord]], task: Task | str, split_cfg: Any
 ) -> dict[str, Any]:
     """What a split achieved, for data_stats.json: per split its images and groups (count and
-    share of all), the share asked, the classes it lacks; and the classes with no training image.
+    share of all), the share asked, the classes it lacks; the classes with no training image; the
+    stems whose sibling slides straddle splits (`straddling_stems`: count, stem -> its splits).
 
     Groups are those of split.group_by (stems or patient folders). `expected` is False for a split
     its config leaves empty (eva's test, a zero share), whose missing classes are no problem.
@@ -513,6 +617,9 @@ def split_coverage(
             "missing_classes": [c for i, c in enumerate(task.classes) if i not in present],
         }
     out["classes_without_training_images"] = out["splits"]["train"]["missing_classes"]
+    # sibling slides (one stem) on both sides of a split: none where groups are stems
+    straddling = straddling_stems(splits)
+    out["straddling_stems"] = {"count": len(straddling), "stems": straddling}
     return out
 
 

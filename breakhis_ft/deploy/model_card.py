@@ -241,9 +241,14 @@ def _read_metrics(run_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _scheme(values: dict[str, Any]) -> dict[str, Any]:
+    """How a split's intervals were made (`interval`; `bootstrap` in runs written before it)."""
+    return values.get("interval") or values.get("bootstrap") or {}
+
+
 def _interval(values: dict[str, Any], name: str) -> list[float] | None:
     """The metric's stored interval (at the run's level, evaluate.ci_level), if it has one."""
-    level = float((values.get("bootstrap") or {}).get("level", 0.95))
+    level = float(_scheme(values).get("level", 0.95))
     ci = values.get(ci_key(name, level))
     return [float(ci[0]), float(ci[1])] if isinstance(ci, list) and len(ci) == 2 else None
 
@@ -279,7 +284,7 @@ def _eval_results(info: dict[str, Any], metrics: dict[str, Any]) -> list[EvalRes
     cfg = info["config"]
     split = "test" if isinstance(metrics.get("test"), dict) else "val"
     values = metrics.get(split) or {}
-    boot = values.get("bootstrap") or {}
+    boot = _scheme(values)
     source = str(cfg["data"]["source"])
     dataset = (
         f"{DATASET_NAMES.get(source, source)}, {cfg['magnification']['factors']} magnification, "
@@ -294,7 +299,8 @@ def _eval_results(info: dict[str, Any], metrics: dict[str, Any]) -> list[EvalRes
         args = None
         if ci:
             level = float(boot.get("level", 0.95))
-            shown += f" ({level:.0%} CI {ci[0]:.3f}-{ci[1]:.3f}, {boot.get('unit', '')} bootstrap)"
+            shown += f" ({level:.0%} CI {ci[0]:.3f}-{ci[1]:.3f}, {boot.get('unit', '')} bootstrap"
+            shown += ", stratified by class)" if boot.get("stratified_by") else ")"
             args = {"interval": ci, "level": level, "resampled_unit": boot.get("unit")}
             args["resamples"] = boot.get("resamples")
         results.append(
@@ -420,8 +426,8 @@ def model_card(info: dict[str, Any], run_dir: Path) -> ModelCard:
         ),
         "",
         *_data_section(cfg, run_dir),
-        "## Results (the best checkpoint; intervals by patient bootstrap where the run computed "
-        "them)",
+        "## Results (the best checkpoint; intervals by a bootstrap of the split's patient groups, "
+        "stratified by class, where the run computed them)",
         "",
         "| split | metric | value | interval |",
         "|---|---|---|---|",

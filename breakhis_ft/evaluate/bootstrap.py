@@ -1,14 +1,28 @@
-"""Confidence intervals by patient: a percentile bootstrap that resamples patients, not images.
+"""Confidence intervals by patient group: a percentile bootstrap that resamples the split's own
+unit, stratified by class, not images.
 
 The images of one patient come from the same tumour and slides, so they are strongly correlated;
 resampling images would count ~100 images of a patient as ~100 independent observations and give
-intervals that are too narrow. Each resample draws as many patients as there are, with
-replacement, and takes all the images of every drawn patient (a patient drawn twice counts twice).
+intervals that are too narrow. The resampled unit is the one the split keeps together: the slide
+stem for `split=patient` (sibling slides 22549AB/CD of one patient are one unit), the patient
+folder for `split=official_fold` and `split=eva`.
+
+Stratified by class: each group is put in one class's stratum, and each resample draws, within
+every stratum, as many groups as it holds, with replacement, taking all the images of every drawn
+group (a group drawn twice counts twice). So every class keeps its place in every resample, and a
+balanced accuracy always averages the same classes; unstratified, a small split (5 of 7 classes
+with one patient) loses a class in most resamples and mixes averages over 2 to 7 classes. A group
+holding images of several classes (a stem filed under two subtypes) goes to the stratum of its
+rarest class (the one held by the fewest groups; ties: the class with most of its images, then
+the first class): a class held by one group then always keeps that group. A class whose groups
+are each alone in their stratum (all its images in one group, most often) has the same recall in
+every resample: it has no interval of its own (`fixed_classes`), and the other intervals do not
+cover its sampling.
 
 A metric function takes `(probs [n, C] float64, labels [n] int64)` numpy arrays and returns a
 float, or None/NaN where the metric is undefined on that sample. A metric that needs to know which
 images belong to one patient (the patient recognition rate) is wrapped in `PatientMetric` and also
-gets `groups [n]`, one number per drawn patient (a patient drawn twice is two groups).
+gets `groups [n]`, one number per drawn (unit, patient folder) pair (a unit drawn twice gives two).
 Undefined resample values are dropped (not counted as 0) and the number of valid resamples is
 reported with each interval.
 The metric functions here follow the definitions of the torchmetrics-based `compute_metrics`, so
@@ -24,7 +38,10 @@ from typing import Any
 
 import numpy as np
 
+from breakhis_ft.data.records import stem_of
+
 MetricFn = Callable[[np.ndarray, np.ndarray], float | None]
+METHOD = "percentile bootstrap"
 
 
 @dataclass(frozen=True)
@@ -55,10 +72,39 @@ class Interval:
         }
 
 
+@dataclass(frozen=True)
+class Units:
+    """What the intervals resample: each image's group and its name in metrics.json.
+
+    `groups` [N]: the unit of each image (a stem, or a patient folder id); `patients` [N]: its
+    patient folder, which the patient recognition rate averages over (default: the groups).
+    """
+
+    groups: Sequence[Any]
+    name: str = "patient"  # stem | patient | image: what one group is
+    patients: Sequence[Any] | None = None
+
+
+def units_of(patients: Sequence[Any], group_by: str) -> Units:
+    """The resampled units of images known by their patient folders: the folders themselves
+    (`split.group_by=patient`) or their slide stems (`stem`, read from the BreakHis ids)."""
+    patients = [str(p) for p in patients]
+    if group_by == "patient":
+        return Units(patients, "patient", patients)
+    if group_by == "stem":
+        return Units([stem_of(p) for p in patients], "stem", patients)
+    raise ValueError(f"split.group_by={group_by!r}: allowed values are stem, patient")
+
+
+def as_units(units: Units | Sequence[Any]) -> Units:
+    """Units as given, or a plain sequence of patient ids as patient units."""
+    return units if isinstance(units, Units) else Units(list(units))
+
+
 def as_arrays(
     probs: Any, labels: Any, patients: Sequence[Any]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Probs [N, C] float64, labels [N] int64 and patient ids [N] str, checked for shape."""
+    """Probs [N, C] float64, labels [N] int64 and group ids [N] str, checked for shape."""
     probs = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
     patients = np.asarray([str(p) for p in patients])
@@ -88,38 +134,72 @@ def patient_codes(patients: Sequence[Any]) -> np.ndarray:
     return np.unique(np.asarray([str(p) for p in patients]), return_inverse=True)[1]
 
 
+@dataclass(frozen=True)
+class Strata:
+    """The groups of a sample (sorted ids) and the class stratum each is resampled in."""
+
+    ids: list[str]  # the distinct groups, sorted
+    codes: np.ndarray  # [N] each image's group number (an index into ids)
+    stratum: np.ndarray  # [G] each group's class stratum
+    held: np.ndarray  # [G, C] whether each group holds images of each class
+
+    @classmethod
+    def of(cls, groups: Sequence[Any], labels: np.ndarray, n_classes: int) -> Strata:
+        """Each group in the stratum of its rarest class (see the module doc)."""
+        ids, codes = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)
+        counts = np.zeros((len(ids), n_classes), dtype=np.int64)
+        np.add.at(counts, (codes, labels), 1)
+        holders = (counts > 0).sum(axis=0)
+        stratum = np.empty(len(ids), dtype=np.int64)
+        for g, row in enumerate(counts):
+            # fewest holders first, then most images, then the first class
+            stratum[g] = min(np.flatnonzero(row), key=lambda c: (holders[c], -row[c], c))
+        return cls(ids.tolist(), codes, stratum, counts > 0)
+
+    def fixed_classes(self) -> list[int]:
+        """The classes present whose every group is alone in its stratum: each resample draws
+        exactly those groups once, so their recall is the same in every resample (a class in one
+        group; or in two groups each with a rarer class of its own)."""
+        alone = np.bincount(self.stratum)[self.stratum] == 1  # [G]
+        varies = self.held[~alone].any(axis=0)
+        return [int(c) for c in np.flatnonzero(self.held.any(axis=0) & ~varies)]
+
+
 def grouped_resamples(
-    patients: Sequence[Any], n_resamples: int = 1000, seed: int = 0
+    strata: Strata, n_resamples: int = 1000, seed: int = 0
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(image indices, drawn-patient groups) of each resample; see `patient_resamples`.
+    """(image indices, draw of each index) of each stratified resample.
 
-    The group of an image copy numbers the draw it came with: a patient drawn twice gives two
-    groups, each holding every image of the patient once.
+    Groups are laid out stratum by stratum (class order), each stratum's in sorted id order; each
+    resample takes one uniform number u per slot and fills slot k of a stratum of n groups with
+    its group floor(u * n). The draw of an image copy numbers the slot it came with: a group
+    drawn twice gives two draws, each holding every image of the group once. The resamples depend
+    on the group ids, their classes and the seed only, not on the order of the images.
     """
-    codes = patient_codes(patients)
-    n_patients = int(codes.max()) + 1
+    n_groups = len(strata.ids)
+    order = np.argsort(strata.stratum, kind="stable")  # stratum by stratum, ids sorted within
+    slot_stratum = strata.stratum[order]
+    sizes = np.bincount(slot_stratum)[slot_stratum]
+    starts = np.searchsorted(slot_stratum, slot_stratum)  # first slot of each slot's stratum
     rng = np.random.default_rng(seed)
-    images = np.arange(len(codes))
+    images = np.arange(len(strata.codes))
+    by_group = np.argsort(strata.codes, kind="stable")  # image indices grouped by group
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(strata.codes, minlength=n_groups))])
     for _ in range(n_resamples):
-        draws = rng.integers(0, n_patients, size=n_patients)
-        copies = np.bincount(draws, minlength=n_patients)
-        # each image appears as often as its patient was drawn; order is irrelevant to metrics
-        repeats = copies[codes]
-        idx = np.repeat(images, repeats)
-        # copy j (0-based) of every image of patient p belongs to draw (p, j)
-        copy = np.arange(len(idx)) - np.repeat(np.cumsum(repeats) - repeats, repeats)
-        yield idx, codes[idx] * n_patients + copy
+        u = rng.random(n_groups)
+        drawn = order[starts + np.floor(u * sizes).astype(np.int64)]
+        parts = [by_group[bounds[g] : bounds[g + 1]] for g in drawn]
+        idx = np.concatenate(parts) if parts else images[:0]
+        draw = np.repeat(np.arange(n_groups), [len(p) for p in parts])
+        yield idx, draw
 
 
-def patient_resamples(
-    patients: Sequence[Any], n_resamples: int = 1000, seed: int = 0
+def unit_resamples(
+    groups: Sequence[Any], labels: Any, n_classes: int, n_resamples: int = 1000, seed: int = 0
 ) -> Iterator[np.ndarray]:
-    """Image indices of each resample: patients drawn with replacement, each with all its images.
-
-    Patients are numbered in sorted id order, so the resamples depend on the ids and the seed
-    only, not on the order of the images; two runs on the same images get the same resamples.
-    """
-    for idx, _ in grouped_resamples(patients, n_resamples, seed):
+    """Image indices of each stratified resample of the groups (see `grouped_resamples`)."""
+    strata = Strata.of(groups, np.asarray(labels, dtype=np.int64), n_classes)
+    for idx, _ in grouped_resamples(strata, n_resamples, seed):
         yield idx
 
 
@@ -148,12 +228,13 @@ def bootstrap_intervals(
     metric_fns: Mapping[str, MetricFn | PatientMetric],
     probs: Any,
     labels: Any,
-    patients: Sequence[Any],
+    units: Units | Sequence[Any],
     n_resamples: int = 1000,
     seed: int = 0,
     level: float = 0.95,
 ) -> dict[str, Interval]:
-    """Patient-bootstrap percentile intervals of several metrics over one shared set of resamples.
+    """Stratified group-bootstrap percentile intervals of several metrics over one shared set
+    of resamples (`units`: each image's group, or a `Units`).
 
     Every metric sees the same resamples (one pass). A resample where a metric returns None/NaN
     is dropped for that metric only; `Interval.n_valid` says how many remained.
@@ -162,19 +243,23 @@ def bootstrap_intervals(
         raise ValueError(f"level must be in (0, 1), got {level}")
     if n_resamples < 1:
         raise ValueError(f"n_resamples must be at least 1, got {n_resamples}")
-    probs, labels, patients = as_arrays(probs, labels, patients)
+    units = as_units(units)
+    probs, labels, groups = as_arrays(probs, labels, units.groups)
+    strata = Strata.of(groups, labels, probs.shape[1])
+    patients = patient_codes(units.patients if units.patients is not None else groups)
+    n_patients = int(patients.max()) + 1
     values: dict[str, list[float]] = {name: [] for name in metric_fns}
-    for idx, groups in grouped_resamples(patients, n_resamples, seed):
+    for idx, draw in grouped_resamples(strata, n_resamples, seed):
         sample_probs, sample_labels = probs[idx], labels[idx]
+        drawn_patients = draw * n_patients + patients[idx]  # a patient per draw of its group
         for name, fn in metric_fns.items():
-            value = _value(fn, sample_probs, sample_labels, groups)
+            value = _value(fn, sample_probs, sample_labels, drawn_patients)
             if value is not None:
                 values[name].append(value)
-    codes = patient_codes(patients)
     intervals = {}
     for name, fn in metric_fns.items():
         lo, hi = percentile_interval(values[name], level) if values[name] else (None, None)
-        estimate = _value(fn, probs, labels, codes)
+        estimate = _value(fn, probs, labels, patients)
         intervals[name] = Interval(estimate, lo, hi, level, len(values[name]), n_resamples)
     return intervals
 
@@ -183,16 +268,29 @@ def patient_bootstrap(
     metric_fn: MetricFn,
     probs: Any,
     labels: Any,
-    patients: Sequence[Any],
+    units: Units | Sequence[Any],
     n_resamples: int = 1000,
     seed: int = 0,
     level: float = 0.95,
 ) -> Interval:
-    """The patient-bootstrap percentile interval of one metric (see `bootstrap_intervals`)."""
+    """The stratified group-bootstrap interval of one metric (see `bootstrap_intervals`)."""
     intervals = bootstrap_intervals(
-        {"metric": metric_fn}, probs, labels, patients, n_resamples, seed, level
+        {"metric": metric_fn}, probs, labels, units, n_resamples, seed, level
     )
     return intervals["metric"]
+
+
+def scheme(units: Units, strata: Strata, n_resamples: int, seed: int, level: float) -> dict:
+    """How an interval was made, for metrics.json: method, unit, strata, resamples, level."""
+    return {
+        "method": METHOD,
+        "unit": units.name,
+        "stratified_by": "class",
+        "resamples": int(n_resamples),
+        "level": float(level),
+        "seed": int(seed),
+        "n_groups": len(strata.ids),
+    }
 
 
 # Metric functions, numpy re-implementations of compute_metrics' definitions (fast enough to run
@@ -207,8 +305,8 @@ def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
 def balanced_accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
     """Mean recall over the classes present in `labels` (sklearn's balanced_accuracy_score).
 
-    A class absent from a resample has no recall and is left out of the mean, so the value is
-    always defined; with classes lost it averages fewer classes, as on a small split.
+    A class absent from the sample has no recall and is left out of the mean, so the value is
+    always defined; the stratified resamples keep every class of the split present.
     """
     n_classes = probs.shape[1]
     preds = probs.argmax(axis=1)
@@ -216,6 +314,16 @@ def balanced_accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
     hits = np.bincount(labels[preds == labels], minlength=n_classes)
     present = support > 0
     return float(np.mean(hits[present] / support[present]))
+
+
+def class_recall(c: int) -> MetricFn:
+    """The recall of class `c`: its share of images predicted as it; None without its images."""
+
+    def recall(probs: np.ndarray, labels: np.ndarray) -> float | None:
+        mine = labels == c
+        return float(np.mean(probs[mine].argmax(axis=1) == c)) if mine.any() else None
+
+    return recall
 
 
 def f1_macro(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -261,22 +369,44 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
     return (np.cumsum(counts) - (counts - 1) / 2.0)[inverse]
 
 
+def _column_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks within each column of x [n, C], ties given their average rank (as
+    `_average_ranks`, every column at once)."""
+    n = x.shape[0]
+    order = np.argsort(x, axis=0, kind="stable")
+    ordered = np.take_along_axis(x, order, axis=0)
+    position = np.broadcast_to(np.arange(n)[:, None], x.shape)
+    first = np.ones(x.shape, dtype=bool)  # a run of ties starts here
+    first[1:] = ordered[1:] != ordered[:-1]
+    last = np.ones(x.shape, dtype=bool)  # ... and ends here
+    last[:-1] = first[1:]
+    start = np.maximum.accumulate(np.where(first, position, 0), axis=0)
+    end = np.minimum.accumulate(np.where(last, position, n - 1)[::-1], axis=0)[::-1]
+    ranks = np.empty(x.shape)
+    np.put_along_axis(ranks, order, (start + end) / 2.0 + 1.0, axis=0)
+    return ranks
+
+
 def auroc_macro(probs: np.ndarray, labels: np.ndarray) -> float | None:
     """Mean one-vs-rest AUROC over classes with both positives and negatives; None if none.
 
-    A class lost from a resample (or present alone) has no AUROC and is left out of the mean, as
-    `compute_metrics` does for a small split; the resample is dropped only if no class is left.
+    A class absent from the sample (or present alone) has no AUROC and is left out of the mean,
+    as `compute_metrics` does for a small split; None only if no class is left. Mann-Whitney:
+    the positives' rank sum among each class's scores, all classes ranked at once.
     """
-    values = []
-    for c in np.unique(labels):
-        positive = labels == c
-        n_pos = int(positive.sum())
-        n_neg = len(labels) - n_pos
-        if n_neg == 0:
-            continue
-        rank_sum = _average_ranks(probs[:, c])[positive].sum()
-        values.append((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-    return float(np.mean(values)) if values else None
+    n_classes = probs.shape[1]
+    n_pos = np.bincount(labels, minlength=n_classes)[:n_classes].astype(np.float64)
+    n_neg = len(labels) - n_pos
+    defined = (n_pos > 0) & (n_neg > 0)
+    if not defined.any():
+        return None
+    ranks = _column_ranks(probs)
+    own = ranks[np.arange(len(labels)), labels]  # each image's rank among its class's scores
+    rank_sum = np.bincount(labels, weights=own, minlength=n_classes)[:n_classes]
+    auc = (rank_sum[defined] - n_pos[defined] * (n_pos[defined] + 1) / 2) / (
+        n_pos[defined] * n_neg[defined]
+    )
+    return float(np.mean(auc))
 
 
 STANDARD_METRICS: dict[str, MetricFn] = {

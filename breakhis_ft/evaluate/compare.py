@@ -1,8 +1,9 @@
-"""Comparing two runs on the same images: a paired patient bootstrap, and interval separation.
+"""Comparing two runs on the same images: a paired group bootstrap, and interval separation.
 
 Pairing matters: two runs evaluated on the same test patients share the luck of that draw of
 patients, so the interval of their difference, computed on the same resamples for both, is much
-narrower than what two separate intervals suggest.
+narrower than what two separate intervals suggest. The resamples are `bootstrap_intervals'`:
+the split's units (stems or patient folders), stratified by class.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from breakhis_ft.evaluate.bootstrap import (
     MetricFn,
     as_arrays,
     defined,
-    patient_resamples,
     percentile_interval,
+    unit_resamples,
 )
 
 _SHOWN = 3  # example paths quoted in an alignment error
@@ -87,11 +88,12 @@ def paired_bootstrap(
     probs_a: Any,
     probs_b: Any,
     labels: Any,
-    patients: Sequence[Any],
+    units: Sequence[Any],
     n_resamples: int = 1000,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Patient-bootstrap 95% interval of metric(A) - metric(B), both runs on the same resamples.
+    """Group-bootstrap 95% interval of metric(A) - metric(B), both runs on the same resamples
+    (`units`: each image's group, a stem or a patient folder; stratified by class).
 
     The rows of probs_a and probs_b must be the same images (see `align_predictions`). A
     resample where the metric is undefined for either run is dropped. Returns `a`, `b` and
@@ -100,12 +102,12 @@ def paired_bootstrap(
     resamples where the difference is > 0, < 0, == 0; they sum to 1), `n_valid`, `n_dropped`.
     The resamples are those of `bootstrap_intervals` with the same seed.
     """
-    probs_a, labels, patients = as_arrays(probs_a, labels, patients)
+    probs_a, labels, units = as_arrays(probs_a, labels, units)
     probs_b = np.asarray(probs_b, dtype=np.float64)
     if probs_b.shape != probs_a.shape:
         raise ValueError(f"probs_a {probs_a.shape} and probs_b {probs_b.shape} differ in shape")
     diffs = []
-    for idx in patient_resamples(patients, n_resamples, seed):
+    for idx in unit_resamples(units, labels, probs_a.shape[1], n_resamples, seed):
         a = defined(metric_fn(probs_a[idx], labels[idx]))
         b = defined(metric_fn(probs_b[idx], labels[idx]))
         if a is not None and b is not None:

@@ -2,9 +2,8 @@
 
 Patients come out in sorted id order (`np.unique`), the same order in `fuse_by_patient` and
 `patient_labels`, so their outputs line up row for row. The fused table has one row per patient;
-a patient-level metric's interval is the bootstrap of that table with each row its own patient
-(`bootstrap_intervals(fns, fused, labels, ids)`), which resamples patients as the image-level
-bootstrap does.
+a patient-level metric's interval is the bootstrap of that table, each row in its patient's unit
+(`final.patient_level`: a stem's sibling folders together), as the image-level bootstrap does.
 """
 
 from __future__ import annotations

@@ -212,6 +212,8 @@ def build_medgemma_classifier(
             max_new_tokens=int(model_cfg.max_new_tokens),
             merge_adapter=bool(model_cfg.merge_for_eval),
         ),
+        # absent from configs saved before the setting: the template's <bos> only
+        add_special_tokens=bool(getattr(model_cfg, "add_special_tokens", False)),
     )
     # what trains is logged by the training run: an inference model (predict, export) trains nothing
     log.info("loaded %s (peft=%s, dtype=%s)", checkpoint, peft_method, precision.name)

@@ -59,6 +59,7 @@ class MedGemmaClassifier(Classifier):
         loss_on: str = "answer",
         scoring: str = "auto",
         evaluation: FinalEvaluation = FinalEvaluation(),
+        add_special_tokens: bool = False,
     ) -> None:
         super().__init__()
         if loss_on not in ("answer", "all_text"):
@@ -78,6 +79,8 @@ class MedGemmaClassifier(Classifier):
         self.evaluation = evaluation
         self.eval_mode = evaluation.mode
         self.max_new_tokens = evaluation.max_new_tokens
+        # the processor's own special tokens on top of the template's (model.add_special_tokens)
+        self.add_special_tokens = add_special_tokens
         tok = processor.tokenizer
         self.end_of_turn_id = tok.convert_tokens_to_ids(END_OF_TURN)
         # what all_text leaves out of the loss: the blog masked these two, not <end_of_image>
@@ -103,7 +106,8 @@ class MedGemmaClassifier(Classifier):
         first = [ids[0] for ids in self.answer_ids]
         self.first_tokens_distinct = len(set(first)) == len(first)
         self.feature_store: VisionFeatureStore | None = None
-        self.prompt_tokens = PromptTokens(processor)  # token rows of cached-feature batches
+        # token rows of cached-feature batches, tokenised as the image batches are
+        self.prompt_tokens = PromptTokens(processor, add_special_tokens)
 
     # ---- the model underneath -------------------------------------------------------------------
 
@@ -163,7 +167,8 @@ class MedGemmaClassifier(Classifier):
                     return_tensors="pt",
                     padding=True,
                     padding_side="right",
-                    add_special_tokens=False,  # the chat template already starts with <bos>
+                    # false: the chat template's <bos> only (true: the blog notebook's call)
+                    add_special_tokens=self.add_special_tokens,
                 )
             )
         if train:

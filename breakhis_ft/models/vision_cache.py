@@ -207,8 +207,9 @@ class PromptTokens:
     batches are right padded from them.
     """
 
-    def __init__(self, processor: Any) -> None:
+    def __init__(self, processor: Any, add_special_tokens: bool = False) -> None:
         self.processor = processor
+        self.add_special_tokens = add_special_tokens  # as MedGemmaClassifier.collate's
         self.rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -220,7 +221,7 @@ class PromptTokens:
                     text=[text],
                     images=[[Image.new("RGB", (32, 32))]],
                     return_tensors="pt",
-                    add_special_tokens=False,
+                    add_special_tokens=self.add_special_tokens,
                 )
                 self.rows[text] = (out["input_ids"][0], out["token_type_ids"][0])
             rows.append(self.rows[text])

@@ -26,6 +26,7 @@ from breakhis_ft.data.splits import (
     duplicate_leaks,
     split_coverage,
     split_rows,
+    straddle_warning,
 )
 from breakhis_ft.engine.stop import sigterm_interrupts
 from breakhis_ft.run.identity import job_identity, recorded_overrides
@@ -68,6 +69,8 @@ def prepare_data(cfg: DictConfig, run_dir: Path) -> tuple[BreakhisScan, dict[str
         write_splits_csv(run_dir / "splits.csv", split_rows(splits, task), task.classes)
     for line in coverage_lines(stats["split"]):
         log.info("split %s", line)
+    if warning := straddle_warning(stats["split"]):  # e.g. split=official_fold's published folds
+        log.warning("split=%s: %s", cfg.split.kind, warning)
     for problem in coverage_problems(stats["split"]):
         if problem.startswith("train"):  # a class the model cannot learn
             log.error("%s: the model cannot learn these classes", problem)

@@ -152,6 +152,24 @@ def metrics_table(metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return [line.rstrip() for line in lines]
 
 
+def fixed_classes_note(metrics: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """A line naming, per split, the classes no interval covers (`interval.fixed_classes`: each
+    resample draws the same groups of them), or none."""
+    parts = []
+    for split, m in metrics.items():
+        scheme = m.get("interval") if isinstance(m, Mapping) else None
+        fixed = scheme.get("fixed_classes") if isinstance(scheme, Mapping) else None
+        if fixed:
+            parts.append(f"{split} {len(fixed)} of {len(m.get('classes') or fixed)}")
+    if not parts:
+        return []
+    return [
+        "  intervals leave out the sampling of the classes in one group each ("
+        + ", ".join(parts)
+        + "; metrics.json interval.fixed_classes)"
+    ]
+
+
 def _shown_path(path: Path) -> str:
     """A path relative to the working folder when it lies below it (shorter to copy)."""
     try:
@@ -174,6 +192,7 @@ def summary_block(
     rule = "-" * WIDTH
     lines = [rule, f"breakhis-ft: run finished, metrics of the best model ({folder})"]
     lines += metrics_table(metrics)
+    lines += fixed_classes_note(metrics)
     if best is not None:
         monitor, value, step = best
         shown = "undefined" if value is None else f"{value:.4f}"

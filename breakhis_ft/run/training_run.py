@@ -129,7 +129,10 @@ class EvaluationSettings:
             max_batches=limit if limit > 0 else None,
             statistics=statistics,
             metrics_fn=functools.partial(
-                dataset_final_metrics, class_names=tuple(cfg.task.classes), settings=statistics
+                dataset_final_metrics,
+                class_names=tuple(cfg.task.classes),
+                settings=statistics,
+                group_by=str(cfg.split.group_by),  # the intervals resample the split's own groups
             ),
         )
 

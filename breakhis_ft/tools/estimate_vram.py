@@ -28,7 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for breakhis-ft")
     parser.add_argument("--json", type=Path, help="also write the estimate to this JSON file")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    parser.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw_8bit"))
+    parser.add_argument(
+        "--optimizer",
+        choices=("adamw", "adamw_8bit"),
+        help="count these optimizer states instead of the run's trainer/optimizer's (adamw: "
+        "torch AdamW; adamw_8bit: bitsandbytes' 8-bit AdamW, paged or not)",
+    )
     parser.add_argument(
         "--config-dir", type=Path, help="a conf/ folder (default: the installed configs)"
     )

@@ -6,7 +6,7 @@ breakhis-ft-report outputs/runs/a/1 outputs/runs/b/2 --metrics val/f1_macro test
 breakhis-ft-report --by-magnification --group-by magnification --out reports/
 breakhis-ft-report outputs/runs/demo/1 --gallery --explanations explanations/  # errors page
 breakhis-ft-report outputs/sweeps/demo_cv3       # + mean ± std over folds, pooled, per fold
-breakhis-ft-report --compare RUN_A RUN_B         # paired patient bootstrap of A - B
+breakhis-ft-report --compare RUN_A RUN_B         # paired bootstrap of A - B (stems, by class)
 
 Runs are ranked, and the best run per group picked, by each run's optimized_metric (validation);
 test metrics are shown beside it, never used to select. --gallery writes, per run,
@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 from breakhis_ft.analysis.aggregate import cv_groups, cv_markdown
+from breakhis_ft.analysis.comparison import COMPARE_RESAMPLES
 from breakhis_ft.analysis.gallery import GALLERY_ROWS, explanation_overlays, write_gallery
 from breakhis_ft.analysis.report import (
     DEFAULT_METRICS,
@@ -104,10 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
         nargs=2,
         metavar=("RUN_A", "RUN_B"),
         type=Path,
-        help="compare two runs on the same images: a paired patient bootstrap of A - B",
+        help="compare two runs on the same images: a paired bootstrap of A - B that resamples "
+        "the split's groups (stems or patient folders) within each class",
     )
     parser.add_argument("--split", default="test", help="--compare: the split compared")
-    parser.add_argument("--resamples", type=int, default=1000, help="--compare: resamples")
+    parser.add_argument(
+        "--resamples",
+        type=int,
+        default=COMPARE_RESAMPLES,
+        help=f"--compare: resamples (default {COMPARE_RESAMPLES}: between bootstrap seeds a bound "
+        "moves by under 0.003, so only a bound that close to 0 can change the verdict; "
+        "benchmarks/results/compare_resamples.json)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="--compare: bootstrap seed")
     return parser
 

@@ -11,9 +11,11 @@ memory, no download), applies the adapter exactly as training does, and adds up:
   16-bit;
 - trainable weights: LoRA adapters in fp32 (peft's `autocast_adapter_dtype`), `modules_to_save`
   copies and full fine-tunes in the weights' dtype, a SigLIP head in fp32;
-- gradients: one per trainable parameter, its dtype; optimizer: torch AdamW (what the trainer uses,
-  fused or not) keeps exp_avg + exp_avg_sq in the parameter's dtype and a 4-byte `step` per tensor;
-  `optimizer="adamw_8bit"` (bitsandbytes) would keep 1 byte per state + an fp32 absmax per 256;
+- gradients: one per trainable parameter, its dtype; optimizer states of the run's
+  trainer/optimizer (or the `optimizer` asked): torch AdamW (fused or not) keeps exp_avg +
+  exp_avg_sq in the parameter's dtype and a 4-byte `step` per tensor; bitsandbytes' 8-bit AdamW
+  (`adamw_8bit`, `paged_adamw_8bit`: the blog notebook's) keeps 1 byte per state + an fp32 absmax
+  per 256 (tensors under 4,096 values: 32-bit states);
 - activations: the tensors autograd saves, per layer and per token, from the layer's code
   (activations.py), times layers x batch x sequence; with gradient checkpointing only each layer's
   input is kept, plus one layer recomputed during backward; plus the loss's logits and the backward

@@ -71,6 +71,26 @@ class VramEstimate:
 
 
 OPTIMIZERS = ("adamw", "adamw_8bit")
+# the optimizer of each trainer/optimizer choice (its _target_): whose states the estimate counts
+OPTIMIZER_OF_TARGET = {
+    "breakhis_ft.engine.optim.adamw": "adamw",
+    "torch.optim.AdamW": "adamw",
+    "bitsandbytes.optim.AdamW8bit": "adamw_8bit",
+    # paged: the same 8-bit states, in memory that can spill to the host under pressure
+    "bitsandbytes.optim.PagedAdamW8bit": "adamw_8bit",
+}
+
+
+def preset_optimizer(cfg: Any) -> str:
+    """The estimator's name (adamw, adamw_8bit) of the run's trainer.optimizer."""
+    target = str(cfg.trainer.optimizer.get("_target_", ""))
+    if target not in OPTIMIZER_OF_TARGET:
+        raise ValueError(
+            f"trainer.optimizer._target_={target!r}: the estimator counts the "
+            f"states of {', '.join(OPTIMIZER_OF_TARGET)}; pass --optimizer adamw or adamw_8bit "
+            "to count one of them instead"
+        )
+    return OPTIMIZER_OF_TARGET[target]
 
 
 def optimizer_bytes(model: nn.Module, optimizer: str = "adamw") -> int:
@@ -120,12 +140,14 @@ def _static(model: nn.Module, pb: ParamBytes, optimizer: str) -> dict[str, int]:
     }
 
 
-def estimate_vram(cfg: Any, device: str = "cuda", optimizer: str = "adamw") -> VramEstimate:
+def estimate_vram(cfg: Any, device: str = "cuda", optimizer: str | None = None) -> VramEstimate:
     """Estimate the peak GPU memory of training with the composed run config `cfg`.
 
     `device`: cuda (the target) or cpu (how CPU autocast saves LayerNorm inputs and dropout masks);
-    `optimizer`: adamw (the trainer's torch AdamW) or adamw_8bit (bitsandbytes, for comparison).
+    `optimizer`: adamw (torch AdamW) or adamw_8bit (bitsandbytes' 8-bit states, paged or not);
+    None: the run's own trainer/optimizer (`preset_optimizer`).
     """
+    optimizer = preset_optimizer(cfg) if optimizer is None else optimizer
     return ESTIMATORS[str(cfg.model.kind)](cfg, device, optimizer)
 
 
