@@ -188,6 +188,11 @@ def test_monitorable_metrics_are_what_the_metrics_produce() -> None:
         assert isinstance(value, float), name
 
 
+def test_a_model_artifact_by_default_and_none_for_the_demo() -> None:
+    assert compose_train([]).logger.log_model == "best"
+    assert compose_train(["experiment=demo"]).logger.log_model == "none"
+
+
 def test_monitoring_val_loss_names_the_class_nll() -> None:
     cfg = compose_train(["trainer.monitor=val/loss", "trainer.monitor_mode=min"])
     with pytest.raises(ConfigError, match="set trainer.monitor=val/class_nll"):
@@ -298,10 +303,10 @@ def test_same_command_twice_gives_identical_metrics(first_run, tmp_path: Path) -
 
 
 def test_rerun_from_folder_gives_identical_metrics_in_a_new_folder(first_run) -> None:
-    from helpers.wandb_records import records, run_record, run_summary
+    from helpers.wandb_records import artifacts, records, run_record, run_summary
 
     run_dir, cache = first_run
-    done = run_cli([f"rerun={run_dir}", "logger.mode=offline", "logger.log_model=none"], cache)
+    done = run_cli([f"rerun={run_dir}", "logger.mode=offline", "logger.log_model=last"], cache)
     assert done.returncode == 0, done.stderr[-3000:]
     refused = run_cli([f"rerun={run_dir}", "logger=none"], cache, timeout=60)
     assert refused.returncode != 0 and "override its keys instead of logger=none" in refused.stderr
@@ -316,23 +321,30 @@ def test_rerun_from_folder_gives_identical_metrics_in_a_new_folder(first_run) ->
     assert (reruns[0] / "breakhis-ft.log").is_file() and not (reruns[0] / "cli.log").exists()
     source = json.loads((run_dir / "run_info.json").read_text())["wandb"]
     (offline,) = (reruns[0] / "wandb").glob("offline-run-*")
-    run = run_record(records(offline))
+    recs = records(offline)
+    run = run_record(recs)
     assert run["display_name"].startswith(f"rerun of {source['name'][:40]}")
     assert len(run["display_name"]) < 64 and "rerun" in run["tags"]
     assert run["notes"] == f"rerun of {run_dir} (W&B run {source['id']})"
     state = run_summary(offline)
-    assert state["config"]["hydra"]["overrides"] == ["logger.mode=offline", "logger.log_model=none"]
+    assert state["config"]["hydra"]["overrides"] == ["logger.mode=offline", "logger.log_model=last"]
     assert state["config"]["rerun_of"] == str(run_dir)
+    # logger.log_model=last: the model at the end of training (step 4), saved as last/
+    (model,) = artifacts(recs, "model")
+    assert "last" in model["aliases"] and "best" not in model["aliases"]
+    assert json.loads(model["metadata"])["final_step"] == 4
+    assert json.loads((reruns[0] / "last" / "best.json").read_text())["step"] == 4
 
 
 def test_multirun_writes_one_complete_folder_per_job(first_run, tmp_path: Path) -> None:
+    from helpers.wandb_records import artifacts, media_types, records, run_record, run_summary
+
     _, cache = first_run
     done = run_cli(
         [
             "-m",
-            "model=tiny_siglip",
-            "peft=none",
-            "logger=none",
+            "model=tiny_siglip",  # with LoRA (peft=none trains every weight: no adapter)
+            "logger.mode=offline",
             *FAST,
             "trainer.lr=1e-3,1e-2",
             f"paths.output_dir={tmp_path}",
@@ -348,6 +360,25 @@ def test_multirun_writes_one_complete_folder_per_job(first_run, tmp_path: Path) 
             assert (job / name).is_file(), f"{job.name}: missing {name}"
         lrs.add(yaml.safe_load((job / ".hydra/config.yaml").read_text())["trainer"]["lr"])
     assert lrs == {1e-3, 1e-2}
+    # W&B, read back: each job named by its swept value, grouped and tagged by its sweep; a
+    # runs table's summary (tables stay tables); the best model as an artifact (log_model=best)
+    names = set()
+    for job in jobs:
+        (offline,) = (job / "wandb").glob("offline-run-*")
+        recs = records(offline)
+        run = run_record(recs)
+        names.add(run["display_name"])
+        sweep = job.parent.name
+        assert run["run_group"] == f"default/{sweep}" and run["tags"] == [f"sweep:{sweep}"]
+        summary = run_summary(offline)["summary"]
+        assert len(summary) < 60, sorted(summary)
+        for key, kind in media_types(recs).items():
+            value = summary.get(key, {"_type": kind})  # images leave the summary
+            assert isinstance(value, dict) and value.get("_type") == kind, (key, value)
+        (model,) = artifacts(recs, "model")
+        files = {c["path"] for c in model["manifest"]["contents"]}
+        assert {"export_info.json", "metrics.json", "config.yaml"} <= files
+    assert names == {"lr=0.001", "lr=0.01"}
 
 
 def test_resume_after_sigkill_ends_with_the_uninterrupted_metrics(first_run, tmp_path) -> None:
