@@ -277,7 +277,8 @@ class TrainingRun:
             self.recipe_settings,
         )
         result = self.fit_result = self.recipe.fit(resume=cfg.resume is not None)
-        if log_model_choice(cfg.logger.log_model) == LAST_MODEL and self.main:
+        # logger.log_model=last, with W&B on: the artifact's model, saved before best/ is loaded
+        if log_model_choice(cfg.logger.log_model) == LAST_MODEL and self.tracker.wandb_run:
             info = {"step": result.global_step}  # the model the artifact holds, as best.json says
             save_trained_atomic(
                 self.classifier, self.run_dir / LAST_MODEL, {"best.json": json.dumps(info)}
