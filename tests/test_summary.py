@@ -130,6 +130,17 @@ def test_split_tables_hold_per_class_and_per_magnification_with_binary() -> None
     all_row = dict(zip(cols, rows[0], strict=True))
     assert all_row["magnification"] == "all" and all_row["binary_accuracy"] == 0.75
     assert all_row["binary_f1"] == 0.7 and "binary" not in tables
+    # every other figure, with its interval, in the statistics table (per class left out)
+    cols, rows = tables["statistics"]
+    assert cols == ("scope", "metric", "value", "ci_low", "ci_high")
+    assert ["image", "accuracy", 0.5, None, None] in rows and [
+        "binary",
+        "f1",
+        0.7,
+        None,
+        None,
+    ] in rows
+    assert not [r for r in rows if r[1] in ("precision", "support")]
 
 
 @pytest.fixture

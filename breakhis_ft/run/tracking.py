@@ -366,9 +366,47 @@ def summary_of(metrics: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+# blocks of a split's metrics that the statistics table leaves to the other tables (or to
+# metrics.json: the bootstrap's and interval's settings, the most confused pairs)
+_NOT_STATISTICS = {
+    "per_class",
+    "by_magnification",
+    "confusion_matrix",
+    "classes",
+    "diagnoses",
+    "most_confused",
+    "bootstrap",
+    "interval",
+}
+
+
+def statistics_rows(metrics: Mapping[str, Any], scope: str = "image") -> list[list]:
+    """[scope, metric, value, ci_low, ci_high] of each number of a split's metrics: image level,
+    binary, patient level and calibration (before / after temperature scaling)."""
+    rows: list[list] = []
+    for key, value in metrics.items():
+        if key in _NOT_STATISTICS:
+            continue
+        if isinstance(value, Mapping):
+            inner = key if scope == "image" else f"{scope}/{key}"
+            rows += statistics_rows(value, inner)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            ci = next(
+                (
+                    v
+                    for k, v in metrics.items()
+                    if k.startswith(f"{key}_ci") and isinstance(v, list)
+                ),
+                [None, None],
+            )
+            rows.append([scope, key, value, *ci])
+    return rows
+
+
 def split_tables(metrics: dict[str, Any]) -> list[tuple[str, tuple[str, ...], list[list]]]:
-    """(name, columns, rows) of a split's tables: per_class (overall and per magnification) and
-    by_magnification (its `all` row: the split's own figures, binary collapse included)."""
+    """(name, columns, rows) of a split's tables: per_class (overall and per magnification),
+    by_magnification (its `all` row: the split's own figures, binary collapse included) and
+    statistics (every figure with its interval: image and patient level, calibration)."""
     scopes = [("all", metrics), *(metrics.get("by_magnification") or {}).items()]
     per_class = [
         [str(mag), name, pc["precision"], pc["recall"], pc["f1"], pc["support"]]
@@ -393,6 +431,7 @@ def split_tables(metrics: dict[str, Any]) -> list[tuple[str, tuple[str, ...], li
             ("magnification", *_SPLIT_COLUMNS, *(f"binary_{k}" for k in _BINARY_COLUMNS)),
             by_mag,
         ),
+        ("statistics", ("scope", "metric", "value", "ci_low", "ci_high"), statistics_rows(metrics)),
     ]
 
 
