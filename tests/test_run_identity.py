@@ -82,7 +82,7 @@ def test_a_rerun_names_its_source_run_and_records_only_its_own_overrides(tmp_pat
     source.mkdir()
     wandb = {"id": "abc123", "name": "r=8,lr=0.0005"}
     (source / "run_info.json").write_text(json.dumps({"status": "completed", "wandb": wandb}))
-    overrides = ["trainer.max_steps=8", f"++rerun_of='{source}'"]
+    overrides = ["trainer.max_steps=8", f"++rerun_of='{source}'", "resume=null"]
     ident = job_identity(_cfg(rerun_of=str(source)), _hydra(overrides), [])
     assert ident.name == "rerun of r=8,lr=0.0005: max_steps=8"
     assert ident.tags == ("rerun",)

@@ -30,8 +30,9 @@ MAX_NAME = 63  # characters of a run name (W&B's runs table shows it whole)
 MAX_TAG = 64  # W&B refuses longer tags
 SIGNIFICANT = 4  # significant digits of a number in a name
 # overrides that say nothing about the experiment: where files go, logging, the launcher, the
-# experiment itself (the group says it), the run a rerun reruns (its notes and tag say it)
-UNNAMED = ("experiment", "hydra", "paths", "data.root", "logger", "launcher", "rerun_of")
+# experiment itself (the group says it), the run a rerun reruns (its notes and tag say it), the
+# folder a resumed run continues (it keeps its first name)
+UNNAMED = ("experiment", "hydra", "paths", "data.root", "logger", "launcher", "rerun_of", "resume")
 
 
 @dataclass(frozen=True)
@@ -155,5 +156,10 @@ def job_identity(cfg: DictConfig, hydra_cfg: DictConfig, argv: Sequence[str]) ->
 
 def recorded_overrides(overrides: Iterable[str]) -> list[str]:
     """The overrides a run records as its own (the W&B config's `hydra.overrides`): a rerun's
-    are the ones given beside `rerun=`, its source recorded as `rerun_of`."""
-    return [o for o in overrides if o.lstrip("+~").partition("=")[0] != "rerun_of"]
+    are the ones given beside `rerun=` (the source, `rerun_of`, and the fresh start `resume=null`
+    are the command's rewriting of `rerun=`)."""
+    return [
+        o
+        for o in overrides
+        if o.lstrip("+~").partition("=")[0] != "rerun_of" and o != "resume=null"
+    ]
