@@ -346,6 +346,10 @@ class TrainerConfig:
     gradient_checkpointing: bool = False
     eval_every_steps: int = 0  # 0: evaluate at the end of each epoch
     checkpoint_every_steps: int = 0  # 0: checkpoint at the end of each epoch (Ctrl-C also saves)
+    # a checkpoint at the first update this many minutes after the last one, besides those by
+    # steps or epochs: a SIGKILL (a grace period overrun, a lost machine) loses at most this much
+    # training; null: off
+    checkpoint_every_minutes: float | None = None
     keep_checkpoints: int = 2  # older resume checkpoints are pruned; the best one is kept apart
     early_stopping_patience: int = 0  # evaluations without improvement; 0 turns it off
     # the split evaluated during training: val, or test only to log it (with select=last)
