@@ -7,7 +7,9 @@ Each run is the CPU demo (`experiment=demo`, tiny Gemma 3, fp32) with micro-batc
 them an update (the demo's effective batch of 16), `logger=none`. Once its first update is logged
 (metrics.jsonl), the run is sent SIGTERM: the start of the second update's accumulation, the worst
 case of a stop that waits for the update to end. Timed: from the signal to the process's exit
-(wall clock), and what the run recorded (exit code, run_info.json's status and step).
+(wall clock); from the signal to the recipe's "interrupted: saving" log line (its timestamp: the
+stop itself, without the checkpoint's save and the process's teardown); and what the run recorded
+(exit code, run_info.json's status and step).
 
 "before" is the code of `--before` (default: main just before the bounded stop), extracted with
 `git archive` into a temporary folder and run from there (its own conf/, its engine); "after" is
@@ -19,8 +21,10 @@ are recorded with the results (benchmarks/results/sigterm.json).
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -39,6 +43,10 @@ RESULTS = REPO / "benchmarks" / "results"
 # main before the bounded stop: the recipe finished the current optimizer update after SIGTERM
 BEFORE = "033e6462361c8b535709c0c0e8ddb0d754b0634a"
 BATCH, ACCUM = 2, 8
+# the recipe's line as it starts the checkpoint of a stop (both versions), with Hydra's timestamp
+SAVING = re.compile(
+    r"\[([\d-]+ [\d:,]+)\]\[breakhis_ft\.engine\.recipe\]\[WARNING\] - interrupted: saving"
+)
 OVERRIDES = [
     "experiment=demo",
     "logger=none",
@@ -90,6 +98,16 @@ def first_update(run_dir: Path) -> dict[str, Any] | None:
     return None
 
 
+def saving_time(log: Path) -> float | None:
+    """The time (epoch seconds) of the run's "interrupted: saving" line; None without one."""
+    for line in log.read_text(errors="replace").splitlines():
+        found = SAVING.search(line)
+        if found:
+            stamp = datetime.datetime.strptime(found.group(1), "%Y-%m-%d %H:%M:%S,%f")
+            return stamp.timestamp()  # Hydra logs local time, as this process reads it
+    return None
+
+
 def stop_one(tree: Path, env: dict[str, str], run_dir: Path, timeout: float) -> dict[str, Any]:
     """One run from `tree`, SIGTERM after its first update; seconds to exit and what it saved."""
     argv = [sys.executable, "-m", "breakhis_ft", *OVERRIDES, f"hydra.run.dir={run_dir}"]
@@ -103,13 +121,15 @@ def stop_one(tree: Path, env: dict[str, str], run_dir: Path, timeout: float) -> 
             raise RuntimeError(f"no training update logged: {log.read_text()[-2000:]}")
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
-    sent = time.monotonic()
+    sent, sent_wall = time.monotonic(), time.time()
     code = proc.wait(timeout=timeout)
     seconds = time.monotonic() - sent
+    saving = saving_time(log)
     info_file = next(run_dir.rglob("run_info.json"), None)
     info = json.loads(info_file.read_text()) if info_file else {}
     return {
         "seconds_to_exit": round(seconds, 3),
+        "seconds_to_saving": None if saving is None else round(saving - sent_wall, 3),
         "exit_code": code,
         "status": info.get("status"),
         "checkpoint_step": info.get("step"),
@@ -120,10 +140,12 @@ def stop_one(tree: Path, env: dict[str, str], run_dir: Path, timeout: float) -> 
 def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Median, min and max seconds to exit and the median micro-batch time of one side."""
     seconds = [r["seconds_to_exit"] for r in runs]
+    saving = [r["seconds_to_saving"] for r in runs if r["seconds_to_saving"] is not None]
     return {
         "median_s": round(statistics.median(seconds), 3),
         "min_s": min(seconds),
         "max_s": max(seconds),
+        "median_to_saving_s": round(statistics.median(saving), 3) if saving else None,
         "micro_batch_s": round(statistics.median(r["micro_batch_seconds"] for r in runs), 3),
     }
 
@@ -132,14 +154,16 @@ def table(result: dict[str, Any]) -> str:
     """The side-by-side table."""
     lines = [
         f"SIGTERM -> exit, {result['setting']} ({result['repeats']} runs a side)",
-        f"{'code':<8}{'median s':>10}{'min s':>8}{'max s':>8}{'micro-batch s':>15}  exits/status",
+        f"{'code':<8}{'median s':>10}{'min s':>8}{'max s':>8}{'to saving s':>13}"
+        f"{'micro-batch s':>15}  exit/status@checkpoint step",
     ]
     for side in ("before", "after"):
         s, runs = result[side]["summary"], result[side]["runs"]
         ends = ", ".join(f"{r['exit_code']}/{r['status']}@{r['checkpoint_step']}" for r in runs)
+        saving = s["median_to_saving_s"]
         lines.append(
             f"{side:<8}{s['median_s']:>10.2f}{s['min_s']:>8.2f}{s['max_s']:>8.2f}"
-            f"{s['micro_batch_s']:>15.2f}  {ends}"
+            f"{'-' if saving is None else f'{saving:.2f}':>13}{s['micro_batch_s']:>15.2f}  {ends}"
         )
     return "\n".join(lines)
 
