@@ -168,6 +168,33 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def markdown(result: dict[str, Any]) -> str:
+    """sigterm.md: the table the manual includes, with its setting and machine."""
+    host = result["machine"]
+    rows = [
+        "| code | SIGTERM to exit, s (median, min-max) | SIGTERM to the checkpoint's start, s "
+        "(median) | micro-batch, s | exit / status @ checkpoint step |",
+        "|---|---|---|---|---|",
+    ]
+    for side in ("before", "after"):
+        s, runs = result[side]["summary"], result[side]["runs"]
+        ends = ", ".join(f"{r['exit_code']}/{r['status']}@{r['checkpoint_step']}" for r in runs)
+        saving = "-" if s["median_to_saving_s"] is None else f"{s['median_to_saving_s']:.2f}"
+        commit = result[side]["commit"][:10]
+        rows.append(
+            f"| {side} ({commit}) | {s['median_s']:.2f} ({s['min_s']:.2f}-{s['max_s']:.2f}) "
+            f"| {saving} | {s['micro_batch_s']:.2f} | {ends} |"
+        )
+    load = ", ".join(f"{x:.1f}" for x in host["load_average_at_start"])
+    rows += [
+        "",
+        f"{result['setting']}, {result['repeats']} runs a side, in turn; signal "
+        f"{result['signal_sent']}. Measured {result['date']} on {host['cpu']} "
+        f"({host['cpus']} cores), load average {load} at the start, torch {host['torch']}.",
+    ]
+    return "\n".join(rows) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run both sides in turn; print the table, write sigterm.json."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -197,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         "overrides": OVERRIDES,
         "signal_sent": "after the first logged update (the second update's first micro-batch)",
         "repeats": args.repeats,
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "before": {"commit": args.before, "runs": runs["before"]},
         "after": {"commit": f"{head} (working tree)", "runs": runs["after"]},
         "machine": {**host, "load_average_at_end": os.getloadavg()},
@@ -206,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    args.out.with_suffix(".md").write_text(markdown(result))
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
     return 0
 
 
