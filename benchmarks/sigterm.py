@@ -227,7 +227,11 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "before": {"commit": args.before, "runs": runs["before"]},
         "after": {"commit": f"{head} (working tree)", "runs": runs["after"]},
-        "machine": {**host, "load_average_at_end": os.getloadavg()},
+        "machine": {
+            **host,
+            "load_average_at_end": os.getloadavg(),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        },
     }
     for side in ("before", "after"):
         result[side]["summary"] = summary(runs[side])
