@@ -3,13 +3,13 @@
     python -m benchmarks sigterm                  # 3 runs a side, the CPU demo with accumulation
     python -m benchmarks sigterm --repeats 5 --before <commit>
 
-Each run is the CPU demo (`experiment=demo`, tiny Gemma 3, fp32) with micro-batches of 2 and 8 of
-them an update (the demo's effective batch of 16), `logger=none`. Once its first update is logged
-(metrics.jsonl), the run is sent SIGTERM: the start of the second update's accumulation, the worst
-case of a stop that waits for the update to end. Timed: from the signal to the process's exit
-(wall clock); from the signal to the recipe's "interrupted: saving" log line (its timestamp: the
-stop itself, without the checkpoint's save and the process's teardown); and what the run recorded
-(exit code, run_info.json's status and step).
+Each run is the CPU demo (`experiment=demo`, tiny Gemma 3, fp32) with its micro-batch of 16 and
+16 of them an update (gradient accumulation: an update is long, as on MedGemma 4B), `logger=none`.
+Once its first update is logged (metrics.jsonl), the run is sent SIGTERM: the start of the second
+update's accumulation, the worst case of a stop that waits for the update to end. Timed: from
+the signal to the process's exit (wall clock); from the signal to the recipe's "interrupted:
+saving" log line (its timestamp: the stop itself, without the checkpoint's save and the process's
+teardown); and what the run recorded (exit code, run_info.json's status and step).
 
 "before" is the code of `--before` (default: main just before the bounded stop), extracted with
 `git archive` into a temporary folder and run from there (its own conf/, its engine); "after" is
@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 # main before the bounded stop: the recipe finished the current optimizer update after SIGTERM
 BEFORE = "033e6462361c8b535709c0c0e8ddb0d754b0634a"
-BATCH, ACCUM = 2, 8
+BATCH, ACCUM = 16, 16
 # the recipe's line as it starts the checkpoint of a stop (both versions), with Hydra's timestamp
 SAVING = re.compile(
     r"\[([\d-]+ [\d:,]+)\]\[breakhis_ft\.engine\.recipe\]\[WARNING\] - interrupted: saving"

@@ -142,3 +142,16 @@ def test_bad_combinations_fail_validation(overrides, key):
 
 def test_auto_with_its_settings_validates():
     validate_config(compose_run_cfg(*AUTO, "trainer.memory_budget_gib=22", "trainer.cpu=true"))
+
+
+def test_the_estimate_tool_shows_what_auto_chooses(needs, capsys):
+    """breakhis-ft-estimate-vram with batch_size=auto: the run's choice, then that size's table."""
+    from breakhis_ft.tools.estimate_vram import main
+
+    overrides = [o for o in AUTO if not o.startswith("trainer.effective_batch_size")]
+    budget = (needs[2] + needs[4]) / 2 / GIB  # the estimates of AUTO at effective 8, on CUDA
+    args = [*overrides, "trainer.effective_batch_size=2", f"trainer.memory_budget_gib={budget}"]
+    assert main([*args, "trainer.cpu=true"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("trainer.batch_size=auto: micro-batch 2 x grad_accum 1 (effective 2)")
+    assert "batch_size=2," in out  # the table's settings: the estimate of the chosen size

@@ -121,7 +121,9 @@ class TrainingRecipe:
         self.clock: Callable[[], float] = time.monotonic  # seconds; checkpoints by time
         self.last_ckpt_time = 0.0
         self.boundary: UpdateBoundary | None = None  # the generators after the last update
-        self.updating = False  # inside optimizer.step / scheduler.step (a Ctrl-C there tears them)
+        # from optimizer.step until the loop state records the update: a Ctrl-C there would save
+        # weights and a step that do not match
+        self.updating = False
 
     # ---- setup -----------------------------------------------------------------------------
 
@@ -279,6 +281,7 @@ class TrainingRecipe:
             end_of_epoch = consumed >= self.batches_per_epoch
             st.advance(epoch, consumed, end_of_epoch)
             self.boundary = UpdateBoundary.capture(acc)
+            self.updating = False
             self.after_update(end_of_epoch)
             if st.global_step >= self.total or st.stopped_early or end_of_epoch:
                 return
@@ -321,7 +324,6 @@ class TrainingRecipe:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.updating = False
         return float(losses.mean())
 
     def after_update(self, end_of_epoch: bool) -> None:
