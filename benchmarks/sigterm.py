@@ -5,8 +5,9 @@
 
 Each run is the CPU demo (`experiment=demo`, tiny Gemma 3, fp32) with its micro-batch of 16 and
 16 of them an update (gradient accumulation: an update is long, as on MedGemma 4B), `logger=none`.
-Once its first update is logged (metrics.jsonl), the run is sent SIGTERM: the start of the second
-update's accumulation, the worst case of a stop that waits for the update to end. Timed: from
+Once its first update is logged (metrics.jsonl), the run is sent SIGTERM `--delay` micro-batches
+later (default 2.5, timed by that update's images/s): in the middle of a micro-batch, early in
+the second update's accumulation. Timed: from
 the signal to the process's exit (wall clock); from the signal to the recipe's "interrupted:
 saving" log line (its timestamp: the stop itself, without the checkpoint's save and the process's
 teardown); and what the run recorded (exit code, run_info.json's status and step).
@@ -108,8 +109,11 @@ def saving_time(log: Path) -> float | None:
     return None
 
 
-def stop_one(tree: Path, env: dict[str, str], run_dir: Path, timeout: float) -> dict[str, Any]:
-    """One run from `tree`, SIGTERM after its first update; seconds to exit and what it saved."""
+def stop_one(
+    tree: Path, env: dict[str, str], run_dir: Path, delay: float, timeout: float
+) -> dict[str, Any]:
+    """One run from `tree`, SIGTERM `delay` micro-batches after its first update; seconds to exit
+    and what it saved."""
     argv = [sys.executable, "-m", "breakhis_ft", *OVERRIDES, f"hydra.run.dir={run_dir}"]
     log = run_dir.with_suffix(".log")
     with log.open("w") as out:
@@ -120,6 +124,8 @@ def stop_one(tree: Path, env: dict[str, str], run_dir: Path, timeout: float) -> 
             proc.kill()
             raise RuntimeError(f"no training update logged: {log.read_text()[-2000:]}")
         time.sleep(0.02)
+    micro_batch = BATCH / update["train/images_per_s"]
+    time.sleep(delay * micro_batch)
     proc.send_signal(signal.SIGTERM)
     sent, sent_wall = time.monotonic(), time.time()
     code = proc.wait(timeout=timeout)
@@ -133,7 +139,8 @@ def stop_one(tree: Path, env: dict[str, str], run_dir: Path, timeout: float) -> 
         "exit_code": code,
         "status": info.get("status"),
         "checkpoint_step": info.get("step"),
-        "micro_batch_seconds": round(BATCH / update["train/images_per_s"], 3),
+        "micro_batch_seconds": round(micro_batch, 3),
+        "signal_delay_seconds": round(delay * micro_batch, 3),
     }
 
 
@@ -200,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="runs a side")
     parser.add_argument("--before", default=BEFORE, help="the commit measured as 'before'")
+    parser.add_argument(
+        "--delay", type=float, default=2.5, help="micro-batches from the first update to SIGTERM"
+    )
     parser.add_argument("--timeout", type=float, default=900, help="seconds a run may take")
     parser.add_argument("--out", type=Path, default=RESULTS / "sigterm.json")
     args = parser.parse_args(argv)
@@ -214,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.repeats):
             for side in ("before", "after"):
                 run_dir = tmp_path / f"{side}_{i}"
-                runs[side].append(stop_one(trees[side], envs[side], run_dir, args.timeout))
+                runs[side].append(
+                    stop_one(trees[side], envs[side], run_dir, args.delay, args.timeout)
+                )
                 print(side, i, runs[side][-1], flush=True)
     head = subprocess.run(
         ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True
@@ -222,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "setting": f"CPU demo, micro-batch {BATCH} x {ACCUM} accumulation",
         "overrides": OVERRIDES,
-        "signal_sent": "after the first logged update (the second update's first micro-batch)",
+        "signal_sent": f"{args.delay} micro-batches after the first logged update",
         "repeats": args.repeats,
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "before": {"commit": args.before, "runs": runs["before"]},
