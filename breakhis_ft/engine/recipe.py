@@ -392,7 +392,8 @@ class TrainingRecipe:
             self.back_to_boundary()
             self.save_checkpoint()
         saved = self.last_ckpt_step if self.last_ckpt_step >= 0 else None  # resume starts there
-        raise RunInterrupted(saved, self.stop.requested or "SIGINT") from err
+        name = err.signal_name if isinstance(err, StopRequested) else "SIGINT"
+        raise RunInterrupted(saved, self.stop.requested or name) from err
 
     def back_to_boundary(self) -> None:
         """Drop the micro-batches since the last update (their gradients, the generators they

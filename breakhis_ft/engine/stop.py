@@ -35,7 +35,12 @@ class RunInterrupted(KeyboardInterrupt):
 
 
 class StopRequested(KeyboardInterrupt):
-    """A stop signal acted on between two batches, at the same batch on every process."""
+    """A stop signal acted on between two batches, at the same batch on every process
+    (`signal_name`: this process's signal, or SIGTERM where another process received it)."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
 
 
 def _in_main_thread() -> bool:
