@@ -165,6 +165,12 @@ class LoggerMode(StrEnum):
     disabled = "disabled"
 
 
+class LogModel(StrEnum):
+    best = "best"  # the best model (best/) of the run
+    last = "last"  # the model at the end of training
+    none = "none"  # no model artifact
+
+
 @dataclass
 class PathsConfig:
     output_dir: str = "outputs"  # run and sweep folders go under it
@@ -399,12 +405,15 @@ class LoggerConfig:
     mode: LoggerMode = LoggerMode.offline  # WANDB_MODE in the environment takes precedence
     project: str = "breakhis-ft"
     entity: str | None = None
-    group: str | None = None  # default: experiment name, or the sweep folder in multirun
+    group: str | None = None  # default: experiment name, or <experiment>/<sweep folder> in multirun
+    # added to the tags every run gets: sweep:<sweep folder>, optuna:<study>, rerun
     tags: list[str] = field(default_factory=list)
     job_type: str = "train"
     # seconds mode=online waits for the W&B server before the run goes on offline (W&B: 90)
     init_timeout: float = 20.0
-    log_model: bool = False  # log the best adapter (best/) as a W&B model artifact at the end
+    # at the end, the exported adapter of this model + metrics.json + config.yaml as a versioned W&B
+    # `model` artifact (model-<run id>, aliases best|last and the run id); the demo sets none
+    log_model: LogModel = LogModel.best
 
 
 @dataclass
@@ -428,6 +437,8 @@ class TrainRunConfig:
     # sees test
     optimized_metric: str = "val/balanced_accuracy"
     resume: str | None = None  # a run folder to continue from its last checkpoint
+    # the run folder this run reruns (set by `rerun=`, which composes that folder's saved config)
+    rerun_of: str | None = None
 
 
 MAGNIFICATIONS = (40, 100, 200, 400)

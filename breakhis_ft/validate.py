@@ -65,7 +65,7 @@ def _check(ok: bool, key: str, message: str) -> None:
 def monitorable(cfg: DictConfig) -> list[str]:
     """The validation metrics a run of this config logs, by the names `trainer.monitor` takes."""
     names = [f"val/{key}" for key in SCALAR_METRICS]
-    names.append("val/loss")  # the true class's NLL under predict_proba (monitor_mode=min)
+    names.append("val/class_nll")  # the true class's NLL under predict_proba (monitor_mode=min)
     names += [f"val/binary/{key}" for key in BINARY_METRICS]
     names += [f"val/per_class/{c}/{m}" for c in cfg.task.classes for m in ("f1", "recall")]
     return names
@@ -182,6 +182,13 @@ def _check_trainer(cfg: DictConfig) -> None:
         "trainer.monitor",
         f"{t.monitor!r}: Spanhol's per-patient image accuracy is now named "
         "patient_recognition_rate (val/patient_recognition_rate)",
+    )
+    _check(
+        t.monitor != "val/loss",
+        "trainer.monitor",
+        "'val/loss': the validation loss is the class NLL, named val/class_nll (train/loss is the "
+        "training objective: MedGemma's token loss); set trainer.monitor=val/class_nll "
+        "trainer.monitor_mode=min (also on a rerun= or resume= of a run that monitored val/loss)",
     )
     _check(
         t.monitor in allowed,

@@ -172,22 +172,22 @@ def lookup_metric(metrics: dict[str, Any], monitor: str) -> float | None:
 
 
 def true_class_nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
-    """The validation loss: mean negative log-probability of the true class under predict_proba.
+    """`val/class_nll`: mean negative log-probability of the true class under predict_proba.
 
     The cross-entropy of the predicted class distribution (for MedGemma: over the classes'
-    answers), so it compares across models; it is not the token-level training loss.
+    answers), so it compares across models; it is not `train/loss`, MedGemma's token-level loss.
     """
     picked = probs.float()[torch.arange(len(labels)), labels.long()]
     return float(-picked.clamp_min(1e-12).log().mean())
 
 
 def eval_line(
-    state: LoopState, value: float | None, loss: float, improved: bool, split: str = "val"
+    state: LoopState, value: float | None, class_nll: float, improved: bool, split: str = "val"
 ) -> str:
     """One terminal line per evaluation: the monitored value and the best so far."""
     head = f"eval step {state.global_step}: "
     if state.monitor is None:
-        return head + f"{split}/loss {loss:.4f} (no model selection on {split})"
+        return head + f"{split}/class_nll {class_nll:.4f} (no model selection on {split})"
     shown = "undefined" if value is None else f"{value:.4f}"
     if improved:
         best = "new best"
@@ -195,7 +195,7 @@ def eval_line(
         best = "no best yet"
     else:
         best = f"best {state.best_value:.4f} at step {state.best_step}"
-    return head + f"{state.monitor} {shown} ({best}), {split}/loss {loss:.4f}"
+    return head + f"{state.monitor} {shown} ({best}), {split}/class_nll {class_nll:.4f}"
 
 
 def scalars(metrics: dict[str, Any], prefix: str) -> dict[str, float]:

@@ -417,7 +417,7 @@ class TrainingRecipe:
             self.val_ds, self.cfg.eval_batch_size, before_batch=self.check_stop
         )
         metrics = self.metrics_fn(probs, labels, indices, self.val_ds)
-        metrics["loss"] = true_class_nll(probs, labels)
+        metrics["class_nll"] = true_class_nll(probs, labels)
         flat = scalars(metrics, self.eval_name)
         st.history.append({"step": st.global_step, "epoch": st.epoch, **flat})
         st.last_eval_step = st.global_step
@@ -427,7 +427,7 @@ class TrainingRecipe:
         if improved:
             st.best_value, st.best_step, st.bad_evals = value, st.global_step, 0
         if self.acc.is_main_process:
-            log.info(eval_line(st, value, metrics["loss"], improved, self.eval_name))
+            log.info(eval_line(st, value, metrics["class_nll"], improved, self.eval_name))
         if st.monitor is None:  # curves only (trainer.eval_split=test): nothing is selected
             return
         if improved:

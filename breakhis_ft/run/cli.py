@@ -187,7 +187,7 @@ def _past_run_argv(argv: list[str]) -> list[str]:
             f"{key}={value}: no saved config at {saved}; give a run folder written by "
             "breakhis-ft (it holds .hydra/config.yaml)"
         )
-    load_saved_config(saved)  # data: refused before Hydra composes anything from it
+    config = load_saved_config(saved)  # data: refused before Hydra composes anything from it
     groups = _config_groups()
     choices = [a for a in argv if a.partition("=")[0].lstrip("+~") in groups]
     if choices:
@@ -207,7 +207,16 @@ def _past_run_argv(argv: list[str]) -> list[str]:
         ]
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
     new_dir = run_dir.parent / f"{run_dir.name}-rerun-{stamp}"
-    return rest + [f"hydra.run.dir={hydra_quoted(str(new_dir))}", "resume=null"]
+    return [
+        *rest,
+        f"hydra.run.dir={hydra_quoted(str(new_dir))}",
+        f"hydra.job.name={hydra_quoted(_saved_job_name(saved.parent))}",  # its log's name
+        # the source, named in the new run's config, W&B name, notes and tags (++: a config saved
+        # before the key existed lacks it)
+        f"++rerun_of={hydra_quoted(str(run_dir))}",
+        # a rerun starts afresh (resume= saves no config, so a saved resume is null already)
+        *([] if config.get("resume") is None else ["resume=null"]),
+    ]
 
 
 def _fixed_run_dir_argv(argv: list[str]) -> list[str]:

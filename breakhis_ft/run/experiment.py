@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from breakhis_ft.data.splits import (
 )
 from breakhis_ft.engine.stop import sigterm_interrupts
 from breakhis_ft.run.batch_size import resolve_batch_size
+from breakhis_ft.run.identity import job_identity, recorded_overrides
 from breakhis_ft.run.run_folder import (
     group_choices,
     is_main_process,
@@ -37,7 +39,6 @@ from breakhis_ft.run.run_folder import (
     write_run_info,
     write_splits_csv,
 )
-from breakhis_ft.run.secrets import mask_secrets
 
 log = logging.getLogger(__name__)
 
@@ -103,26 +104,11 @@ def hydra_record() -> dict[str, Any]:
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     return {
-        "overrides": list(hydra_cfg.overrides.task),
+        "overrides": recorded_overrides(hydra_cfg.overrides.task),
         "job_num": int(hydra_cfg.job.num) if multirun else None,
         "sweep_dir": str(hydra_cfg.sweep.dir) if multirun else None,
         "choices": group_choices(OmegaConf.to_container(hydra_cfg.runtime)),
     }
-
-
-def _job_identity(cfg: DictConfig) -> tuple[str, str]:
-    """(W&B group, readable run name) from the experiment, the sweep and the overrides."""
-    hydra_cfg = HydraConfig.get()
-    # paths, logging settings and the launcher say nothing about the experiment: they stay out
-    # of the name (a sweep's jobs are named alike run locally or as the tasks of an array job)
-    unnamed = ("experiment=", "hydra", "paths.", "data.root=", "logger.", "launcher=")
-    overrides = [mask_secrets(o) for o in hydra_cfg.overrides.task if not o.startswith(unnamed)]
-    name = ",".join(overrides) or cfg.experiment_name
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        group = f"{cfg.experiment_name}/{Path(hydra_cfg.sweep.dir).name}"
-    else:
-        group = cfg.experiment_name
-    return group, name[:128]
 
 
 def _set_status(run_dir: Path, status: str, **extra: object) -> None:
@@ -195,8 +181,9 @@ def _run(cfg: DictConfig, run_dir: Path, resume_step: int | None) -> float | Non
         return None
     from breakhis_ft.run.training_run import TrackedJob, train_and_evaluate  # heavy: torch
 
-    group, name = _job_identity(cfg)
+    # named from what differs: a sweep job by its swept values (the command line is the sweep's)
+    identity = job_identity(cfg, HydraConfig.get(), sys.argv[1:])
     config = OmegaConf.to_container(cfg, resolve=True)
     config["hydra"] = hydra_record()  # a dashboard groups and filters by what was swept
-    job = TrackedJob(config=config, name=name, group=group)
+    job = TrackedJob(config, identity.name, identity.group, identity.tags, identity.notes)
     return train_and_evaluate(cfg, run_dir, scan, splits, job, resume_step)
