@@ -5,6 +5,7 @@ python -m benchmarks real-size     # MedGemma 4B and MedSigLIP-448: one real ste
 python -m benchmarks stain-effect  # the demo with and without stain normalisation, by seed
 python -m benchmarks stain-cost    # CPU seconds per 700x460 image of Macenko and Reinhard
 python -m benchmarks compare-resamples  # resamples report --compare needs for a steady verdict
+python -m benchmarks sigterm       # seconds from SIGTERM to exit, before/after the bounded stop
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ COMMANDS = {
     "stain-effect": "benchmarks.stain_effect",
     "stain-cost": "benchmarks.stain_cost",
     "compare-resamples": "benchmarks.compare_resamples",
+    "sigterm": "benchmarks.sigterm",
 }
 
 

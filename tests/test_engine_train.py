@@ -101,7 +101,7 @@ def scripted_evaluations(monkeypatch, values):
     def evaluate(recipe):  # the recipe's own bookkeeping, on scripted metrics
         # one uniform prediction: evaluate computes val/class_nll from it (log 4), the rest scripted
         uniform = (torch.full((1, 4), 0.25), torch.zeros(1, dtype=torch.long), torch.zeros(1))
-        monkeypatch.setattr(recipe, "predict", lambda ds, bs: uniform)
+        monkeypatch.setattr(recipe, "predict", lambda ds, bs, **_: uniform)
         monkeypatch.setattr(recipe, "metrics_fn", lambda *a: fake(recipe))
         REAL_EVALUATE(recipe)
 

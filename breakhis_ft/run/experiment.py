@@ -29,6 +29,7 @@ from breakhis_ft.data.splits import (
     straddle_warning,
 )
 from breakhis_ft.engine.stop import sigterm_interrupts
+from breakhis_ft.run.batch_size import resolve_batch_size
 from breakhis_ft.run.calibrate import temperature_fit_warning
 from breakhis_ft.run.identity import job_identity, recorded_overrides
 from breakhis_ft.run.run_folder import (
@@ -177,6 +178,7 @@ def run_experiment(cfg: DictConfig) -> float | None:
 
 
 def _run(cfg: DictConfig, run_dir: Path, resume_step: int | None) -> float | None:
+    resolve_batch_size(cfg, run_dir, is_main_process())  # batch_size=auto: sizes from here on
     scan, splits = prepare_data(cfg, run_dir)
     if not cfg.train and not cfg.test:
         log.info("train=false test=false: data prepared in %s", run_dir)
