@@ -27,6 +27,7 @@ from breakhis_ft.run.calibrate import calibrate_run
 from breakhis_ft.run.experiment import prepare_data
 from breakhis_ft.tools import predict as predict_tool
 from breakhis_ft.tools import report as report_tool
+from breakhis_ft.vram.plan import MemoryBudgetError
 
 # what the terminal showed of every run before: bitsandbytes' kernel warning, transformers'
 # FutureWarning and its weight-loading bar
@@ -297,6 +298,7 @@ def test_each_known_error_has_its_exit_status() -> None:
         errors.ModelLoadError("x"): 4,
         errors.CheckpointError("x"): 4,
         errors.DeviceError("x"): 5,
+        MemoryBudgetError("x"): 5,  # batch_size=auto: not even 1 fits the memory budget
         errors.NonFiniteError("x"): 6,
         ValueError("x"): None,
         OSError("x"): None,
