@@ -9,7 +9,6 @@ device, the checkpoint or the data can tell is checked as the run is set up, wit
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from omegaconf import DictConfig
 
 from breakhis_ft.config import MAGNIFICATIONS
 from breakhis_ft.errors import ConfigError
+from breakhis_ft.third_party import bitsandbytes_installed
 
 # The scalar keys of a split's metrics (evaluate.metrics.compute_metrics; a test keeps them equal)
 SCALAR_METRICS = (
@@ -168,8 +168,7 @@ def _check_trainer(cfg: DictConfig) -> None:
         )
     target = str(t.optimizer.get("_target_", ""))
     _check(
-        not target.startswith("bitsandbytes.")
-        or importlib.util.find_spec("bitsandbytes") is not None,
+        not target.startswith("bitsandbytes.") or bitsandbytes_installed(),
         "trainer.optimizer",
         f"{target} needs bitsandbytes: pip install 'breakhis-ft[quant]' "
         "(or trainer/optimizer=adamw)",
@@ -429,7 +428,7 @@ def _check_peft(cfg: DictConfig) -> None:
             "qlora computes in bfloat16 (bnb_4bit_compute_dtype); use precision=bf16",
         )
         _check(
-            importlib.util.find_spec("bitsandbytes") is not None,
+            bitsandbytes_installed(),
             "peft",
             "peft=qlora needs bitsandbytes: pip install 'breakhis-ft[quant]' (or use peft=lora)",
         )

@@ -163,7 +163,7 @@ def test_a_local_checkpoint_of_another_family_is_refused(tmp_path: Path) -> None
 
 def test_qlora_without_bitsandbytes_names_the_extra(monkeypatch) -> None:
     cfg = compose_train(["peft=qlora"])
-    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    monkeypatch.setattr("breakhis_ft.validate.bitsandbytes_installed", lambda: False)
     with pytest.raises(ConfigError, match=r"breakhis-ft\[quant\]"):
         validate_config(cfg)
 

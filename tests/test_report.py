@@ -317,7 +317,7 @@ def test_sweep_plot_over_two_axes(tmp_path: Path) -> None:
         cfg["trainer"]["lr"] = lr
         (path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
         runs.append(load_run(path))
-    assert sweep_axes(runs) == ["peft.r", "trainer.lr"]
+    assert sweep_axes(runs) == ["peft.r", "trainer.lr", "peft.alpha"]  # make_run: alpha = 2r
     assert plot_sweep(runs[:1], "val/f1_macro", tmp_path / "none.png") is None
     path = plot_sweep(runs, "selection", tmp_path / "sweep.png", beside="test/f1_macro")
     assert path is not None and _png_size(path)[0] > 500

@@ -85,17 +85,20 @@ def test_console_leaves_checkpoint_lines_to_the_file_and_prints_bare_records(
     summary.configure_console()
     summary.configure_console()  # once per multirun job: idempotent
     logging.getLogger("accelerate.checkpointing").info("Saving current state to x/.tmp-step_1")
-    logging.getLogger("accelerate.accelerator").warning("a real warning")
+    logging.getLogger("accelerate.accelerator").warning("a library's warning")
+    logging.getLogger("accelerate.accelerator").error("a library's error")
     logging.getLogger("breakhis_ft.x").info("eval step 1")
+    logging.getLogger("breakhis_ft.x").error("a traceback", extra=summary.FILE_ONLY)
     summary.log.info("the block", extra=summary.BARE)
     logging.getLogger().handlers[1].flush()
     shown, kept = console.getvalue(), log_file.read_text()
-    assert shown.splitlines() == [
-        "[accelerate.accelerator][WARNING] - a real warning",
+    assert shown.splitlines() == [  # other libraries' records from ERROR up (third_party.py)
+        "[accelerate.accelerator][ERROR] - a library's error",
         "[breakhis_ft.x][INFO] - eval step 1",
         "the block",
     ]
-    assert "Saving current state to x/.tmp-step_1" in kept
+    for line in ("Saving current state to x/.tmp-step_1", "a library's warning", "a traceback"):
+        assert line in kept
     assert "[breakhis_ft.run.summary][INFO] - the block" in kept
 
 

@@ -30,6 +30,7 @@ from breakhis_ft.data.splits import (
 )
 from breakhis_ft.engine.stop import sigterm_interrupts
 from breakhis_ft.run.batch_size import resolve_batch_size
+from breakhis_ft.run.calibrate import temperature_fit_warning
 from breakhis_ft.run.identity import job_identity, recorded_overrides
 from breakhis_ft.run.run_folder import (
     group_choices,
@@ -77,6 +78,9 @@ def prepare_data(cfg: DictConfig, run_dir: Path) -> tuple[BreakhisScan, dict[str
             log.error("%s: the model cannot learn these classes", problem)
         else:
             log.warning("%s: too few patient groups; its metrics cannot measure them", problem)
+    val = stats["split"]["splits"].get("val")
+    if warning := temperature_fit_warning(val, cfg.evaluate.temperature_scaling):
+        log.warning(warning)
     return scan, splits
 
 

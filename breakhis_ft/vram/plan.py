@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from breakhis_ft.errors import DeviceError
 from breakhis_ft.vram.estimate import GIB, VramEstimate, estimate_vram
 
 log = logging.getLogger(__name__)
@@ -29,8 +30,9 @@ AUTO = "auto"
 Estimator = Callable[..., VramEstimate]  # (cfg, device=...) -> VramEstimate, as estimate_vram
 
 
-class MemoryBudgetError(RuntimeError):
-    """Not even a micro-batch of 1 fits the memory budget; the message names the options."""
+class MemoryBudgetError(DeviceError):
+    """Not even a micro-batch of 1 fits the memory budget; the message names the options (a
+    DeviceError: the entrypoint ends on its message, exit status 5)."""
 
 
 @dataclass(frozen=True)
