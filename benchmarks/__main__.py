@@ -7,6 +7,7 @@ python -m benchmarks stain-cost    # CPU seconds per 700x460 image of Macenko an
 python -m benchmarks compare-resamples  # resamples report --compare needs for a steady verdict
 python -m benchmarks output-scale  # the stand-ins' logit bound and token-loss floor
 python -m benchmarks peer-learning  # the peer stand-in's validation curve over more epochs
+python -m benchmarks sigterm       # seconds from SIGTERM to exit, before/after the bounded stop
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ COMMANDS = {
     "compare-resamples": "benchmarks.compare_resamples",
     "output-scale": "benchmarks.output_scale",
     "peer-learning": "benchmarks.peer_learning",
+    "sigterm": "benchmarks.sigterm",
 }
 
 

@@ -165,6 +165,12 @@ class LoggerMode(StrEnum):
     disabled = "disabled"
 
 
+class LogModel(StrEnum):
+    best = "best"  # the best model (best/) of the run
+    last = "last"  # the model at the end of training
+    none = "none"  # no model artifact
+
+
 @dataclass
 class PathsConfig:
     output_dir: str = "outputs"  # run and sweep folders go under it
@@ -333,9 +339,15 @@ class PrecisionConfig:
 class TrainerConfig:
     epochs: int = 3
     max_steps: int = -1  # >0 overrides epochs
-    batch_size: int = 8  # per process
+    # per process micro-batch; auto: the largest divisor of effective_batch_size whose estimated
+    # memory (estimate_vram) + headroom fits memory_budget_gib or the GPU's free memory
+    batch_size: Any = 8
     eval_batch_size: int = 16
     grad_accum: int = 1  # effective batch = batch_size x grad_accum x processes
+    # with batch_size=auto (only): micro-batch x grad_accum per process, kept whatever is chosen
+    effective_batch_size: int | None = None
+    # GiB batch_size=auto may fill (the only budget on a CPU); null: the GPU's free memory
+    memory_budget_gib: float | None = None
     # the optimizer (hydra.utils.instantiate, _partial_; params and lr are given by the recipe)
     optimizer: Any = MISSING
     lr: float = 2e-4
@@ -346,6 +358,10 @@ class TrainerConfig:
     gradient_checkpointing: bool = False
     eval_every_steps: int = 0  # 0: evaluate at the end of each epoch
     checkpoint_every_steps: int = 0  # 0: checkpoint at the end of each epoch (Ctrl-C also saves)
+    # a checkpoint at the first update this many minutes after the last one, besides those by
+    # steps or epochs: a SIGKILL (a grace period overrun, a lost machine) loses at most this much
+    # training; null: off
+    checkpoint_every_minutes: float | None = None
     keep_checkpoints: int = 2  # older resume checkpoints are pruned; the best one is kept apart
     early_stopping_patience: int = 0  # evaluations without improvement; 0 turns it off
     # the split evaluated during training: val, or test only to log it (with select=last)
@@ -389,12 +405,15 @@ class LoggerConfig:
     mode: LoggerMode = LoggerMode.offline  # WANDB_MODE in the environment takes precedence
     project: str = "breakhis-ft"
     entity: str | None = None
-    group: str | None = None  # default: experiment name, or the sweep folder in multirun
+    group: str | None = None  # default: experiment name, or <experiment>/<sweep folder> in multirun
+    # added to the tags every run gets: sweep:<sweep folder>, optuna:<study>, rerun
     tags: list[str] = field(default_factory=list)
     job_type: str = "train"
     # seconds mode=online waits for the W&B server before the run goes on offline (W&B: 90)
     init_timeout: float = 20.0
-    log_model: bool = False  # log the best adapter (best/) as a W&B model artifact at the end
+    # at the end, the exported adapter of this model + metrics.json + config.yaml as a versioned W&B
+    # `model` artifact (model-<run id>, aliases best|last and the run id); the demo sets none
+    log_model: LogModel = LogModel.best
 
 
 @dataclass
@@ -418,6 +437,8 @@ class TrainRunConfig:
     # sees test
     optimized_metric: str = "val/balanced_accuracy"
     resume: str | None = None  # a run folder to continue from its last checkpoint
+    # the run folder this run reruns (set by `rerun=`, which composes that folder's saved config)
+    rerun_of: str | None = None
 
 
 MAGNIFICATIONS = (40, 100, 200, 400)

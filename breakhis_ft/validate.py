@@ -9,8 +9,8 @@ device, the checkpoint or the data can tell is checked as the run is set up, wit
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from breakhis_ft.config import MAGNIFICATIONS
 from breakhis_ft.errors import ConfigError
+from breakhis_ft.third_party import bitsandbytes_installed
 
 # The scalar keys of a split's metrics (evaluate.metrics.compute_metrics; a test keeps them equal)
 SCALAR_METRICS = (
@@ -64,7 +65,7 @@ def _check(ok: bool, key: str, message: str) -> None:
 def monitorable(cfg: DictConfig) -> list[str]:
     """The validation metrics a run of this config logs, by the names `trainer.monitor` takes."""
     names = [f"val/{key}" for key in SCALAR_METRICS]
-    names.append("val/loss")  # the true class's NLL under predict_proba (monitor_mode=min)
+    names.append("val/class_nll")  # the true class's NLL under predict_proba (monitor_mode=min)
     names += [f"val/binary/{key}" for key in BINARY_METRICS]
     names += [f"val/per_class/{c}/{m}" for c in cfg.task.classes for m in ("f1", "recall")]
     return names
@@ -141,10 +142,17 @@ def _check_split(cfg: DictConfig) -> None:
 def _check_trainer(cfg: DictConfig) -> None:
     t = cfg.trainer
     _check(t.lr > 0, "trainer.lr", f"must be positive, got {t.lr}")
+    _check_batch_size(t)
     _check(
-        t.batch_size > 0 and t.grad_accum > 0 and t.eval_batch_size > 0,
-        "trainer.batch_size",
-        "batch_size, eval_batch_size and grad_accum must be positive",
+        t.grad_accum > 0 and t.eval_batch_size > 0,
+        "trainer.grad_accum",
+        "eval_batch_size and grad_accum must be positive",
+    )
+    minutes = t.checkpoint_every_minutes
+    _check(
+        minutes is None or minutes > 0,
+        "trainer.checkpoint_every_minutes",
+        f"must be positive (or null: off), got {minutes}",
     )
     _check(
         t.scheduler in SCHEDULERS,
@@ -160,8 +168,7 @@ def _check_trainer(cfg: DictConfig) -> None:
         )
     target = str(t.optimizer.get("_target_", ""))
     _check(
-        not target.startswith("bitsandbytes.")
-        or importlib.util.find_spec("bitsandbytes") is not None,
+        not target.startswith("bitsandbytes.") or bitsandbytes_installed(),
         "trainer.optimizer",
         f"{target} needs bitsandbytes: pip install 'breakhis-ft[quant]' "
         "(or trainer/optimizer=adamw)",
@@ -176,10 +183,64 @@ def _check_trainer(cfg: DictConfig) -> None:
         "patient_recognition_rate (val/patient_recognition_rate)",
     )
     _check(
+        t.monitor != "val/loss",
+        "trainer.monitor",
+        "'val/loss': the validation loss is the class NLL, named val/class_nll (train/loss is the "
+        "training objective: MedGemma's token loss); set trainer.monitor=val/class_nll "
+        "trainer.monitor_mode=min (also on a rerun= or resume= of a run that monitored val/loss)",
+    )
+    _check(
         t.monitor in allowed,
         "trainer.monitor",
         f"{t.monitor!r} is not a validation metric this run logs; e.g. {', '.join(allowed[:7])}",
     )
+
+
+def _check_batch_size(t: DictConfig) -> None:
+    """A positive batch_size, or auto with what it needs (trainer.effective_batch_size, and a
+    memory budget where no GPU can be asked)."""
+    size, effective, budget = t.batch_size, t.effective_batch_size, t.memory_budget_gib
+    _check(budget is None or budget > 0, "trainer.memory_budget_gib", f"must be > 0, got {budget}")
+    if size != "auto":
+        _check(
+            isinstance(size, int) and not isinstance(size, bool) and size > 0,
+            "trainer.batch_size",
+            f"a positive integer or auto, got {size!r}",
+        )
+        _check(
+            effective is None,
+            "trainer.effective_batch_size",
+            f"is read with trainer.batch_size=auto only (here batch_size={size}: the effective "
+            "batch is batch_size x trainer.grad_accum); drop it or set trainer.batch_size=auto",
+        )
+        return
+    _check(
+        isinstance(effective, int) and effective > 0,
+        "trainer.effective_batch_size",
+        f"trainer.batch_size=auto keeps this effective batch (micro-batch x grad_accum per "
+        f"process): set it, e.g. trainer.effective_batch_size=16 (got {effective})",
+    )
+    _check(
+        t.grad_accum == 1,
+        "trainer.grad_accum",
+        f"trainer.batch_size=auto chooses it (effective_batch_size / the micro-batch): drop "
+        f"trainer.grad_accum={t.grad_accum} (set trainer.grad_accum=1)",
+    )
+    if budget is None:
+        import torch  # only here: the budget of auto is the GPU's free memory
+
+        _check(
+            torch.cuda.is_available() and not t.cpu,
+            "trainer.memory_budget_gib",
+            "trainer.batch_size=auto measures a GPU's free memory and this run has none "
+            "(a CPU run, or trainer.cpu=true): give the budget, e.g. trainer.memory_budget_gib=8",
+        )
+        _check(
+            int(os.environ.get("WORLD_SIZE", "1")) == 1,
+            "trainer.memory_budget_gib",
+            "trainer.batch_size=auto with several processes: give the budget "
+            "(trainer.memory_budget_gib) so that every process chooses the same micro-batch",
+        )
 
 
 def _check_model(cfg: DictConfig) -> None:
@@ -367,7 +428,7 @@ def _check_peft(cfg: DictConfig) -> None:
             "qlora computes in bfloat16 (bnb_4bit_compute_dtype); use precision=bf16",
         )
         _check(
-            importlib.util.find_spec("bitsandbytes") is not None,
+            bitsandbytes_installed(),
             "peft",
             "peft=qlora needs bitsandbytes: pip install 'breakhis-ft[quant]' (or use peft=lora)",
         )

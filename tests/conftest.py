@@ -81,6 +81,7 @@ def first_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     done = run_cli([*args, f"paths.output_dir={base / 'a'}"], base / "cache", **SECRET_ENV)
     assert done.returncode == 0, done.stderr[-3000:]
     (base / "first_run.stdout").write_text(done.stdout)  # what the terminal showed
+    (base / "first_run.stderr").write_text(done.stderr)
     return single_run_dir(base / "a"), base / "cache"
 
 

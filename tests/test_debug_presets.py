@@ -4,6 +4,7 @@ classifier; `debug=fdr`, `--help`; slow: `debug=overfit` learns its batch, an Op
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -46,14 +47,14 @@ def test_limit_eval_batches_predicts_the_first_examples_only(tmp_path) -> None:
     assert result.history[-1]["val/n"] == 8  # of 16
 
 
-def test_val_loss_is_the_true_class_nll_and_grad_norm_is_before_clipping(tmp_path) -> None:
+def test_val_class_nll_is_the_true_class_nll_and_grad_norm_is_before_clipping(tmp_path) -> None:
     logged: list[dict] = []
     clf, result, cfg = toy_run(
         tmp_path, log=lambda m, s: logged.append(m), max_steps=3, max_grad_norm=1e-4
     )
     probs, labels, _ = _predict(clf, cfg)
     nll = float(-probs[torch.arange(len(labels)), labels].log().mean())
-    assert result.history[-1]["val/loss"] == pytest.approx(nll, rel=1e-5)
+    assert result.history[-1]["val/class_nll"] == pytest.approx(nll, rel=1e-5)
     norms = [m["train/grad_norm"] for m in logged if "train/grad_norm" in m]
     assert len(norms) == 3 and min(norms) > 100 * 1e-4  # the norm before clipping to 1e-4
 
@@ -144,7 +145,7 @@ def test_debug_overfit_learns_its_batch_on_the_demo(tmp_path) -> None:
 @pytest.mark.slow
 def test_optuna_search_runs_three_trials_of_the_demo(tmp_path) -> None:
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="the optuna extra")
-    from helpers.wandb_records import run_summary
+    from helpers.wandb_records import records, run_record, run_summary
 
     done = run_cli(
         [
@@ -173,6 +174,14 @@ def test_optuna_search_runs_three_trials_of_the_demo(tmp_path) -> None:
         (offline,) = (sweep / job / "wandb").glob("offline-run-*")
         hydra = run_summary(offline)["config"]["hydra"]
         assert hydra["job_num"] == num and f"peft.r={r}" in hydra["overrides"]
+        # named by the trial's values, rounded (Optuna's floats have 17 digits), tagged by study
+        run = run_record(records(offline))
+        assert run["display_name"].startswith(f"r={r},alpha=") and len(run["display_name"]) < 64
+        assert re.fullmatch(
+            r"r=\d+,alpha=\d+,dropout=[\d.e-]{1,9},lr=[\d.e-]{1,9}", run["display_name"]
+        )
+        assert set(run["tags"]) == {"demo", f"sweep:{sweep.name}", "optuna:lora_optuna"}
+        assert run["run_group"] == f"demo/{sweep.name}"
     assert ranks <= {4, 8, 16, 32}
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert set(best["best_params"]) == {"peft.r", "peft.alpha", "peft.dropout", "trainer.lr"}

@@ -26,8 +26,14 @@ from helpers.siglip_toy import FP32, PROBE, model_cfg
 from helpers.siglip_toy import tiny_path as tiny_siglip_path
 from PIL import Image
 
-from breakhis_ft.deploy.explain import Explanation, explain_images, log_odds, normalise
-from breakhis_ft.deploy.overlay import heatmap, save_overlay
+from breakhis_ft.deploy.explain import (
+    Explanation,
+    explain_images,
+    image_cells,
+    log_odds,
+    normalise,
+)
+from breakhis_ft.deploy.overlay import RAMP, caption, heatmap, save_overlay
 from breakhis_ft.models.tiny import SIZES as GEMMA_SIZES
 from breakhis_ft.models.tiny_siglip import SIZES as SIGLIP_SIZES
 
@@ -295,3 +301,53 @@ def test_padded_images_get_the_map_of_their_part_of_the_square(tmp_path_factory)
     heat = heatmap(Explanation(grid, grid, 0, 0, np.ones(3) / 3, explanation.box), (64, 32))
     assert heat.shape == (32, 64)
     assert heat[:8].mean() > 0.5 and heat[-4:].max() < 0.05
+
+
+def test_a_map_without_positive_evidence_says_so_and_draws_no_wash(tmp_path_factory, tmp_path):
+    """A probe whose head is all zeros: every class has the same log-odds whatever the image, so
+    no cell is evidence for anything. The JSON and the picture say so; no uniform yellow wash."""
+    cfg = model_cfg(tiny_siglip_path(tmp_path_factory), freeze_encoder=True)
+    probe = build(cfg, PROBE, FP32, CLASSES)
+    with torch.no_grad():
+        probe.head.weight.zero_()
+        probe.head.bias.zero_()
+    images, labels = held_out("siglip", n=1)
+    (explanation,) = explain_images(probe, images)
+    assert not explanation.evidence
+    path = save_overlay(images[0], explanation, CLASSES, tmp_path / "x.png", labels[0])
+    record = json.loads(path.with_suffix(".json").read_text())
+    assert record["evidence"] is False and "no positive evidence for" in record["note"]
+    picture = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    left, right = picture[:320, :320], picture[:320, -320:]  # image | gap | mapped image (320 px)
+    assert np.abs(left - right).max() <= 1  # the mapped image is the image: nothing drawn
+    assert "no positive evidence" in " ".join(caption(explanation, CLASSES))
+
+
+def test_the_overlay_draws_a_colour_scale(siglip, tmp_path):
+    images, _ = held_out("siglip", n=1)
+    (explanation,) = explain_images(siglip, images)
+    picture = np.asarray(
+        Image.open(save_overlay(images[0], explanation, CLASSES, tmp_path / "x.png"))
+    )
+    band = picture[320:, :, :3].reshape(-1, 3).astype(int)  # the caption band under the images
+    strongest = np.round(255 * (0.4 + 0.6 * RAMP[-1])).astype(int)  # the ramp's end over white
+    assert (np.abs(band - strongest).max(axis=1) <= 3).sum() >= 3  # the scale's strongest end
+
+
+def test_padding_is_kept_out_of_the_attribution_and_its_normalisation(tmp_path_factory):
+    """A wide image padded into rows 16..47 of SigLIP's 64 x 64 square: the grid's top and bottom
+    quarters are padding only; they get no attribution and no share of the map."""
+    cfg = model_cfg(tiny_siglip_path(tmp_path_factory), freeze_encoder=False, resize="pad")
+    probe = build(cfg, PROBE, FP32, CLASSES)
+    fit(probe, quadrant_examples(24, seed=0, size=64), steps=10, lr=1e-3)
+    rng = np.random.default_rng(3)
+    wide = [quadrant_image(c, rng, 64).resize((64, 32)) for c in range(3)]
+    for explanation in explain_images(probe, wide, method="grad_x_input"):
+        assert explanation.box == (0.0, 0.25, 1.0, 0.75)
+        side = explanation.grid.shape[0]
+        padding = ~image_cells(side, explanation.box)
+        assert padding[: side // 4].all() and padding[-(side // 4) :].all()
+        assert not padding[side // 4 : -(side // 4)].any()
+        assert not explanation.attribution[padding].any()
+        assert explanation.grid[padding].sum() == 0 and np.isclose(explanation.grid.sum(), 1.0)
+    assert image_cells(4, (0.0, 0.25, 1.0, 0.75))[:, 0].tolist() == [False, True, True, False]

@@ -99,9 +99,9 @@ def scripted_evaluations(monkeypatch, values):
         return {"balanced_accuracy": values[len(snapshots) - 1], "accuracy": 0.0}
 
     def evaluate(recipe):  # the recipe's own bookkeeping, on scripted metrics
-        # one uniform prediction: evaluate computes val/loss from it (log 4), the rest is scripted
+        # one uniform prediction: evaluate computes val/class_nll from it (log 4), the rest scripted
         uniform = (torch.full((1, 4), 0.25), torch.zeros(1, dtype=torch.long), torch.zeros(1))
-        monkeypatch.setattr(recipe, "predict", lambda ds, bs: uniform)
+        monkeypatch.setattr(recipe, "predict", lambda ds, bs, **_: uniform)
         monkeypatch.setattr(recipe, "metrics_fn", lambda *a: fake(recipe))
         REAL_EVALUATE(recipe)
 

@@ -163,7 +163,7 @@ def test_a_local_checkpoint_of_another_family_is_refused(tmp_path: Path) -> None
 
 def test_qlora_without_bitsandbytes_names_the_extra(monkeypatch) -> None:
     cfg = compose_train(["peft=qlora"])
-    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    monkeypatch.setattr("breakhis_ft.validate.bitsandbytes_installed", lambda: False)
     with pytest.raises(ConfigError, match=r"breakhis-ft\[quant\]"):
         validate_config(cfg)
 
@@ -180,12 +180,24 @@ def test_monitorable_metrics_are_what_the_metrics_produce() -> None:
     probs = torch.softmax(torch.randn(16, 8, generator=torch.Generator().manual_seed(0)), 1)
     labels = torch.arange(16) % 8
     metrics = compute_metrics(probs, labels, names, ["p"] * 16, None, malignant_flags(names))
-    metrics["loss"] = true_class_nll(probs, labels)  # as the recipe's evaluate adds it
+    metrics["class_nll"] = true_class_nll(probs, labels)  # as the recipe's evaluate adds it
     for name in monitorable(cfg):
         value = metrics
         for key in name.split("/")[1:]:
             value = value[key]
         assert isinstance(value, float), name
+
+
+def test_a_model_artifact_by_default_and_none_for_the_demo() -> None:
+    assert compose_train([]).logger.log_model == "best"
+    assert compose_train(["experiment=demo"]).logger.log_model == "none"
+
+
+def test_monitoring_val_loss_names_the_class_nll() -> None:
+    cfg = compose_train(["trainer.monitor=val/loss", "trainer.monitor_mode=min"])
+    with pytest.raises(ConfigError, match="set trainer.monitor=val/class_nll"):
+        validate_config(cfg)
+    validate_config(compose_train(["trainer.monitor=val/class_nll", "trainer.monitor_mode=min"]))
 
 
 def test_fp16_is_allowed_when_asked() -> None:
@@ -291,8 +303,10 @@ def test_same_command_twice_gives_identical_metrics(first_run, tmp_path: Path) -
 
 
 def test_rerun_from_folder_gives_identical_metrics_in_a_new_folder(first_run) -> None:
+    from helpers.wandb_records import artifacts, records, run_record, run_summary
+
     run_dir, cache = first_run
-    done = run_cli([f"rerun={run_dir}", "logger.mode=disabled"], cache)
+    done = run_cli([f"rerun={run_dir}", "logger.mode=offline", "logger.log_model=last"], cache)
     assert done.returncode == 0, done.stderr[-3000:]
     refused = run_cli([f"rerun={run_dir}", "logger=none"], cache, timeout=60)
     assert refused.returncode != 0 and "override its keys instead of logger=none" in refused.stderr
@@ -303,16 +317,34 @@ def test_rerun_from_folder_gives_identical_metrics_in_a_new_folder(first_run) ->
     # composed from the saved config (no groups), the rerun still reports the source's choices
     choices = load_run(run_dir).choices
     assert choices["model"] == "tiny_gemma3" and load_run(reruns[0]).choices == choices
+    # the rerun's log keeps the project's name; W&B names its source and records its own overrides
+    assert (reruns[0] / "breakhis-ft.log").is_file() and not (reruns[0] / "cli.log").exists()
+    source = json.loads((run_dir / "run_info.json").read_text())["wandb"]
+    (offline,) = (reruns[0] / "wandb").glob("offline-run-*")
+    recs = records(offline)
+    run = run_record(recs)
+    assert run["display_name"].startswith(f"rerun of {source['name'][:40]}")
+    assert len(run["display_name"]) < 64 and "rerun" in run["tags"]
+    assert run["notes"] == f"rerun of {run_dir} (W&B run {source['id']})"
+    state = run_summary(offline)
+    assert state["config"]["hydra"]["overrides"] == ["logger.mode=offline", "logger.log_model=last"]
+    assert state["config"]["rerun_of"] == str(run_dir)
+    # logger.log_model=last: the model at the end of training (step 4), saved as last/
+    (model,) = artifacts(recs, "model")
+    assert "last" in model["aliases"] and "best" not in model["aliases"]
+    assert json.loads(model["metadata"])["final_step"] == 4
+    assert json.loads((reruns[0] / "last" / "best.json").read_text())["step"] == 4
 
 
 def test_multirun_writes_one_complete_folder_per_job(first_run, tmp_path: Path) -> None:
+    from helpers.wandb_records import artifacts, media_types, records, run_record, run_summary
+
     _, cache = first_run
     done = run_cli(
         [
             "-m",
-            "model=tiny_siglip",
-            "peft=none",
-            "logger=none",
+            "model=tiny_siglip",  # with LoRA (peft=none trains every weight: no adapter)
+            "logger.mode=offline",
             *FAST,
             "trainer.lr=1e-3,1e-2",
             f"paths.output_dir={tmp_path}",
@@ -328,6 +360,25 @@ def test_multirun_writes_one_complete_folder_per_job(first_run, tmp_path: Path) 
             assert (job / name).is_file(), f"{job.name}: missing {name}"
         lrs.add(yaml.safe_load((job / ".hydra/config.yaml").read_text())["trainer"]["lr"])
     assert lrs == {1e-3, 1e-2}
+    # W&B, read back: each job named by its swept value, grouped and tagged by its sweep; a
+    # runs table's summary (tables stay tables); the best model as an artifact (log_model=best)
+    names = set()
+    for job in jobs:
+        (offline,) = (job / "wandb").glob("offline-run-*")
+        recs = records(offline)
+        run = run_record(recs)
+        names.add(run["display_name"])
+        sweep = job.parent.name
+        assert run["run_group"] == f"default/{sweep}" and run["tags"] == [f"sweep:{sweep}"]
+        summary = run_summary(offline)["summary"]
+        assert len(summary) < 60, sorted(summary)
+        for key, kind in media_types(recs).items():
+            value = summary.get(key, {"_type": kind})  # images leave the summary
+            assert isinstance(value, dict) and value.get("_type") == kind, (key, value)
+        (model,) = artifacts(recs, "model")
+        files = {c["path"] for c in model["manifest"]["contents"]}
+        assert {"export_info.json", "metrics.json", "config.yaml"} <= files
+    assert names == {"lr=0.001", "lr=0.01"}
 
 
 def test_resume_after_sigkill_ends_with_the_uninterrupted_metrics(first_run, tmp_path) -> None:

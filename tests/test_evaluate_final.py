@@ -21,8 +21,9 @@ from breakhis_ft.evaluate.bootstrap import (
     units_of,
 )
 from breakhis_ft.evaluate.calibration import calibration_metrics
-from breakhis_ft.evaluate.final import final_metrics, fit_split_temperature, summary_scalars
+from breakhis_ft.evaluate.final import final_metrics, fit_split_temperature
 from breakhis_ft.evaluate.metrics import compute_metrics, malignant_flags
+from breakhis_ft.run.tracking import summary_of
 
 CLASSES = class_names("subtype8")
 MALIGNANT = malignant_flags(CLASSES)
@@ -179,7 +180,7 @@ def test_temperature_fitted_on_val_reduces_test_nll_of_an_overconfident_model():
     assert after["test"]["ece"] < before["ece"]
 
 
-def test_summary_scalars_flatten_intervals_for_the_dashboard():
+def test_summary_of_keeps_the_headline_and_its_intervals_for_the_runs_table():
     metrics = {
         "test": {
             "accuracy": 0.5,
@@ -189,14 +190,13 @@ def test_summary_scalars_flatten_intervals_for_the_dashboard():
             "patient_level": {"accuracy": 0.7, "binary": {"accuracy_ci95": [0.5, 0.9]}},
         }
     }
-    assert summary_scalars(metrics) == {
+    metrics["test"]["binary"] = {"accuracy": 0.8, "accuracy_ci95": [0.7, 0.9], "f1": 0.6}
+    # per class, calibration and patient level stay in metrics.json and the W&B tables
+    assert summary_of(metrics) == {
         "test/accuracy": 0.5,
-        "test/accuracy_ci95_lo": 0.4,
-        "test/accuracy_ci95_hi": 0.6,
-        "test/calibration/before/ece": 0.1,
-        "test/patient_level/accuracy": 0.7,
-        "test/patient_level/binary/accuracy_ci95_lo": 0.5,
-        "test/patient_level/binary/accuracy_ci95_hi": 0.9,
+        "test/accuracy_ci95": [0.4, 0.6],
+        "test/binary/accuracy": 0.8,
+        "test/binary/accuracy_ci95": [0.7, 0.9],
     }
     assert ci_key("f1", 0.9) == "f1_ci90" and ci_key("f1", 0.95) == "f1_ci95"
 

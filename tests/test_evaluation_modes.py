@@ -148,7 +148,7 @@ def test_notebook_and_eva_presets_compose_with_their_settings() -> None:
 def test_8bit_optimizer_without_bitsandbytes_names_the_extra(monkeypatch) -> None:
     cfg = compose_train(["trainer/optimizer=paged_adamw_8bit"])
     validate_config(cfg)  # bitsandbytes is a dev dependency: present here
-    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    monkeypatch.setattr("breakhis_ft.validate.bitsandbytes_installed", lambda: False)
     with pytest.raises(ConfigError, match=r"trainer.optimizer: .*breakhis-ft\[quant\]"):
         validate_config(cfg)
 

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from breakhis_ft.config import MedGemmaConfig, PeftConfig, TrainRunConfig
+from breakhis_ft.errors import DeviceError
 from breakhis_ft.models import gemma_loading
 from breakhis_ft.models.gemma_loading import (
     ModelLoadError,
@@ -24,7 +25,7 @@ from breakhis_ft.models.gemma_loading import (
 from breakhis_ft.models.lora import lora_config
 from breakhis_ft.models.precision import Precision
 from breakhis_ft.models.tiny import RECIPE_FILE, ensure_tiny_gemma3
-from breakhis_ft.run.setup import DeviceError, run_precision
+from breakhis_ft.run.setup import run_precision
 
 
 @pytest.fixture(scope="module")

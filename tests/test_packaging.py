@@ -30,6 +30,7 @@ TOOLS = (
     "demo-metrics",
     "stain-preview",
     "cloudrun",
+    "workspace",
 )
 TORCH = "torch==2.13.0"  # as `make setup` installs it: the CPU build on CPU machines
 REPLICA = ["--fraction", "0.03", "--size", "48", "32"]  # the tiny run's data.synthetic_*
@@ -154,6 +155,8 @@ def test_every_installed_tool_runs_outside_the_repository(venv: Path, tmp_path: 
     )
     tool("demo-metrics", "--record")  # the newest outputs/runs/demo run, README.md here
     assert "the same" in tool("demo-metrics")
+    no_extra = tool("workspace", "--entity", "e", "--project", "p", "--dry-run", code=1)
+    assert "pip install 'breakhis-ft[workspace]'" in no_extra  # the wheel without its extra
     (work / "dl").mkdir()
     with tarfile.open(work / "dl" / "BreaKHis_v1.tar.gz", "w:gz") as tar:  # no network needed:
         tar.add(work / "replica" / "BreaKHis_v1", "BreaKHis_v1")  # an archive already there

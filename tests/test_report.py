@@ -110,7 +110,7 @@ def make_run(
                 {
                     "val/balanced_accuracy": 0.2 * step / 2,
                     "val/f1_macro": 0.15 * step / 2,
-                    "val/loss": 1.5 / step,
+                    "val/class_nll": 1.5 / step,
                     "val/binary/auroc": 0.6,
                 },
                 step,
@@ -317,7 +317,7 @@ def test_sweep_plot_over_two_axes(tmp_path: Path) -> None:
         cfg["trainer"]["lr"] = lr
         (path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
         runs.append(load_run(path))
-    assert sweep_axes(runs) == ["peft.r", "trainer.lr"]
+    assert sweep_axes(runs) == ["peft.r", "trainer.lr", "peft.alpha"]  # make_run: alpha = 2r
     assert plot_sweep(runs[:1], "val/f1_macro", tmp_path / "none.png") is None
     path = plot_sweep(runs, "selection", tmp_path / "sweep.png", beside="test/f1_macro")
     assert path is not None and _png_size(path)[0] > 500
@@ -408,3 +408,20 @@ def test_sweep_plot_starts_at_zero_and_shows_intervals(sweep: Path, monkeypatch)
     segments = bars.lines[2][0].get_segments()
     spans = sorted((float(s[0][1]), float(s[1][1])) for s in segments)
     assert spans[-1] == pytest.approx((value - 0.1, value + 0.05))
+
+
+def test_curves_plot_the_training_loss_and_the_class_nll_in_panels_of_their_own(
+    tmp_path, monkeypatch
+) -> None:
+    pytest.importorskip("matplotlib")
+    from breakhis_ft.evaluate import figures
+
+    kept = _keep_figures(monkeypatch)
+    # MedGemma's token loss sits far above the class NLL: one axis would read as a bug
+    history = [{"step": s, "train/loss": 6.0 - s, "val/class_nll": 2.0 / s} for s in (1, 2)]
+    history.append({"step": 3, "val/loss": 0.5})  # a run folder's earlier name of the class NLL
+    figures.plot_curves(history, tmp_path / "curves.png", "t")
+    ((_, fig),) = kept
+    on_axis = [{line.get_label() for line in ax.get_lines()} for ax in fig.axes]
+    assert {"train/loss"} in on_axis
+    assert {"val/class_nll", "val/loss"} in on_axis

@@ -48,8 +48,22 @@ def test_final_metrics_hold_intervals_calibration_and_patient_level(first_run) -
 
 def test_wandb_summary_holds_the_statistics_and_reliability_plots(first_run) -> None:
     run_dir, _ = first_run
+    from helpers.wandb_records import run_summary
+
     (offline,) = run_dir.glob("wandb/offline-run-*")
     log = next(offline.glob("run-*.wandb")).read_bytes()
-    assert b"test/balanced_accuracy_ci95_lo" in log and b"test/calibration/after/ece" in log
-    assert b"test/patient_level/balanced_accuracy" in log
     assert b"plots/reliability_test" in log
+    # the headline's intervals in the summary; the rest in each split's statistics table
+    summary = run_summary(offline)["summary"]
+    test = read_metrics(run_dir)["test"]
+    assert summary["test/balanced_accuracy_ci95"] == test["balanced_accuracy_ci95"]
+    table = json.loads((offline / "files" / summary["test/statistics"]["path"]).read_text())
+    assert table["columns"] == ["scope", "metric", "value", "ci_low", "ci_high"]
+    rows = {(r[0], r[1]): r[2:] for r in table["data"]}
+    patient = test["patient_level"]
+    assert rows["patient_level", "balanced_accuracy"] == [
+        patient["balanced_accuracy"],
+        *patient["balanced_accuracy_ci95"],
+    ]
+    assert rows["calibration/after", "ece"][0] == test["calibration"]["after"]["ece"]
+    assert rows["patient_level/binary", "auroc"][0] == patient["binary"]["auroc"]

@@ -26,13 +26,12 @@ from breakhis_ft.data.dataset import (
 )
 from breakhis_ft.data.stain import (
     NORMALIZER_FILE,
-    StainFitError,
     fit_stain_normalizer,
     load_normalizer,
     save_normalizer,
 )
 from breakhis_ft.deploy.predict import PredictError, run_stain
-from breakhis_ft.errors import ConfigError
+from breakhis_ft.errors import ConfigError, StainFitError
 from breakhis_ft.run.setup import make_stain_normalizer, stain_reference_records
 
 SIZE = 24

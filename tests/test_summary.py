@@ -85,17 +85,20 @@ def test_console_leaves_checkpoint_lines_to_the_file_and_prints_bare_records(
     summary.configure_console()
     summary.configure_console()  # once per multirun job: idempotent
     logging.getLogger("accelerate.checkpointing").info("Saving current state to x/.tmp-step_1")
-    logging.getLogger("accelerate.accelerator").warning("a real warning")
+    logging.getLogger("accelerate.accelerator").warning("a library's warning")
+    logging.getLogger("accelerate.accelerator").error("a library's error")
     logging.getLogger("breakhis_ft.x").info("eval step 1")
+    logging.getLogger("breakhis_ft.x").error("a traceback", extra=summary.FILE_ONLY)
     summary.log.info("the block", extra=summary.BARE)
     logging.getLogger().handlers[1].flush()
     shown, kept = console.getvalue(), log_file.read_text()
-    assert shown.splitlines() == [
-        "[accelerate.accelerator][WARNING] - a real warning",
+    assert shown.splitlines() == [  # other libraries' records from ERROR up (third_party.py)
+        "[accelerate.accelerator][ERROR] - a library's error",
         "[breakhis_ft.x][INFO] - eval step 1",
         "the block",
     ]
-    assert "Saving current state to x/.tmp-step_1" in kept
+    for line in ("Saving current state to x/.tmp-step_1", "a library's warning", "a traceback"):
+        assert line in kept
     assert "[breakhis_ft.run.summary][INFO] - the block" in kept
 
 
@@ -112,7 +115,7 @@ def test_config_tree_is_compact_and_shows_group_choices() -> None:
     assert "optimizer=adamw" in text and "builder=build_medgemma_classifier" in text
 
 
-def test_split_tables_hold_per_class_per_magnification_and_binary() -> None:
+def test_split_tables_hold_per_class_and_per_magnification_with_binary() -> None:
     per_class = {"a": {"precision": 1.0, "recall": 0.5, "f1": 0.6, "support": 2}}
     split = {
         "n": 4,
@@ -126,7 +129,21 @@ def test_split_tables_hold_per_class_per_magnification_and_binary() -> None:
     assert rows == [["all", "a", 1.0, 0.5, 0.6, 2], ["40", "a", 1.0, 0.5, 0.6, 2]]
     cols, rows = tables["by_magnification"]
     assert rows[1][: cols.index("accuracy") + 1] == ["40", 2, 1.0] and rows[1][-3:] == [None] * 3
-    assert tables["binary"][1] == [[0.75, 0.7, None]]
+    # the split's binary figures: the `all` row's binary columns, no table of their own
+    all_row = dict(zip(cols, rows[0], strict=True))
+    assert all_row["magnification"] == "all" and all_row["binary_accuracy"] == 0.75
+    assert all_row["binary_f1"] == 0.7 and "binary" not in tables
+    # every other figure, with its interval, in the statistics table (per class left out)
+    cols, rows = tables["statistics"]
+    assert cols == ("scope", "metric", "value", "ci_low", "ci_high")
+    assert ["image", "accuracy", 0.5, None, None] in rows and [
+        "binary",
+        "f1",
+        0.7,
+        None,
+        None,
+    ] in rows
+    assert not [r for r in rows if r[1] in ("precision", "support")]
 
 
 @pytest.fixture
@@ -143,17 +160,18 @@ def test_best_model_logged_as_a_wandb_artifact(tmp_path, monkeypatch, fresh_wand
     from helpers.wandb_records import records
 
     monkeypatch.setenv("WANDB_SILENT", "true")
-    logger = OmegaConf.structured(LoggerConfig(mode="offline", log_model=True))
+    logger = OmegaConf.structured(LoggerConfig(mode="offline", log_model="best"))
     tracker = RunTracker(tmp_path, TrackedJob({"seed": 1}, "name", "group"), logger)
     best = tmp_path / "best"
     best.mkdir()
     (best / "adapter_model.safetensors").write_bytes(b"weights")
-    tracker.log_model(best, {"step": 3, "monitor": "val/balanced_accuracy"})
+    tracker.log_model(best, "best", {"step": 3, "monitor": "val/balanced_accuracy"})
     tracker.finish()
     (offline,) = (tmp_path / "wandb").glob("offline-run-*")
     artifacts = [r["artifact"] for r in records(offline) if r["type"] == "artifact"]
     assert len(artifacts) == 1
     artifact = artifacts[0]
     assert artifact["type"] == "model" and artifact["name"].startswith("model-")
+    assert "best" in artifact["aliases"]
     assert "adapter_model.safetensors" in str(artifact["manifest"])
     assert json.loads(artifact["metadata"]) == {"step": 3, "monitor": "val/balanced_accuracy"}

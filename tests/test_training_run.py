@@ -11,12 +11,11 @@ from accelerate.state import AcceleratorState
 from helpers.cli_runs import FAST
 from test_entrypoint import compose_train
 
-from breakhis_ft.data.stain import StainFitError
+from breakhis_ft.errors import DeviceError, StainFitError
 from breakhis_ft.models.medgemma import MedGemmaClassifier
 from breakhis_ft.models.precision import Precision
 from breakhis_ft.run import setup
 from breakhis_ft.run.experiment import prepare_data
-from breakhis_ft.run.setup import DeviceError
 from breakhis_ft.run.tracking import RunTracker
 from breakhis_ft.run.training_run import TrackedJob, TrainingRun
 

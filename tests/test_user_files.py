@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers.cli_runs import FAST, run_cli, run_info, single_run_dir
+from helpers.cli_runs import FAST, run_cli, run_info
 from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
@@ -68,11 +68,11 @@ def test_a_real_data_folder_as_data_root_of_the_replica_is_refused_untouched(
     done = run_cli(
         [f"data.root={real}", "logger=none", *FAST, f"paths.output_dir={tmp_path / 'o'}"], cache
     )
-    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.returncode == 3, done.stderr[-3000:]  # a data error (errors.EXIT_CODES)
     assert "holds BreakHis data" in done.stderr
     assert f"data=breakhis data.root={real}" in done.stderr  # the fix
     assert snapshot(real) == before
-    assert not (single_run_dir(tmp_path / "o") / "run_info.json").exists()  # no run started
+    assert not (tmp_path / "o").exists()  # refused before Hydra made a run folder
 
 
 @pytest.mark.parametrize(

@@ -14,8 +14,8 @@ from test_entrypoint import compose_train
 from breakhis_ft.config import MedGemmaConfig, TrainRunConfig
 from breakhis_ft.data.dataset import ImageDataset
 from breakhis_ft.data.records import ImageRecord
-from breakhis_ft.errors import ConfigError
-from breakhis_ft.models.vision_cache import FeatureCacheError, configure_feature_cache
+from breakhis_ft.errors import ConfigError, FeatureCacheError
+from breakhis_ft.models.vision_cache import configure_feature_cache
 from breakhis_ft.validate import validate_config
 
 N_IMAGES = 6

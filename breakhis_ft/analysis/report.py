@@ -123,6 +123,7 @@ class Report:
     warnings: list[str] = field(default_factory=list)  # splits missing classes, etc.
     # run name -> metric -> its stored (lo, hi), or None: shown beside the value
     intervals: dict[str, dict[str, Any]] = field(default_factory=dict)
+    settings: list[str] = field(default_factory=list)  # the differing keys among the columns
 
 
 def optimized_metric(run: Run) -> str | None:
@@ -269,6 +270,7 @@ def build_report(
         warnings,
     )
     report.intervals = intervals
+    report.settings = settings
     return report
 
 

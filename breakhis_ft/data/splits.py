@@ -31,6 +31,7 @@ import numpy as np
 
 from breakhis_ft.data.breakhis import BadDataError, FoldsTable
 from breakhis_ft.data.records import ImageRecord, Task, as_task, label_of
+from breakhis_ft.errors import SplitLeakError
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +59,6 @@ EVA_VAL_PATIENTS = frozenset(
         "21998EF",
     }
 )
-
-
-class SplitLeakError(ValueError):
-    """A patient group found in more than one split."""
 
 
 def group_key(record: ImageRecord, group_by: str) -> str:

@@ -67,7 +67,6 @@ from PIL import Image
 from torchstain.numpy.normalizers import NumpyMacenkoNormalizer, NumpyReinhardNormalizer
 
 from breakhis_ft.data.records import ImageRecord
-from breakhis_ft.errors import BadDataError
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +115,6 @@ _GATE = {  # part of identity(): which images pass through unchanged
     "hue_tolerance": HUE_TOLERANCE,
 }
 _FAILURES = (ArithmeticError, ValueError, IndexError, np.linalg.LinAlgError)
-
-
-class StainFitError(BadDataError):
-    """A stain reference no normaliser can be fitted to (no training images, no stain in them);
-    the message names `data.stain_reference` and what to give instead."""
 
 
 def _rgb(image: Image.Image) -> np.ndarray:

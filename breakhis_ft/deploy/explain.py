@@ -16,7 +16,9 @@ log P itself: its gradient is (1 - P) times smaller and vanishes in float32 for 
 predictions a fine-tuned model makes (the tiny SigLIP's maps went uniform at P = 1.0).
 Per token, the attribution is the sum over the hidden dimension of gradient x token (its
 first-order contribution to the score); the map keeps the positive part (evidence for the target;
-`sign="abs"` keeps magnitudes) normalised to sum 1, uniform when nothing is positive. The positive
+`sign="abs"` keeps magnitudes) normalised to sum 1. Where nothing is positive the map has no
+evidence to show: `Explanation.evidence` is False, the grid uniform (it still sums to 1), and the
+overlay and the JSON say so instead of drawing a uniform map at full strength. The positive
 part, not the absolute value: with two classes the log-odds of one is minus the other's, so
 absolute values would give both classes the same map.
 
@@ -38,7 +40,9 @@ no extra dependency (captum's InputXGradient / IntegratedGradients would compute
 
 The overlay puts the map, bilinearly upsampled, on the image the caller gives: MedGemma's processor
 stretches every image to its square input, a SigLIP classifier stretches or pads (`model.resize`);
-`Explanation.box` is the image's place in that square, so the map lines up either way.
+`Explanation.box` is the image's place in that square, so the map lines up either way. A padded
+image's padding is no part of it: the grid cells that lie wholly in the padding get attribution 0
+and no share of the normalisation (`image_cells`).
 """
 
 from __future__ import annotations
@@ -61,15 +65,17 @@ SIGNS = ("positive", "abs")
 LEVELS = ("tokens", "patches")  # MedGemma: soft tokens or vision patch embeddings
 METHODS = ("grad_x_input", "integrated_gradients")
 FULL_BOX = (0.0, 0.0, 1.0, 1.0)
+NO_EVIDENCE = "no positive evidence for {target} anywhere in the image: no map to show"
 
 
 @dataclass
 class Explanation:
     """One image's explanation: the map and what the classifier said.
 
-    grid: (side, side) float64, non-negative, sums to 1 (row 0 is the top of the image); uniform
-        when the target has no positive evidence anywhere.
-    attribution: the same grid before the sign and normalisation (signed, in log-odds units).
+    grid: (side, side) float64, non-negative, sums to 1 (row 0 is the top of the image); 0 on
+        cells wholly in padding; uniform over the image's cells when `evidence` is False.
+    attribution: the same grid before the sign and normalisation (signed, in log-odds units; 0
+        on cells wholly in padding).
     target: the class the map explains; predicted: the classifier's class; probs: (n_classes,).
     box: (left, top, right, bottom), fractions of the model's square input that the image fills.
     level: what the grid covers: "tokens" (MedGemma's soft tokens) or "patches" (vision patches).
@@ -77,6 +83,8 @@ class Explanation:
     score: the target's log-odds, log P(target) - log P(not target), the quantity attributed.
     baseline_score: integrated gradients only: the log-odds at the grey baseline image; the
         attributions add up to score - baseline_score (up to the path integral's error).
+    evidence: whether any cell of the image holds positive evidence for the target (for
+        sign="abs": any non-zero attribution); False: no map to show.
     """
 
     grid: np.ndarray
@@ -89,6 +97,7 @@ class Explanation:
     method: str = "grad_x_input"
     score: float = math.nan
     baseline_score: float | None = None
+    evidence: bool = True
 
     def to_dict(self, class_names: Sequence[str] | None = None) -> dict[str, Any]:
         """A JSON-ready record (class names added when given)."""
@@ -101,9 +110,13 @@ class Explanation:
             "predicted": self.predicted,
             "probs": [float(p) for p in self.probs],
             "box": list(self.box),
+            "evidence": self.evidence,
             "grid": self.grid.tolist(),
             "attribution": self.attribution.tolist(),
         }
+        if not self.evidence:
+            target = class_names[self.target] if class_names is not None else self.target
+            out["note"] = NO_EVIDENCE.format(target=target)
         if class_names is not None:
             out["target_name"] = class_names[self.target]
             out["predicted_name"] = class_names[self.predicted]
@@ -122,16 +135,44 @@ def grid_side(n_tokens: int) -> int:
     return side
 
 
-def normalise(attribution: np.ndarray, sign: str = "positive") -> np.ndarray:
-    """Positive part (or absolute value) of a signed map, scaled to sum 1; uniform if all zero."""
+def _kept(attribution: np.ndarray, sign: str, cells: np.ndarray | None) -> np.ndarray:
+    """The positive part (or absolute value) of a signed map, 0 outside `cells`."""
     if sign not in SIGNS:
         raise ValueError(f"sign: got {sign!r}, allowed: {', '.join(SIGNS)}")
     kept = np.clip(attribution, 0, None) if sign == "positive" else np.abs(attribution)
     kept = kept.astype(np.float64)
-    total = kept.sum()
-    if not np.isfinite(total) or total <= 0:
-        return np.full(kept.shape, 1.0 / kept.size)
-    return kept / total
+    return kept if cells is None else np.where(cells, kept, 0.0)
+
+
+def has_evidence(
+    attribution: np.ndarray, sign: str = "positive", cells: np.ndarray | None = None
+) -> bool:
+    """Whether the map keeps anything (a positive part, for sign="abs" a non-zero) in `cells`."""
+    total = _kept(attribution, sign, cells).sum()
+    return bool(np.isfinite(total) and total > 0)
+
+
+def normalise(
+    attribution: np.ndarray, sign: str = "positive", cells: np.ndarray | None = None
+) -> np.ndarray:
+    """Positive part (or absolute value) of a signed map over `cells` (default: all; 0 on the
+    others), scaled to sum 1; uniform over them when it keeps nothing (`has_evidence`)."""
+    kept = _kept(attribution, sign, cells)
+    if not has_evidence(attribution, sign, cells):
+        inside = np.ones(kept.shape, dtype=bool) if cells is None else cells
+        return inside / inside.sum()
+    return kept / kept.sum()
+
+
+def image_cells(side: int, box: tuple[float, ...]) -> np.ndarray:
+    """(side, side) bool: the grid cells that overlap the image's `box` in the square input (a
+    padded image's padding rows or columns are False)."""
+    left, top, right, bottom = box
+    edges = np.arange(side + 1) / side
+    eps = 1e-9
+    rows = (edges[1:] > top + eps) & (edges[:-1] < bottom - eps)
+    columns = (edges[1:] > left + eps) & (edges[:-1] < right - eps)
+    return rows[:, None] & columns[None, :]
 
 
 def patch_embeddings_module(encoder: torch.nn.Module) -> torch.nn.Module:
@@ -330,10 +371,12 @@ def _explain_batch(
     baselines = [None] * len(images) if baseline is None else baseline.cpu().tolist()
     out = []
     for row, box in enumerate(_boxes(classifier, images)):
-        attribution = per_token[row].reshape(side, side)  # tokens are row-major over the image
+        cells = image_cells(side, box)  # a padded image: its padding kept out of the map
+        # tokens are row-major over the image
+        attribution = np.where(cells, per_token[row].reshape(side, side), 0.0)
         out.append(
             Explanation(
-                grid=normalise(attribution, sign),
+                grid=normalise(attribution, sign, cells),
                 attribution=attribution,
                 target=int(wanted[row]),
                 predicted=int(predicted[row]),
@@ -343,6 +386,7 @@ def _explain_batch(
                 method=method,
                 score=scores[row],
                 baseline_score=baselines[row],
+                evidence=has_evidence(attribution, sign, cells),
             )
         )
     return out

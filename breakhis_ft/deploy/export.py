@@ -64,11 +64,17 @@ def _prepare_out(out_dir: Path, overwrite: bool) -> None:
 
 
 def export_info(
-    cfg: DictConfig, run_dir: Path, fmt: str, precision: str, image_size: int | None
+    cfg: DictConfig,
+    run_dir: Path,
+    fmt: str,
+    precision: str,
+    image_size: int | None,
+    weights: str = "best",
 ) -> dict[str, Any]:
     """What `export_info.json` holds: format, classes, the exact prompt (user text, chat messages,
-    each class's answer), preprocessing, temperature, source run, config."""
-    best = Path(run_dir) / "best" / "best.json"
+    each class's answer), preprocessing, temperature, source run, config; `weights`: the run's
+    folder the weights come from (best, or last: the end of training)."""
+    best = Path(run_dir) / weights / "best.json"
     best_info = json.loads(best.read_text()) if best.is_file() else {}
     config = OmegaConf.to_container(cfg, resolve=True)
     config["precision"]["name"] = precision
@@ -87,6 +93,7 @@ def export_info(
         "base_model": str(cfg.model.name_or_path),
         "peft": OmegaConf.to_container(cfg.peft, resolve=True),
         "source_run": str(Path(run_dir).resolve()),
+        "weights": weights,  # best: the run's best model; last: the end of its training
         "best": {k: best_info.get(k) for k in ("step", "monitor", "value")},
         # fitted on the run's validation split; predict divides log-probabilities by it
         "temperature": read_temperature(run_dir),
@@ -105,13 +112,18 @@ def _write_info(out_dir: Path, info: dict[str, Any], run_dir: Path) -> None:
         shutil.copy2(run_dir / NORMALIZER_FILE, out_dir / NORMALIZER_FILE)
 
 
-def export_adapter(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Copy the run's adapter (and SigLIP head) with `export_info.json`: a small artefact."""
+def export_adapter(
+    run_dir: str | Path, out_dir: str | Path, overwrite: bool = False, weights: str = "best"
+) -> Path:
+    """Copy the run's adapter (and SigLIP head) with `export_info.json`: a small artefact.
+    `weights`: the run's folder to copy: best/, or last/ (logger.log_model=last)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     cfg = _export_config(run_dir, ())
-    best = run_dir / "best"
+    best = run_dir / weights
     if not best.is_dir():
-        raise ExportError(f"{run_dir}: no best/ folder; the run has no trained weights to export")
+        raise ExportError(
+            f"{run_dir}: no {weights}/ folder; the run has no trained weights to export"
+        )
     full = [f for f in FULL_WEIGHT_FILES if (best / f).is_file()]
     if full:
         raise ExportError(
@@ -122,7 +134,7 @@ def export_adapter(run_dir: str | Path, out_dir: str | Path, overwrite: bool = F
     shutil.copytree(best, out_dir, dirs_exist_ok=True)
     resized = classifier_type(cfg.model).reads_resized_images(cfg.model, str(cfg.peft.method))
     size = int(cfg.data.image_size) if resized else None
-    info = export_info(cfg, run_dir, "adapter", str(cfg.precision.name), size)
+    info = export_info(cfg, run_dir, "adapter", str(cfg.precision.name), size, weights)
     _write_info(out_dir, info, run_dir)
     log.info("adapter of %s exported to %s", run_dir, out_dir)
     return out_dir

@@ -1,20 +1,26 @@
-"""Pictures of an explanation: the heatmap over the image, a caption, the PNG and its JSON."""
+"""Pictures of an explanation: the heatmap over the image, a caption with a colour scale, the PNG
+and its JSON. A map without evidence (`Explanation.evidence` False) is not drawn: the caption says
+so, where a uniform map would read as the strongest evidence everywhere."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from breakhis_ft.deploy.explain import Explanation
+from breakhis_ft.deploy.explain import NO_EVIDENCE, Explanation
 
 
 def heatmap(explanation: Explanation, size: tuple[int, int]) -> np.ndarray:
-    """The map over an image of `size` (width, height): bilinear, in [0, 1] (1 at the maximum)."""
+    """The map over an image of `size` (width, height): bilinear, in [0, 1] (1 at the maximum);
+    all 0 for a map without evidence."""
     width, height = size
+    if not explanation.evidence:
+        return np.zeros((height, width))
     left, top, right, bottom = explanation.box
     # upsample over the whole square input, then cut out the image's part of it
     canvas_w = max(1, round(width / (right - left)))
@@ -27,6 +33,7 @@ def heatmap(explanation: Explanation, size: tuple[int, int]) -> np.ndarray:
     return np.clip(heat / peak, 0, 1) if peak > 0 else np.zeros_like(heat)
 
 
+OVERLAY_ALPHA = 0.6  # how much of the map's colour the overlay blends in at the strongest cell
 # blue -> green -> yellow: stands out on H&E's pinks and purples (a red ramp vanishes on eosin)
 RAMP = np.array([[0.15, 0.35, 1.0], [0.1, 0.85, 0.35], [1.0, 0.95, 0.0]])
 
@@ -58,7 +65,23 @@ def caption(
     if explanation.target != pred:
         target = explanation.target
         lines.append(f"map for: {class_names[target]} ({explanation.probs[target]:.2f})")
+    if not explanation.evidence:
+        lines.append(NO_EVIDENCE.format(target=class_names[explanation.target]))
     return lines
+
+
+def _colour_scale(draw: ImageDraw.ImageDraw, box: tuple[int, int, int, int], font: Any) -> None:
+    """The map's colour scale in `box` (left, top, right, bottom): the ramp from no evidence to
+    the image's strongest, as the blend draws it over white, labelled at both ends."""
+    left, top, right, bottom = box
+    for x in range(left, right):
+        heat = (x - left) / max(1, right - left - 1)
+        weight = OVERLAY_ALPHA * np.sqrt(heat)
+        rgb = (1 - weight) + _colour(np.array(heat)) * weight
+        draw.line([(x, top), (x, bottom)], tuple(int(round(c * 255)) for c in rgb))
+    draw.rectangle(box, outline=(0, 0, 0))
+    draw.text((left, bottom + 2), "none", (0, 0, 0), font)
+    draw.text((right, bottom + 2), "strongest", (0, 0, 0), font, anchor="ra")
 
 
 def overlay(
@@ -66,11 +89,13 @@ def overlay(
     explanation: Explanation,
     class_names: Sequence[str],
     true_class: int | None = None,
-    alpha: float = 0.6,
+    alpha: float | None = None,
     min_width: int = 320,
 ) -> Image.Image:
     """The image and, beside it, the image with the map blended in (strongest where the map is
-    strong); a caption band below: prediction, probability, true class, the class mapped."""
+    strong); a caption band below: prediction, probability, true class, the class mapped, and
+    the colour scale (under the mapped image). `alpha`: the blend at the strongest evidence."""
+    alpha = OVERLAY_ALPHA if alpha is None else alpha
     image = image.convert("RGB")
     if image.width < min_width:  # small images: enlarge so the caption fits and stays legible
         scale = min_width / image.width
@@ -86,7 +111,7 @@ def overlay(
     font_size = max(12, image.width // 24)
     font = _font(font_size)
     line_height = round(font_size * 1.3)
-    band = line_height * len(lines) + font_size // 2
+    band = line_height * max(len(lines), 2) + font_size // 2
     gap = max(2, image.width // 80)
     out = Image.new("RGB", (2 * image.width + gap, image.height + band), (255, 255, 255))
     out.paste(image, (0, 0))
@@ -94,6 +119,11 @@ def overlay(
     draw = ImageDraw.Draw(out)
     for i, line in enumerate(lines):
         draw.text((font_size // 3, image.height + 4 + i * line_height), line, (0, 0, 0), font)
+    if explanation.evidence:
+        margin = image.width // 10
+        left, top = image.width + gap + margin, image.height + 4
+        scale = (left, top, 2 * image.width + gap - margin, top + font_size)
+        _colour_scale(draw, scale, font)
     return out
 
 

@@ -33,6 +33,7 @@ from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 from torch.utils.hooks import RemovableHandle
 
+from breakhis_ft.errors import CheckpointError
 from breakhis_ft.files import MANIFEST, fsync_dir, manifest_problem, write_folder_manifest
 
 log = logging.getLogger(__name__)
@@ -51,10 +52,6 @@ def _fsync_tree(directory: Path) -> None:
             with open(os.path.join(root, name), "rb") as f:
                 os.fsync(f.fileno())
         fsync_dir(Path(root))
-
-
-class CheckpointError(RuntimeError):
-    """No checkpoint of a run folder can be resumed from; the message names the damaged files."""
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import inspect
 import math
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import get_torch_accelerator_backend
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -31,6 +34,8 @@ class LoopState:
     bad_evals: int = 0
     stopped_early: bool = False
     last_eval_step: int = -1
+    # a stop came during this step's evaluation: resume runs that evaluation first
+    eval_pending: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -53,6 +58,51 @@ class LoopState:
         if value is None:
             return False
         return self.best_value is None or self.sign * (value - self.best_value) > 0
+
+
+@dataclass
+class UpdateBoundary:
+    """The process state accelerate's save_state records beside the model, taken after an update.
+
+    A stop between two updates saves the last update's checkpoint; the micro-batches run since
+    then moved the random generators (dropout, augmentation) and accelerate's micro-batch count,
+    so these are put back first: the checkpoint is the one an uninterrupted run saves there.
+    """
+
+    accumulation_step: int  # Accelerator.step: micro-batches counted for gradient accumulation
+    python: Any
+    numpy: Any
+    torch_cpu: torch.Tensor
+    device: Any  # the accelerator backend's generators (CUDA: one per device); None on the CPU
+
+    @classmethod
+    def capture(cls, acc: Accelerator) -> UpdateBoundary:
+        """The generators and micro-batch count now (the states that save_state writes)."""
+        _device_type, module = get_torch_accelerator_backend()
+        device = None if module is None else _device_rng(module, get=True)
+        return cls(
+            acc.step, random.getstate(), np.random.get_state(), torch.get_rng_state(), device
+        )
+
+    def restore(self, acc: Accelerator) -> None:
+        """Put the generators and the micro-batch count back as they were at the update."""
+        acc.step = self.accumulation_step
+        random.setstate(self.python)
+        np.random.set_state(self.numpy)
+        torch.set_rng_state(self.torch_cpu)
+        _device_type, module = get_torch_accelerator_backend()
+        if module is not None and self.device is not None:
+            _device_rng(module, get=False, state=self.device)
+
+
+def _device_rng(module: Any, get: bool, state: Any = None) -> Any:
+    """Get or set a device backend's generators the way accelerate's checkpointing does."""
+    if module is torch.accelerator:  # a backend torch exposes only through torch.accelerator
+        module = torch.get_device_module(torch.accelerator.current_accelerator().type)
+    every = hasattr(module, "get_rng_state_all")  # CUDA-like: one generator per device
+    if get:
+        return module.get_rng_state_all() if every else module.get_rng_state()
+    return module.set_rng_state_all(state) if every else module.set_rng_state(state)
 
 
 class StepWindow:
@@ -122,22 +172,22 @@ def lookup_metric(metrics: dict[str, Any], monitor: str) -> float | None:
 
 
 def true_class_nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
-    """The validation loss: mean negative log-probability of the true class under predict_proba.
+    """`val/class_nll`: mean negative log-probability of the true class under predict_proba.
 
     The cross-entropy of the predicted class distribution (for MedGemma: over the classes'
-    answers), so it compares across models; it is not the token-level training loss.
+    answers), so it compares across models; it is not `train/loss`, MedGemma's token-level loss.
     """
     picked = probs.float()[torch.arange(len(labels)), labels.long()]
     return float(-picked.clamp_min(1e-12).log().mean())
 
 
 def eval_line(
-    state: LoopState, value: float | None, loss: float, improved: bool, split: str = "val"
+    state: LoopState, value: float | None, class_nll: float, improved: bool, split: str = "val"
 ) -> str:
     """One terminal line per evaluation: the monitored value and the best so far."""
     head = f"eval step {state.global_step}: "
     if state.monitor is None:
-        return head + f"{split}/loss {loss:.4f} (no model selection on {split})"
+        return head + f"{split}/class_nll {class_nll:.4f} (no model selection on {split})"
     shown = "undefined" if value is None else f"{value:.4f}"
     if improved:
         best = "new best"
@@ -145,7 +195,7 @@ def eval_line(
         best = "no best yet"
     else:
         best = f"best {state.best_value:.4f} at step {state.best_step}"
-    return head + f"{state.monitor} {shown} ({best}), {split}/loss {loss:.4f}"
+    return head + f"{state.monitor} {shown} ({best}), {split}/class_nll {class_nll:.4f}"
 
 
 def scalars(metrics: dict[str, Any], prefix: str) -> dict[str, float]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from accelerate import Accelerator
@@ -71,6 +72,7 @@ def predict(
     batch_size: int,
     forward: nn.Module | None = None,
     max_batches: int | None = None,
+    before_batch: Callable[[], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Probabilities [N, C] (float32), labels [N] and dataset indices [N], sorted by index.
 
@@ -78,6 +80,7 @@ def predict(
     shards, so every example appears exactly once. Every process gets the full result. `forward`:
     the wrapper a training recipe prepared (DDP/FSDP); without it the classifier runs as it is.
     `max_batches` (per process; debug presets): only the first examples, in index order.
+    `before_batch`: called before each batch (a training recipe's stop check raises there).
     """
     if max_batches is not None:  # a prefix of the dataset: the loader still runs to its end
         n = min(len(dataset), max_batches * batch_size * accelerator.num_processes)
@@ -92,6 +95,8 @@ def predict(
     main = accelerator.is_main_process
     try:
         for batch in tqdm(loader, desc="eval", leave=False, dynamic_ncols=True, disable=not main):
+            if before_batch is not None:
+                before_batch()
             with accelerator.autocast():
                 probs = forward(batch, mode="proba")
             gathered = accelerator.gather_for_metrics(

@@ -6,8 +6,10 @@ the optimizer factory, metrics and logging), `fit()` runs setup -> resume -> epo
 checkpoint and returns a `FitResult`. The classifier's `loss`/`predict_proba` run
 inside `ClassifierForward.forward`, so the prepared (DDP or FSDP) wrapper sees a forward call.
 
-Stopping: Ctrl-C (KeyboardInterrupt) and SIGTERM (what SLURM, Cloud Run and docker send) both end
-the run at an update boundary with a checkpoint saved; `resume=` continues from it exactly.
+Stopping: Ctrl-C (KeyboardInterrupt, where it lands) and SIGTERM (what SLURM, Cloud Run and docker
+send; acted on before the next micro-batch or evaluation batch) both end the run with the last
+completed update's checkpoint saved; an unfinished gradient accumulation is dropped and `resume=`
+continues from the checkpoint exactly. `trainer.checkpoint_every_minutes` adds checkpoints by time.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import functools
 import json
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +42,7 @@ from breakhis_ft.engine.checkpoint import (
 from breakhis_ft.engine.loop_state import (
     LoopState,
     StepWindow,
+    UpdateBoundary,
     check_class_weights_supported,
     eval_line,
     first_nonfinite_grad,
@@ -50,7 +54,7 @@ from breakhis_ft.engine.optim import param_groups
 from breakhis_ft.engine.predict import ClassifierForward, make_loader, predict
 from breakhis_ft.engine.profiling import step_profiler
 from breakhis_ft.engine.sampling import EpochSampler, dataset_labels, inverse_frequency_weights
-from breakhis_ft.engine.stop import RunInterrupted, StopSignal
+from breakhis_ft.engine.stop import RunInterrupted, StopRequested, StopSignal
 from breakhis_ft.errors import NonFiniteError
 
 log = logging.getLogger(__name__)
@@ -114,6 +118,12 @@ class TrainingRecipe:
         self.profiler: Any = None  # torch.profiler.profile while trainer.profile_steps > 0
         self.last_ckpt_step = -1
         self.stop = StopSignal()
+        self.clock: Callable[[], float] = time.monotonic  # seconds; checkpoints by time
+        self.last_ckpt_time = 0.0
+        self.boundary: UpdateBoundary | None = None  # the generators after the last update
+        # from optimizer.step until the loop state records the update: a Ctrl-C there would save
+        # weights and a step that do not match
+        self.updating = False
 
     # ---- setup -----------------------------------------------------------------------------
 
@@ -192,6 +202,18 @@ class TrainingRecipe:
         self.last_ckpt_step = self.state.global_step
         log.info("resumed from %s (step %d)", latest, self.state.global_step)
 
+    def pending_evaluation(self) -> None:
+        """The evaluation a stop cut short (the checkpoint says so): run it, save it, go on."""
+        if not self.state.eval_pending or self.val_ds is None:
+            return
+        log.info(
+            "resume: the evaluation of step %d was interrupted; running it", self.state.global_step
+        )
+        self.evaluate()
+        self.state.eval_pending = False
+        self.forward.train()
+        self.save_checkpoint()
+
     # ---- training --------------------------------------------------------------------------
 
     def fit(self, resume: bool = False) -> FitResult:
@@ -206,13 +228,17 @@ class TrainingRecipe:
             self.resume()
         self.window = StepWindow(total=self.total, initial=self.state.global_step, acc=self.acc)
         self.forward.train()
+        self.boundary = UpdateBoundary.capture(self.acc)
+        self.last_ckpt_time = self.clock()
         profile_dir = self.run_dir / "profile"
         try:
             with self.stop, step_profiler(profile_dir, self.cfg.profile_steps, self.acc) as prof:
                 self.profiler = prof
+                self.pending_evaluation()
                 while self.state.global_step < self.total and not self.state.stopped_early:
                     self.train_epoch()
             self.finish()
+            self.check_stop()  # a signal during the last update: the run still ends interrupted
         except NonFiniteError as err:
             self._fail(err)
         except KeyboardInterrupt as err:
@@ -244,6 +270,7 @@ class TrainingRecipe:
         self.loader.generator.manual_seed(self.seed + epoch)
         loader = acc.skip_first_batches(self.loader, consumed) if consumed else self.loader
         for batch in loader:
+            self.check_stop()  # SIGTERM: before the micro-batch, not at the end of the update
             with acc.accumulate(self.forward):
                 loss = self.train_step(batch, epoch, consumed)
             consumed += 1
@@ -253,11 +280,23 @@ class TrainingRecipe:
             # the state only moves at updates: a checkpoint always sits on an update boundary
             end_of_epoch = consumed >= self.batches_per_epoch
             st.advance(epoch, consumed, end_of_epoch)
+            self.boundary = UpdateBoundary.capture(acc)
+            self.updating = False
             self.after_update(end_of_epoch)
-            if self.stop.requested:  # SIGTERM: stop here, at an update boundary
-                raise KeyboardInterrupt(self.stop.requested)
             if st.global_step >= self.total or st.stopped_early or end_of_epoch:
                 return
+
+    def any_process(self, flag: bool) -> bool:
+        """Whether `flag` holds on any process (every process gets the same answer)."""
+        if self.acc.num_processes == 1:
+            return flag
+        count = self.acc.reduce(torch.tensor([float(flag)], device=self.acc.device), "sum")
+        return bool(count.item() > 0)
+
+    def check_stop(self) -> None:
+        """Raise StopRequested when a stop signal reached any process (all stop at this batch)."""
+        if self.any_process(self.stop.requested is not None):
+            raise StopRequested(self.stop.requested or "SIGTERM")
 
     def train_step(self, batch: dict[str, Any], epoch: int, consumed: int) -> float:
         """Forward, backward, clip and step (at accumulation boundaries); returns the mean loss."""
@@ -281,6 +320,7 @@ class TrainingRecipe:
                     f"(epoch {epoch}): first in parameter "
                     f"{first_nonfinite_grad(self.classifier)!r}"
                 )
+        self.updating = acc.sync_gradients
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -300,11 +340,21 @@ class TrainingRecipe:
         final = step >= self.total
         due = (step % cfg.eval_every_steps == 0) if cfg.eval_every_steps > 0 else end_of_epoch
         if self.val_ds is not None and (due or final):
+            st.eval_pending = True  # until it ends: a stop during it leaves it to resume
             self.evaluate()
+            st.eval_pending = False
             self.forward.train()
         every = cfg.checkpoint_every_steps
-        if ((step % every == 0) if every > 0 else end_of_epoch) or final:
+        if ((step % every == 0) if every > 0 else end_of_epoch) or final or self.checkpoint_due():
             self.save_checkpoint()
+
+    def checkpoint_due(self) -> bool:
+        """trainer.checkpoint_every_minutes have passed since the last checkpoint (any process's
+        clock: every process saves together)."""
+        minutes = getattr(self.cfg, "checkpoint_every_minutes", None)
+        if minutes is None:
+            return False
+        return self.any_process(self.clock() - self.last_ckpt_time >= 60.0 * minutes)
 
     def finish(self) -> None:
         """The final checkpoint; the final model becomes `best` if no evaluation ever did."""
@@ -331,14 +381,26 @@ class TrainingRecipe:
         raise NonFiniteError(message) from None
 
     def _interrupted(self, err: KeyboardInterrupt) -> None:
-        # one process only: ranks are interrupted at different points and could not agree
+        # a StopRequested comes at the same batch on every process; a bare Ctrl-C lands anywhere,
+        # so only one process saves after it, and never from inside an optimizer step
         step = self.state.global_step
-        if self.acc.num_processes == 1 and step != self.last_ckpt_step:
-            log.warning("interrupted: saving a checkpoint at step %d", step)
-            self.acc.step = 0  # drop the unfinished accumulation: resume restarts at the boundary
+        agreed = isinstance(err, StopRequested) or self.acc.num_processes == 1
+        if self.updating:
+            log.warning("interrupted inside an optimizer update: its state is not saved")
+        elif agreed and step != self.last_ckpt_step:
+            log.warning("interrupted: saving the checkpoint of step %d", step)
+            self.back_to_boundary()
             self.save_checkpoint()
         saved = self.last_ckpt_step if self.last_ckpt_step >= 0 else None  # resume starts there
-        raise RunInterrupted(saved, self.stop.requested or "SIGINT") from err
+        name = err.signal_name if isinstance(err, StopRequested) else "SIGINT"
+        raise RunInterrupted(saved, self.stop.requested or name) from err
+
+    def back_to_boundary(self) -> None:
+        """Drop the micro-batches since the last update (their gradients, the generators they
+        moved, accelerate's count of them): the state is the last completed update's."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.boundary is not None:
+            self.boundary.restore(self.acc)
 
     # ---- evaluation and checkpoints ------------------------------------------------------------
 
@@ -351,9 +413,11 @@ class TrainingRecipe:
         """Metrics of the evaluated split; on validation the best model so far is saved and
         early stopping counts; a test split (trainer.eval_split=test) is only logged."""
         st = self.state
-        probs, labels, indices = self.predict(self.val_ds, self.cfg.eval_batch_size)
+        probs, labels, indices = self.predict(
+            self.val_ds, self.cfg.eval_batch_size, before_batch=self.check_stop
+        )
         metrics = self.metrics_fn(probs, labels, indices, self.val_ds)
-        metrics["loss"] = true_class_nll(probs, labels)
+        metrics["class_nll"] = true_class_nll(probs, labels)
         flat = scalars(metrics, self.eval_name)
         st.history.append({"step": st.global_step, "epoch": st.epoch, **flat})
         st.last_eval_step = st.global_step
@@ -363,7 +427,7 @@ class TrainingRecipe:
         if improved:
             st.best_value, st.best_step, st.bad_evals = value, st.global_step, 0
         if self.acc.is_main_process:
-            log.info(eval_line(st, value, metrics["loss"], improved, self.eval_name))
+            log.info(eval_line(st, value, metrics["class_nll"], improved, self.eval_name))
         if st.monitor is None:  # curves only (trainer.eval_split=test): nothing is selected
             return
         if improved:
@@ -383,18 +447,26 @@ class TrainingRecipe:
             )
 
     def predict(
-        self, dataset: Dataset, batch_size: int
+        self, dataset: Dataset, batch_size: int, before_batch: Callable[[], None] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Probabilities, labels and indices of `dataset`, through the prepared wrapper."""
+        """Probabilities, labels and indices of `dataset`, through the prepared wrapper
+        (`before_batch`: the stop check while training)."""
         limit = self.cfg.limit_eval_batches if self.cfg.limit_eval_batches > 0 else None
         return predict(
-            self.classifier, dataset, self.acc, batch_size, forward=self.forward, max_batches=limit
+            self.classifier,
+            dataset,
+            self.acc,
+            batch_size,
+            forward=self.forward,
+            max_batches=limit,
+            before_batch=before_batch,
         )
 
     def save_checkpoint(self) -> None:
         """A resumable checkpoint of the current step (trainable weights, optimizer, RNG, data)."""
         self.manager.save(self.state.global_step, self.state.as_dict())
         self.last_ckpt_step = self.state.global_step
+        self.last_ckpt_time = self.clock()
 
     def save_best(self, metrics: dict[str, Any] | None = None) -> None:
         """The current model as `best/` (its monitored value and metrics in best.json)."""

@@ -1,10 +1,12 @@
-"""SIGTERM handled like Ctrl-C: the recipe stops at the next update boundary and checkpoints.
+"""SIGTERM handled like Ctrl-C: the recipe stops at the next batch and checkpoints.
 
-SLURM, Cloud Run, Vertex and `docker stop` send SIGTERM, then SIGKILL after a grace period. For the
-whole run (`sigterm_interrupts`), SIGTERM raises `RunInterrupted` as Ctrl-C raises
-KeyboardInterrupt; while the recipe trains (`StopSignal`) the handler only records the request,
-the loop checks it after each optimizer update, saves a checkpoint there and raises, so the run
-ends as `interrupted` with nothing lost and the process exits with 128 + the signal's number.
+SLURM, Cloud Run, Vertex and `docker stop` send SIGTERM, then SIGKILL after a grace period (Cloud
+Run: 10 seconds). For the whole run (`sigterm_interrupts`), SIGTERM raises `RunInterrupted` as
+Ctrl-C raises KeyboardInterrupt; while the recipe trains (`StopSignal`) the handler only records
+the request and the recipe checks it before each micro-batch and each evaluation batch: it drops
+an unfinished gradient accumulation, saves the last completed update's checkpoint and raises
+`StopRequested`, so the run ends as `interrupted` with nothing lost, within about one micro-batch,
+and the process exits with 128 + the signal's number.
 """
 
 from __future__ import annotations
@@ -30,6 +32,15 @@ class RunInterrupted(KeyboardInterrupt):
     def exit_code(self) -> int:
         """128 + the signal's number, as a shell reports a process the signal ended (143, 130)."""
         return 128 + int(signal.Signals[self.signal_name])
+
+
+class StopRequested(KeyboardInterrupt):
+    """A stop signal acted on between two batches, at the same batch on every process
+    (`signal_name`: this process's signal, or SIGTERM where another process received it)."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
 
 
 def _in_main_thread() -> bool:

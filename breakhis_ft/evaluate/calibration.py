@@ -19,6 +19,8 @@ from torchmetrics.functional.classification import multiclass_calibration_error
 PROB_FLOOR = 1e-12  # log(0) would make one confident mistake an infinite NLL
 CALIBRATION_FILE = "calibration.json"  # in a run folder, its best/ and an export: the temperature
 T_BOUNDS = (1e-2, 1e2)  # the temperature search interval
+GAP_COLOUR = "#f4a3a3"  # a reliability diagram's confidence - accuracy gap (light red)
+GAP_HATCH = "#c0392b"  # its hatching (dark red)
 _GOLDEN = (math.sqrt(5) - 1) / 2
 
 
@@ -151,9 +153,21 @@ def plot_reliability(bins: dict[str, list], path: str | Path, title: str = "") -
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.bar(edges[:-1], accuracy, width, align="edge", edgecolor="black", label="accuracy")
     gap = np.subtract(confidence, accuracy)  # drawn from accuracy up (or down) to confidence
+    # opaque and hatched: a gap below accuracy lies over its bar, where a translucent one would
+    # blend into another colour than the legend's; the accuracy bars' outlines drawn over it
     ax.bar(
-        edges[:-1], gap, width, bottom=accuracy, align="edge", color="red", alpha=0.3, label="gap"
+        edges[:-1],
+        gap,
+        width,
+        bottom=accuracy,
+        align="edge",
+        facecolor=GAP_COLOUR,
+        edgecolor=GAP_HATCH,
+        hatch="//",
+        linewidth=0,
+        label="gap",
     )
+    ax.bar(edges[:-1], accuracy, width, align="edge", fill=False, edgecolor="black")
     ax.plot([0, 1], [0, 1], "k--", linewidth=1)
     for left, w, n in zip(edges[:-1], width, bins["count"], strict=True):
         if n:

@@ -12,6 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+# the curves' panels whose values lie in [0, 1] (metrics; losses and the learning rate do not)
+BOUNDED_PANELS = ("validation", "test (logged only)")
+
 
 def _pyplot() -> Any:
     """matplotlib.pyplot on the Agg backend, or a clear error naming the extra to install."""
@@ -123,9 +126,14 @@ def _series(history: Sequence[dict[str, Any]], key: str) -> tuple[list[int], lis
 
 
 def plot_curves(history: Sequence[dict[str, Any]], path: str | Path, title: str) -> Path | None:
-    """Loss (train and val), validation metrics and learning rate against the step."""
+    """The training loss, the evaluated split's class NLL, validation metrics and the learning
+    rate against the step: each panel one quantity (MedGemma's train/loss is a token loss, the
+    class NLL one over the classes' answers: two scales, never one axis)."""
     panels = [
-        ("loss", ["train/loss", "val/loss"]),
+        ("train/loss (training objective)", ["train/loss"]),
+        # val/loss: the class NLL in the metrics.jsonl of a run folder of an earlier release
+        # (report --plots draws those too)
+        ("class NLL (true class)", ["val/class_nll", "test/class_nll", "val/loss"]),
         (
             "validation",
             [
@@ -155,7 +163,7 @@ def plot_curves(history: Sequence[dict[str, Any]], path: str | Path, title: str)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(name)
         ax.grid(alpha=0.3)
-        if name != "loss" and name != "learning rate":
+        if name in BOUNDED_PANELS:
             ax.set_ylim(-0.02, 1.02)
         if name == "learning rate":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))

@@ -253,27 +253,3 @@ def fit_split_temperature(
         p, y = _numpy(probs, labels)
         after[split] = calibration_metrics(apply_temperature(p, temperature), y, n_bins)
     return temperature, after
-
-
-def summary_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """Flat `split/...` scalars for a dashboard summary: intervals as `_lo`/`_hi`, calibration,
-    patient-level figures (per-class, per-magnification and matrices left out)."""
-    skip = {"per_class", "by_magnification", "confusion_matrix", "diagnoses", "classes"}
-    out: dict[str, float] = {}
-
-    def walk(prefix: str, block: Mapping[str, Any]) -> None:
-        for key, value in block.items():
-            if key in skip:
-                continue
-            name = f"{prefix}/{key}"
-            if isinstance(value, Mapping):
-                walk(name, value)
-            elif isinstance(value, int | float) and not isinstance(value, bool):
-                out[name] = float(value)
-            elif "_ci" in key and isinstance(value, list) and len(value) == 2:
-                out[f"{name}_lo"], out[f"{name}_hi"] = float(value[0]), float(value[1])
-
-    for split, block in metrics.items():
-        if isinstance(block, Mapping):
-            walk(split, block)
-    return out

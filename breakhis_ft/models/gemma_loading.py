@@ -30,6 +30,7 @@ from breakhis_ft.models.base import load_error
 from breakhis_ft.models.medgemma import FinalEvaluation, MedGemmaClassifier
 from breakhis_ft.models.precision import Precision
 from breakhis_ft.models.prompts import make_prompt
+from breakhis_ft.third_party import enable_bitsandbytes
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ def kbit_device() -> torch.device:
 
 def qlora_quantization(dtype: torch.dtype) -> BitsAndBytesConfig:
     """The 4-bit NF4 config of Google's QLoRA notebook; a clear error where it cannot run."""
+    enable_bitsandbytes()  # held back by the entrypoints until 4-bit is used (third_party.py)
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ModelLoadError(
             "peft=qlora needs bitsandbytes, which is not installed: "

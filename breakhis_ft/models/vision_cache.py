@@ -33,17 +33,13 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from breakhis_ft.data.dataset import image_key
+from breakhis_ft.errors import FeatureCacheError
 from breakhis_ft.models.shards import SHARD_GLOB, shard_keys, write_shard
 from breakhis_ft.validate import CACHE_OPTIONS, feature_cache_obstacles, feature_cache_setting
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # bump when what a shard holds or how features are computed changes
-
-
-class FeatureCacheError(ValueError):
-    """`model.cache_vision_features=true` for a model whose vision tower trains, which only its
-    built adapter shows (a custom list of target modules); the message says what to choose."""
 
 
 def feature_identity(

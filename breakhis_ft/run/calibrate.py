@@ -4,6 +4,12 @@ adapter export copies; predict and exports read it).
 
 Works from the predictions files the evaluation wrote (main process), so every figure it adds can
 be recomputed from `predictions_<split>.csv`.
+
+A temperature the search ended at a bound of (T_BOUNDS) is not applied: it says that val could not
+fix T (too few images, or every one of them right, whose NLL keeps falling as T -> 0), and applied
+it would make predict's probabilities near-uniform or near-one-hot. calibration.json then records
+it as `fitted_temperature` with the reason, and `temperature` is null (the model's probabilities).
+The run warns at its start when val looks too small for the fit (`temperature_fit_warning`).
 """
 
 from __future__ import annotations
@@ -28,6 +34,34 @@ from breakhis_ft.run.run_folder import write_json
 
 log = logging.getLogger(__name__)
 
+# Below this many validation images the fitted temperature is mostly noise (its NLL is a handful
+# of confident errors, or none): the run warns at its start.
+MIN_TEMPERATURE_IMAGES = 50
+
+
+def temperature_fit_warning(val: dict[str, Any] | None, scaling: bool) -> str | None:
+    """The start-of-run warning about fitting the temperature on `val` (its split_coverage entry:
+    images, missing_classes), or None when the fit looks sound or is off."""
+    if not scaling or not val or not val["images"]:
+        return None
+    problems = []
+    if val["images"] < MIN_TEMPERATURE_IMAGES:
+        problems.append(f"{val['images']} images (fewer than {MIN_TEMPERATURE_IMAGES})")
+    if val["missing_classes"]:
+        problems.append(f"no image of {', '.join(val['missing_classes'])}")
+    if not problems:
+        return None
+    return (
+        f"evaluate.temperature_scaling: val has {' and '.join(problems)}, too little to fit the "
+        "temperature: expect it to be unreliable (one that ends at its search bound is not "
+        "applied). Give val more patients (split.ratios) or set evaluate.temperature_scaling=false"
+    )
+
+
+def _at_bound(temperature: float) -> bool:
+    """Whether the search ended at (within 1% of) a bound of T_BOUNDS."""
+    return not T_BOUNDS[0] * 1.01 < temperature < T_BOUNDS[1] / 1.01
+
 
 def _split_predictions(run_dir: Path, splits: list[str]) -> dict[str, dict[str, Any]]:
     """Each split's predictions file read back, where it has class probabilities."""
@@ -51,13 +85,20 @@ def _fit(
         return {"temperature": None, "reason": "no validation split to fit it on"}
     pairs = {split: (p["probs"], p["labels"]) for split, p in preds.items()}
     temperature, after = fit_split_temperature(pairs["val"], pairs, settings.calibration_bins)
+    n_val = len(preds["val"]["labels"])
+    if _at_bound(temperature):
+        reason = (
+            f"the temperature fitted on val ({temperature:g}, {n_val} images) sits at its search "
+            f"bound {T_BOUNDS}: val cannot fix it (too few images, or all of them right); not "
+            "applied, the probabilities are the model's"
+        )
+        log.warning(reason)
+        return {"temperature": None, "fitted_temperature": temperature, "reason": reason}
     for split, block in after.items():
         calibration = metrics.get(split, {}).get("calibration")
         if isinstance(calibration, dict):
             calibration["temperature"] = temperature
             calibration["after"] = block
-    if not T_BOUNDS[0] * 1.01 < temperature < T_BOUNDS[1] / 1.01:
-        log.warning("the fitted temperature %g sits at its search bound %s", temperature, T_BOUNDS)
     log.info(
         "temperature %.3f fitted on val: NLL %s",
         temperature,
@@ -70,7 +111,7 @@ def _fit(
     return {
         "temperature": temperature,
         "fitted_on": "val",
-        "n_images": len(preds["val"]["labels"]),
+        "n_images": n_val,
         "n_patients": len(set(preds["val"]["patients"])),
         "objective": "NLL of softmax(log p / T) on the validation split",
         "after": after,

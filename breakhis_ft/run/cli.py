@@ -14,14 +14,25 @@ What a run may write (run/ownership.py): a folder given as `hydra.run.dir` (or m
 is checked, stamped and locked here, before Hydra writes into it; a folder Hydra makes from the
 time of day is stamped and locked as the job's first act. A saved config is checked before Hydra
 composes it (run/saved_config.py). Refusals exit with status 2 and say what to do instead.
+
+The config checks (validate.py) run on the composed config before Hydra makes the run folder
+(the `ConfigChecks` callback, train.yaml's hydra.callbacks); where a folder exists already (a
+given hydra.run.dir, a rerun=, a sweep's job) a refused config takes back what was written
+(`discard_unstarted_run`). A run that ends on one of the project's known errors prints its
+message and exits with its status (errors.EXIT_CODES: 2 config, 3 data, 4 model, 5 device,
+6 non-finite loss); its traceback goes to the run's log file (and to the terminal as well with
+HYDRA_FULL_ERROR=1). Any other error prints its traceback and exits with status 1.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
-from contextlib import ExitStack
+import traceback
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from datetime import datetime
 from importlib.resources import files
 from pathlib import Path
@@ -30,18 +41,20 @@ import hydra
 import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException
+from hydra.errors import CompactHydraException, HydraException
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from breakhis_ft.config import folder_name, is_folder_name, register_configs
-from breakhis_ft.errors import BadDataError, ConfigError
+from breakhis_ft.errors import BadDataError, ConfigError, exit_code
 from breakhis_ft.run.array import register_sweep_name_resolver
 from breakhis_ft.run.ownership import (
     RunFolderError,
     check_resumable,
     claim_job_folder,
     claim_run_folder,
+    discard_unstarted_run,
     holding_run_folder,
     wait_for_launch_holder,
 )
@@ -54,12 +67,17 @@ from breakhis_ft.run.run_folder import (
 )
 from breakhis_ft.run.saved_config import load_saved_config
 from breakhis_ft.run.secrets import mask_secrets
-from breakhis_ft.run.summary import configure_console, log_config_tree
+from breakhis_ft.run.summary import FILE_ONLY, configure_console, log_config_tree
+from breakhis_ft.third_party import defer_bitsandbytes, route_library_logs
 from breakhis_ft.validate import validate_config
+
+log = logging.getLogger(__name__)
 
 # conf/ installs as the package breakhis_ft.conf (pyproject.toml), so wheels carry the configs
 CONFIG_PACKAGE = "breakhis_ft.conf"
 RUN_DIR_ENV = "BREAKHIS_FT_RUN_DIR"  # one run folder for all ranks of a multi-process run
+FULL_ERROR_ENV = "HYDRA_FULL_ERROR"  # "1": tracebacks on the terminal too (Hydra's own switch)
+_made_run_dirs: set[Path] = set()  # given run folders this command made (before Hydra ran)
 # Hydra flags after which no job runs in hydra.run.dir (help, config printing, sweeps)
 _NO_RUN_DIR_FLAGS = {
     "-h",
@@ -82,20 +100,73 @@ def _run(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     with ExitStack() as held:
+        if is_main_process():  # the other ranks' rank 0 holds the folder for them
+            claim_job_folder(run_dir, _hydra_files(hydra_cfg))
+            held.enter_context(holding_run_folder(run_dir, command_line()))
         try:
-            if is_main_process():  # the other ranks' rank 0 holds the folder for them
-                claim_job_folder(run_dir, _hydra_files(hydra_cfg))
-                held.enter_context(holding_run_folder(run_dir, command_line()))
-            validate_config(cfg)
-            _check_data_root(cfg)
-        except (BadDataError, ConfigError, RunFolderError) as err:
-            _refuse(err)
+            check_config(cfg)  # again: a sweep's job, a rerun's saved config, a given folder
+        except (BadDataError, ConfigError):
+            if is_main_process():
+                made = run_dir in _made_run_dirs or _folder_made_by_hydra(hydra_cfg)
+                discard_unstarted_run(run_dir, _hydra_files(hydra_cfg), remove_folder=made)
+            raise
         _mask_hydra_record()
         configure_console()  # after Hydra configured this job's logging
+        route_library_logs()  # third-party records and warnings to the log file, not the terminal
         log_config_tree(cfg, group_choices(OmegaConf.to_container(hydra_cfg.runtime)))
         from breakhis_ft.run.experiment import run_experiment  # heavy: torch, transformers
 
-        return run_experiment(cfg)
+        try:
+            return run_experiment(cfg)
+        except Exception as err:
+            _log_failure(err)
+            raise
+
+
+def check_config(cfg: DictConfig) -> None:
+    """The checks a composed config passes before anything is made or loaded."""
+    validate_config(cfg)
+    _check_data_root(cfg)
+
+
+class RefusedConfig(BaseException):  # noqa: N818 - carries the error, is none itself
+    """A config the checks refused before Hydra made the run folder: a BaseException, because
+    Hydra's callbacks turn an Exception into a warning and run the job anyway; `main` ends on
+    the error it carries."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class ConfigChecks(Callback):
+    """Hydra callback (train.yaml's hydra.callbacks): `check_config` on the composed config before
+    Hydra makes the run folder. A sweep's jobs are checked each in its own job (the sweep's base
+    config, its swept keys unset, is no job's config)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: object) -> None:
+        """Check the config of a single run; a refusal stops Hydra (RefusedConfig)."""
+        try:
+            check_config(config)
+        except (BadDataError, ConfigError) as err:
+            raise RefusedConfig(err) from err
+
+
+def _folder_made_by_hydra(hydra_cfg: DictConfig) -> bool:
+    """Whether Hydra made the job's folder for this job: a sweep's job folder, or a run folder
+    named from the time of day (no hydra.run.dir given)."""
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        return True
+    return not any(str(o).startswith("hydra.run.dir=") for o in hydra_cfg.overrides.hydra)
+
+
+def _log_failure(err: Exception) -> None:
+    """The traceback of a failed run into its log file only (the terminal shows the message); a
+    note on the error says where it is."""
+    log.error("the run failed: %s", err, exc_info=err, extra=FILE_ONLY)
+    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    if files:
+        err.add_note(f"(the traceback is in {files[0].baseFilename})")
 
 
 def _check_data_root(cfg: DictConfig) -> None:
@@ -107,10 +178,51 @@ def _check_data_root(cfg: DictConfig) -> None:
         check_replica_folder(Path(cfg.data.root).expanduser(), "data.root")
 
 
-def _refuse(err: Exception) -> None:
-    """A refused command or config: its message on stderr, exit status 2 (nothing ran)."""
-    print(err, file=sys.stderr)
-    sys.exit(2)
+def _exit_status(err: Exception) -> int | None:
+    """The exit status of a known error: errors.EXIT_CODES; a refused folder or Hydra's own
+    composition errors (an unknown key, a missing option) 2; None for any other error."""
+    if isinstance(err, RunFolderError | CompactHydraException):
+        return 2
+    return exit_code(err)
+
+
+def _message(err: Exception) -> str:
+    """A known error as the terminal shows it: its message, its cause where Hydra's message
+    leaves it out (as Hydra prints them), its notes."""
+    lines = [str(err)]
+    cause = err.__cause__
+    if isinstance(err, CompactHydraException) and cause is not None and str(cause) not in lines[0]:
+        lines.append(str(cause))
+    return "\n".join([*lines, *getattr(err, "__notes__", [])])
+
+
+def _end_on(err: Exception, full_error: bool) -> None:
+    """End the command on `err`: a known error prints its message and exits with its status,
+    after taking back a given run folder in which no run started; any other is raised on."""
+    status = _exit_status(err)
+    if status is None:
+        raise err
+    for run_dir in _made_run_dirs:  # a config refused before Hydra wrote into it
+        discard_unstarted_run(run_dir, set(), remove_folder=True)
+    if full_error:
+        traceback.print_exception(err)
+    print(_message(err), file=sys.stderr)
+    sys.exit(status)
+
+
+@contextmanager
+def _errors_reach_main() -> Iterator[None]:
+    """Hydra hands an error on only with HYDRA_FULL_ERROR=1 (otherwise it prints a traceback of
+    its own and exits 1): set while Hydra runs, so that main ends on the error (`_end_on`)."""
+    saved = os.environ.get(FULL_ERROR_ENV)
+    os.environ[FULL_ERROR_ENV] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[FULL_ERROR_ENV]
+        else:
+            os.environ[FULL_ERROR_ENV] = saved
 
 
 def _hydra_files(hydra_cfg: DictConfig) -> set[str]:
@@ -187,7 +299,7 @@ def _past_run_argv(argv: list[str]) -> list[str]:
             f"{key}={value}: no saved config at {saved}; give a run folder written by "
             "breakhis-ft (it holds .hydra/config.yaml)"
         )
-    load_saved_config(saved)  # data: refused before Hydra composes anything from it
+    config = load_saved_config(saved)  # data: refused before Hydra composes anything from it
     groups = _config_groups()
     choices = [a for a in argv if a.partition("=")[0].lstrip("+~") in groups]
     if choices:
@@ -207,7 +319,16 @@ def _past_run_argv(argv: list[str]) -> list[str]:
         ]
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
     new_dir = run_dir.parent / f"{run_dir.name}-rerun-{stamp}"
-    return rest + [f"hydra.run.dir={hydra_quoted(str(new_dir))}", "resume=null"]
+    return [
+        *rest,
+        f"hydra.run.dir={hydra_quoted(str(new_dir))}",
+        f"hydra.job.name={hydra_quoted(_saved_job_name(saved.parent))}",  # its log's name
+        # the source, named in the new run's config, W&B name, notes and tags (++: a config saved
+        # before the key existed lacks it)
+        f"++rerun_of={hydra_quoted(str(run_dir))}",
+        # a rerun starts afresh (resume= saves no config, so a saved resume is null already)
+        *([] if config.get("resume") is None else ["resume=null"]),
+    ]
 
 
 def _fixed_run_dir_argv(argv: list[str]) -> list[str]:
@@ -256,7 +377,10 @@ def _claim_given_run_dir(argv: list[str]) -> None:
         wait_for_launch_holder(run_dir)
         return
     resuming = any(a.startswith("resume=") and a != "resume=null" for a in argv)
+    new = not run_dir.exists()
     claim_run_folder(run_dir, resuming, command_line())
+    if new:
+        _made_run_dirs.add(run_dir)
 
 
 def _register_plugins() -> None:
@@ -275,22 +399,26 @@ def _register_plugins() -> None:
 
 def main() -> None:
     """Console-script entry: prepare argv, register the schema and plugins, claim the run folder,
-    run Hydra."""
+    run Hydra; end on a known error with its message and exit status."""
+    defer_bitsandbytes()  # before anything imports peft (third_party.py says why)
     register_configs()
     register_sweep_name_resolver()
     _register_plugins()
     set_command_line(sys.argv)
+    full_error = os.environ.get(FULL_ERROR_ENV) == "1"
     try:
         argv = _fixed_run_dir_argv(_past_run_argv(sys.argv[1:]))
         _check_experiment_names(argv)
         _claim_given_run_dir(argv)
-    except (ConfigError, RunFolderError) as err:
-        _refuse(err)
-    sys.argv = [sys.argv[0], *argv]
-    try:
-        _run()
+        sys.argv = [sys.argv[0], *argv]
+        with _errors_reach_main():
+            _run()
     except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the run folder says where it stopped
         sys.exit(getattr(err, "exit_code", 130))
+    except RefusedConfig as refused:
+        _end_on(refused.error, full_error)
+    except Exception as err:
+        _end_on(err, full_error)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,9 @@ from breakhis_ft.data.splits import (
     straddle_warning,
 )
 from breakhis_ft.engine.stop import sigterm_interrupts
+from breakhis_ft.run.batch_size import resolve_batch_size
+from breakhis_ft.run.calibrate import temperature_fit_warning
+from breakhis_ft.run.identity import job_identity, recorded_overrides
 from breakhis_ft.run.run_folder import (
     group_choices,
     is_main_process,
@@ -36,7 +40,6 @@ from breakhis_ft.run.run_folder import (
     write_run_info,
     write_splits_csv,
 )
-from breakhis_ft.run.secrets import mask_secrets
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,9 @@ def prepare_data(cfg: DictConfig, run_dir: Path) -> tuple[BreakhisScan, dict[str
             log.error("%s: the model cannot learn these classes", problem)
         else:
             log.warning("%s: too few patient groups; its metrics cannot measure them", problem)
+    val = stats["split"]["splits"].get("val")
+    if warning := temperature_fit_warning(val, cfg.evaluate.temperature_scaling):
+        log.warning(warning)
     return scan, splits
 
 
@@ -102,26 +108,11 @@ def hydra_record() -> dict[str, Any]:
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     return {
-        "overrides": list(hydra_cfg.overrides.task),
+        "overrides": recorded_overrides(hydra_cfg.overrides.task),
         "job_num": int(hydra_cfg.job.num) if multirun else None,
         "sweep_dir": str(hydra_cfg.sweep.dir) if multirun else None,
         "choices": group_choices(OmegaConf.to_container(hydra_cfg.runtime)),
     }
-
-
-def _job_identity(cfg: DictConfig) -> tuple[str, str]:
-    """(W&B group, readable run name) from the experiment, the sweep and the overrides."""
-    hydra_cfg = HydraConfig.get()
-    # paths, logging settings and the launcher say nothing about the experiment: they stay out
-    # of the name (a sweep's jobs are named alike run locally or as the tasks of an array job)
-    unnamed = ("experiment=", "hydra", "paths.", "data.root=", "logger.", "launcher=")
-    overrides = [mask_secrets(o) for o in hydra_cfg.overrides.task if not o.startswith(unnamed)]
-    name = ",".join(overrides) or cfg.experiment_name
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        group = f"{cfg.experiment_name}/{Path(hydra_cfg.sweep.dir).name}"
-    else:
-        group = cfg.experiment_name
-    return group, name[:128]
 
 
 def _set_status(run_dir: Path, status: str, **extra: object) -> None:
@@ -187,14 +178,16 @@ def run_experiment(cfg: DictConfig) -> float | None:
 
 
 def _run(cfg: DictConfig, run_dir: Path, resume_step: int | None) -> float | None:
+    resolve_batch_size(cfg, run_dir, is_main_process())  # batch_size=auto: sizes from here on
     scan, splits = prepare_data(cfg, run_dir)
     if not cfg.train and not cfg.test:
         log.info("train=false test=false: data prepared in %s", run_dir)
         return None
     from breakhis_ft.run.training_run import TrackedJob, train_and_evaluate  # heavy: torch
 
-    group, name = _job_identity(cfg)
+    # named from what differs: a sweep job by its swept values (the command line is the sweep's)
+    identity = job_identity(cfg, HydraConfig.get(), sys.argv[1:])
     config = OmegaConf.to_container(cfg, resolve=True)
     config["hydra"] = hydra_record()  # a dashboard groups and filters by what was swept
-    job = TrackedJob(config=config, name=name, group=group)
+    job = TrackedJob(config, identity.name, identity.group, identity.tags, identity.notes)
     return train_and_evaluate(cfg, run_dir, scan, splits, job, resume_step)

@@ -132,6 +132,36 @@ def claim_job_folder(path: str | Path, hydra_files: set[str]) -> None:
         stamp_run_folder(path)
 
 
+def discard_unstarted_run(path: str | Path, hydra_files: set[str], remove_folder: bool) -> bool:
+    """Take back what was written into a run folder whose run never started (its config was
+    refused): the stamp, the lock (released) and Hydra's files (`hydra_files`: its log and its
+    saved-config folder, whose three YAML files alone are removed), then the folder itself when
+    `remove_folder` (this command made it) and it is empty. A folder that holds anything else, or
+    a run_info.json (a run began there), is left as it is. Returns whether anything was removed."""
+    path = Path(path)
+    if not is_run_folder(path) or (path / RUN_INFO).exists():
+        return False
+    ours = {STAMP_FILE, LOCK_FILE} | hydra_files
+    entries = list(path.iterdir())
+    saved = [p for p in entries if p.is_dir()]
+    if any(p.name not in ours or p.is_symlink() for p in entries) or any(
+        not {q.name for q in d.iterdir()} <= {"config.yaml", "hydra.yaml", "overrides.yaml"}
+        for d in saved
+    ):
+        return False
+    release_run_folder(path)
+    for folder in saved:
+        for file in folder.iterdir():
+            file.unlink()
+        folder.rmdir()
+    for file in entries:
+        if file not in saved:
+            file.unlink(missing_ok=True)
+    if remove_folder:
+        path.rmdir()
+    return True
+
+
 def launch_id() -> str | None:
     """What the processes of one multi-process launch share (None for a single process)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:

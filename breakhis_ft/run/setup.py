@@ -26,7 +26,6 @@ from breakhis_ft.data.dataset import ImageCache, ImageDataset, build_image_cache
 from breakhis_ft.data.records import ImageRecord, Task
 from breakhis_ft.data.stain import (
     STAIN_FALLBACKS,
-    StainFitError,
     StainNormalizer,
     fit_stain_normalizer,
     load_normalizer,
@@ -34,16 +33,14 @@ from breakhis_ft.data.stain import (
     save_normalizer,
 )
 from breakhis_ft.engine.recipe import LogFn, RecipeSettings
+from breakhis_ft.errors import DeviceError, StainFitError
 from breakhis_ft.evaluate.metrics import dataset_metrics
 from breakhis_ft.models.base import Classifier
 from breakhis_ft.models.factory import build_classifier
 from breakhis_ft.models.precision import Precision
+from breakhis_ft.third_party import enable_bitsandbytes
 
 log = logging.getLogger(__name__)
-
-
-class DeviceError(RuntimeError):
-    """The config asks for what this machine cannot do; the message names the key and the fix."""
 
 
 def run_precision(cfg: DictConfig) -> Precision:
@@ -78,6 +75,8 @@ def evaluate_settings(cfg: DictConfig) -> EvaluateConfig:
 def recipe_settings(cfg: DictConfig, run_dir: Path, log_fn: LogFn | None = None) -> RecipeSettings:
     """What the training recipe trains by: the trainer group, the optimizer (trainer.optimizer
     instantiated), the cheap metrics of each validation, the tracker's log and the seed."""
+    if str(cfg.trainer.optimizer.get("_target_", "")).startswith("bitsandbytes."):
+        enable_bitsandbytes()  # an 8-bit optimizer (held back until used: third_party.py)
     return RecipeSettings(
         trainer=cfg.trainer,
         run_dir=Path(run_dir),

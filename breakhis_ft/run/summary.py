@@ -1,5 +1,6 @@
 """What the terminal shows: the composed config at start, the result block at the end, and a console
-that leaves accelerate's per-checkpoint INFO lines to the log file.
+that leaves other libraries' records (accelerate's per-checkpoint INFO lines, transformers' and
+Python's warnings) below ERROR, and a failed run's traceback, to the log file.
 
 Everything goes through logging, so Hydra's file handler (`<run>/breakhis-ft.log`) keeps it all; the
 config tree and the summary block are marked `bare` and reach the console without the log prefix.
@@ -19,22 +20,24 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from breakhis_ft.run.secrets import mask_secrets
+from breakhis_ft.third_party import ThirdPartyFilter, add_console_filter
 
 log = logging.getLogger(__name__)
 
 BARE = {"bare": True}  # `extra=` of a record printed on the console without the log prefix
-# below WARNING these loggers only say where a checkpoint's files went (.tmp-step_* folders)
-QUIET_ON_CONSOLE = ("accelerate.checkpointing", "accelerate.accelerator")
+FILE_ONLY = {"file_only": True}  # `extra=` of a record kept off the console (a traceback)
 HEADLINE = ("balanced_accuracy", "accuracy", "f1_macro", "auroc_macro", "patient_recognition_rate")
 WIDTH = 100
 
 
-class ConsoleFilter(logging.Filter):
-    """Drops accelerate's checkpoint INFO lines from the console (the file handler keeps them)."""
+class ConsoleFilter(ThirdPartyFilter):
+    """The run's console: no record marked FILE_ONLY, and other libraries' records (accelerate's
+    checkpoint lines, transformers' warnings, Python warnings) only from ERROR up; the file
+    handler keeps them all."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Whether the console shows the record."""
-        return record.levelno >= logging.WARNING or not record.name.startswith(QUIET_ON_CONSOLE)
+        return not getattr(record, "file_only", False) and super().filter(record)
 
 
 class ConsoleFormatter(logging.Formatter):
@@ -60,11 +63,10 @@ def _console_handlers() -> list[logging.Handler]:
 
 
 def configure_console() -> None:
-    """Quieten accelerate's checkpoint lines and print bare records bare on the console handlers
-    Hydra configured (once per job: Hydra reconfigures logging for each job of a multirun)."""
+    """Put ConsoleFilter on the console handlers Hydra configured and print bare records bare
+    (once per job: Hydra reconfigures logging for each job of a multirun)."""
     for handler in _console_handlers():
-        if not any(isinstance(f, ConsoleFilter) for f in handler.filters):
-            handler.addFilter(ConsoleFilter())
+        add_console_filter(handler, ConsoleFilter)
         if not isinstance(handler.formatter, ConsoleFormatter):
             handler.setFormatter(ConsoleFormatter(handler.formatter))
 

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,28 @@ _ENV_MODES = {
     "dryrun": "offline",
     "disabled": "disabled",
 }
-# W&B history holds the headline scalars only (a dashboard compares runs on a handful of keys);
-# per-class and per-magnification values go to the summary and to tables, all to metrics.jsonl
-_NOT_HISTORY = re.compile(r"/(per_class|by_magnification)/|^model/|/n$")
-# the columns of the by-magnification table: a split's scalars, then its binary collapse
+# metrics.jsonl holds every value logged; W&B's history the per-step scalars (per-class and
+# per-magnification values stay in the run folder, and the end's W&B tables hold them)
+_LOCAL_ONLY = re.compile(r"/(per_class|by_magnification)/|/n$")
+_FACTS = re.compile(r"^model/")  # logged once: the summary's, never history
+STEP = "trainer/step"  # the x-axis of every history key
+# The summary is the runs table's columns: the headline of val and test with their intervals
+# (summary_of), train/loss, the selection (best/*), the run's facts (model/, data/, run/*) and the
+# end's tables. A history key is defined by its exact name as it is first logged: the latest value
+# of these stays in the summary, the rest none (a glob would match the tables' keys too).
+SUMMARY_METRICS = (
+    "balanced_accuracy",
+    "accuracy",
+    "f1_macro",
+    "auroc_macro",
+    "patient_recognition_rate",
+    "binary/accuracy",
+)
+_HISTORY_IN_SUMMARY = {"train/loss"} | {
+    f"{split}/{name}" for split in ("val", "test") for name in SUMMARY_METRICS
+}
+# the columns of the by-magnification table: a split's scalars, then its binary collapse (its
+# `all` row is the split's binary figures)
 _SPLIT_COLUMNS = ("n", *SCALAR_METRICS)
 _BINARY_COLUMNS = BINARY_METRICS
 
@@ -65,8 +84,10 @@ class TrackedJob:
     """What a run is recorded as on the dashboard: its resolved config, name and group."""
 
     config: dict[str, Any]  # the resolved config (secret-looking values masked before W&B)
-    name: str  # the run's readable name (its overrides)
+    name: str  # the run's readable name (what differs: run/identity.py)
     group: str  # the W&B group: the experiment, or the sweep
+    tags: tuple[str, ...] = ()  # sweep:<folder>, optuna:<study>, rerun (besides logger.tags)
+    notes: str | None = None  # a rerun's source
 
 
 class RunTracker:
@@ -88,6 +109,7 @@ class RunTracker:
         self.run_dir = Path(run_dir)
         self.active = active
         self._wandb_run = None
+        self._defined: set[str] = set()  # history keys given their summary rule
         self._metrics_file = self.run_dir / "metrics.jsonl"
         self._history: list[dict[str, Any]] = []  # the rows of metrics.jsonl, for the curves
         self._logged: set[tuple[int, str]] = set()  # (step, key) already in metrics.jsonl
@@ -130,7 +152,8 @@ class RunTracker:
                 "entity": logger_cfg.entity,
                 "group": logger_cfg.group or job.group,
                 "job_type": logger_cfg.job_type,
-                "tags": list(logger_cfg.tags),
+                "tags": list(dict.fromkeys([*logger_cfg.tags, *job.tags])),
+                "notes": job.notes,
                 "name": job.name,
                 "config": mask_secrets(job.config),
                 "dir": str(self.run_dir),
@@ -147,10 +170,7 @@ class RunTracker:
             run, mode = self._init_wandb(wandb, mode, kwargs)
             names = {"name": kwargs["name"], "group": kwargs["group"]}
             update_run_info(self.run_dir, wandb={"id": run.id, **names, "mode": mode})
-            # best-value summaries, so the dashboard compares runs by their best epoch
-            run.define_metric("train/*", step_metric="trainer/step")
-            run.define_metric("val/loss", summary="min", step_metric="trainer/step")
-            run.define_metric("val/*", summary="max", step_metric="trainer/step")
+            run.define_metric(STEP, summary="none")
             self._wandb_run = run
         except Exception as err:  # noqa: BLE001 - any W&B failure must not stop training
             log.warning(
@@ -183,8 +203,8 @@ class RunTracker:
         return self._wandb_run
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        """Append one line to metrics.jsonl; headline scalars to W&B history, the rest to its
-        summary."""
+        """Append one line to metrics.jsonl; per-step scalars to W&B history, the run's facts
+        (model/*) to its summary, per-class and per-magnification values nowhere else."""
         if not self.active:
             return
         metrics = {k: v for k, v in metrics.items() if (step, k) not in self._logged}
@@ -195,32 +215,44 @@ class RunTracker:
         self._history.append(row)
         with self._metrics_file.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        history = {k: v for k, v in metrics.items() if not _NOT_HISTORY.search(k)}
-        rest = _json_safe({k: v for k, v in metrics.items() if k not in history})
+        facts = {k: v for k, v in metrics.items() if _FACTS.search(k)}
+        history = {k: v for k, v in metrics.items() if k not in facts and not _LOCAL_ONLY.search(k)}
         if history:
-            self._safe_wandb(lambda run: run.log({**history, "trainer/step": step}))
-        if rest:
-            self._safe_wandb(lambda run: run.summary.update(rest))
+            self._safe_wandb(lambda run: self._define(run, history))
+            self._safe_wandb(lambda run: run.log({**history, STEP: step}))
+        if facts:
+            self.log_summary(facts)
+
+    def _define(self, run: Any, keys: Iterable[str]) -> None:
+        """Plot each new history key against trainer/step; keep its latest value in the summary
+        for the headline (and train/loss) only."""
+        for key in keys:
+            if key not in self._defined:
+                summary = {} if key in _HISTORY_IN_SUMMARY else {"summary": "none"}
+                run.define_metric(key, step_metric=STEP, **summary)
+                self._defined.add(key)
 
     def log_final(
         self, metrics: dict[str, dict], predictions: dict[str, tuple[list, list]]
     ) -> None:
-        """Write metrics.json; send summaries, a confusion matrix and a per-class table to W&B.
+        """Write metrics.json (also among the W&B run's files); send the headline with its
+        intervals to the summary, and each split's tables and confusion matrix chart to W&B.
 
         `predictions` maps a split to (true labels, predicted labels), as class indices.
         """
         if not self.active:
             return
-        write_json(self.run_dir / "metrics.json", _json_safe(metrics))  # atomic
+        path = self.run_dir / "metrics.json"
+        write_json(path, _json_safe(metrics))  # atomic
         if self._wandb_run is None:
             return
+        self.log_summary(summary_of(metrics))
         for split, split_metrics in metrics.items():
-            scalars = _flat_scalars(split_metrics, split)
-            self._safe_wandb(lambda run, s=scalars: run.summary.update(_json_safe(s)))
             self._log_split_tables(split, split_metrics, predictions.get(split))
+        self._safe_wandb(lambda run: run.save(str(path), base_path=str(self.run_dir), policy="now"))
 
-    def log_summary(self, values: dict[str, float]) -> None:
-        """Put values into the W&B run's summary (the final statistics); nothing without W&B."""
+    def log_summary(self, values: dict[str, Any]) -> None:
+        """Put values into the W&B run's summary (the runs table); nothing without W&B."""
         self._safe_wandb(lambda run: run.summary.update(_json_safe(values)))
 
     def log_plots(self, metrics: dict[str, dict], title: str | None = None) -> None:
@@ -239,10 +271,14 @@ class RunTracker:
             return
         paths = [p for p in paths if not p.name.startswith("confusion_matrix")]
         self._safe_wandb(lambda run: _log_images(run, paths))
+        # images for the run's media panels (history), not columns of the runs table: W&B's
+        # summary="none" covers numbers only, so they leave the summary once logged
+        self._safe_wandb(lambda run: _drop_from_summary(run, [f"plots/{p.stem}" for p in paths]))
 
-    def log_model(self, best_dir: Path, metadata: dict[str, Any]) -> None:
-        """Log the best adapter (or head) folder as a W&B `model` artifact, alias `best`."""
-        if self._wandb_run is None or not Path(best_dir).is_dir():
+    def log_model(self, folder: Path, which: str, metadata: dict[str, Any]) -> None:
+        """Log `folder` (an exported model) as a version of the W&B `model` artifact
+        `model-<run id>`, aliases `which` (best | last) and the run id, linked to the run."""
+        if self._wandb_run is None or not Path(folder).is_dir():
             return
         import wandb
 
@@ -250,14 +286,14 @@ class RunTracker:
             artifact = wandb.Artifact(
                 f"model-{run.id}", type="model", metadata=_json_safe(metadata)
             )
-            artifact.add_dir(str(best_dir))
-            run.log_artifact(artifact, aliases=["best"])
+            artifact.add_dir(str(folder))  # copied to W&B's staging area here
+            run.log_artifact(artifact, aliases=[which, run.id])
 
         self._safe_wandb(upload)
 
     def _log_split_tables(self, split: str, metrics: dict, predicted: tuple | None) -> None:
-        """Per-class (overall and per magnification), by-magnification and binary tables, and
-        W&B's confusion matrix chart (from the predictions) of one split."""
+        """Per-class (overall and per magnification) and by-magnification tables, and W&B's
+        confusion matrix chart (from the predictions) of one split."""
         import wandb
 
         tables = {
@@ -312,19 +348,65 @@ class RunTracker:
             self._wandb_run = None
 
 
-def _flat_scalars(metrics: dict[str, Any], prefix: str) -> dict[str, float]:
-    """Every numeric leaf as `prefix/key/...` (per class and per magnification included)."""
-    out: dict[str, float] = {}
-    for key, value in metrics.items():
-        if isinstance(value, dict):
-            out.update(_flat_scalars(value, f"{prefix}/{key}"))
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            out[f"{prefix}/{key}"] = value
+def summary_of(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The headline of each split for the W&B summary: `split/<metric>` and its interval as
+    metrics.json holds it (`split/<metric>_ci95: [lo, hi]`); the rest stays in metrics.json."""
+    out: dict[str, Any] = {}
+    for split, block in metrics.items():
+        if not isinstance(block, Mapping):
+            continue
+        for name in SUMMARY_METRICS:
+            scope, _, key = name.rpartition("/")
+            values = block.get(scope) if scope else block
+            if not isinstance(values, Mapping):
+                continue
+            for found, value in values.items():
+                if found == key or (found.startswith(f"{key}_ci") and isinstance(value, list)):
+                    out[f"{split}/{scope + '/' if scope else ''}{found}"] = value
     return out
 
 
+# blocks of a split's metrics that the statistics table leaves to the other tables (or to
+# metrics.json: the bootstrap's and interval's settings, the most confused pairs)
+_NOT_STATISTICS = {
+    "per_class",
+    "by_magnification",
+    "confusion_matrix",
+    "classes",
+    "diagnoses",
+    "most_confused",
+    "bootstrap",
+    "interval",
+}
+
+
+def statistics_rows(metrics: Mapping[str, Any], scope: str = "image") -> list[list]:
+    """[scope, metric, value, ci_low, ci_high] of each number of a split's metrics: image level,
+    binary, patient level and calibration (before / after temperature scaling)."""
+    rows: list[list] = []
+    for key, value in metrics.items():
+        if key in _NOT_STATISTICS:
+            continue
+        if isinstance(value, Mapping):
+            inner = key if scope == "image" else f"{scope}/{key}"
+            rows += statistics_rows(value, inner)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            ci = next(
+                (
+                    v
+                    for k, v in metrics.items()
+                    if k.startswith(f"{key}_ci") and isinstance(v, list)
+                ),
+                [None, None],
+            )
+            rows.append([scope, key, value, *ci])
+    return rows
+
+
 def split_tables(metrics: dict[str, Any]) -> list[tuple[str, tuple[str, ...], list[list]]]:
-    """(name, columns, rows) of a split's tables: per_class, by_magnification, binary."""
+    """(name, columns, rows) of a split's tables: per_class (overall and per magnification),
+    by_magnification (its `all` row: the split's own figures, binary collapse included) and
+    statistics (every figure with its interval: image and patient level, calibration)."""
     scopes = [("all", metrics), *(metrics.get("by_magnification") or {}).items()]
     per_class = [
         [str(mag), name, pc["precision"], pc["recall"], pc["f1"], pc["support"]]
@@ -338,7 +420,6 @@ def split_tables(metrics: dict[str, Any]) -> list[tuple[str, tuple[str, ...], li
             [str(mag), *(scope.get(k) for k in _SPLIT_COLUMNS)]
             + [binary.get(k) for k in _BINARY_COLUMNS]
         )
-    binary = metrics.get("binary")
     return [
         (
             "per_class",
@@ -350,8 +431,15 @@ def split_tables(metrics: dict[str, Any]) -> list[tuple[str, tuple[str, ...], li
             ("magnification", *_SPLIT_COLUMNS, *(f"binary_{k}" for k in _BINARY_COLUMNS)),
             by_mag,
         ),
-        ("binary", _BINARY_COLUMNS, [[binary.get(k) for k in _BINARY_COLUMNS]] if binary else []),
+        ("statistics", ("scope", "metric", "value", "ci_low", "ci_high"), statistics_rows(metrics)),
     ]
+
+
+def _drop_from_summary(run: Any, keys: Iterable[str]) -> None:
+    """Take logged history keys out of the W&B summary (the runs table's columns)."""
+    for key in keys:
+        if key in run.summary.keys():
+            del run.summary[key]
 
 
 def _log_images(run: Any, paths: list[Path]) -> None:

@@ -11,7 +11,12 @@ after the data is prepared; this module imports torch and transformers.
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import resource
+import sys
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -25,9 +30,11 @@ from breakhis_ft.config import EvaluateConfig
 from breakhis_ft.data.breakhis import BreakhisScan
 from breakhis_ft.data.dataset import ImageDataset
 from breakhis_ft.data.records import ImageRecord
+from breakhis_ft.deploy.export import ExportError, export_adapter
+from breakhis_ft.engine.checkpoint import save_trained_atomic
 from breakhis_ft.engine.predict import predict
 from breakhis_ft.engine.recipe import FitResult, MetricsFn, TrainingRecipe
-from breakhis_ft.evaluate.final import dataset_final_metrics, summary_scalars
+from breakhis_ft.evaluate.final import dataset_final_metrics
 from breakhis_ft.evaluate.generation import (
     UNPARSEABLE,
     GeneratedAnswers,
@@ -48,12 +55,14 @@ from breakhis_ft.run.setup import (
     run_precision,
 )
 from breakhis_ft.run.summary import log_summary
-from breakhis_ft.run.tracking import RunTracker, TrackedJob
+from breakhis_ft.run.tracking import RunTracker, TrackedJob, summary_of
 
 log = logging.getLogger(__name__)
 
 # what training leaves for the summary: (trainer.monitor, its best value, the step of it)
 Best = tuple[str, float | None, int | None]
+LAST_MODEL = "last"  # logger.log_model=last: the model at the end of training, saved as last/
+GIB = 2**30
 
 
 def metric_value(metrics: dict[str, dict], path: str) -> float | None:
@@ -128,16 +137,49 @@ class EvaluationSettings:
         )
 
 
-def _model_metadata(cfg: DictConfig, result: FitResult) -> dict[str, Any]:
-    """What the W&B model artifact says about the adapter it holds."""
+def log_model_choice(value: Any) -> str:
+    """logger.log_model as best | last | none (a saved config's true / false: best / none)."""
+    if isinstance(value, bool) or value is None:
+        return "best" if value else "none"
+    return str(value)
+
+
+def _model_metadata(cfg: DictConfig, result: FitResult, metrics: dict[str, dict]) -> dict:
+    """What the W&B model artifact says about the model it holds: base, classes, selection and
+    the validation headline (test's stays with the run: no selection looks at it)."""
     return {
         "base_model": str(cfg.model.name_or_path),
         "peft": str(cfg.peft.method),
         "classes": list(cfg.task.classes),
         "monitor": str(cfg.trainer.monitor),
-        "value": result.best_value,
-        "step": result.best_step,
+        "monitor_mode": str(cfg.trainer.monitor_mode),
+        "best_value": result.best_value,
+        "best_step": result.best_step,
+        "final_step": result.global_step,
+        **{k: v for k, v in summary_of(metrics).items() if k.startswith("val/")},
     }
+
+
+def data_facts(splits: dict[str, list[ImageRecord]]) -> dict[str, int]:
+    """`data/<split>/images` and `data/<split>/patients` (patient folders) of each split."""
+    out = {}
+    for split, records in splits.items():
+        out[f"data/{split}/images"] = len(records)
+        out[f"data/{split}/patients"] = len({r.patient for r in records})
+    return out
+
+
+def resource_facts(seconds: float) -> dict[str, float]:
+    """`run/wall_time_s` and the peak memory of this process: resident (host) and, on CUDA, the
+    most the GPU allocated, in GiB."""
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    out = {
+        "run/wall_time_s": round(seconds, 1),
+        "run/peak_rss_gib": round(peak_rss / (GIB if sys.platform == "darwin" else 2**20), 3),
+    }
+    if torch.cuda.is_available():
+        out["run/peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 3)
+    return out
 
 
 class TrainingRun:
@@ -158,6 +200,7 @@ class TrainingRun:
         metrics logged up to it and continues the run's W&B run.
         """
         self.cfg, self.run_dir, self.scan, self.job = cfg, Path(run_dir), scan, job
+        self.started = time.monotonic()
         self.class_names = tuple(cfg.task.classes)
         self.precision = run_precision(cfg)
         self.accelerator = make_accelerator(cfg, self.precision)
@@ -172,6 +215,7 @@ class TrainingRun:
             cfg.resume is not None,
         )
         self.recipe: TrainingRecipe | None = None  # set by fit(): its wrapper evaluates too
+        self.fit_result: FitResult | None = None  # set by fit()
         self._closed = False
         try:
             self.recipe_settings = recipe_settings(cfg, self.run_dir, self.tracker.log)
@@ -181,6 +225,7 @@ class TrainingRun:
             self.tracker.log(
                 {"model/trainable_parameters": trainable, "model/parameters": total}, 0
             )
+            self.tracker.log_summary(data_facts(splits))
             self.datasets = make_datasets(
                 cfg,
                 scan,
@@ -231,13 +276,47 @@ class TrainingRun:
             self.accelerator,
             self.recipe_settings,
         )
-        result = self.recipe.fit(resume=cfg.resume is not None)
+        result = self.fit_result = self.recipe.fit(resume=cfg.resume is not None)
+        # logger.log_model=last, with W&B on: the artifact's model, saved before best/ is loaded
+        if log_model_choice(cfg.logger.log_model) == LAST_MODEL and self.tracker.wandb_run:
+            info = {"step": result.global_step}  # the model the artifact holds, as best.json says
+            save_trained_atomic(
+                self.classifier, self.run_dir / LAST_MODEL, {"best.json": json.dumps(info)}
+            )
         if cfg.trainer.select == "best" and result.best_dir is not None:
             self.classifier.load_trained(result.best_dir)
         # trainer.select=last: the classifier holds the final model already
-        if cfg.logger.log_model and result.best_dir is not None:
-            self.tracker.log_model(result.best_dir, _model_metadata(cfg, result))
+        self.tracker.log_summary(
+            {
+                "best/monitor": str(cfg.trainer.monitor),
+                "best/mode": str(cfg.trainer.monitor_mode),
+                "best/value": result.best_value,
+                "best/step": result.best_step,
+            }
+        )
         return str(cfg.trainer.monitor), result.best_value, result.best_step
+
+    def log_model(self, metrics: dict[str, dict]) -> None:
+        """logger.log_model=best | last: the exported adapter of that model (as
+        `breakhis-ft-export --adapter-only` writes it) with metrics.json and config.yaml, as a
+        version of the run's W&B model artifact. A run that trained no adapter logs none."""
+        which = log_model_choice(self.cfg.logger.log_model)
+        result = self.fit_result
+        if which == "none" or result is None or self.tracker.wandb_run is None:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                folder = export_adapter(self.run_dir, Path(tmp) / "model", weights=which)
+            except ExportError as err:
+                log.warning("logger.log_model=%s: no W&B model artifact: %s", which, err)
+                return
+            for name, source in (
+                ("metrics.json", self.run_dir / "metrics.json"),
+                ("config.yaml", self.run_dir / ".hydra" / "config.yaml"),
+            ):
+                if source.is_file():
+                    (folder / name).write_bytes(source.read_bytes())
+            self.tracker.log_model(folder, which, _model_metadata(self.cfg, result, metrics))
 
     # ---- the final evaluation ----------------------------------------------------------------
 
@@ -256,9 +335,8 @@ class TrainingRun:
                 metrics[split] = result.metrics
                 predictions[split] = (result.labels.tolist(), result.preds.tolist())
                 self._write_predictions(split, result)
-        if self.main:  # temperature scaling, reliability diagrams, the statistics summary
+        if self.main:  # temperature scaling and reliability diagrams
             calibrate_run(metrics, self.run_dir, self.evaluation.statistics)
-            self.tracker.log_summary(summary_scalars(metrics))
         self.tracker.log_final(metrics, predictions)
         self.tracker.log_errors(self.run_dir / "predictions_test.csv", self.scan.root)
         self.tracker.log_plots(metrics, title=self.job.name)
@@ -314,6 +392,7 @@ class TrainingRun:
         self._closed = True
         acc = self.accelerator
         try:
+            self.tracker.log_summary(resource_facts(time.monotonic() - self.started))
             self.tracker.finish(failed=failed)
         finally:
             acc.wait_for_everyone()  # gloo ranks may abort at exit without it
@@ -344,6 +423,7 @@ def train_and_evaluate(
         if cfg.test:
             metrics = run.evaluate()
             value = metric_value(metrics, cfg.optimized_metric)
+        run.log_model(metrics)
     if run.main:
         log_summary(run_dir, metrics, best)
     return value

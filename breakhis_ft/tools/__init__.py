@@ -3,6 +3,11 @@ pyproject.toml): report, predict, explain, export, estimate-vram, data-stats, ma
 download-breakhis, demo-metrics, stain-preview. Each module holds one tool's options and its
 `main(argv)`; the work is done by the pipeline's stages (analysis, deploy, data, vram), which
 never import a tool.
+
+Importing this package holds bitsandbytes back for the process (third_party.py): a tool module
+imports peft, which would import it, before its `main` runs; a tool that loads a 4-bit model lets
+it in where it loads it. The terminal shows the project's messages; other libraries' records
+and Python warnings only from ERROR up (`console_logging`).
 """
 
 from __future__ import annotations
@@ -11,6 +16,10 @@ import argparse
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+
+from breakhis_ft.third_party import add_console_filter, defer_bitsandbytes, route_library_logs
+
+defer_bitsandbytes()  # before the tool's module imports peft
 
 
 def tool_parser(prog: str, doc: str) -> argparse.ArgumentParser:
@@ -54,9 +63,20 @@ def user_errors(*kinds: type[Exception]) -> Iterator[None]:
         raise SystemExit(f"error: {message}") from err
 
 
-def log_to_stderr() -> None:
-    """INFO messages of the library (loading, progress) on stderr, as `LEVEL logger: message`."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+def console_logging(verbose: bool) -> None:
+    """Log records on stderr: with `verbose` the project's INFO messages (loading, progress) as
+    `LEVEL logger: message`, else its warnings as bare messages; other libraries' records (their
+    own stderr handlers replaced, transformers' progress bars off) and Python warnings only from
+    ERROR up."""
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        route_library_logs()  # a tool that loads models: transformers is imported already
+    else:
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        logging.captureWarnings(True)
+    for handler in logging.getLogger().handlers:
+        if type(handler) is logging.StreamHandler:
+            add_console_filter(handler)
 
 
 def run_tool(
@@ -66,10 +86,10 @@ def run_tool(
     errors: tuple[type[Exception], ...],
     log: bool = False,
 ) -> int:
-    """A tool's `main`: parse argv, show the library's messages if `log`, run `work(args)` and
-    end on the user's `errors` with their message (user_errors); `work`'s exit status."""
+    """A tool's `main`: parse argv, show the library's messages if `log` (`console_logging`), run
+    `work(args)` and end on the user's `errors` with their message (user_errors); `work`'s exit
+    status."""
     args = parser.parse_args(argv)
-    if log:
-        log_to_stderr()
+    console_logging(log)
     with user_errors(*errors):
         return work(args)

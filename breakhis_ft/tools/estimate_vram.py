@@ -2,11 +2,15 @@
 
 breakhis-ft-estimate-vram experiment=medgemma_lora_100x trainer.batch_size=4
 breakhis-ft-estimate-vram model=medgemma_4b_it peft=qlora --json vram.json
+breakhis-ft-estimate-vram experiment=medgemma_lora_100x trainer.batch_size=auto \
+    trainer.grad_accum=1 trainer.effective_batch_size=16 trainer.memory_budget_gib=22
+    (what batch_size=auto would choose within 22 GiB, and the estimate of that micro-batch)
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
@@ -17,9 +21,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 from breakhis_ft.config import register_configs
 from breakhis_ft.errors import ConfigError, ModelLoadError
+from breakhis_ft.run.batch_size import memory_budget
 from breakhis_ft.tools import tool_parser, user_errors
 from breakhis_ft.validate import validate_config
 from breakhis_ft.vram import estimate_vram
+from breakhis_ft.vram.plan import MemoryBudgetError, plan_batch_size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,13 +62,24 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # a wrong group, key or value: Hydra's and OmegaConf's messages name it and the options
     with user_errors(
-        ConfigError, ModelLoadError, ValueError, HydraException, OmegaConfBaseException
+        ConfigError,
+        ModelLoadError,
+        ValueError,
+        HydraException,
+        OmegaConfBaseException,
+        MemoryBudgetError,
     ):
         cfg = compose_run_config(args.overrides, args.config_dir)
         checked = cfg.copy()  # the estimate reads no data: a missing data.root is not an error
         if checked.data.root is None:
             checked.data.root = "unused-by-the-estimate"
         validate_config(checked)
+        if cfg.trainer.batch_size == "auto":  # the run's choice, then its estimate
+            budget, source, _device = memory_budget(cfg)
+            estimator = functools.partial(estimate_vram, optimizer=args.optimizer)
+            plan = plan_batch_size(cfg, budget, source, args.device, estimator)
+            print(plan.reason() + "\n")
+            cfg.trainer.batch_size, cfg.trainer.grad_accum = plan.batch_size, plan.grad_accum
         estimate = estimate_vram(cfg, device=args.device, optimizer=args.optimizer)
     print(estimate.table())
     if args.json:

@@ -18,6 +18,7 @@ or --fusion), and the per-image rows go to <out>_images.csv.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -32,6 +33,18 @@ from breakhis_ft.deploy.predict import (
 from breakhis_ft.errors import ModelLoadError
 from breakhis_ft.evaluate.fusion import METHODS
 from breakhis_ft.tools import add_model_arguments, run_tool, tool_parser
+
+# a slide's magnification folder in BreakHis' tree (<patient>/100X/): it names no patient
+MAGNIFICATION_FOLDER = re.compile(r"^\d+[xX]$")
+
+
+def default_patient_id(first_input: str | Path) -> str:
+    """--patient without an ID: the input folder's name (a file's stem), its parent's for a
+    magnification folder (SOB_B_A_14-22549AB/100X/ names the patient SOB_B_A_14-22549AB)."""
+    path = Path(first_input).expanduser().absolute()
+    if path.is_dir() and MAGNIFICATION_FOLDER.match(path.name) and path.parent.name:
+        return path.parent.name
+    return path.name if path.is_dir() else path.stem
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         const="",
         metavar="ID",
         help="the images are one patient's: write one fused diagnosis (ID: default the input "
-        "folder's name)",
+        "folder's name; a magnification folder's parent: SOB_B_A_14-22549AB/100X/)",
     )
     parser.add_argument(
         "--fusion",
@@ -84,7 +97,7 @@ def predict(args: argparse.Namespace) -> int:
         "progress": not args.no_progress,
     }
     if args.patient is not None:
-        patient = args.patient or Path(inputs[0] if inputs else args.list[0]).stem
+        patient = args.patient or default_patient_id(inputs[0] if inputs else args.list[0])
         row = predict_patient(predictor, paths, args.out, patient, args.fusion, **kw)
         print(
             f"{patient}: {row['pred']} from {row['n_images']} images ({row['fusion']}; "

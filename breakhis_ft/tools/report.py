@@ -181,10 +181,9 @@ def report(args: argparse.Namespace) -> int:
     if args.plots:
         from breakhis_ft.analysis.plots import plot_run, plot_sweep
 
-        settings = report.columns[3 : len(report.columns) - len(report.metrics)]
         for run in runs:  # titles name what differs between the runs (peft.r=8), not job1
-            written += plot_run(run, args.plot_split, settings)
-        sweep = plot_sweep(runs, report.sort_by, Path(out) / "sweep.png")
+            written += plot_run(run, args.plot_split, report.settings)
+        sweep = plot_sweep(runs, report.sort_by, Path(out) / "sweep.png", keys=report.settings)
         written += [sweep] if sweep else []
     print(to_markdown(report, galleries) + cv_markdown(cv, report.metrics))
     print("wrote:\n  " + "\n  ".join(map(str, written)), file=sys.stderr)

@@ -1,7 +1,9 @@
 """A toy Classifier and toy datasets for the engine tests (tiny CNN on 16x16 synthetic images).
 
 Fault injection by loss-call count: `inf_loss_at`, `nan_grad_at`, `interrupt_at`
-(KeyboardInterrupt), `kill_at` (SIGKILL of this process): failures at a chosen, reproducible point.
+(KeyboardInterrupt), `kill_at` (SIGKILL of this process), `sigterm_at` (SIGTERM to this process,
+as a scheduler sends it, during that micro-batch); and by predict_proba-call count,
+`sigterm_in_eval_at`: failures at a chosen, reproducible point.
 """
 
 from __future__ import annotations
@@ -55,8 +57,9 @@ class ToyClassifier(Classifier):
         self.norm = nn.LayerNorm(8)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(8, len(self.class_names))
-        self.calls = 0
+        self.calls = self.proba_calls = 0
         self.inf_loss_at = self.nan_grad_at = self.interrupt_at = self.kill_at = None
+        self.sigterm_at = self.sigterm_in_eval_at = None
 
     def collate(self, examples: list[dict[str, Any]], train: bool) -> dict[str, Any]:
         images = np.stack([np.asarray(e["image"], dtype=np.float32) / 255.0 for e in examples])
@@ -78,6 +81,8 @@ class ToyClassifier(Classifier):
             os.kill(os.getpid(), signal.SIGKILL)
         if self.interrupt_at == self.calls:
             raise KeyboardInterrupt
+        if self.sigterm_at == self.calls:  # the micro-batch goes on: the handler only records it
+            os.kill(os.getpid(), signal.SIGTERM)
         logits = self.logits(batch)
         if self.nan_grad_at == self.calls:
             logits = _NanGrad.apply(logits)
@@ -87,6 +92,9 @@ class ToyClassifier(Classifier):
         return loss
 
     def predict_proba(self, batch: dict[str, Any]) -> torch.Tensor:
+        self.proba_calls += 1
+        if self.sigterm_in_eval_at == self.proba_calls:
+            os.kill(os.getpid(), signal.SIGTERM)
         return self.logits(batch).float().softmax(dim=-1)
 
 

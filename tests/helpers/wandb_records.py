@@ -36,3 +36,26 @@ def history_keys(recs: list[dict[str, Any]]) -> set[str]:
     leet prints a media value's fields as `key.field`; metric names here never hold a dot."""
     keys = {k.split(".")[0] for r in recs if r["type"] == "history" for k in r["history"]["item"]}
     return {k for k in keys if not k.startswith("_")}
+
+
+def media_types(recs: list[dict[str, Any]]) -> dict[str, str]:
+    """Each history key logged as media (a Table, a chart's table, an image): its W&B `_type`."""
+    return {
+        k.split(".")[0]: v
+        for r in recs
+        if r["type"] == "history"
+        for k, v in r["history"]["item"].items()
+        if k.endswith("._type")
+    }
+
+
+def run_record(recs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's first `run` record: display_name, run_group, tags, notes, config."""
+    return next(r["run"] for r in recs if r["type"] == "run")
+
+
+def artifacts(recs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    """The artifacts of one type (`model`, `run_table`) the run logged."""
+    return [
+        r["artifact"] for r in recs if r["type"] == "artifact" and r["artifact"]["type"] == kind
+    ]
