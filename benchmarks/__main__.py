@@ -5,6 +5,8 @@ python -m benchmarks real-size     # MedGemma 4B and MedSigLIP-448: one real ste
 python -m benchmarks stain-effect  # the demo with and without stain normalisation, by seed
 python -m benchmarks stain-cost    # CPU seconds per 700x460 image of Macenko and Reinhard
 python -m benchmarks compare-resamples  # resamples report --compare needs for a steady verdict
+python -m benchmarks output-scale  # the stand-ins' logit bound and token-loss floor
+python -m benchmarks peer-learning  # the peer stand-in's validation curve over more epochs
 python -m benchmarks sigterm       # seconds from SIGTERM to exit, before/after the bounded stop
 """
 
@@ -20,6 +22,8 @@ COMMANDS = {
     "stain-effect": "benchmarks.stain_effect",
     "stain-cost": "benchmarks.stain_cost",
     "compare-resamples": "benchmarks.compare_resamples",
+    "output-scale": "benchmarks.output_scale",
+    "peer-learning": "benchmarks.peer_learning",
     "sigterm": "benchmarks.sigterm",
 }
 

@@ -35,7 +35,7 @@ from benchmarks.models import (
     make_classifier,
     proportional_sizes,
 )
-from benchmarks.peer_report import add_peer_arguments
+from benchmarks.peer_report import add_peer_arguments, apply_quick
 from breakhis_ft.data.breakhis import scan_breakhis
 from breakhis_ft.data.dataset import ImageDataset, build_image_cache, labels_for
 from breakhis_ft.data.records import class_names
@@ -247,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     add_peer_arguments(parser)
     args = parser.parse_args(argv)
+    apply_quick(args)  # --peer-quick
     torch.set_num_threads(args.threads)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)

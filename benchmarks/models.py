@@ -21,6 +21,7 @@ from breakhis_ft.models.tiny import (
     SIZES,
     _corpus_words,
     build_tiny_tokenizer,
+    init_learnable_scale,
     tiny_gemma3_config,
 )
 
@@ -45,6 +46,19 @@ PROPORTIONAL = {
 }
 
 
+# MedGemma 4B (docs/references.md): output layer (= embedding) parameters over the language
+# model's other parameters; the peer benchmark's model widens its vocabulary to the same share
+HEAD_SHARE = 671_252_480 / (3_880_263_168 - 671_252_480)
+
+
+def peer_vocab(sizes: dict[str, int]) -> int:
+    """The vocabulary that gives a model of `sizes` MedGemma's output-layer share (HEAD_SHARE)."""
+    h, i, n = sizes["hidden_size"], sizes["intermediate_size"], sizes["num_hidden_layers"]
+    q, kv = sizes["num_attention_heads"] * sizes["head_dim"], sizes["num_key_value_heads"]
+    body = n * (2 * h * q + 2 * h * kv * sizes["head_dim"] + 3 * h * i)  # attention + MLP
+    return round(HEAD_SHARE * body / h)
+
+
 def build_checkpoint(path: Path, sizes: dict[str, int]) -> Path:
     """A random Gemma 3 checkpoint with the tiny tokenizer and the given sizes (as tiny.py);
     `sizes["vocab_size"]`, when given, widens the vocabulary."""
@@ -62,10 +76,8 @@ def build_checkpoint(path: Path, sizes: dict[str, int]) -> Path:
     config.text_config.vocab_size = max(len(tokenizer), sizes.get("vocab_size", 0))
     torch.manual_seed(0)
     model = Gemma3ForConditionalGeneration(config)
-    with torch.no_grad():  # a zero projector would hide the image (see tiny.py)
-        model.model.multi_modal_projector.mm_input_projection_weight.normal_(
-            0, sizes["vision_hidden_size"] ** -0.5
-        )
+    init_learnable_scale(model)  # as the tiny model: a projector that passes the image, logits
+    # that can grow (tiny.OUTPUT_SCALE)
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path

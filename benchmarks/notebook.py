@@ -142,9 +142,14 @@ def load_model(path: str | Path, google: bool = False):
         dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
         kwargs = {"dtype": dtype, "attn_implementation": "sdpa"}
     model = AutoModelForImageTextToText.from_pretrained(str(path), device_map="auto", **kwargs)
+    return model, load_processor(path)
+
+
+def load_processor(path: str | Path):
+    """The checkpoint's processor as the notebook uses it (right padding)."""
     processor = AutoProcessor.from_pretrained(str(path))
     processor.tokenizer.padding_side = "right"
-    return model, processor
+    return processor
 
 
 def lora_config(google: bool = False) -> LoraConfig:
@@ -228,17 +233,28 @@ class EpochTimer(TrainerCallback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
-def train(path: str | Path, train_ds, out: str | Path, epochs: float, google: bool = False):
-    """Load, wrap and train as the notebook does; returns (trainer, processor, epoch seconds)."""
+def train(
+    path: str | Path,
+    train_ds,
+    out: str | Path,
+    epochs: float,
+    google: bool = False,
+    seed: int = 42,
+    callbacks: Sequence[TrainerCallback] = (),
+):
+    """Load, wrap and train as the notebook does (`seed`: the LoRA initialisation and the
+    Trainer's; `callbacks` run after each epoch's clock); returns (trainer, processor, epoch
+    seconds)."""
     model, processor = load_model(path, google)
     timer = EpochTimer()
+    torch.manual_seed(seed)  # trl wraps the model in LoRA before the Trainer seeds itself
     trainer = SFTTrainer(
         model=model,
-        args=sft_config(out, epochs, google),
+        args=sft_config(out, epochs, google, seed=seed),
         train_dataset=train_ds,
         peft_config=lora_config(google),
         data_collator=make_collate_fn(processor, convert_rgb=google),
-        callbacks=[timer],
+        callbacks=[timer, *callbacks],
         # the blog passes no processing_class (trl loads it from the checkpoint); Google passes it
         **({"processing_class": processor} if google else {}),
     )

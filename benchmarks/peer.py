@@ -1,19 +1,20 @@
 """The peer benchmark: breakhis-ft against the recipe a user would otherwise run.
 
-  python -m benchmarks bench --only peer          # writes peer.json, peer.md, PNG into --out
+  python -m benchmarks bench --only peer          # writes peer.json, peer.md into --out
 
-Three paths on the same MedGemma-proportioned model, replica images and patient split:
-`notebook` (the seed blog's trl recipe, benchmarks/notebook.py), `breakhis-ft` (the project's
-default path through its own engine, benchmarks/project.py) and `google` (Google's QLoRA
-notebook, 4-bit base).
-Sections: speed (one epoch over the same images, every configuration in turn, best of repeats,
-including the breakdown STEPS from the notebook's settings to the project's defaults); runs (each
-path trained at each replica fraction, `--peer-epochs` at the largest (Google's recipe only there)
-and `--peer-scaling-epochs` at the others: test balanced accuracy, best epoch time per image,
-one-off costs); evaluation (best of repeats on the largest fraction's test split); MedGemma 4B's
-peak memory under each recipe's settings by breakhis_ft.vram; the scan, split and image cache of
-the full 7,909-image replica. Peak memory is the peak resident set size
-(VmHWM, reset through /proc/self/clear_refs) minus the resident size before the model loads.
+Paths on the same MedGemma-proportioned stand-in (pretrained so that it learns: benchmarks/
+pretrain.py), replica images and patient split: `notebook` (the seed blog's trl recipe,
+benchmarks/notebook.py), `breakhis-ft` (the project's engine, benchmarks/project.py: at the
+notebook's settings, and its default path) and `google` (Google's QLoRA notebook, 4-bit base).
+Sections: speed (one epoch over the same images, every configuration in turn, best of repeats: the
+notebook's recipe, the project's engine at the notebook's settings, then one change at a time to
+the project's default); accuracy (benchmarks/peer_accuracy.py: the notebook and the default path
+from each seed, validation curves, time to a stated validation balanced accuracy, test scores of
+label scoring and generation on both, per-image predictions and the paired patient bootstrap
+against a stated non-inferiority margin); MedGemma 4B's peak memory under each recipe's settings by
+breakhis_ft.vram; optionally the scan, split and image cache of the full 7,909-image replica. Peak
+memory is the peak resident set size (VmHWM, reset through /proc/self/clear_refs) minus the
+resident size before the model loads.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import ctypes
 import gc
 import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -29,7 +31,8 @@ from typing import Any
 
 from benchmarks import notebook as nb
 from benchmarks import project as bp
-from benchmarks.models import build_checkpoint, proportional_sizes
+from benchmarks.models import build_checkpoint, peer_vocab, proportional_sizes
+from benchmarks.peer_accuracy import accuracy_section
 from benchmarks.peer_report import write_report
 from benchmarks.pretrain import pretrain
 from breakhis_ft.config import SplitConfig
@@ -38,11 +41,7 @@ from breakhis_ft.data.dataset import ImageDataset, build_image_cache, labels_for
 from breakhis_ft.data.records import class_names
 from breakhis_ft.data.splits import assign_splits
 from breakhis_ft.data.synthetic import ensure_replica
-from breakhis_ft.models.tiny import SIZES, ensure_tiny_gemma3
-
-# MedGemma 4B (docs/references.md): output layer (= embedding) parameters over the language
-# model's other parameters; the peer model's vocabulary is widened to the same share
-HEAD_SHARE = 671_252_480 / (3_880_263_168 - 671_252_480)
+from breakhis_ft.models.tiny import OUTPUT_SCALE, SIZES, ensure_tiny_gemma3
 
 
 class PeakRSS:
@@ -80,24 +79,23 @@ def balanced_accuracy(labels: list[int], preds: list[int]) -> float:
 
 def peer_checkpoint(work: Path, replicas: Path, item: dict, args) -> tuple:
     """The proportional model (benchmarks/models.py) with MedGemma's output-layer share,
-    pretrained (benchmarks/pretrain.py) on another replica (seed 1, unused by the benchmark)."""
+    pretrained (benchmarks/pretrain.py) on another replica (seed 1, unused by the benchmark), at
+    every magnification."""
     sizes, _ = proportional_sizes(work / "proportional_probe", class_names("subtype8"), item)
-    h, i, n = sizes["hidden_size"], sizes["intermediate_size"], sizes["num_hidden_layers"]
-    q, kv = sizes["num_attention_heads"] * sizes["head_dim"], sizes["num_key_value_heads"]
-    body = n * (2 * h * q + 2 * h * kv * sizes["head_dim"] + 3 * h * i)  # attention + MLP
-    sizes["vocab_size"] = round(HEAD_SHARE * body / h)
+    sizes["vocab_size"] = peer_vocab(sizes)
     recipe = {
         **sizes,
+        "output_scale": OUTPUT_SCALE,  # the tiny models' learnable scale (models/tiny.py)
         "pretrain_vision_epochs": args.peer_pretrain_epochs,
         "pretrain_language_steps": args.peer_pretrain_steps,
-        "pretrain_replica": {"fraction": 0.05, "seed": 1},
+        "pretrain_replica": {"fraction": args.peer_pretrain_fraction, "seed": 1},
     }
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
     path = work / f"peer_model_{digest}"
     if (path / "pretrain.json").is_file():
         return path, json.loads((path / "pretrain.json").read_text())
     build_checkpoint(path, sizes)
-    root = ensure_replica(replicas, 0.05, (700, 460), 1)
+    root = ensure_replica(replicas, args.peer_pretrain_fraction, (700, 460), 1)
     records = scan_breakhis(root).records
     labels = labels_for(records, "subtype8")
     data = ImageDataset(records, labels, root, image_size=sizes["image_size"])
@@ -113,14 +111,16 @@ def peer_checkpoint(work: Path, replicas: Path, item: dict, args) -> tuple:
 
 def replica_splits(replicas: Path, fraction: float, args) -> tuple[BreakhisScan, dict]:
     """The replica at `fraction` (700x460 unless told), scanned and patient split (70/15/15 by
-    stem) at one magnification; train thinned to `--peer-max-train` images when given."""
+    stem) at `--peer-magnifications`; train and validation thinned to `--peer-max-train` and
+    `--peer-max-val` images when given (test never)."""
     root = ensure_replica(replicas, fraction, tuple(args.peer_replica_size), 0)
     scan = scan_breakhis(root)
-    splits = assign_splits(scan.records, SplitConfig(), "subtype8", [args.peer_magnification])
-    train = splits["train"]
+    splits = assign_splits(scan.records, SplitConfig(), "subtype8", args.peer_magnifications)
     if args.peer_max_train:
-        train = subset(train, args.peer_max_train)
-    return scan, {"train": train, "test": splits["test"]}
+        splits["train"] = subset(splits["train"], args.peer_max_train)
+    if args.peer_max_val:  # evaluated after every epoch of every run: its size sets the cost
+        splits["val"] = subset(splits["val"], args.peer_max_val)
+    return scan, {k: splits[k] for k in ("train", "val", "test")}
 
 
 def subset(records: list, n: int) -> list:
@@ -171,30 +171,6 @@ class Paths:
         run["trainable_parameters"] = run["classifier"].parameter_counts()[0]
         return run
 
-    def evaluate(self, run: dict, scan: BreakhisScan, test: list, first: bool) -> dict:
-        """Test predictions and seconds of a trained path (first: the one-off parts too)."""
-        labels = labels_for(test, "subtype8")
-        if "classifier" in run:
-            features_s = bp.test_features_seconds(run, scan.root) if first else 0.0
-            preds, secs = bp.evaluate_project(run)
-            return {"preds": preds, "seconds": secs, "one_off_s": features_s, "labels": labels}
-        if first:
-            start = time.perf_counter()
-            run["model"] = nb.merged_model(run["trainer"], run["google"])
-            run["test_ds"] = nb.notebook_dataset(
-                [scan.root / r.path for r in test], labels, run["google"]
-            )
-            one_off = time.perf_counter() - start
-        preds, secs, texts = nb.predict(
-            run["model"], run["processor"], run["test_ds"], 16, run["google"]
-        )
-        return {
-            "preds": preds,
-            "seconds": secs,
-            "one_off_s": one_off if first else 0.0,
-            "answers": texts[:3],
-        }
-
 
 def speed_section(paths: Paths, scan, splits: dict, args) -> dict:
     """One epoch over the same images for every configuration, in turn, best of repeats."""
@@ -224,46 +200,6 @@ def speed_section(paths: Paths, scan, splits: dict, args) -> dict:
     return {"images": n, "repeats": args.peer_repeats, "configs": rows}
 
 
-def run_fraction(paths: Paths, scan, splits: dict, epochs: int, google: bool) -> tuple:
-    """Each path trained `epochs` epochs, then evaluated on the test split once."""
-    out: dict[str, Any] = {
-        "train_images": len(splits["train"]),
-        "test_images": len(splits["test"]),
-        "epochs": epochs,
-    }
-    defaults = bp.step_settings()[-1][1]
-    makers = {
-        "notebook": lambda: paths.notebook(scan, splits, epochs, False),
-        "breakhis-ft": lambda: paths.project(scan, splits, epochs, defaults, True),
-    }
-    if google:
-        makers["google"] = lambda: paths.notebook(scan, splits, epochs, True)
-    labels = labels_for(splits["test"], "subtype8")
-    runs = {}
-    for name, make in makers.items():
-        run = runs[name] = make()
-        ev = paths.evaluate(run, scan, splits["test"], first=True)
-        out[name] = {
-            "times": run["times"],
-            "peak_rss_mib": run["peak_rss_mib"],
-            "balanced_accuracy": balanced_accuracy(labels, ev["preds"]),
-            "unparsed": sum(p < 0 for p in ev["preds"]),
-            "eval_s": ev["seconds"],
-            "eval_one_off_s": ev["one_off_s"],
-            "example_answers": ev.get("answers"),
-        }
-    return out, runs
-
-
-def eval_section(paths: Paths, runs: dict, scan, test: list, repeats: int) -> dict:
-    """Evaluation of the trained paths over the same test images, alternating, best of repeats."""
-    secs: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            secs[name].append(paths.evaluate(run, scan, test, first=False)["seconds"])
-    return {name: {"seconds": s, "images_per_s": len(test) / min(s)} for name, s in secs.items()}
-
-
 def full_replica_section(work: Path, image_size: int) -> dict:
     """Scan + split and the image cache of the full 7,909-image replica, timed."""
     root = ensure_replica(work, 1.0, (700, 460), 0)  # built once; its generation is not timed
@@ -288,42 +224,38 @@ def full_replica_section(work: Path, image_size: int) -> dict:
 
 
 def run_peer_section(replicas: Path, out: Path, args, meta: dict | None = None) -> dict:
-    """Every peer section; writes peer.json, peer.md and peer_scaling.png into `out`.
+    """Every peer section; writes peer.json, peer.md and the per-image predictions into `out`.
 
     Replicas are built (once) under `replicas`, the rest under `replicas/peer`."""
     work = replicas / "peer"
     work.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {**(meta or {}), "threads": args.threads}
+    # the machine may be shared: its load (1, 5, 15 min) at the start and end of each run
+    results["load_average"] = {"start": os.getloadavg()}
     results["settings"] = {k: v for k, v in vars(args).items() if "peer" in k}
-    fractions = sorted(args.peer_fractions)
-    scan, splits = replica_splits(replicas, fractions[-1], args)
+    scan, splits = replica_splits(replicas, args.peer_fraction, args)
     if args.peer_tiny:  # the tests' tiny Gemma 3: only checks that the code path works
         checkpoint, sizes = ensure_tiny_gemma3(work / "tiny_gemma3", work), dict(SIZES)
     else:
         item = {"image": load_image(scan.root / splits["train"][0].path), "label": 0, "index": 0}
         checkpoint, sizes = peer_checkpoint(work, replicas, item, args)
     results["model"] = sizes
-    paths = Paths(checkpoint, work, sizes["image_size"])
+    args.out, args.image_size = out, sizes["image_size"]
     partial = work / "peer_partial.json"  # what is done so far, should a long run be cut short
 
-    def save() -> None:
+    def save(section: dict | None = None) -> None:
+        if section is not None:
+            results["accuracy"] = section
         partial.write_text(json.dumps(results, indent=1, default=str))
 
+    paths = Paths(checkpoint, work, sizes["image_size"])
     results["speed"] = speed_section(paths, scan, splits, args)
     save()
-    results["runs"] = {}
-    for fraction in fractions:  # scaling: a few epochs; the largest: `peer_epochs`, every path
-        last = fraction == fractions[-1]
-        f_scan, f_splits = replica_splits(replicas, fraction, args)
-        epochs = args.peer_epochs if last else args.peer_scaling_epochs
-        google = last and not args.peer_no_google
-        results["runs"][str(fraction)], runs = run_fraction(paths, f_scan, f_splits, epochs, google)
-        save()
-    results["evaluation"] = eval_section(paths, runs, f_scan, f_splits["test"], args.peer_repeats)
-    results["evaluation"]["test_images"] = len(f_splits["test"])
+    results["accuracy"] = accuracy_section(checkpoint, work, scan, splits, args, save)
     results["medgemma_vram_gib"] = bp.medgemma_vram()
     save()
     if not args.peer_no_full:
         results["full_replica"] = full_replica_section(replicas, args.peer_full_image_size)
+    results["load_average"]["end"] = os.getloadavg()
     write_report(results, out)
     return results

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -173,15 +174,19 @@ def reset_accelerate() -> None:
 
 
 class TimedRecipe(TrainingRecipe):
-    """The project's TrainingRecipe, timing each epoch."""
+    """The project's TrainingRecipe, timing each epoch; `after_epoch(epoch)`, when set, runs
+    after each epoch's clock stops (the benchmark's own evaluation, not counted as training)."""
 
     epoch_seconds: list[float]
+    after_epoch: Callable[[int], None] | None = None
 
     def train_epoch(self) -> None:
         """One epoch of the recipe, timed."""
         start = time.perf_counter()
         super().train_epoch()
         self.epoch_seconds = [*getattr(self, "epoch_seconds", []), time.perf_counter() - start]
+        if self.after_epoch is not None:
+            self.after_epoch(len(self.epoch_seconds))
 
 
 def _datasets(cfg, scan: BreakhisScan, splits: dict, needs_images: bool, image_cache: bool):
@@ -205,9 +210,11 @@ def train_project(
     splits: dict[str, list[ImageRecord]],
     run_dir: Path,
     image_cache: bool,
+    after_epoch: Callable[[dict[str, Any], int], None] | None = None,
 ) -> dict[str, Any]:
     """Build, cache and train as `breakhis-ft` does (fresh feature cache); returns the pieces
-    and the seconds of each stage."""
+    and the seconds of each stage. `after_epoch(run, epoch)`: called after each epoch with the
+    pieces built so far, outside the epoch's clock."""
     reset_accelerate()
     cfg = compose_config(settings)
     shutil.rmtree(Path(cfg.paths.vision_features), ignore_errors=True)  # one-off cost measured
@@ -227,17 +234,21 @@ def train_project(
     recipe = TimedRecipe(
         classifier, data["train"], None, accelerator, recipe_settings(cfg, run_dir)
     )
-    start = time.perf_counter()
-    recipe.fit()
-    times["fit_s"] = time.perf_counter() - start
-    times["epoch_s"] = recipe.epoch_seconds
-    return {
+    run = {
         "classifier": classifier,
         "data": data,
         "accelerator": accelerator,
         "cfg": cfg,
         "times": times,
     }
+    run["recipe"] = recipe
+    if after_epoch is not None:
+        recipe.after_epoch = lambda epoch: after_epoch(run, epoch)
+    start = time.perf_counter()
+    recipe.fit()
+    times["fit_s"] = time.perf_counter() - start
+    times["epoch_s"] = recipe.epoch_seconds
+    return run
 
 
 def test_features_seconds(run: dict[str, Any], root: Path) -> float:

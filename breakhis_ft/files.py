@@ -71,7 +71,8 @@ def write_manifest(manifest: str | Path, files: Iterable[str | Path]) -> Path:
 def write_folder_manifest(folder: str | Path) -> Path:
     """Write `folder/SHA256SUMS` listing every file below `folder` (written last)."""
     folder = Path(folder)
-    files = [p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST]
+    # named relative to `folder` (rglob of a relative folder gives paths relative to the cwd)
+    files = [p.relative_to(folder) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST]
     return write_manifest(folder / MANIFEST, files)
 
 

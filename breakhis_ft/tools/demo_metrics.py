@@ -6,8 +6,9 @@ breakhis-ft-demo-metrics --record        # write the record and the README's fig
                                          # newest demo run (make demo-record)
 
 Run from the repository's root (or give --record-file and --readme): the README quotes the demo's
-test and validation balanced accuracy, and a test checks that the quote equals the record,
-benchmarks/results/demo_metrics.json, which only `--record` writes, from a run.
+test and validation balanced accuracy and the validation balanced accuracy at the run's first and
+last evaluation (how much it learned over its epochs), and a test checks that the quote equals the
+record, benchmarks/results/demo_metrics.json, which only `--record` writes, from a run.
 """
 
 from __future__ import annotations
@@ -24,24 +25,67 @@ from breakhis_ft.tools import run_tool, tool_parser
 
 RECORD = Path("benchmarks/results/demo_metrics.json")  # relative to the repository's root
 README = Path("README.md")
-# the README's sentence: "... a test balanced accuracy of 0.350 (validation 0.477) ..."
-README_FIGURE = re.compile(r"test balanced accuracy of (\d\.\d{3}) \(validation (\d\.\d{3})\)")
+# the README's sentence (it may wrap between words): "... a test balanced accuracy of 0.350
+# (validation 0.477); its validation balanced accuracy goes from 0.405 at the first evaluation to
+# 0.526 at the last (+0.121) ..."
+_FIGURE = r"(\d\.\d{3})"
+README_FIGURE = re.compile(
+    r"\s+".join(
+        [
+            *"test balanced accuracy of".split(),
+            _FIGURE,
+            r"\(validation",
+            rf"{_FIGURE}\);",
+            *"its validation balanced accuracy goes from".split(),
+            _FIGURE,
+            *"at the first evaluation to".split(),
+            _FIGURE,
+            *"at the last".split(),
+            r"\(([+-]\d\.\d{3})\)",
+        ]
+    )
+)
+FIGURES = "test, validation, first and last evaluation's validation, last - first"
+Figures = tuple[str, str, str, str, str]  # FIGURES as the README writes them
 
 
-def readme_figures(text: str) -> tuple[str, str]:
-    """(test, validation) balanced accuracy as the README quotes them, three decimals."""
+def readme_figures(text: str) -> Figures:
+    """The README's quoted demo figures (FIGURES), three decimals."""
     found = README_FIGURE.findall(text)
     if len(found) != 1:
         raise ValueError(
-            f"README: expected one 'test balanced accuracy of X.XXX (validation Y.YYY)', "
-            f"found {len(found)}"
+            "README: expected one 'test balanced accuracy of X.XXX (validation Y.YYY); its "
+            "validation balanced accuracy goes from A.AAA at the first evaluation to B.BBB at "
+            f"the last (+D.DDD)', found {len(found)}"
         )
     return found[0]
 
 
-def recorded_figures(record: dict[str, Any]) -> tuple[str, str]:
-    """(test, validation) balanced accuracy of a record, formatted as the README quotes them."""
-    return f"{record['test_balanced_accuracy']:.3f}", f"{record['val_balanced_accuracy']:.3f}"
+def recorded_figures(record: dict[str, Any]) -> Figures:
+    """A record's figures (FIGURES), formatted as the README quotes them; the margin is the
+    difference of the two quoted values, so the sentence adds up."""
+    first = f"{record['val_balanced_accuracy_first']:.3f}"
+    last = f"{record['val_balanced_accuracy_last']:.3f}"
+    return (
+        f"{record['test_balanced_accuracy']:.3f}",
+        f"{record['val_balanced_accuracy']:.3f}",
+        first,
+        last,
+        f"{float(last) - float(first):+.3f}",
+    )
+
+
+def validation_curve(run_dir: Path) -> list[float]:
+    """val/balanced_accuracy of each evaluation of a run, in order (from metrics.jsonl)."""
+    path = run_dir / "metrics.jsonl"
+    curve = []
+    for line in path.read_text().splitlines():
+        row = json.loads(line) if line.strip() else {}
+        if "val/balanced_accuracy" in row:
+            curve.append(float(row["val/balanced_accuracy"]))
+    if not curve:
+        raise ValueError(f"{path}: no val/balanced_accuracy: the run never evaluated")
+    return curve
 
 
 def newest_demo_run(outputs: Path) -> Path:
@@ -59,9 +103,13 @@ def record_of(run_dir: Path) -> dict[str, Any]:
     """What a demo run gives, and where it ran."""
     metrics = json.loads((run_dir / "metrics.json").read_text())
     info = json.loads((run_dir / "run_info.json").read_text())
+    curve = validation_curve(run_dir)
     return {
         "test_balanced_accuracy": metrics["test"]["balanced_accuracy"],
         "val_balanced_accuracy": metrics["val"]["balanced_accuracy"],
+        "val_balanced_accuracy_first": curve[0],  # the first evaluation (end of epoch 1)
+        "val_balanced_accuracy_last": curve[-1],
+        "val_balanced_accuracy_curve": curve,
         "command": "make demo (breakhis-ft experiment=demo)",
         "run": run_dir.name,
         "git": info.get("git"),
@@ -70,12 +118,15 @@ def record_of(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def write_readme(readme: Path, test: str, val: str) -> None:
-    """Put the figures into the README's sentence."""
+def write_readme(readme: Path, figures: Figures) -> None:
+    """Put the figures into the README's sentence (its wording and line breaks kept)."""
     text = readme.read_text()
     readme_figures(text)  # exactly one sentence to change
-    new = README_FIGURE.sub(f"test balanced accuracy of {test} (validation {val})", text)
-    readme.write_text(new)
+    match = README_FIGURE.search(text)
+    for group in range(len(figures), 0, -1):  # from the end: earlier offsets stay valid
+        start, end = match.span(group)
+        text = text[:start] + figures[group - 1] + text[end:]
+    readme.write_text(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,19 +154,20 @@ def compare_or_record(args: argparse.Namespace) -> int:
         )
     run_dir = args.run or newest_demo_run(args.outputs)
     record = record_of(run_dir)
-    test, val = recorded_figures(record)
+    figures = recorded_figures(record)
+    shown = ", ".join(figures)
     if args.record:
         args.record_file.parent.mkdir(parents=True, exist_ok=True)
         args.record_file.write_text(json.dumps(record, indent=1) + "\n")
-        write_readme(args.readme, test, val)
+        write_readme(args.readme, figures)
         written = f"{args.record_file}, {args.readme}"
-        print(f"recorded {run_dir}: test {test}, validation {val} -> {written}")
+        print(f"recorded {run_dir} ({FIGURES}): {shown} -> {written}")
         return 0
     quoted = readme_figures(args.readme.read_text())
-    same = quoted == (test, val)
+    same = quoted == figures
     print(
-        f"this demo run ({run_dir}): test balanced accuracy {test}, validation {val}; "
-        f"{args.readme} quotes {quoted[0]} / {quoted[1]}: {'the same' if same else 'different'}"
+        f"this demo run ({run_dir}), {FIGURES}: {shown}; {args.readme} quotes "
+        f"{', '.join(quoted)}: {'the same' if same else 'different'}"
     )
     return 0 if same else 1
 
