@@ -381,6 +381,8 @@ def test_multirun_writes_one_complete_folder_per_job(first_run, tmp_path: Path) 
     assert names == {"lr=0.001", "lr=0.01"}
 
 
+# slow: a SIGKILLed run resumes in test_run_lock, exactly so after SIGTERM in test_run_safety
+@pytest.mark.slow
 def test_resume_after_sigkill_ends_with_the_uninterrupted_metrics(first_run, tmp_path) -> None:
     run_dir, cache = first_run
     env = {**os.environ, "BREAKHIS_FT_CACHE": str(cache), "WANDB_SILENT": "true"}
